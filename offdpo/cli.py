@@ -1,0 +1,92 @@
+"""`offdpo`: the project's command line.
+
+    offdpo stack up|down|status      the local Kafka (Tansu) + S3 (SeaweedFS) stack
+    offdpo model build ...           deterministic local test models
+    offdpo config                    every environment variable, with its default
+    offdpo demo                      the main job end to end on the local stack
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _stack_cmd(args) -> int:
+    from offdpo.stack import LocalStack
+
+    stack = LocalStack()
+    if args.action == "up":
+        stack.up()
+        print(json.dumps({"status": "up", **stack.env()}, indent=2))
+        print(f"logs and data: {stack.data_dir}", file=sys.stderr)
+    elif args.action == "down":
+        stack.down()
+        print("stack stopped")
+    else:
+        status = stack.status()
+        print(json.dumps(status))
+        return 0 if all(status.values()) else 1
+    return 0
+
+
+def _model_cmd(args) -> int:
+    from offdpo.testmodel import build_test_model, tree_digest
+
+    out = build_test_model(args.out, size=args.size, kind=args.kind, seed=args.seed)
+    digest = tree_digest(out)
+    print(json.dumps({"path": str(out), "files": digest}, indent=2))
+    return 0
+
+
+def _config_cmd(args) -> int:
+    from offdpo.config import KafkaConfig, S3Config, describe
+    from offdpo.stack import StackConfig
+    from offdpo.services_registry import service_config_classes
+
+    classes = [S3Config, KafkaConfig, StackConfig]
+    for service, service_classes in service_config_classes().items():
+        classes += [c for c in service_classes if c not in classes]
+    print(describe(*classes))
+    return 0
+
+
+def _demo_cmd(args) -> int:
+    from offdpo.demo import main as demo_main
+
+    return demo_main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="offdpo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("stack", help="start, stop or check the local stack")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.set_defaults(fn=_stack_cmd)
+
+    p = sub.add_parser("model", help="build a deterministic local test model")
+    p.add_argument("action", choices=["build"])
+    p.add_argument("--size", default="tiny", choices=["tiny", "bench"])
+    p.add_argument("--kind", default="causal", choices=["causal", "reward"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=_model_cmd)
+
+    p = sub.add_parser("config", help="list every environment variable with its default")
+    p.set_defaults(fn=_config_cmd)
+
+    p = sub.add_parser("demo", help="run the main job end to end on the local stack")
+    p.add_argument("--workdir", default=".cache/demo", help="models, logs and outputs of the demo")
+    p.add_argument("--keep-stack", action="store_true", help="leave the local stack running afterwards")
+    p.set_defaults(fn=_demo_cmd)
+
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

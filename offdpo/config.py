@@ -1,0 +1,136 @@
+"""Configuration from environment variables, with documented defaults.
+
+Every setting is a dataclass field declared with `env(...)`: the variable's name, its default and
+one line of help live together, so `offdpo config` can print them, the deploy manifests can be
+checked against them, and a service never reads an undeclared variable.
+
+The defaults are the local stack's (loopback, dev credentials); production sets every variable
+from the Kubernetes manifests and Secrets in deploy/.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+# Marked dev placeholders: the only credentials that may appear in the repository.
+DEV_ACCESS_KEY = "offdpo-dev-access-key"
+DEV_SECRET_KEY = "offdpo-dev-secret-key-not-for-production"
+
+
+def env(name: str, default: Any, help: str, *, secret: bool = False) -> Any:
+    """Declare a setting read from environment variable `name`."""
+    return dataclasses.field(default=default, metadata={"env": name, "help": help, "secret": secret})
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+def _parse(raw: str, default: Any, name: str) -> Any:
+    kind = type(default)
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if kind is tuple:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+    return raw
+
+
+class EnvConfig:
+    """Mixin for frozen dataclasses whose fields are declared with `env(...)`."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any):
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            name = f.metadata["env"]
+            if name in environ:
+                values[f.name] = _parse(environ[name], f.default, name)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def env_vars(cls) -> dict[str, dict[str, Any]]:
+        return {
+            f.metadata["env"]: {"default": f.default, "help": f.metadata["help"], "secret": f.metadata["secret"]}
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        }
+
+    def __repr__(self) -> str:  # never print secrets
+        parts = []
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = "***" if f.metadata["secret"] else repr(getattr(self, f.name))
+            parts.append(f"{f.name}={value}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class S3Config(EnvConfig):
+    endpoint: str = env("OFFDPO_S3_ENDPOINT", "127.0.0.1:8333", "host:port of the S3 API (MinIO in production)")
+    access_key: str = env("OFFDPO_S3_ACCESS_KEY", DEV_ACCESS_KEY, "S3 access key", secret=True)
+    secret_key: str = env("OFFDPO_S3_SECRET_KEY", DEV_SECRET_KEY, "S3 secret key", secret=True)
+    secure: bool = env("OFFDPO_S3_SECURE", False, "use HTTPS to reach S3")
+    region: str = env("OFFDPO_S3_REGION", "us-east-1", "S3 region")
+    bucket: str = env("OFFDPO_S3_BUCKET", "offdpo", "bucket for scored shards and checkpoints")
+    retry_max_s: float = env("OFFDPO_S3_RETRY_MAX_S", 300.0, "give up an S3 operation after retrying this long")
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class KafkaConfig(EnvConfig):
+    bootstrap_servers: str = env("OFFDPO_KAFKA_BOOTSTRAP", "127.0.0.1:9092", "comma-separated Kafka bootstrap servers")
+    security_protocol: str = env("OFFDPO_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+    sasl_mechanism: str = env("OFFDPO_KAFKA_SASL_MECHANISM", "", "e.g. SCRAM-SHA-512 when SASL is used")
+    sasl_username: str = env("OFFDPO_KAFKA_SASL_USERNAME", "", "SASL user", secret=True)
+    sasl_password: str = env("OFFDPO_KAFKA_SASL_PASSWORD", "", "SASL password", secret=True)
+    ssl_cafile: str = env("OFFDPO_KAFKA_SSL_CAFILE", "", "CA bundle for SSL/SASL_SSL")
+    pairs_topic: str = env("OFFDPO_TOPIC_PAIRS", "offdpo.pairs.v1", "preference pairs (labeler -> refscore)")
+    shards_topic: str = env("OFFDPO_TOPIC_SHARDS", "offdpo.shards.v1", "shard-ready events (refscore -> trainer)")
+    candidates_topic: str = env("OFFDPO_TOPIC_CANDIDATES", "offdpo.candidates.v1", "candidate sets (-> labeler)")
+    deadletter_topic: str = env("OFFDPO_TOPIC_DEADLETTER", "offdpo.deadletter.v1", "records that could not be processed")
+    # Group membership timeouts: the Kafka defaults make the first join take ~20 s on Tansu;
+    # tests set small values, production keeps these.
+    session_timeout_ms: int = env("OFFDPO_KAFKA_SESSION_TIMEOUT_MS", 30000, "consumer group session timeout")
+    heartbeat_interval_ms: int = env("OFFDPO_KAFKA_HEARTBEAT_MS", 3000, "consumer group heartbeat interval")
+    max_poll_interval_ms: int = env("OFFDPO_KAFKA_MAX_POLL_INTERVAL_MS", 600000, "max time between polls before a consumer is evicted")
+    request_timeout_ms: int = env("OFFDPO_KAFKA_REQUEST_TIMEOUT_MS", 30000, "client request timeout")
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Connection settings shared by kafka-python producers, consumers and admin clients."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        if self.sasl_mechanism:
+            kwargs.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
+                          sasl_plain_password=self.sasl_password)
+        if self.ssl_cafile:
+            kwargs["ssl_cafile"] = self.ssl_cafile
+        return kwargs
+
+    def all_topics(self) -> tuple[str, ...]:
+        return (self.candidates_topic, self.pairs_topic, self.shards_topic, self.deadletter_topic)
+
+
+def describe(*config_classes: type[EnvConfig]) -> str:
+    """Human-readable table of variables, for `offdpo config` and the README."""
+    lines = []
+    for cls in config_classes:
+        lines.append(f"[{cls.__name__}]")
+        for name, spec in cls.env_vars().items():
+            default = "(secret)" if spec["secret"] and spec["default"] else repr(spec["default"])
+            lines.append(f"  {name} = {default}  # {spec['help']}")
+    return "\n".join(lines)

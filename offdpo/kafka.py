@@ -1,0 +1,136 @@
+"""Kafka clients (kafka-python) with the settings every service shares, and the dead-letter sink.
+
+Delivery contract: producers use acks=all; consumers never auto-commit, and commit an offset only
+after what they produced from it is durably written (at-least-once + idempotent writes).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable
+
+from google.protobuf import timestamp_pb2
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from offdpo.config import KafkaConfig
+from offdpo.v1 import records_pb2
+
+log = logging.getLogger(__name__)
+
+# Largest record value any service accepts; bigger values are dead-lettered, not parsed.
+MAX_RECORD_BYTES = 8 * 1024 * 1024
+
+
+def ensure_topics(cfg: KafkaConfig, topics: Iterable[str], partitions: int) -> None:
+    admin = KafkaAdminClient(**cfg.client_kwargs(), client_id="offdpo-admin")
+    try:
+        existing = set(admin.list_topics())
+        missing = [NewTopic(name=t, num_partitions=partitions, replication_factor=1) for t in topics if t not in existing]
+        if missing:
+            try:
+                admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()
+
+
+def make_producer(cfg: KafkaConfig, client_id: str, **overrides) -> KafkaProducer:
+    kwargs = dict(
+        cfg.client_kwargs(),
+        client_id=client_id,
+        acks="all",
+        retries=10,
+        max_in_flight_requests_per_connection=1,  # keeps per-partition order across retries
+        linger_ms=5,
+        max_request_size=MAX_RECORD_BYTES,
+    )
+    kwargs.update(overrides)
+    return KafkaProducer(**kwargs)
+
+
+def make_consumer(cfg: KafkaConfig, group_id: str, topics: Iterable[str] | None = None, **overrides) -> KafkaConsumer:
+    kwargs = dict(
+        cfg.client_kwargs(),
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=cfg.session_timeout_ms,
+        heartbeat_interval_ms=cfg.heartbeat_interval_ms,
+        max_poll_interval_ms=cfg.max_poll_interval_ms,
+        fetch_max_bytes=4 * MAX_RECORD_BYTES,
+        max_partition_fetch_bytes=MAX_RECORD_BYTES,
+    )
+    kwargs.update(overrides)
+    consumer = KafkaConsumer(**kwargs)
+    if topics:
+        consumer.subscribe(list(topics))
+    return consumer
+
+
+def now_timestamp() -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+class DeadLetterSink:
+    """Sends records that cannot be processed to the dead-letter topic, with the reason."""
+
+    def __init__(self, producer: KafkaProducer, cfg: KafkaConfig, service: str):
+        self.producer = producer
+        self.topic = cfg.deadletter_topic
+        self.service = service
+        self.count = 0
+
+    def send(self, *, value: bytes | None, key: bytes | None, topic: str, partition: int, offset: int,
+             reason: str, error_type: str) -> None:
+        letter = records_pb2.DeadLetter(
+            original_value=value or b"", original_key=key or b"", topic=topic, partition=partition, offset=offset,
+            reason=reason, error_type=error_type, service=self.service, failed_at=now_timestamp())
+        log.warning("dead-letter %s[%d]@%d: %s", topic, partition, offset, reason)
+        # Key by origin so a redo after a crash lands next to the first attempt.
+        dl_key = f"{topic}/{partition}/{offset}".encode()
+        self.producer.send(self.topic, key=dl_key, value=letter.SerializeToString())
+        self.count += 1
+
+    def send_record(self, record, reason: str, error_type: str) -> None:
+        """Dead-letter a kafka-python ConsumerRecord."""
+        self.send(value=record.value, key=record.key, topic=record.topic, partition=record.partition,
+                  offset=record.offset, reason=reason, error_type=error_type)
+
+    def flush(self, timeout_s: float = 60.0) -> None:
+        self.producer.flush(timeout=timeout_s)
+
+
+def read_topic(cfg: KafkaConfig, topic: str, timeout_s: float = 10.0, idle_s: float = 2.0) -> list:
+    """Read every record of a topic from the beginning (no group): for tests, reports and audits."""
+    from kafka import TopicPartition
+
+    consumer = KafkaConsumer(**cfg.client_kwargs(), enable_auto_commit=False, group_id=None)
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        records = []
+        deadline = time.monotonic() + timeout_s
+        last_new = time.monotonic()
+        while time.monotonic() < deadline:
+            if all(consumer.position(tp) >= end[tp] for tp in tps):
+                break
+            batch = consumer.poll(timeout_ms=200)
+            for recs in batch.values():
+                records.extend(recs)
+                last_new = time.monotonic()
+            if time.monotonic() - last_new > max(idle_s, timeout_s):
+                break
+        else:
+            missing = {str(tp): end[tp] - consumer.position(tp) for tp in tps if consumer.position(tp) < end[tp]}
+            raise TimeoutError(f"reading {topic} timed out after {timeout_s} s; unread per partition: {missing}")
+        return sorted(records, key=lambda r: (r.partition, r.offset))
+    finally:
+        consumer.close()

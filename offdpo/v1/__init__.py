@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC modules for protos/offdpo/v1 (do not edit; run `make protos`)."""

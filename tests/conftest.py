@@ -1,0 +1,35 @@
+"""Session fixtures: one local stack (real SeaweedFS S3 + real Tansu broker on free ports) and one
+tiny test model per test session, built by the same code that `make demo` uses."""
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from offdpo.stack import LocalStack
+from offdpo.testmodel import ensure_test_model
+
+# Keep BLAS/torch from oversubscribing the 2 CI cores when several processes run.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    local = LocalStack.for_tests(tmp_path_factory.mktemp("stack"))
+    local.up()
+    try:
+        yield local
+    finally:
+        local.down()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return ensure_test_model(tmp_path_factory.mktemp("models") / "tiny", size="tiny")
+
+
+@pytest.fixture
+def unique():
+    """A short unique suffix for topics, groups and object keys, so tests never see each other's data."""
+    return uuid.uuid4().hex[:10]

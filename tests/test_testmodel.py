@@ -1,0 +1,64 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from offdpo.testmodel import build_test_model, tree_digest
+
+
+def test_builder_is_deterministic(tmp_path, tiny_model):
+    again = build_test_model(tmp_path / "again", size="tiny")
+    assert tree_digest(again) == tree_digest(tiny_model)
+    assert "model.safetensors" in tree_digest(again)
+
+
+def test_transformers_loads_it_with_a_real_chat_template(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    text = tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True)
+    assert text.startswith(tok.bos_token) and text.endswith("<|im_start|>assistant\n")
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert ids.count(tok.bos_token_id) == 1
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits
+    assert logits.shape == (1, len(ids), len(tok))
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.vllm
+def test_vllm_loads_it_and_agrees_with_transformers(tiny_model):
+    # In its own process: the engine spawns workers, and vLLM next to transformers in one
+    # process has aborted at interpreter exit (LOCAL-STACK.md).
+    script = textwrap.dedent(f"""
+        import json
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+        if __name__ == "__main__":
+            llm = LLM(model={str(tiny_model)!r}, dtype="float32", max_model_len=256, enable_prefix_caching=False,
+                      gpu_memory_utilization=0.15)
+            ids = [1, 2, 88, 86, 268, 202, 326, 409, 3, 202, 2, 68, 440, 361]
+            out = llm.generate([TokensPrompt(prompt_token_ids=ids)],
+                               SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False), use_tqdm=False)
+            lps = [None if d is None else d[t].logprob for d, t in zip(out[0].prompt_logprobs, ids)]
+            print("RESULT" + json.dumps({{"ids": ids, "logprobs": lps}}))
+            llm.llm_engine.engine_core.shutdown()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    assert proc.returncode == 0 and line, f"vLLM failed to load the model:\n{proc.stderr[-3000:]}"
+    result = json.loads(line[0][len("RESULT"):])
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    ids = torch.tensor([result["ids"]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+    expected = logp.gather(-1, ids[0, 1:, None])[:, 0].tolist()
+    got = result["logprobs"][1:]
+    assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-5
