@@ -1,0 +1,1 @@
+"""Benchmarks: `make bench-refscore`, `make bench-trainer`; results in bench/results/*.json."""
