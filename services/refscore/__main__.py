@@ -1,0 +1,93 @@
+"""refscore entrypoint.
+
+    python -m services.refscore serve            # gRPC API (+ the stream worker with --worker
+                                                 #   or OFFDPO_REFSCORE_WORKER=true), one shared engine
+    python -m services.refscore worker           # the stream worker alone (no gRPC port)
+
+Configuration: environment variables (`offdpo config`), e.g.
+    OFFDPO_REFSCORE_MODEL_DIR=models/tiny OFFDPO_REFSCORE_ENGINE=vllm python -m services.refscore serve --worker
+SIGTERM/SIGINT: health goes NOT_SERVING, the worker finishes (and commits) its current batch,
+in-flight RPCs get OFFDPO_REFSCORE_GRACE_S seconds, then the engine shuts down.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import threading
+
+from offdpo.config import KafkaConfig, S3Config
+from services.refscore.config import RefscoreConfig
+from services.refscore.scorer import Scorer
+from services.refscore.server import RefscoreServer
+from services.refscore.worker import StreamWorker
+
+log = logging.getLogger("refscore")
+
+
+async def _serve(cfg: RefscoreConfig, with_worker: bool) -> int:
+    server = RefscoreServer(cfg)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    worker_stop = threading.Event()
+    worker_thread = None
+    load = asyncio.create_task(server.load_engine())
+    if with_worker:
+        worker = StreamWorker(server.scorer, cfg, KafkaConfig.from_env(), S3Config.from_env())
+        worker_thread = threading.Thread(target=worker.run, args=(worker_stop,), name="refscore-worker", daemon=True)
+        worker_thread.start()
+    waiter = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({load, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if load in done and load.exception() is not None:
+        log.error("engine failed to load: %s", load.exception())
+        worker_stop.set()
+        await server.stop(0)
+        return 1
+    await waiter
+    log.info("signal received: draining (grace %.0f s)", cfg.grace_s)
+    worker_stop.set()
+    if worker_thread is not None:
+        await asyncio.to_thread(worker_thread.join, cfg.grace_s)
+    await server.stop()
+    log.info("stopped cleanly")
+    return 0
+
+
+def _worker_only(cfg: RefscoreConfig) -> int:
+    scorer = Scorer(cfg)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    scorer.load()
+    try:
+        StreamWorker(scorer, cfg, KafkaConfig.from_env(), S3Config.from_env()).run(stop)
+    finally:
+        scorer.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    parser = argparse.ArgumentParser(prog="python -m services.refscore", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["serve", "worker"])
+    parser.add_argument("--worker", action="store_true", help="serve: also run the stream worker")
+    args = parser.parse_args(argv)
+    cfg = RefscoreConfig.from_env()
+    if cfg.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(cfg.metrics_port, addr=cfg.host)
+    if args.mode == "serve":
+        return asyncio.run(_serve(cfg, args.worker or cfg.worker_enabled))
+    return _worker_only(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""refscore settings (environment variables; `offdpo config` lists them with their defaults)."""
+from __future__ import annotations
+
+import dataclasses
+
+from offdpo.config import EnvConfig, KafkaConfig, S3Config, env
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class RefscoreConfig(EnvConfig):
+    model_dir: str = env("OFFDPO_REFSCORE_MODEL_DIR", "models/tiny", "Hugging Face model directory of the reference model")
+    model_id: str = env("OFFDPO_REFSCORE_MODEL_ID", "", "name recorded in the fingerprint (default: the directory name)")
+    engine: str = env("OFFDPO_REFSCORE_ENGINE", "vllm", "vllm or transformers")
+    dtype: str = env("OFFDPO_REFSCORE_DTYPE", "float32", "float32, bfloat16 or float16")
+    max_model_len: int = env("OFFDPO_REFSCORE_MAX_MODEL_LEN", 2048, "longest prompt+answer in tokens")
+    gpu_memory_utilization: float = env("OFFDPO_REFSCORE_GPU_MEMORY_UTILIZATION", 0.0,
+                                        "vLLM memory fraction (0 = 0.9 on GPU, 0.15 of RAM on CPU)")
+    host: str = env("OFFDPO_REFSCORE_HOST", "127.0.0.1", "gRPC listen address (0.0.0.0 in a pod)")
+    port: int = env("OFFDPO_REFSCORE_PORT", 50051, "gRPC port")
+    metrics_port: int = env("OFFDPO_REFSCORE_METRICS_PORT", 9400, "Prometheus metrics port (0 = off)")
+    max_message_bytes: int = env("OFFDPO_REFSCORE_MAX_MESSAGE_BYTES", 16 * 1024 * 1024, "largest gRPC message")
+    max_items_per_request: int = env("OFFDPO_REFSCORE_MAX_ITEMS", 1024, "most items in one Score request")
+    max_tokens_per_request: int = env("OFFDPO_REFSCORE_MAX_REQUEST_TOKENS", 1 << 20,
+                                      "most prompt+answer tokens in one Score request")
+    max_generate_n: int = env("OFFDPO_REFSCORE_MAX_GENERATE_N", 16, "most samples in one Generate request")
+    max_generate_tokens: int = env("OFFDPO_REFSCORE_MAX_GENERATE_TOKENS", 1024, "largest Generate max_tokens")
+    engine_batch_tokens: int = env("OFFDPO_REFSCORE_ENGINE_BATCH_TOKENS", 65536,
+                                   "tokens the engine thread gathers from queued requests into one engine call")
+    grace_s: float = env("OFFDPO_REFSCORE_GRACE_S", 30.0, "on SIGTERM, time given to in-flight work")
+    # Stream worker
+    worker_enabled: bool = env("OFFDPO_REFSCORE_WORKER", False, "also run the Kafka stream worker in this process")
+    group_id: str = env("OFFDPO_REFSCORE_GROUP", "offdpo-refscore", "Kafka consumer group of the stream workers")
+    batch_pairs: int = env("OFFDPO_REFSCORE_BATCH_PAIRS", 256, "most pairs in one micro-batch (and one shard per partition)")
+    batch_tokens: int = env("OFFDPO_REFSCORE_BATCH_TOKENS", 262144, "most tokens (estimated) in one micro-batch")
+    batch_wait_s: float = env("OFFDPO_REFSCORE_BATCH_WAIT_S", 2.0, "longest wait to fill a micro-batch")
+    failpoint: str = env("OFFDPO_REFSCORE_FAILPOINT", "",
+                         "fault injection for tests: 'after_shard_write' SIGKILLs the worker before its commit")
+
+
+CONFIG_CLASSES = (S3Config, KafkaConfig, RefscoreConfig)
