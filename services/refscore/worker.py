@@ -122,7 +122,8 @@ class StreamWorker:
             assigned = list(self.consumer.assignment())
             ends = self.consumer.end_offsets(assigned)
             for tp in assigned:
-                metrics.WORKER_LAG.labels(str(tp.partition)).set(ends[tp] - self.consumer.position(tp))
+                # Apache Kafka reports last offset + 1; the local Tansu broker reports less, so clamp.
+                metrics.WORKER_LAG.labels(str(tp.partition)).set(max(0, ends[tp] - self.consumer.position(tp)))
         except Exception:  # noqa: BLE001 - metrics must never stop the worker
             log.debug("lag report failed", exc_info=True)
 
@@ -171,6 +172,7 @@ class StreamWorker:
                 key = records.shard_key(fp.fingerprint_id, tp.topic, tp.partition, first, last)
                 data = records.scored_pairs_to_parquet(rows, fp)
                 self.store.put_bytes(key, data, content_type="application/vnd.apache.parquet")
+                log.info("wrote %s (%d pairs)", key, len(rows))
                 self._failpoint("after_shard_write")
                 events.append(self._event(key, data, [r.pair.pair_id for r in rows], fp, tp, first, last))
                 self.shards_written += 1
@@ -184,6 +186,7 @@ class StreamWorker:
         # 5. commit only what is durably written and announced
         if commits:
             self.consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in commits.items()})
+            log.info("committed %s", {f"{tp.topic}[{tp.partition}]": off for tp, off in commits.items()})
         metrics.WORKER_BATCH_PAIRS.observe(len(batch))
 
     def _prepare(self, rec):

@@ -1,0 +1,121 @@
+"""labeler command line.
+
+    python -m services.labeler label FILE --strategy rules --rules services/labeler/samples/rules.yaml
+    python -m services.labeler label ANNOTATIONS.csv --kind annotations           # human judgements
+    python -m services.labeler label ultrafeedback.parquet --kind preferences     # TRL-format import
+    python -m services.labeler consume [--idle-exit-s 30]                          # Kafka candidates topic
+    python -m services.labeler serve [--port 50061]                                # gRPC
+    python -m services.labeler config                                              # every variable
+
+Settings come from the environment (`config` lists them); the flags override the most common ones.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import sys
+
+from offdpo.config import KafkaConfig, describe
+from services.labeler.config import CONFIG_CLASSES, JudgeConfig, LabelerConfig
+
+
+def _configs(args) -> tuple[LabelerConfig, KafkaConfig, JudgeConfig]:
+    cfg, kafka, judge = LabelerConfig.from_env(), KafkaConfig.from_env(), JudgeConfig.from_env()
+    over = {k: v for k, v in dict(strategy=getattr(args, "strategy", None), rules_file=args.rules,
+                                  reward_model=args.reward_model, pair_mode=args.pair_mode, margin=args.margin,
+                                  state_dir=args.state_dir).items() if v is not None}
+    if args.no_ledger:
+        over["ledger"] = False
+    cfg = dataclasses.replace(cfg, **over)
+    jover = {k: v for k, v in dict(base_url=args.judge_base_url, model=args.judge_model, mode=args.judge_mode).items()
+             if v is not None}
+    if args.bootstrap:
+        kafka = dataclasses.replace(kafka, bootstrap_servers=args.bootstrap)
+    return cfg, kafka, dataclasses.replace(judge, **jover)
+
+
+def _progress(msg: str) -> None:
+    print(f"[labeler] {msg}", file=sys.stderr, flush=True)
+
+
+def _print_summary(summary: dict, labeler) -> None:
+    print(labeler.summary.table())
+    print(json.dumps({"summary": summary, "dead_letters": labeler.deadletters.count}, sort_keys=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.labeler", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--rules", help="rules YAML (OFFDPO_LABELER_RULES)")
+    common.add_argument("--reward-model", help="sequence-classification model dir (OFFDPO_LABELER_REWARD_MODEL)")
+    common.add_argument("--pair-mode", choices=["best_worst", "all"])
+    common.add_argument("--margin", type=float)
+    common.add_argument("--state-dir", help="verdict cache and published-ids ledger (OFFDPO_LABELER_STATE_DIR)")
+    common.add_argument("--no-ledger", action="store_true", help="do not skip pairs published by earlier runs")
+    common.add_argument("--judge-base-url")
+    common.add_argument("--judge-model")
+    common.add_argument("--judge-mode", choices=["gsb", "reference"])
+    common.add_argument("--bootstrap", help="Kafka bootstrap servers (OFFDPO_KAFKA_BOOTSTRAP)")
+    common.add_argument("-v", "--verbose", action="store_true")
+
+    p = sub.add_parser("label", parents=[common], help="label one file and print the summary")
+    p.add_argument("file")
+    p.add_argument("--kind", choices=["candidates", "annotations", "preferences"], default="candidates")
+    p.add_argument("--strategy", choices=["rules", "reward_model", "llm_judge"])
+    p = sub.add_parser("consume", parents=[common], help="label candidate sets from the candidates topic")
+    p.add_argument("--strategy", choices=["rules", "reward_model", "llm_judge"])
+    p.add_argument("--idle-exit-s", type=float, help="exit after this long without records")
+    p = sub.add_parser("serve", parents=[common], help="serve the gRPC API")
+    p.add_argument("--strategy", choices=["rules", "reward_model", "llm_judge"])
+    p.add_argument("--port", type=int)
+    sub.add_parser("config", help="list the environment variables with their defaults")
+    args = parser.parse_args(argv)
+
+    if args.cmd == "config":
+        print(describe(*CONFIG_CLASSES))
+        return 0
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from services.labeler.runner import build_labeler, close_labeler, run_file, run_kafka
+
+    cfg, kafka, judge = _configs(args)
+    if args.cmd == "label":
+        labeler = build_labeler(cfg, kafka, judge)
+        try:
+            _progress(f"labelling {args.file} ({args.kind}) -> {kafka.pairs_topic} on {kafka.bootstrap_servers}")
+            summary = run_file(labeler, args.file, args.kind, cfg.strategy, progress=_progress)
+            _print_summary(summary, labeler)
+        finally:
+            close_labeler(labeler)
+        return 0
+    if args.cmd == "consume":
+        labeler = build_labeler(cfg, kafka, judge)
+        try:
+            summary = run_kafka(labeler, kafka, cfg.strategy, idle_exit_s=args.idle_exit_s, progress=_progress)
+            _print_summary(summary, labeler)
+        except KeyboardInterrupt:
+            _print_summary(labeler.summary.as_dict(), labeler)
+        finally:
+            close_labeler(labeler)
+        return 0
+    from services.labeler.server import serve
+
+    labeler = build_labeler(cfg, kafka, judge)
+    try:
+        asyncio.run(serve(labeler, cfg.grpc_host, args.port or cfg.grpc_port))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        close_labeler(labeler)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

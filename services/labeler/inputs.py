@@ -1,0 +1,326 @@
+"""Input formats: candidate sets (JSONL / protobuf), human annotations (JSONL / CSV) and already-labelled
+preference data in TRL's standard and conversational forms (JSONL / Parquet).
+
+Every reader yields `Item(source, offset, raw, value | error)`: `offset` is the 1-based line number
+(files) or the row index (Parquet), so a malformed input can be dead-lettered with a precise position.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from offdpo import records
+from offdpo.records import RecordError
+from offdpo.v1 import labeler_pb2, records_pb2
+
+CandidateSet = labeler_pb2.CandidateSet
+HumanJudgement = labeler_pb2.HumanJudgement
+VERDICTS = ("Good", "Same", "Bad")
+
+
+@dataclass
+class Item:
+    source: str
+    offset: int
+    raw: bytes
+    value: Any = None
+    error: str = ""                       # non-empty: malformed, dead-letter with this reason
+    error_type: str = "decode_error"
+    partition: int = -1
+    key: bytes | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# -- prompts --------------------------------------------------------------------------------
+def _messages(value: Any, what: str) -> list[tuple[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise RecordError(f"{what} must be a non-empty list of {{role, content}} messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise RecordError(f"{what}[{i}] must be an object with string 'role' and 'content'")
+        if not m["role"]:
+            raise RecordError(f"{what}[{i}].role is empty")
+        out.append((m["role"], m["content"]))
+    return out
+
+
+def parse_prompt(value: Any, what: str = "prompt") -> records_pb2.Prompt:
+    """A prompt from JSON: a string (plain text, no template) or a list of chat messages."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise RecordError(f"{what} is empty")
+        return records.text_prompt(value)
+    if isinstance(value, list):
+        return records.chat_prompt(_messages(value, what))
+    if value is None:
+        raise RecordError(f"missing '{what}': give a string or a list of {{role, content}} messages")
+    raise RecordError(f"{what} must be a string or a list of messages, not {type(value).__name__}")
+
+
+def validate_prompt(prompt: records_pb2.Prompt, what: str = "prompt") -> None:
+    kind = prompt.WhichOneof("kind")
+    if kind is None:
+        raise RecordError(f"{what} is missing: set prompt.chat, prompt.text or prompt.token_ids")
+    if kind == "chat" and not prompt.chat.messages:
+        raise RecordError(f"{what}.chat has no messages")
+    if kind == "text" and not prompt.text.strip():
+        raise RecordError(f"{what}.text is empty")
+    if kind == "token_ids" and not prompt.token_ids.ids:
+        raise RecordError(f"{what}.token_ids is empty")
+
+
+def prompt_text(prompt: records_pb2.Prompt) -> str:
+    """Readable text of a prompt for judges and rules: chat rendered as 'role: content' lines."""
+    kind = prompt.WhichOneof("kind")
+    if kind == "text":
+        return prompt.text
+    if kind == "chat":
+        return "\n".join(f"{m.role}: {m.content}" for m in prompt.chat.messages)
+    raise RecordError("this strategy needs a text or chat prompt, not token ids")
+
+
+# -- candidate sets -------------------------------------------------------------------------
+_CANDIDATE_KEYS = {"id", "set_id", "prompt", "answers", "reference", "metadata", "strategy", "generate_n"}
+
+
+def candidate_set_from_json(obj: Any) -> CandidateSet:
+    if not isinstance(obj, dict):
+        raise RecordError(f"a candidate set must be a JSON object, not {type(obj).__name__}")
+    unknown = set(obj) - _CANDIDATE_KEYS
+    if unknown:
+        raise RecordError(f"unknown keys {sorted(unknown)}; a candidate set has {sorted(_CANDIDATE_KEYS)}")
+    cs = CandidateSet(set_id=str(obj.get("set_id", obj.get("id", "")) or ""))
+    cs.prompt.CopyFrom(parse_prompt(obj.get("prompt")))
+    answers = obj.get("answers", [])
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise RecordError("'answers' must be a list of strings")
+    cs.answers.extend(answers)
+    if obj.get("reference") is not None:
+        if not isinstance(obj["reference"], str):
+            raise RecordError("'reference' must be a string")
+        cs.reference = obj["reference"]
+    meta = obj.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise RecordError("'metadata' must be an object")
+    for k, v in meta.items():
+        cs.metadata[str(k)] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+    if obj.get("strategy") is not None:
+        if not isinstance(obj["strategy"], str):
+            raise RecordError("'strategy' must be a string")
+        cs.strategy = obj["strategy"]
+    gen = obj.get("generate_n", 0)
+    if not isinstance(gen, int) or isinstance(gen, bool) or gen < 0:
+        raise RecordError("'generate_n' must be a non-negative integer")
+    cs.generate_n = gen
+    return cs
+
+
+def validate_candidate_set(cs: CandidateSet, max_answers: int, generating: bool = False) -> None:
+    """Raise RecordError saying what is wrong with a candidate set (before any generation)."""
+    validate_prompt(cs.prompt)
+    n = len(cs.answers)
+    if n > max_answers:
+        raise RecordError(f"{n} answers, over the limit of {max_answers}")
+    if not (generating or cs.generate_n > 0) and n < 2:
+        raise RecordError(f"needs at least 2 answers to compare, got {n} (or set generate_n for on-policy samples)")
+    for i, a in enumerate(cs.answers):
+        if not a.strip():
+            raise RecordError(f"answers[{i}] is empty")
+    if len(set(cs.answers)) != n:
+        raise RecordError("answers contain duplicates: each answer must be distinct")
+    if cs.strategy and cs.strategy not in ("rules", "reward_model", "llm_judge"):
+        raise RecordError(f"unknown strategy {cs.strategy!r}: use rules, reward_model or llm_judge")
+
+
+def _decode_json_line(line: bytes, max_bytes: int) -> Any:
+    if len(line) > max_bytes:
+        raise RecordError(f"line is {len(line)} bytes, over the limit of {max_bytes}")
+    try:
+        return json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RecordError(f"not valid JSON: {exc}") from None
+
+
+def read_jsonl(path: str | Path, parse, max_bytes: int) -> Iterator[Item]:
+    """Yield one Item per non-blank line; `parse(obj)` builds the value or raises RecordError."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            item = Item(source=str(path), offset=lineno, raw=line.rstrip(b"\r\n"))
+            try:
+                item.value = parse(_decode_json_line(item.raw, max_bytes))
+            except RecordError as exc:
+                item.error = f"{path}:{lineno}: {exc}"
+            yield item
+
+
+def read_candidates_file(path: str | Path, max_bytes: int) -> Iterator[Item]:
+    return read_jsonl(path, candidate_set_from_json, max_bytes)
+
+
+def candidate_set_from_record(value: bytes | None, max_bytes: int) -> CandidateSet:
+    return records.decode(CandidateSet, value, max_bytes, "candidate set")  # type: ignore[return-value]
+
+
+# -- human annotations ----------------------------------------------------------------------
+def judgement_from_json(obj: Any) -> HumanJudgement:
+    """{prompt, chosen, rejected, annotator} or {prompt, answer_a, answer_b, verdict, annotator}."""
+    if not isinstance(obj, dict):
+        raise RecordError(f"an annotation must be an object, not {type(obj).__name__}")
+    prompt = obj.get("prompt")
+    if isinstance(prompt, str) and prompt.lstrip().startswith("["):
+        try:  # CSV cells carry message lists as JSON text
+            prompt = json.loads(prompt)
+        except json.JSONDecodeError:
+            pass
+    j = HumanJudgement(annotator=str(obj.get("annotator") or ""), source=str(obj.get("source") or ""))
+    j.prompt.CopyFrom(parse_prompt(prompt))
+    if "chosen" in obj or "rejected" in obj:
+        if "verdict" in obj:
+            raise RecordError("give either chosen/rejected or answer_a/answer_b/verdict, not both")
+        j.answer_a, j.answer_b, j.verdict = obj.get("chosen") or "", obj.get("rejected") or "", "Good"
+    else:
+        j.answer_a, j.answer_b = obj.get("answer_a") or "", obj.get("answer_b") or ""
+        j.verdict = str(obj.get("verdict") or "")
+    meta = obj.get("metadata") or {}
+    if isinstance(meta, dict):
+        for k, v in meta.items():
+            j.metadata[str(k)] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+    validate_judgement(j)
+    return j
+
+
+def validate_judgement(j: HumanJudgement) -> None:
+    validate_prompt(j.prompt)
+    if not j.annotator.strip():
+        raise RecordError("annotator is required (who made this judgement)")
+    if not isinstance(j.answer_a, str) or not j.answer_a.strip():
+        raise RecordError("answer_a (or chosen) is missing or empty")
+    if not j.answer_b.strip():
+        raise RecordError("answer_b (or rejected) is missing or empty")
+    if j.answer_a == j.answer_b:
+        raise RecordError("the two answers are identical: no preference to record")
+    if j.verdict not in VERDICTS:
+        raise RecordError(f"verdict {j.verdict!r} is not one of {list(VERDICTS)} (Good = answer_a is better)")
+
+
+def read_annotations(path: str | Path, max_bytes: int) -> Iterator[Item]:
+    path = Path(path)
+    if path.suffix.lower() != ".csv":
+        yield from read_jsonl(path, judgement_from_json, max_bytes)
+        return
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        for row in reader:
+            lineno = reader.line_num
+            buf = io.StringIO()
+            csv.writer(buf).writerow(list(row.values()))
+            item = Item(source=str(path), offset=lineno, raw=buf.getvalue().rstrip("\r\n").encode())
+            try:
+                if None in row:
+                    raise RecordError("row has more cells than the header")
+                item.value = judgement_from_json({k: v for k, v in row.items() if v not in (None, "")})
+            except RecordError as exc:
+                item.error = f"{path}:{lineno}: {exc}"
+            yield item
+
+
+# -- imported preference data (TRL formats) -------------------------------------------------
+def _answer_from_messages(conv: list[tuple[str, str]], prompt_msgs: list[tuple[str, str]] | None,
+                          what: str) -> tuple[list[tuple[str, str]], str]:
+    """Split a conversation into (prompt messages, final assistant answer)."""
+    if prompt_msgs is not None and conv[:len(prompt_msgs)] == prompt_msgs and len(conv) > len(prompt_msgs):
+        rest = conv[len(prompt_msgs):]
+    elif prompt_msgs is not None and len(conv) == 1:
+        rest = conv
+    else:
+        prompt_msgs, rest = conv[:-1], conv[-1:]
+    if len(rest) != 1 or rest[0][0] != "assistant":
+        raise RecordError(f"{what} must end in exactly one assistant message after the prompt")
+    if not prompt_msgs:
+        raise RecordError(f"{what} has no prompt messages before the answer, and no 'prompt' was given")
+    return prompt_msgs, rest[0][1]
+
+
+def imported_pair(obj: Any, source: str) -> records_pb2.PreferencePair:
+    """A TRL-style preference row -> PreferencePair with provenance "imported".
+
+    Standard: prompt/chosen/rejected strings. Conversational: message lists, either with an explicit
+    prompt (chosen/rejected hold the assistant turn) or implicit (chosen/rejected hold the whole
+    conversation, as in UltraFeedback-binarized, where `prompt` is also given as the user's text).
+    """
+    if not isinstance(obj, dict):
+        raise RecordError(f"a preference row must be an object, not {type(obj).__name__}")
+    for key in ("chosen", "rejected"):
+        if key not in obj or obj[key] in (None, "", []):
+            raise RecordError(f"missing or empty '{key}'")
+    chosen, rejected, prompt = obj["chosen"], obj["rejected"], obj.get("prompt")
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if prompt is None:
+            raise RecordError("standard format needs a 'prompt' when chosen/rejected are strings")
+        pb_prompt, c_text, r_text = parse_prompt(prompt), chosen, rejected
+    elif isinstance(chosen, list) and isinstance(rejected, list):
+        c_conv, r_conv = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+        if isinstance(prompt, list):
+            p_msgs: list[tuple[str, str]] | None = _messages(prompt, "prompt")
+        elif isinstance(prompt, str):
+            p_msgs = [("user", prompt)]
+        elif prompt is None:
+            p_msgs = None
+        else:
+            raise RecordError("'prompt' must be a string or a list of messages")
+        pc, c_text = _answer_from_messages(c_conv, p_msgs, "chosen")
+        pr, r_text = _answer_from_messages(r_conv, p_msgs, "rejected")
+        if pc != pr:
+            raise RecordError("chosen and rejected conversations have different prompts")
+        pb_prompt = records.chat_prompt(pc)
+    else:
+        raise RecordError("chosen and rejected must both be strings or both be message lists")
+    if not c_text.strip() or not r_text.strip():
+        raise RecordError("an answer is empty")
+    if c_text == r_text:
+        raise RecordError("chosen and rejected answers are identical: no preference to learn")
+    prov = records_pb2.Provenance(strategy=records_pb2.LABEL_STRATEGY_IMPORTED, source=source)
+    for key, attr in (("score_chosen", "chosen_score"), ("score_rejected", "rejected_score")):
+        if obj.get(key) is not None:
+            try:
+                setattr(prov, attr, float(obj[key]))
+            except (TypeError, ValueError):
+                raise RecordError(f"'{key}' must be a number") from None
+    for key in ("prompt_id", "source", "annotator"):
+        if isinstance(obj.get(key), str) and obj[key]:
+            if key == "annotator":
+                prov.annotator = obj[key]
+            else:
+                prov.metadata[key] = obj[key]
+    return records.make_pair(pb_prompt, c_text, r_text, prov)
+
+
+def read_preferences(path: str | Path, max_bytes: int) -> Iterator[Item]:
+    path = Path(path)
+    if path.suffix.lower() != ".parquet":
+        yield from read_jsonl(path, lambda obj: imported_pair(obj, str(path)), max_bytes)
+        return
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    row_index = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            raw = json.dumps(row, ensure_ascii=False, default=str).encode()
+            item = Item(source=str(path), offset=row_index, raw=raw)
+            try:
+                if len(raw) > max_bytes:
+                    raise RecordError(f"row is {len(raw)} bytes, over the limit of {max_bytes}")
+                item.value = imported_pair(row, str(path))
+            except RecordError as exc:
+                item.error = f"{path} row {row_index}: {exc}"
+            row_index += 1
+            yield item

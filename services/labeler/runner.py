@@ -1,0 +1,131 @@
+"""Batch runs over files and the Kafka consumer loop."""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from offdpo.config import KafkaConfig
+from offdpo.kafka import DeadLetterSink, make_consumer, make_producer
+from offdpo.records import RecordError
+from services.labeler import inputs
+from services.labeler.config import JudgeConfig, LabelerConfig
+from services.labeler.pipeline import SERVICE, Labeler, Ledger, PairPublisher, Strategies
+
+log = logging.getLogger(__name__)
+
+
+class RefScoreGenerator:
+    """On-policy candidates from refscore's Generate RPC."""
+
+    def __init__(self, address: str, max_tokens: int, temperature: float, timeout_s: float):
+        import grpc
+
+        from offdpo.v1 import refscore_pb2, refscore_pb2_grpc
+
+        self._pb = refscore_pb2
+        self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
+        self.stub = refscore_pb2_grpc.RefScoreStub(self.channel)
+        self.max_tokens, self.temperature, self.timeout_s = max_tokens, temperature, timeout_s
+
+    def generate(self, prompt, n: int) -> list[str]:
+        req = self._pb.GenerateRequest(n=n, max_tokens=self.max_tokens, temperature=self.temperature)
+        req.prompt.CopyFrom(prompt)
+        resp = self.stub.Generate(req, timeout=self.timeout_s)
+        return [a.text for a in resp.answers]
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def build_labeler(cfg: LabelerConfig, kafka: KafkaConfig, judge: JudgeConfig | None = None,
+                  strategy_overrides: dict | None = None, generator=None,
+                  progress: Callable[[str], None] | None = None) -> Labeler:
+    producer = make_producer(kafka, f"{SERVICE}", enable_idempotence=True)
+    ledger = Ledger(Path(cfg.state_dir) / "published.sqlite") if cfg.ledger else None
+    if generator is None and cfg.generate_n > 0:
+        generator = RefScoreGenerator(cfg.refscore_address, cfg.generate_max_tokens, cfg.generate_temperature,
+                                      cfg.generate_timeout_s)
+    return Labeler(cfg, PairPublisher(producer, kafka, ledger, cfg.ack_timeout_s),
+                   DeadLetterSink(producer, kafka, SERVICE), Strategies(cfg, judge, strategy_overrides),
+                   generator=generator, progress=progress)
+
+
+def close_labeler(labeler: Labeler) -> None:
+    labeler.publisher.producer.close(timeout=labeler.cfg.ack_timeout_s)
+    if labeler.publisher.ledger:
+        labeler.publisher.ledger.close()
+
+
+def _batches(it: Iterable, size: int) -> Iterator[list]:
+    it = iter(it)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
+
+
+READERS = {
+    "candidates": inputs.read_candidates_file,
+    "annotations": inputs.read_annotations,
+    "preferences": inputs.read_preferences,
+}
+
+
+def run_file(labeler: Labeler, path: str | Path, kind: str = "candidates", strategy: str = "",
+             progress: Callable[[str], None] | None = None) -> dict:
+    """Label one file; returns the summary dict. kind: candidates | annotations | preferences."""
+    reader = READERS[kind]
+    done = 0
+    t0 = time.monotonic()
+    for batch in _batches(reader(path, labeler.cfg.max_input_bytes), labeler.cfg.batch_size):
+        if kind == "candidates":
+            labeler.label_candidates(batch, strategy)
+        else:
+            labeler.publish_pairs(batch, "human" if kind == "annotations" else "imported")
+        labeler.confirm()
+        done += len(batch)
+        if progress:
+            t = labeler.summary.total()
+            progress(f"{path}: {done} inputs, {t['pairs']} pairs, {t['duplicates']} duplicates, "
+                     f"{t['rejects']} rejects ({time.monotonic() - t0:.1f} s)")
+    return labeler.summary.as_dict()
+
+
+def run_kafka(labeler: Labeler, kafka: KafkaConfig, strategy: str = "", stop: threading.Event | None = None,
+              idle_exit_s: float | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """Consume candidate sets from the candidates topic in a consumer group. Offsets are committed only
+    after the batch's pairs and dead letters are acknowledged. Returns when `stop` is set or, with
+    `idle_exit_s`, after that long without records."""
+    cfg = labeler.cfg
+    consumer = make_consumer(kafka, cfg.group_id, [kafka.candidates_topic], max_poll_records=cfg.batch_size)
+    stop = stop or threading.Event()
+    last_record = time.monotonic()
+    try:
+        while not stop.is_set():
+            polled = consumer.poll(timeout_ms=500)
+            recs = [r for batch in polled.values() for r in batch]
+            if not recs:
+                if idle_exit_s is not None and time.monotonic() - last_record > idle_exit_s:
+                    break
+                continue
+            last_record = time.monotonic()
+            items = []
+            for rec in recs:
+                item = inputs.Item(source=rec.topic, offset=rec.offset, raw=rec.value or b"", partition=rec.partition,
+                                   key=rec.key)
+                try:
+                    item.value = inputs.candidate_set_from_record(rec.value, cfg.max_input_bytes)
+                except RecordError as exc:
+                    item.error = f"{rec.topic}[{rec.partition}]@{rec.offset}: {exc}"
+                items.append(item)
+            labeler.label_candidates(items, strategy)
+            labeler.confirm()          # raises PublishError: nothing is committed, the batch is redelivered
+            consumer.commit()
+            if progress:
+                t = labeler.summary.total()
+                progress(f"{kafka.candidates_topic}: {t['inputs']} inputs, {t['pairs']} pairs, {t['rejects']} rejects")
+    finally:
+        consumer.close(autocommit=False)
+    return labeler.summary.as_dict()

@@ -1,0 +1,100 @@
+"""Checkpoints in S3, without pickle.
+
+    runs/<run>/checkpoints/step-<N>/model/...            save_pretrained (safetensors, config, tokenizer)
+    runs/<run>/checkpoints/step-<N>/optimizer.safetensors AdamW moments and step counts
+    runs/<run>/checkpoints/step-<N>/rng.safetensors       torch CPU (and CUDA) generator states
+    runs/<run>/checkpoints/step-<N>/state.json            step, scheduler, optimizer hyper-parameters,
+                                                          python RNG, data position / consumed shards
+    runs/<run>/latest                                     {"step": N}: written last, so it only ever
+                                                          points at a complete checkpoint
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load, save
+
+from offdpo.s3 import safe_key_part
+
+log = logging.getLogger(__name__)
+
+
+def run_prefix(run_name: str) -> str:
+    return f"runs/{safe_key_part(run_name, 'run name')}"
+
+
+def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
+    sd = optimizer.state_dict()
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for name, value in st.items():
+            tensors[f"{pid}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, {"param_groups": sd["param_groups"]}
+
+
+def _load_optimizer(optimizer, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for k, v in tensors.items():
+        pid, name = k.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(store, run_name: str, step: int, model, tokenizer, optimizer, scheduler, extra: dict,
+                    model_state: dict | None = None) -> str:
+    """Upload everything for `step`, then move `latest`. `model_state`: a full state dict (FSDP gathers one)."""
+    prefix = f"{run_prefix(run_name)}/checkpoints/step-{step:08d}"
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(Path(tmp) / "model", safe_serialization=True, state_dict=model_state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(Path(tmp) / "model")
+        for path in sorted((Path(tmp) / "model").rglob("*")):
+            if path.is_file():
+                store.put_bytes(f"{prefix}/model/{path.relative_to(Path(tmp) / 'model')}", path.read_bytes())
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    store.put_bytes(f"{prefix}/optimizer.safetensors", save(opt_tensors))
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["torch_cuda"] = torch.cuda.get_rng_state()
+    store.put_bytes(f"{prefix}/rng.safetensors", save(rng))
+    py_state = random.getstate()
+    state = {"step": step, "scheduler": scheduler.state_dict(), "optimizer": opt_meta,
+             "python_random": [py_state[0], list(py_state[1]), py_state[2]], **extra}
+    store.put_bytes(f"{prefix}/state.json", json.dumps(state, sort_keys=True).encode(), content_type="application/json")
+    store.put_bytes(f"{run_prefix(run_name)}/latest", json.dumps({"step": step, "prefix": prefix}).encode(),
+                    content_type="application/json")
+    log.info("checkpoint step %d written to %s", step, prefix)
+    return prefix
+
+
+def latest_checkpoint(store, run_name: str) -> str | None:
+    key = f"{run_prefix(run_name)}/latest"
+    if not store.exists(key):
+        return None
+    return json.loads(store.get_bytes(key))["prefix"]
+
+
+def download_model(store, prefix: str, dest: Path) -> Path:
+    for key in store.list_keys(f"{prefix}/model/"):
+        path = dest / key[len(prefix) + len("/model/"):]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(store.get_bytes(key))
+    return dest
+
+
+def load_trainer_state(store, prefix: str, optimizer, scheduler) -> dict:
+    state = json.loads(store.get_bytes(f"{prefix}/state.json"))
+    _load_optimizer(optimizer, load(store.get_bytes(f"{prefix}/optimizer.safetensors")), state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = load(store.get_bytes(f"{prefix}/rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    if "torch_cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["torch_cuda"])
+    v, internal, gauss = state["python_random"]
+    random.setstate((v, tuple(internal), gauss))
+    return state

@@ -1,0 +1,98 @@
+"""refscore fixtures: one vLLM-backed refscore server per test session, in its own process.
+
+The server process also runs the stream worker on topics of its own, so the stream tests share
+the one engine. Keeping vLLM out of the pytest process avoids the abort-at-exit seen when vLLM
+and transformers share a process (LOCAL-STACK.md).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from offdpo.kafka import ensure_topics
+from offdpo.stack import free_port
+from services.refscore.client import RefscoreClient
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class RefscoreProcess:
+    proc: subprocess.Popen
+    target: str
+    env: dict
+    log_path: Path
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:]
+
+    def stop(self, timeout_s: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        return self.proc.returncode
+
+
+def start_refscore(model_dir, log_path: Path, *, engine: str, stack=None, worker: bool = False,
+                   extra_env: dict | None = None, mode: str = "serve") -> RefscoreProcess:
+    port = free_port()
+    env = dict(os.environ)
+    if stack is not None:
+        env.update(stack.env())
+    env.update({
+        "OFFDPO_REFSCORE_MODEL_DIR": str(model_dir),
+        "OFFDPO_REFSCORE_ENGINE": engine,
+        "OFFDPO_REFSCORE_PORT": str(port),
+        "OFFDPO_REFSCORE_METRICS_PORT": "0",
+        "OFFDPO_REFSCORE_MAX_MODEL_LEN": "512",
+        "OFFDPO_REFSCORE_BATCH_WAIT_S": "0.5",
+        "OFFDPO_REFSCORE_GRACE_S": "20",
+        "PYTHONPATH": str(REPO),
+    })
+    env.update(extra_env or {})
+    args = [sys.executable, "-m", "services.refscore", mode] + (["--worker"] if worker and mode == "serve" else [])
+    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+    return RefscoreProcess(proc, f"127.0.0.1:{port}", env, log_path)
+
+
+@pytest.fixture(scope="session")
+def vllm_topics(stack):
+    suffix = uuid.uuid4().hex[:8]
+    topics = {"OFFDPO_TOPIC_PAIRS": f"vllm.pairs.{suffix}", "OFFDPO_TOPIC_SHARDS": f"vllm.shards.{suffix}",
+              "OFFDPO_TOPIC_DEADLETTER": f"vllm.dead.{suffix}", "OFFDPO_REFSCORE_GROUP": f"vllm-{suffix}"}
+    ensure_topics(stack.kafka, [v for k, v in topics.items() if k.startswith("OFFDPO_TOPIC")], partitions=3)
+    return topics
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model, stack, vllm_topics, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("refscore") / "vllm-server.log"
+    server = start_refscore(tiny_model, log_path, engine="vllm", stack=stack, worker=True, extra_env=vllm_topics)
+    client = RefscoreClient(server.target)
+    try:
+        try:
+            client.wait_serving(timeout_s=300)
+        except TimeoutError as exc:
+            raise RuntimeError(f"{exc}\nserver log tail:\n{server.log_tail()}") from None
+        yield server
+    finally:
+        client.close()
+        code = server.stop()
+        assert code == 0, f"refscore exited with {code} on SIGTERM; log tail:\n{server.log_tail()}"
+
+
+@pytest.fixture
+def vllm_client(vllm_server):
+    with RefscoreClient(vllm_server.target) as client:
+        yield client

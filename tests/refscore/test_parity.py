@@ -1,0 +1,112 @@
+"""Parity and batch invariance of both engines against a plain transformers float32 forward."""
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from services.refscore.client import score_item
+from services.refscore.config import RefscoreConfig
+from services.refscore.scorer import Scorer
+
+TOKEN_TOL = 1e-5
+SUM_TOL = 1e-4
+BATCH_TOL = 1e-6
+
+
+def _items(n: int, seed: int = 0):
+    rng = random.Random(seed)
+    words = "the model answer question reason step compute value number list python code reward policy".split()
+    items = []
+    for i in range(n):
+        prompt = [("user", " ".join(rng.choice(words) for _ in range(rng.randint(2, 40))))]
+        if i % 3 == 0:
+            prompt.insert(0, ("system", "Be brief."))
+        answer = " ".join(rng.choice(words) for _ in range(rng.randint(1, 120)))
+        items.append(score_item(prompt if i % 4 else " ".join(w for _, w in prompt), answer, item_id=str(i)))
+    return items
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model.eval()
+
+    def logprobs(prompt_ids, answer_ids):
+        ids = torch.tensor([list(prompt_ids) + list(answer_ids)])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+        p = len(prompt_ids)
+        return [logp[p - 1 + i, t].item() for i, t in enumerate(answer_ids)]
+
+    return logprobs
+
+
+def _check_parity(scored, reference):
+    worst_token = worst_sum = 0.0
+    for item in scored:
+        expected = reference(item.prompt_token_ids, item.answer_token_ids)
+        assert len(expected) == len(item.token_logprobs) > 0
+        worst_token = max(worst_token, max(abs(a - b) for a, b in zip(item.token_logprobs, expected)))
+        worst_sum = max(worst_sum, abs(item.logprob_sum - sum(expected)))
+    assert worst_token < TOKEN_TOL, f"per-token difference {worst_token:.2e}"
+    assert worst_sum < SUM_TOL, f"sum difference {worst_sum:.2e}"
+
+
+@pytest.mark.vllm
+def test_vllm_engine_matches_transformers_forward(vllm_client, reference):
+    response = vllm_client.score(_items(24))
+    assert response.fingerprint.engine == "vllm"
+    _check_parity(response.items, reference)
+
+
+@pytest.mark.vllm
+def test_vllm_batch_invariance(vllm_client):
+    batch = _items(32, seed=1)
+    together = vllm_client.score(batch).items
+    for i in (0, 7, 31):
+        alone = vllm_client.score([batch[i]]).items[0]
+        diff = max(abs(a - b) for a, b in zip(alone.token_logprobs, together[i].token_logprobs))
+        assert list(alone.answer_token_ids) == list(together[i].answer_token_ids)
+        assert diff <= BATCH_TOL, f"item {i}: alone vs in a batch of 32 differ by {diff:.2e}"
+
+
+@pytest.fixture(scope="module")
+def transformers_scorer(tiny_model):
+    scorer = Scorer(RefscoreConfig(model_dir=str(tiny_model), engine="transformers", max_model_len=512))
+    scorer.load()
+    yield scorer
+    scorer.shutdown()
+
+
+def _score_in_process(scorer, items):
+    prepared = scorer.prepare_items(items)
+    logps = scorer.score(prepared, timeout=120)
+
+    class Item:
+        def __init__(self, p, lp):
+            self.prompt_token_ids, self.answer_token_ids = p.prompt_ids, p.answer_ids
+            self.token_logprobs, self.logprob_sum = lp, sum(lp)
+
+    return [Item(p, lp) for p, lp in zip(prepared, logps)]
+
+
+def test_transformers_engine_matches_plain_forward(transformers_scorer, reference):
+    assert transformers_scorer.fingerprint.engine == "transformers"
+    _check_parity(_score_in_process(transformers_scorer, _items(24)), reference)
+
+
+def test_transformers_engine_batch_invariance(transformers_scorer):
+    batch = _items(32, seed=1)
+    together = _score_in_process(transformers_scorer, batch)
+    for i in (0, 7, 31):
+        alone = _score_in_process(transformers_scorer, [batch[i]])[0]
+        diff = max(abs(a - b) for a, b in zip(alone.token_logprobs, together[i].token_logprobs))
+        assert diff <= BATCH_TOL, f"item {i}: alone vs in a batch of 32 differ by {diff:.2e}"
+
+
+@pytest.mark.vllm
+def test_engines_share_a_fingerprint_identity(vllm_client, transformers_scorer):
+    vllm_fp = vllm_client.model_info().fingerprint
+    assert vllm_fp.fingerprint_id == transformers_scorer.fingerprint.fingerprint_id
+    assert vllm_fp.engine != transformers_scorer.fingerprint.engine

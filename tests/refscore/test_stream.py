@@ -1,0 +1,150 @@
+"""The stream worker on the local stack: pairs in Kafka -> shards in S3 -> shard-ready events."""
+import time
+import uuid
+
+import pyarrow.parquet as pq
+import pytest
+from kafka import KafkaConsumer
+
+from offdpo import records
+from offdpo.kafka import ensure_topics, make_producer, next_offsets, read_topic
+from offdpo.s3 import ObjectStore
+from offdpo.v1 import records_pb2
+
+from .conftest import start_refscore
+
+
+def _pairs(n: int, tag: str):
+    out = []
+    for i in range(n):
+        prompt = records.chat_prompt([("user", f"question {tag} {i}: what is {i} plus {i}?")])
+        out.append(records.make_pair(prompt, f"It is {2 * i}.", f"It is {2 * i + 1}, probably.",
+                                     records_pb2.Provenance(strategy=records_pb2.LABEL_STRATEGY_RULES, source=tag)))
+    return out
+
+
+def _bad_records():
+    good = _pairs(1, "bad")[0].SerializeToString()
+    too_long = records.make_pair(records.text_prompt("q"), "number " * 3000, "short")
+    return [
+        (b"garbage", b"\x00\x01 not protobuf \xff\xfe", "invalid_pair"),
+        (b"truncated", good[: len(good) // 2], "invalid_pair"),
+        (b"empty", b"", "invalid_pair"),
+        (b"wrong-type", records_pb2.DeadLetter(reason="x", offset=3).SerializeToString(), "invalid_pair"),
+        (too_long.pair_id.encode(), too_long.SerializeToString(), "too_long"),
+    ]
+
+
+def _produce(kafka, topic, pairs, extra=()):
+    producer = make_producer(kafka, "test")
+    for pair in pairs:
+        producer.send(topic, key=pair.pair_id.encode(), value=pair.SerializeToString())
+    for key, value, _ in extra:
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+def _wait(predicate, timeout_s, what, log_tail=lambda: ""):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(1.0)
+    raise TimeoutError(f"{what} did not happen within {timeout_s} s\n{log_tail()}")
+
+
+def _rows_in_s3(store, fp_id, topic):
+    keys = store.list_keys(f"scores/{fp_id}/{topic}/")
+    rows = []
+    for key in keys:
+        shard = records.read_shard(store.get_bytes(key), key)
+        rows += shard.pair_ids
+    return keys, rows
+
+
+def _committed_all(kafka, group, topic) -> bool:
+    ends = next_offsets(read_topic(kafka, topic, idle_s=1.0))
+    consumer = KafkaConsumer(**kafka.client_kwargs(), group_id=group, enable_auto_commit=False)
+    try:
+        return all((consumer.committed(tp) or 0) == end for tp, end in ends.items())
+    finally:
+        consumer.close()
+
+
+@pytest.mark.vllm
+def test_stream_scores_every_pair_once_and_dead_letters_bad_records(stack, vllm_server, vllm_topics, vllm_client):
+    topic, shards_topic = vllm_topics["OFFDPO_TOPIC_PAIRS"], vllm_topics["OFFDPO_TOPIC_SHARDS"]
+    fp = vllm_client.model_info().fingerprint
+    pairs = _pairs(40, uuid.uuid4().hex[:6])
+    bad = _bad_records()
+    _produce(stack.kafka, topic, pairs, bad)
+    store = ObjectStore(stack.s3)
+    _wait(lambda: len(_rows_in_s3(store, fp.fingerprint_id, topic)[1]) >= 40
+          and _committed_all(stack.kafka, vllm_topics["OFFDPO_REFSCORE_GROUP"], topic), 180,
+          "scoring all 40 pairs and committing", vllm_server.log_tail)
+
+    keys, rows = _rows_in_s3(store, fp.fingerprint_id, topic)
+    assert sorted(rows) == sorted(p.pair_id for p in pairs), "each pair exactly once"
+    # Readable with plain pyarrow, and the rows carry what the trainer needs.
+    table = pq.read_table(__import__("io").BytesIO(store.get_bytes(keys[0])))
+    assert {"prompt_token_ids", "chosen_token_ids", "chosen_logprobs", "rejected_logprob_sum"} <= set(table.column_names)
+    shard = records.read_shard(store.get_bytes(keys[0]))
+    assert shard.fingerprint.fingerprint_id == fp.fingerprint_id
+    row = next(iter(shard.rows()))
+    assert len(row.chosen_logprobs) == len(row.chosen_token_ids) and row.chosen_logprob_sum < 0
+
+    events = [records_pb2.ShardReady.FromString(r.value) for r in read_topic(stack.kafka, shards_topic)]
+    assert sorted(e.object_key for e in events) == keys, "one shard-ready event per shard"
+    for e in events:
+        assert e.row_count == len(e.pair_ids) and e.fingerprint.fingerprint_id == fp.fingerprint_id
+        assert e.sha256 == records.sha256_hex(store.get_bytes(e.object_key))
+
+    letters = [records_pb2.DeadLetter.FromString(r.value)
+               for r in read_topic(stack.kafka, vllm_topics["OFFDPO_TOPIC_DEADLETTER"])]
+    assert sorted(dl.original_key for dl in letters) == sorted(k for k, _, _ in bad)
+    for dl in letters:
+        expected_type = next(t for k, _, t in bad if k == dl.original_key)
+        assert dl.error_type == expected_type and dl.reason and dl.topic == topic and dl.service == "refscore"
+
+
+def test_worker_killed_between_shard_write_and_commit_loses_and_duplicates_nothing(stack, tiny_model, tmp_path):
+    suffix = uuid.uuid4().hex[:8]
+    topics = {"OFFDPO_TOPIC_PAIRS": f"kill.pairs.{suffix}", "OFFDPO_TOPIC_SHARDS": f"kill.shards.{suffix}",
+              "OFFDPO_TOPIC_DEADLETTER": f"kill.dead.{suffix}", "OFFDPO_REFSCORE_GROUP": f"kill-{suffix}",
+              "OFFDPO_REFSCORE_BATCH_PAIRS": "16", "OFFDPO_KAFKA_SESSION_TIMEOUT_MS": "6000"}
+    ensure_topics(stack.kafka, [v for k, v in topics.items() if k.startswith("OFFDPO_TOPIC")], partitions=3)
+    pairs = _pairs(60, suffix)
+    _produce(stack.kafka, topics["OFFDPO_TOPIC_PAIRS"], pairs, _bad_records()[:2])
+
+    crashing = start_refscore(tiny_model, tmp_path / "crash.log", engine="transformers", stack=stack, mode="worker",
+                              extra_env={**topics, "OFFDPO_REFSCORE_FAILPOINT": "after_shard_write"})
+    try:
+        code = crashing.proc.wait(timeout=180)
+    finally:
+        crashing.stop()
+    assert code == -9, f"the failpoint should SIGKILL the worker; exit {code}\n{crashing.log_tail()}"
+    store = ObjectStore(stack.s3)
+    fp_prefix = "scores/"
+    written = [k for k in store.list_keys(fp_prefix) if f"/{topics['OFFDPO_TOPIC_PAIRS']}/" in k]
+    assert len(written) == 1, "exactly one shard was written before the crash"
+    assert not _committed_all(stack.kafka, topics["OFFDPO_REFSCORE_GROUP"], topics["OFFDPO_TOPIC_PAIRS"])
+
+    restarted = start_refscore(tiny_model, tmp_path / "restart.log", engine="transformers", stack=stack,
+                               mode="worker", extra_env=topics)
+    try:
+        fp_id = written[0].split("/")[1]
+        _wait(lambda: _committed_all(stack.kafka, topics["OFFDPO_REFSCORE_GROUP"], topics["OFFDPO_TOPIC_PAIRS"]), 180,
+              "the restarted worker committing everything", restarted.log_tail)
+        keys, rows = _rows_in_s3(store, fp_id, topics["OFFDPO_TOPIC_PAIRS"])
+        assert len(rows) == len(set(rows)) == 60, f"{len(rows)} rows, {len(set(rows))} distinct"
+        assert set(rows) == {p.pair_id for p in pairs}
+        assert written[0] in keys, "the pre-crash shard is kept, not rewritten under another key"
+        events = [records_pb2.ShardReady.FromString(r.value)
+                  for r in read_topic(stack.kafka, topics["OFFDPO_TOPIC_SHARDS"])]
+        assert {e.object_key for e in events} == set(keys), "every shard announced (the first one after the restart)"
+        letters = read_topic(stack.kafka, topics["OFFDPO_TOPIC_DEADLETTER"])
+        # A redo may dead-letter a record again; keyed by origin, the distinct bad records are exactly 2.
+        assert len({r.key for r in letters}) == 2
+    finally:
+        assert restarted.stop() == 0, restarted.log_tail()
