@@ -1,0 +1,468 @@
+"""Checks over the objects every overlay renders to (deploy/overlays/*): schema, security, probes,
+GPUs, the environment-variable contract, Services vs workloads, Secrets, sizing, network policies."""
+from __future__ import annotations
+
+import base64
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from offdpo.config import DEV_ACCESS_KEY, DEV_SECRET_KEY, KafkaConfig, S3Config
+from offdpo.services_registry import service_config_classes, service_env_vars
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+# Kubernetes versions the manifests must be valid for: the oldest supported one, and the newest
+# schema the installed kubernetes-validate ships.
+MIN_K8S = "1.30.0"
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "Job", "DaemonSet", "CronJob"}
+GRPC_HEALTH_SERVICE = {"refscore": "offdpo.v1.RefScore", "labeler": "offdpo.v1.Labeler"}
+# Which env contract each container name has: a service of offdpo.services_registry, a fixed set,
+# or None for third-party images (Kafka, MinIO) that read no OFFDPO_* settings of ours.
+THIRD_PARTY = {"kafka", "minio", "create-topics"}
+TOOLS = {"ensure-bucket": set(S3Config.env_vars()), "build-model": set()}
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|ACCESS_KEY|CREDENTIAL", re.I)
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def by_kind(objs, kind):
+    return [o for o in objs if o["kind"] == kind]
+
+
+def get(objs, kind, name):
+    found = [o for o in objs if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert found, f"no {kind}/{name}"
+    return found[0]
+
+
+def pod_spec(obj):
+    spec = obj["spec"]
+    if obj["kind"] == "CronJob":
+        spec = spec["jobTemplate"]["spec"]
+    return spec["template"]["spec"]
+
+
+def pod_labels(obj):
+    return obj["spec"]["template"]["metadata"].get("labels", {})
+
+
+def workloads(objs):
+    return [o for o in objs if o["kind"] in WORKLOAD_KINDS]
+
+
+def containers(obj, init=True):
+    spec = pod_spec(obj)
+    return list(spec.get("containers", [])) + (list(spec.get("initContainers", [])) if init else [])
+
+
+def configmap_data(objs, name):
+    return get(objs, "ConfigMap", name).get("data", {})
+
+
+def container_env(objs, c) -> dict[str, dict]:
+    """name -> source ({'value': ...}, {'valueFrom': ...} or {'configMap': name}) of every variable."""
+    env: dict[str, dict] = {}
+    for src in c.get("envFrom", []):
+        assert "secretRef" not in src, f"{c['name']}: envFrom a Secret hides which variables it sets; use secretKeyRef"
+        cm = src["configMapRef"]["name"]
+        for key in configmap_data(objs, cm):
+            env[src.get("prefix", "") + key] = {"configMap": cm}
+    for e in c.get("env", []):
+        env[e["name"]] = {k: v for k, v in e.items() if k != "name"}
+    return env
+
+
+def env_value(objs, c, name):
+    src = container_env(objs, c)[name]
+    return configmap_data(objs, src["configMap"])[name] if "configMap" in src else src["value"]
+
+
+def service_of(c) -> str | None:
+    """The offdpo service a container runs, from its command (python -m services.X / torchrun -m services.X)."""
+    argv = list(c.get("command", [])) + list(c.get("args", []))
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "-m" and argv[i + 1].startswith("services."):
+            return argv[i + 1].split(".")[1]
+    return None
+
+
+def workload(objs, name):
+    return next(o for o in workloads(objs) if o["metadata"]["name"] == name)
+
+
+def allow_list() -> dict[str, set[str]]:
+    raw = yaml.safe_load((DEPLOY / "env-defaults.yaml").read_text())["services"]
+
+    def flat(items):
+        for item in items:
+            yield from (flat(item) if isinstance(item, list) else [item])
+
+    return {svc: set(flat(items)) for svc, items in raw.items()}
+
+
+# -- schema -----------------------------------------------------------------------------------------
+def test_overlays_exist(overlays):
+    assert {"dev", "prod"} <= set(overlays)
+
+
+def test_objects_validate_strict(rendered):
+    import kubernetes_validate
+    from kubernetes_validate import utils
+
+    latest = utils.latest_version()
+    assert tuple(int(x) for x in latest.split(".")[:2]) >= (1, 30)
+    _, objs = rendered
+    assert objs
+    for version in (MIN_K8S, latest):
+        for obj in objs:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} invalid for Kubernetes {version}: {exc.message} at {list(exc.path)}")
+
+
+# -- pods: resources, security ----------------------------------------------------------------------
+def test_every_container_has_resources_and_locked_down_security_context(rendered):
+    _, objs = rendered
+    accounts = {o["metadata"]["name"] for o in by_kind(objs, "ServiceAccount")}
+    for w in workloads(objs):
+        spec, what = pod_spec(w), f"{w['kind']}/{w['metadata']['name']}"
+        psc = spec.get("securityContext", {})
+        assert psc.get("runAsNonRoot") is True, what
+        assert psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", what
+        assert spec.get("automountServiceAccountToken") is False, what
+        assert spec.get("serviceAccountName") in accounts, what
+        for c in containers(w):
+            res, sc = c.get("resources", {}), c.get("securityContext")
+            for key in ("cpu", "memory"):
+                assert key in res.get("requests", {}) and key in res.get("limits", {}), f"{what}/{c['name']}: {key}"
+            assert sc, f"{what}/{c['name']}: no securityContext"
+            assert sc.get("allowPrivilegeEscalation") is False, f"{what}/{c['name']}"
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], f"{what}/{c['name']}"
+            assert not sc.get("capabilities", {}).get("add"), f"{what}/{c['name']}"
+            assert sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True, f"{what}/{c['name']}"
+            assert sc.get("readOnlyRootFilesystem") is True, f"{what}/{c['name']}"
+            assert not sc.get("privileged"), f"{what}/{c['name']}"
+            img = c["image"]
+            assert ":" in img.rsplit("/", 1)[-1] and not img.endswith(":latest"), f"{what}/{c['name']}: unpinned {img}"
+
+
+def test_namespaces_enforce_restricted_pod_security(rendered):
+    _, objs = rendered
+    (ns,) = by_kind(objs, "Namespace")
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert all(o["metadata"].get("namespace") == ns["metadata"]["name"] for o in objs if o["kind"] != "Namespace")
+
+
+# -- gRPC probes -----------------------------------------------------------------------------------
+def test_grpc_services_have_grpc_probes_on_the_health_service(rendered):
+    _, objs = rendered
+    seen = set()
+    for w in workloads(objs):
+        for c in containers(w, init=False):
+            svc = service_of(c)
+            grpc_ports = [p for p in c.get("ports", []) if p.get("name") == "grpc"]
+            if svc in GRPC_HEALTH_SERVICE and grpc_ports:
+                seen.add(svc)
+                port = grpc_ports[0]["containerPort"]
+                for kind in ("readinessProbe", "livenessProbe"):
+                    probe = c.get(kind, {})
+                    assert "grpc" in probe, f"{w['metadata']['name']}: {kind} is not a gRPC probe"
+                    assert probe["grpc"]["port"] == port
+                    assert probe["grpc"].get("service", "") in ("", GRPC_HEALTH_SERVICE[svc])
+                # The port the container exposes is the one the service listens on.
+                var = {"refscore": "OFFDPO_REFSCORE_PORT", "labeler": "OFFDPO_LABELER_GRPC_PORT"}[svc]
+                assert int(env_value(objs, c, var)) == port
+                host = {"refscore": "OFFDPO_REFSCORE_HOST", "labeler": "OFFDPO_LABELER_GRPC_HOST"}[svc]
+                assert env_value(objs, c, host) == "0.0.0.0"
+    assert seen == set(GRPC_HEALTH_SERVICE)
+    for s in by_kind(objs, "Service"):
+        for p in s["spec"]["ports"]:
+            if p["name"] == "grpc":
+                assert p.get("appProtocol") == "grpc"
+
+
+def test_refscore_drains_within_termination_grace(rendered):
+    _, objs = rendered
+    d = get(objs, "Deployment", "offdpo-refscore")
+    (c,) = [c for c in containers(d, init=False) if c["name"] == "refscore"]
+    grace = float(env_value(objs, c, "OFFDPO_REFSCORE_GRACE_S"))
+    # worker join (grace) + in-flight RPCs (grace) + engine shutdown margin
+    assert pod_spec(d)["terminationGracePeriodSeconds"] >= 2 * grace + 10
+    assert c["startupProbe"]["grpc"]["port"] == c["readinessProbe"]["grpc"]["port"]
+    assert env_value(objs, c, "OFFDPO_REFSCORE_WORKER") == "true"
+    pdbs = [p for p in by_kind(objs, "PodDisruptionBudget")
+            if p["spec"]["selector"]["matchLabels"].items() <= pod_labels(d).items()]
+    assert pdbs, "refscore has no PodDisruptionBudget"
+
+
+# -- GPUs --------------------------------------------------------------------------------------------
+def gpu_limit(c):
+    return int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+
+
+def test_gpu_workloads_have_gpu_limits(rendered):
+    name, objs = rendered
+    refscore = get(objs, "Deployment", "offdpo-refscore")
+    trainer = get(objs, "Job", "offdpo-trainer")
+    if name == "dev":
+        assert all(gpu_limit(c) == 0 for w in workloads(objs) for c in containers(w)), "dev is CPU-only"
+        return
+    for w, cname in ((refscore, "refscore"), (trainer, "trainer")):
+        (c,) = [c for c in containers(w, init=False) if c["name"] == cname]
+        assert gpu_limit(c) >= 1, f"{cname}: no nvidia.com/gpu limit"
+        assert c["resources"]["requests"].get("nvidia.com/gpu") == c["resources"]["limits"]["nvidia.com/gpu"]
+        assert any(t.get("key") == "nvidia.com/gpu" for t in pod_spec(w).get("tolerations", []))
+    (c,) = containers(trainer, init=False)
+    assert f"--nproc-per-node={gpu_limit(c)}" in c["args"], "one rank per GPU"
+    assert env_value(objs, get_container(refscore, "refscore"), "OFFDPO_REFSCORE_ENGINE") == "vllm"
+
+
+def get_container(w, name):
+    return next(c for c in containers(w) if c["name"] == name)
+
+
+# -- the environment-variable contract ---------------------------------------------------------------
+def test_allow_list_names_only_variables_the_services_read():
+    allowed = allow_list()
+    assert set(allowed) == set(service_config_classes())
+    for svc, names in allowed.items():
+        stale = names - service_env_vars(svc)
+        assert not stale, f"deploy/env-defaults.yaml lists variables {svc} does not read: {sorted(stale)}"
+
+
+def test_containers_get_exactly_the_variables_their_service_reads(rendered):
+    _, objs = rendered
+    allowed = allow_list()
+    secret_vars = {n for svc in service_config_classes().values() for cls in svc
+                   for n, spec in cls.env_vars().items() if spec["secret"]}
+    checked = set()
+    for w in workloads(objs):
+        for c in containers(w):
+            what = f"{w['metadata']['name']}/{c['name']}"
+            env = container_env(objs, c)
+            svc = service_of(c)
+            if svc is not None:
+                expected = service_env_vars(svc) - allowed[svc]
+                checked.add(svc)
+            elif c["name"] in TOOLS:
+                expected = TOOLS[c["name"]] - allowed.get("refscore", set())
+            else:
+                assert c["name"] in THIRD_PARTY, f"{what}: unknown container, give it an env contract"
+                assert not any(n.startswith("OFFDPO_") for n in env if n not in KafkaConfig.env_vars()), what
+                continue
+            extra, missing = set(env) - expected, expected - set(env)
+            assert not extra, f"{what} sets variables its service does not read (or left at defaults): {sorted(extra)}"
+            assert not missing, f"{what} lacks {sorted(missing)}: set them or list them in deploy/env-defaults.yaml"
+            for n in secret_vars & set(env):
+                assert "secretKeyRef" in env[n].get("valueFrom", {}), f"{what}: {n} must come from a Secret"
+    assert checked == set(service_config_classes()), "every service is deployed"
+
+
+def test_configmaps_hold_no_credentials(rendered):
+    _, objs = rendered
+    for cm in by_kind(objs, "ConfigMap"):
+        for key in cm.get("data", {}):
+            assert not SECRET_NAME.search(key), f"ConfigMap {cm['metadata']['name']} holds {key}"
+
+
+# -- Services vs workloads, images -------------------------------------------------------------------
+def test_services_select_pods_and_target_their_ports(rendered):
+    _, objs = rendered
+    for s in by_kind(objs, "Service"):
+        sel = s["spec"].get("selector", {})
+        pods = [w for w in workloads(objs) if sel and sel.items() <= pod_labels(w).items()]
+        assert pods, f"Service {s['metadata']['name']} selects no pods"
+        for w in pods:
+            cports = {p.get("name"): p["containerPort"] for c in containers(w, init=False) for p in c.get("ports", [])}
+            for p in s["spec"]["ports"]:
+                target = p.get("targetPort", p["port"])
+                if isinstance(target, str):
+                    assert target in cports, f"{s['metadata']['name']}:{target} not a port of {w['metadata']['name']}"
+                    target = cports[target]
+                else:
+                    assert target in cports.values()
+                assert target == p["port"], f"{s['metadata']['name']}: port {p['port']} vs container port {target}"
+
+
+def test_images_match_the_service(rendered):
+    name, objs = rendered
+    for w in workloads(objs):
+        for c in containers(w):
+            repo = c["image"].rsplit(":", 1)[0].rsplit("/", 1)[-1]
+            svc = service_of(c)
+            if svc == "labeler" or c["name"] in TOOLS:
+                assert repo in ("labeler", "cpu"), c["image"]
+            elif svc in ("refscore", "trainer"):
+                assert repo == (svc if name == "prod" else "cpu"), c["image"]
+            if svc is not None:
+                assert importlib.util.find_spec(f"services.{svc}.__main__") is not None
+
+
+# -- Secrets ------------------------------------------------------------------------------------------
+def test_no_plaintext_secrets_outside_dev_placeholders(rendered):
+    name, objs = rendered
+    allowed = {DEV_ACCESS_KEY, DEV_SECRET_KEY}
+    secrets = by_kind(objs, "Secret")
+    if name != "dev":
+        assert not secrets, "prod Secrets are created out of band, never rendered from the repository"
+    for s in secrets:
+        values = {k: base64.b64decode(v).decode() for k, v in s.get("data", {}).items()}
+        values.update(s.get("stringData", {}))
+        for k, v in values.items():
+            assert v in allowed or "dev-placeholder" in v, f"Secret {s['metadata']['name']}/{k} is not a dev placeholder"
+    for w in workloads(objs):
+        for c in containers(w):
+            for e in c.get("env", []):
+                if SECRET_NAME.search(e["name"]):
+                    assert "secretKeyRef" in e.get("valueFrom", {}), f"{c['name']}: {e['name']} must come from a Secret"
+
+
+def test_dev_credentials_appear_only_in_the_dev_overlay():
+    for path in DEPLOY.rglob("*"):
+        if path.is_file() and "overlays/dev" not in path.as_posix():
+            text = path.read_text(errors="replace")
+            assert DEV_SECRET_KEY not in text and DEV_ACCESS_KEY not in text, path
+
+
+# -- Kafka, MinIO, topics, scaling ---------------------------------------------------------------------
+def test_kafka_size_agrees_with_its_configuration(rendered):
+    name, objs = rendered
+    cluster = configmap_data(objs, next(c["metadata"]["name"] for c in by_kind(objs, "ConfigMap")
+                                        if c["metadata"]["name"].startswith("offdpo-kafka-cluster")))
+    sts = get(objs, "StatefulSet", "offdpo-kafka")
+    assert sts["spec"]["replicas"] == int(cluster["BROKERS"])
+    assert sts["spec"]["volumeClaimTemplates"], "Kafka needs persistent volumes"
+    rf, isr = int(cluster["REPLICATION_FACTOR"]), int(cluster["MIN_INSYNC_REPLICAS"])
+    assert 1 <= isr <= rf <= sts["spec"]["replicas"]
+    if name == "prod":
+        assert (sts["spec"]["replicas"], rf, isr) == (3, 3, 2)
+    else:
+        assert sts["spec"]["replicas"] == 1
+    script = "\n".join(get_container(sts, "kafka")["args"])
+    assert "process.roles=broker,controller" in script and "min.insync.replicas=$MIN_INSYNC_REPLICAS" in script
+
+
+def test_topics_job_creates_every_topic_the_services_use(rendered):
+    _, objs = rendered
+    job = get(objs, "Job", "offdpo-create-topics")
+    c = get_container(job, "create-topics")
+    env = container_env(objs, c)
+    script = "\n".join(c["args"])
+    topic_vars = {n for n in KafkaConfig.env_vars() if n.startswith("OFFDPO_TOPIC_")}
+    for var in topic_vars:
+        assert f'"${var}"' in script, var
+        # the job reads the topic names from the same ConfigMap as the services
+        assert env[var]["configMap"] == container_env(objs, get_container(
+            get(objs, "Deployment", "offdpo-refscore"), "refscore"))[var]["configMap"]
+    assert "--partitions \"$TOPIC_PARTITIONS\"" in script and "--if-not-exists" in script
+
+
+def test_refscore_scaling_is_bounded_by_partitions(rendered):
+    name, objs = rendered
+    cluster = configmap_data(objs, next(c["metadata"]["name"] for c in by_kind(objs, "ConfigMap")
+                                        if c["metadata"]["name"].startswith("offdpo-kafka-cluster")))
+    partitions = int(cluster["TOPIC_PARTITIONS"])
+    d = get(objs, "Deployment", "offdpo-refscore")
+    hpas = by_kind(objs, "HorizontalPodAutoscaler")
+    if name == "prod":
+        (hpa,) = hpas
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "offdpo-refscore"}
+        assert 2 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"] <= partitions
+    assert d["spec"]["replicas"] <= partitions
+
+
+def test_minio_is_distributed_in_prod(rendered):
+    name, objs = rendered
+    sts = get(objs, "StatefulSet", "offdpo-minio")
+    args = get_container(sts, "minio")["args"]
+    n = sts["spec"]["replicas"]
+    if name == "prod":
+        assert n >= 4
+        assert any(f"{{0...{n - 1}}}" in a and "offdpo-minio-headless" in a for a in args), args
+        ns = sts["metadata"]["namespace"]
+        assert any(f".{ns}.svc" in a for a in args)
+    else:
+        assert n == 1 and "/data" in args
+
+
+# -- trainer --------------------------------------------------------------------------------------------
+def test_trainer_job_runs_torchrun_one_pod_per_node_and_resumes(rendered):
+    _, objs = rendered
+    job = get(objs, "Job", "offdpo-trainer")
+    spec, pspec = job["spec"], pod_spec(job)
+    c = get_container(job, "trainer")
+    assert c["command"] == ["torchrun"] and service_of(c) == "trainer"
+    nodes = spec["completions"]
+    assert spec["completionMode"] == "Indexed" and spec["parallelism"] == nodes
+    assert f"--nnodes={nodes}" in c["args"]
+    assert pspec["restartPolicy"] == "Never" and spec["backoffLimit"] >= 1
+    rules = spec["podFailurePolicy"]["rules"]
+    assert any(r["action"] == "Ignore" and r.get("onPodConditions", [{}])[0].get("type") == "DisruptionTarget"
+               for r in rules)
+    anti = pspec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert anti["topologyKey"] == "kubernetes.io/hostname"
+    endpoint = next(a.split("=", 1)[1] for a in c["args"] if a.startswith("--rdzv-endpoint="))
+    assert endpoint.split(":")[0] == f"{job['metadata']['name']}-0.{pspec['subdomain']}"
+    headless = get(objs, "Service", pspec["subdomain"])
+    assert headless["spec"]["clusterIP"] == "None"
+    assert env_value(objs, c, "OFFDPO_TRAINER_RESUME") == "true", "a rescheduled pod must resume from S3"
+    # the trainer expects the fingerprint refscore stamps
+    rc = get_container(get(objs, "Deployment", "offdpo-refscore"), "refscore")
+    assert env_value(objs, c, "OFFDPO_TRAINER_REFERENCE_MODEL_ID") == env_value(objs, rc, "OFFDPO_REFSCORE_MODEL_ID")
+    assert env_value(objs, c, "OFFDPO_TRAINER_MODEL").split("/")[-1] == env_value(objs, rc, "OFFDPO_REFSCORE_MODEL_DIR").split("/")[-1]
+
+
+# -- network policies ------------------------------------------------------------------------------------
+def _selects(selector, labels):
+    if selector is None:
+        return False
+    ok = selector.get("matchLabels", {}).items() <= labels.items()
+    for ex in selector.get("matchExpressions", []):
+        if ex["operator"] == "In":
+            ok &= labels.get(ex["key"]) in ex["values"]
+        else:
+            raise NotImplementedError(ex["operator"])
+    return ok
+
+
+def _port_ok(rule, port):
+    ports = rule.get("ports")
+    return not ports or any(p.get("port") == port for p in ports)
+
+
+def _allowed(objs, src, dst, port, direction):
+    """Does some policy selecting `src` (egress) / `dst` (ingress) allow src -> dst:port (same namespace)?"""
+    me, peer = (src, dst) if direction == "egress" else (dst, src)
+    key, peers_key = ("egress", "to") if direction == "egress" else ("ingress", "from")
+    for pol in by_kind(objs, "NetworkPolicy"):
+        if not _selects(pol["spec"]["podSelector"], me):
+            continue
+        for rule in pol["spec"].get(key, []):
+            if _port_ok(rule, port) and any("namespaceSelector" not in p and _selects(p.get("podSelector"), peer)
+                                            for p in rule.get(peers_key, [])):
+                return True
+    return False
+
+
+def test_network_policies_deny_by_default_and_allow_the_pipeline(rendered):
+    _, objs = rendered
+    deny = [p for p in by_kind(objs, "NetworkPolicy") if p["spec"]["podSelector"] == {}
+            and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"} and not p["spec"].get("ingress")
+            and not p["spec"].get("egress")]
+    assert deny, "no default-deny policy"
+    labels = {w["metadata"]["name"]: pod_labels(w) for w in workloads(objs)}
+    flows = [("offdpo-labeler", "offdpo-kafka", 9092), ("offdpo-labeler-api", "offdpo-kafka", 9092),
+             ("offdpo-refscore", "offdpo-kafka", 9092), ("offdpo-trainer", "offdpo-kafka", 9092),
+             ("offdpo-create-topics", "offdpo-kafka", 9092), ("offdpo-kafka", "offdpo-kafka", 9093),
+             ("offdpo-refscore", "offdpo-minio", 9000), ("offdpo-trainer", "offdpo-minio", 9000),
+             ("offdpo-ensure-bucket", "offdpo-minio", 9000), ("offdpo-minio", "offdpo-minio", 9000),
+             ("offdpo-labeler", "offdpo-refscore", 50051), ("offdpo-trainer", "offdpo-trainer", 29500)]
+    for src, dst, port in flows:
+        for direction in ("egress", "ingress"):
+            assert _allowed(objs, labels[src], labels[dst], port, direction), f"{src} -> {dst}:{port} ({direction})"
+    # and not everything is allowed: the labeler cannot reach MinIO, the trainer cannot reach refscore
+    assert not _allowed(objs, labels["offdpo-labeler"], labels["offdpo-minio"], 9000, "ingress")
+    assert not _allowed(objs, labels["offdpo-trainer"], labels["offdpo-refscore"], 50051, "ingress")
