@@ -58,7 +58,8 @@ def bench_refscore(model_dir: Path, items, log_dir: Path) -> dict:
 
     port = free_port()
     env = {**os.environ, "OFFDPO_REFSCORE_MODEL_DIR": str(model_dir), "OFFDPO_REFSCORE_PORT": str(port),
-           "OFFDPO_REFSCORE_METRICS_PORT": "0", "OFFDPO_REFSCORE_MAX_MODEL_LEN": "2048", "PYTHONPATH": str(REPO)}
+           "OFFDPO_REFSCORE_METRICS_PORT": "0", "OFFDPO_REFSCORE_MAX_MODEL_LEN": "2048", "PYTHONPATH": str(REPO),
+           "OFFDPO_REFSCORE_PLAINTEXT": "true", "OFFDPO_REFSCORE_ALLOW_ANONYMOUS": "true"}  # local benchmark
     proc = subprocess.Popen([sys.executable, "-m", "services.refscore", "serve"], env=env, cwd=REPO,
                             stdout=open(log_dir / "bench-refscore.log", "wb"), stderr=subprocess.STDOUT)
     try:

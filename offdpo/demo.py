@@ -98,7 +98,9 @@ def main(args) -> int:
         refscore = _start([sys.executable, "-m", "services.refscore", "serve", "--worker"], {
             **env, "OFFDPO_REFSCORE_MODEL_DIR": str(policy), "OFFDPO_REFSCORE_PORT": str(refscore_port),
             "OFFDPO_REFSCORE_METRICS_PORT": "0", "OFFDPO_REFSCORE_GROUP": f"{run_name}-refscore",
-            "OFFDPO_REFSCORE_MAX_MODEL_LEN": "1024", "OFFDPO_REFSCORE_BATCH_WAIT_S": "1.0"},
+            "OFFDPO_REFSCORE_MAX_MODEL_LEN": "1024", "OFFDPO_REFSCORE_BATCH_WAIT_S": "1.0",
+            # local development on loopback: explicitly plaintext and without team tokens
+            "OFFDPO_REFSCORE_PLAINTEXT": "true", "OFFDPO_REFSCORE_ALLOW_ANONYMOUS": "true"},
             workdir / "refscore.log")
         with OpenAIServer(policy, served_model_name="judge", max_model_len=1024,
                           log_path=workdir / "judge-server.log") as judge_server:

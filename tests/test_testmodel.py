@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,23 +33,20 @@ def test_transformers_loads_it_with_a_real_chat_template(tiny_model):
 
 @pytest.mark.vllm
 def test_vllm_loads_it_and_agrees_with_transformers(tiny_model):
-    # In its own process: the engine spawns workers, and vLLM next to transformers in one
-    # process has aborted at interpreter exit (LOCAL-STACK.md).
+    # In its own process, as refscore runs it: the engine spawns workers, and its exit code must be 0
+    # (the abort-at-exit of LOCAL-STACK.md was vLLM's unjoined output thread; see VLLMEngine.shutdown).
     script = textwrap.dedent(f"""
         import json
-        from vllm import LLM, SamplingParams
-        from vllm.inputs import TokensPrompt
+        from services.refscore.engines import VLLMEngine
         if __name__ == "__main__":
-            llm = LLM(model={str(tiny_model)!r}, dtype="float32", max_model_len=256, enable_prefix_caching=False,
-                      gpu_memory_utilization=0.15)
+            engine = VLLMEngine({str(tiny_model)!r}, "float32", 256, 0.08)
             ids = [1, 2, 88, 86, 268, 202, 326, 409, 3, 202, 2, 68, 440, 361]
-            out = llm.generate([TokensPrompt(prompt_token_ids=ids)],
-                               SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False), use_tqdm=False)
-            lps = [None if d is None else d[t].logprob for d, t in zip(out[0].prompt_logprobs, ids)]
-            print("RESULT" + json.dumps({{"ids": ids, "logprobs": lps}}))
-            llm.llm_engine.engine_core.shutdown()
+            lps = engine.score([(ids[:1], ids[1:])])[0]
+            print("RESULT" + json.dumps({{"ids": ids, "logprobs": [None] + lps}}))
+            engine.shutdown()
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parent.parent)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
     assert proc.returncode == 0 and line, f"vLLM failed to load the model:\n{proc.stderr[-3000:]}"
     result = json.loads(line[0][len("RESULT"):])

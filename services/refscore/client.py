@@ -25,12 +25,70 @@ def score_item(prompt, answer: str | Sequence[int], item_id: str = "") -> refsco
     return item
 
 
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read(1 << 20)
+
+
+def channel_credentials(ca_file: str | None = None, cert_file: str | None = None,
+                        key_file: str | None = None) -> grpc.ChannelCredentials:
+    """TLS to refscore: `ca_file` verifies the server (default: the system roots); `cert_file` and
+    `key_file` are this client's certificate for mutual TLS."""
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("mutual TLS needs both a client certificate file and its key file")
+    return grpc.ssl_channel_credentials(root_certificates=_read(ca_file), private_key=_read(key_file),
+                                        certificate_chain=_read(cert_file))
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor,
+                   grpc.UnaryStreamClientInterceptor, grpc.StreamUnaryClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call (on TLS and, for local development, plaintext)."""
+
+    def __init__(self, token: str):
+        self._header = ("authorization", f"Bearer {token}")
+
+    def __repr__(self) -> str:
+        return "_BearerToken(***)"
+
+    def _details(self, details):
+        metadata = [m for m in (details.metadata or ()) if m[0] != "authorization"] + [self._header]
+        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, base, metadata):
+        self.method, self.timeout, self.credentials = base.method, base.timeout, base.credentials
+        self.wait_for_ready = getattr(base, "wait_for_ready", None)
+        self.compression = getattr(base, "compression", None)
+        self.metadata = metadata
+
+
 class RefscoreClient:
-    def __init__(self, target: str, max_message_bytes: int = 64 * 1024 * 1024, credentials=None):
+    """`credentials`: grpc.ChannelCredentials (see channel_credentials) for TLS, None for plaintext;
+    `token`: this team's bearer token (sent as `authorization` metadata on every call)."""
+
+    def __init__(self, target: str, max_message_bytes: int = 64 * 1024 * 1024, credentials=None,
+                 token: str | None = None):
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
-        self.channel = (grpc.secure_channel(target, credentials, options) if credentials
-                        else grpc.insecure_channel(target, options))
+        self._raw_channel = (grpc.secure_channel(target, credentials, options) if credentials
+                             else grpc.insecure_channel(target, options))
+        self.channel = (grpc.intercept_channel(self._raw_channel, _BearerToken(token)) if token
+                        else self._raw_channel)
         self.stub = refscore_pb2_grpc.RefScoreStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -58,7 +116,7 @@ class RefscoreClient:
         return self.stub.GetModelInfo(refscore_pb2.GetModelInfoRequest(), timeout=timeout)
 
     def close(self) -> None:
-        self.channel.close()
+        self._raw_channel.close()
 
     def __enter__(self):
         return self

@@ -26,6 +26,20 @@ class RefscoreConfig(EnvConfig):
     max_generate_tokens: int = env("OFFDPO_REFSCORE_MAX_GENERATE_TOKENS", 1024, "largest Generate max_tokens")
     engine_batch_tokens: int = env("OFFDPO_REFSCORE_ENGINE_BATCH_TOKENS", 65536,
                                    "tokens the engine thread gathers from queued requests into one engine call")
+    # Security (services/refscore/security.py). Serving needs TLS or an explicit PLAINTEXT=true, and
+    # an auth file or an explicit ALLOW_ANONYMOUS=true: neither is ever off by accident.
+    tls_cert: str = env("OFFDPO_REFSCORE_TLS_CERT", "", "PEM server certificate (chain) file: gRPC over TLS")
+    tls_key: str = env("OFFDPO_REFSCORE_TLS_KEY", "", "PEM private key file of the server certificate")
+    tls_client_ca: str = env("OFFDPO_REFSCORE_TLS_CLIENT_CA", "",
+                             "PEM CA bundle file: set it for mutual TLS (every client must present a certificate it signed)")
+    plaintext: bool = env("OFFDPO_REFSCORE_PLAINTEXT", False,
+                          "serve gRPC without TLS (local development only; logs a warning)")
+    auth_file: str = env("OFFDPO_REFSCORE_AUTH_FILE", "",
+                         "YAML/JSON file (from a Secret) of teams: sha256 token hashes, allowed methods/models, quotas")
+    allow_anonymous: bool = env("OFFDPO_REFSCORE_ALLOW_ANONYMOUS", False,
+                                "without an auth file, accept callers without a token (local development only; logs a warning)")
+    health_port: int = env("OFFDPO_REFSCORE_HEALTH_PORT", 0,
+                           "plaintext port serving only grpc.health.v1, for kubelet gRPC probes (0 = off)")
     grace_s: float = env("OFFDPO_REFSCORE_GRACE_S", 30.0, "on SIGTERM, time given to in-flight work")
     # Stream worker
     worker_enabled: bool = env("OFFDPO_REFSCORE_WORKER", False, "also run the Kafka stream worker in this process")

@@ -100,8 +100,19 @@ class VLLMEngine:
 
     def shutdown(self) -> None:
         engine_core = getattr(self.llm.llm_engine, "engine_core", None)
-        if engine_core is not None:
-            engine_core.shutdown()
+        if engine_core is None:
+            return
+        engine_core.shutdown()
+        # vLLM's shutdown signals its output thread (a daemon) but does not join it. If that thread is
+        # still freeing the last outputs (they hold torch tensors) when the interpreter finalises,
+        # CPython ends it inside libtorch's GIL re-acquire and std::terminate aborts the process
+        # (exit 134 after a clean run; core dump: EngineCoreOutputQueueThread, THPVariable_dealloc,
+        # take_gil -> PyThread_exit_thread -> forced unwind). Joining it here removes the race.
+        thread = getattr(engine_core, "output_queue_thread", None)
+        if thread is not None:
+            thread.join(timeout=30)
+            if thread.is_alive():
+                log.warning("vLLM's output thread did not stop within 30 s")
 
 
 class TransformersEngine:

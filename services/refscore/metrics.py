@@ -14,3 +14,13 @@ WORKER_SHARDS = Counter("refscore_worker_shards_total", "shards written by the s
 WORKER_BATCH_PAIRS = Histogram("refscore_worker_batch_pairs", "pairs per micro-batch",
                                buckets=(1, 4, 16, 64, 128, 256, 512, 1024))
 WORKER_LAG = Gauge("refscore_worker_lag_records", "records behind the end of the pairs topic", ["partition"])
+# Per caller (team name from the auth file; "anonymous" without one; "-" before authentication;
+# "stream-worker" for the Kafka stream worker's jobs).
+CALLER_REQUESTS = Counter("refscore_caller_requests_total", "RPCs received, by caller and method", ["caller", "method"])
+CALLER_ERRORS = Counter("refscore_caller_errors_total",
+                        "RPCs refused or failed, by caller and status code (UNAUTHENTICATED, RESOURCE_EXHAUSTED, ...)",
+                        ["caller", "code"])
+CALLER_TOKENS = Counter("refscore_caller_tokens_total", "prompt+answer tokens queued for the engine, by caller",
+                        ["caller"])
+CALLER_IN_FLIGHT = Gauge("refscore_caller_in_flight", "RPCs in flight, by caller", ["caller"])
+CALLER_QUEUED = Gauge("refscore_caller_queued_jobs", "jobs waiting for the engine, by caller", ["caller"])

@@ -3,9 +3,15 @@
 One engine thread owns the engine. Callers enqueue jobs; the thread gathers whatever is queued,
 up to `engine_batch_tokens`, into one engine call, so concurrent gRPC callers and the stream
 worker are batched together. Jobs whose deadline passed while queued are dropped, not computed.
+
+The queue is fair between callers: each caller (a team, "anonymous", or the stream worker, which
+is one caller of its own) has its own FIFO, and the engine thread takes from them round-robin. A
+caller that floods the queue only lengthens its own wait; every other caller's next job is at
+most one job per busy caller away from the engine.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import json
 import logging
@@ -48,12 +54,62 @@ class DeadlineExceeded(RefscoreError):
     pass
 
 
+STREAM_WORKER = "stream-worker"  # the caller name of jobs submitted without one (the Kafka stream worker)
+
+
+class FairQueue:
+    """A blocking queue with one FIFO per caller, served round-robin. `None` (stop) jumps the line."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._fifos: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
+        self._stop = False
+
+    def put(self, job: "_Job | None") -> None:
+        with self._cond:
+            if job is None:
+                self._stop = True
+            else:
+                self._fifos.setdefault(job.caller, collections.deque()).append(job)
+                metrics.CALLER_QUEUED.labels(job.caller).set(len(self._fifos[job.caller]))
+            self._cond.notify()
+
+    def _take(self) -> "_Job | None":
+        if self._stop:
+            self._stop = False  # consumed; put(None) again to stop again
+            return None
+        caller, fifo = next(iter(self._fifos.items()))
+        job = fifo.popleft()
+        del self._fifos[caller]
+        if fifo:
+            self._fifos[caller] = fifo  # to the back of the round
+        metrics.CALLER_QUEUED.labels(caller).set(len(fifo))
+        return job
+
+    def get(self) -> "_Job | None":
+        with self._cond:
+            while not self._fifos and not self._stop:
+                self._cond.wait()
+            return self._take()
+
+    def get_nowait(self) -> "_Job | None":
+        with self._cond:
+            if not self._fifos and not self._stop:
+                raise queue.Empty
+            return self._take()
+
+    def qsize(self) -> int:
+        with self._cond:
+            return sum(len(f) for f in self._fifos.values())
+
+
 @dataclass
 class _Job:
     kind: str                      # "score" | "generate"
     payload: object
     tokens: int
     deadline: float | None         # time.monotonic() deadline
+    caller: str = STREAM_WORKER
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
@@ -73,7 +129,7 @@ class Scorer:
         self.boundary: BoundaryTokenizer | None = None
         self.fingerprint = None
         self.max_model_len = cfg.max_model_len
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._queue = FairQueue()
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -157,16 +213,21 @@ class Scorer:
         return p
 
     # -- execution -----------------------------------------------------------------------------
-    def submit_score(self, prepared: list[Prepared], deadline: float | None = None) -> concurrent.futures.Future:
+    def submit_score(self, prepared: list[Prepared], deadline: float | None = None,
+                     caller: str | None = None) -> concurrent.futures.Future:
+        """Queue a scoring job; `caller` (default: the stream worker) picks its fair-queue FIFO."""
         self.check_ready()
         tokens = sum(len(p.prompt_ids) + len(p.answer_ids) for p in prepared)
-        job = _Job("score", [(p.prompt_ids, p.answer_ids) for p in prepared], tokens, deadline)
+        job = _Job("score", [(p.prompt_ids, p.answer_ids) for p in prepared], tokens, deadline, caller or STREAM_WORKER)
+        metrics.CALLER_TOKENS.labels(job.caller).inc(tokens)
         self._queue.put(job)
         return job.future
 
-    def submit_generate(self, prompt_ids: list[int], deadline: float | None = None, **params) -> concurrent.futures.Future:
+    def submit_generate(self, prompt_ids: list[int], deadline: float | None = None, caller: str | None = None,
+                        **params) -> concurrent.futures.Future:
         self.check_ready()
-        job = _Job("generate", (prompt_ids, params), len(prompt_ids), deadline)
+        job = _Job("generate", (prompt_ids, params), len(prompt_ids), deadline, caller or STREAM_WORKER)
+        metrics.CALLER_TOKENS.labels(job.caller).inc(len(prompt_ids))
         self._queue.put(job)
         return job.future
 

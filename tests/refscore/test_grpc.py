@@ -132,7 +132,8 @@ def test_health_serving_and_reflection(vllm_server):
 
 def test_not_serving_and_unavailable_before_the_engine_loads(tiny_model):
     async def scenario():
-        cfg = RefscoreConfig(model_dir=str(tiny_model), port=free_port(), metrics_port=0)
+        cfg = RefscoreConfig(model_dir=str(tiny_model), port=free_port(), metrics_port=0, plaintext=True,
+                             allow_anonymous=True)
         server = RefscoreServer(cfg)
         await server.start()
         try:
