@@ -34,6 +34,11 @@ class LabelerConfig(EnvConfig):
     generate_max_tokens: int = env("OFFDPO_LABELER_GENERATE_MAX_TOKENS", 256, "max tokens per on-policy sample")
     generate_temperature: float = env("OFFDPO_LABELER_GENERATE_TEMPERATURE", 1.0, "sampling temperature")
     generate_timeout_s: float = env("OFFDPO_LABELER_GENERATE_TIMEOUT_S", 120.0, "deadline of one Generate call")
+    refscore_token: str = env("OFFDPO_LABELER_REFSCORE_TOKEN", "", "this team's refscore bearer token", secret=True)
+    refscore_ca: str = env("OFFDPO_LABELER_REFSCORE_CA", "", "CA bundle to verify refscore's TLS certificate "
+                           "(empty: plaintext, local development only)")
+    refscore_cert: str = env("OFFDPO_LABELER_REFSCORE_CERT", "", "client certificate for refscore's mTLS")
+    refscore_key: str = env("OFFDPO_LABELER_REFSCORE_KEY", "", "client key for refscore's mTLS")
     grpc_port: int = env("OFFDPO_LABELER_GRPC_PORT", 50061, "port of the labeler's gRPC server")
     grpc_host: str = env("OFFDPO_LABELER_GRPC_HOST", "0.0.0.0", "bind address of the gRPC server")
     grpc_max_message_bytes: int = env("OFFDPO_LABELER_GRPC_MAX_MESSAGE_BYTES", 16 * 1024 * 1024,

@@ -19,26 +19,27 @@ log = logging.getLogger(__name__)
 
 
 class RefScoreGenerator:
-    """On-policy candidates from refscore's Generate RPC."""
+    """On-policy candidates from refscore's Generate RPC (TLS and a team token when configured)."""
 
-    def __init__(self, address: str, max_tokens: int, temperature: float, timeout_s: float):
-        import grpc
-
-        from offdpo.v1 import refscore_pb2, refscore_pb2_grpc
+    def __init__(self, cfg: LabelerConfig):
+        from offdpo.v1 import refscore_pb2
+        from services.refscore.client import RefscoreClient, channel_credentials
 
         self._pb = refscore_pb2
-        self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
-        self.stub = refscore_pb2_grpc.RefScoreStub(self.channel)
-        self.max_tokens, self.temperature, self.timeout_s = max_tokens, temperature, timeout_s
+        credentials = (channel_credentials(cfg.refscore_ca, cfg.refscore_cert or None, cfg.refscore_key or None)
+                       if cfg.refscore_ca else None)
+        self.client = RefscoreClient(cfg.refscore_address, credentials=credentials, token=cfg.refscore_token or None)
+        self.max_tokens, self.temperature = cfg.generate_max_tokens, cfg.generate_temperature
+        self.timeout_s = cfg.generate_timeout_s
 
     def generate(self, prompt, n: int) -> list[str]:
         req = self._pb.GenerateRequest(n=n, max_tokens=self.max_tokens, temperature=self.temperature)
         req.prompt.CopyFrom(prompt)
-        resp = self.stub.Generate(req, timeout=self.timeout_s)
+        resp = self.client.stub.Generate(req, timeout=self.timeout_s)
         return [a.text for a in resp.answers]
 
     def close(self) -> None:
-        self.channel.close()
+        self.client.close()
 
 
 def build_labeler(cfg: LabelerConfig, kafka: KafkaConfig, judge: JudgeConfig | None = None,
@@ -47,8 +48,7 @@ def build_labeler(cfg: LabelerConfig, kafka: KafkaConfig, judge: JudgeConfig | N
     producer = make_producer(kafka, f"{SERVICE}", enable_idempotence=True)
     ledger = Ledger(Path(cfg.state_dir) / "published.sqlite") if cfg.ledger else None
     if generator is None and cfg.generate_n > 0:
-        generator = RefScoreGenerator(cfg.refscore_address, cfg.generate_max_tokens, cfg.generate_temperature,
-                                      cfg.generate_timeout_s)
+        generator = RefScoreGenerator(cfg)
     return Labeler(cfg, PairPublisher(producer, kafka, ledger, cfg.ack_timeout_s),
                    DeadLetterSink(producer, kafka, SERVICE), Strategies(cfg, judge, strategy_overrides),
                    generator=generator, progress=progress)

@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 
-from offdpo.config import KafkaConfig, S3Config
+from offdpo.config import ConfigError, KafkaConfig, S3Config
 from services.refscore.config import RefscoreConfig
 from services.refscore.scorer import Scorer
 from services.refscore.server import RefscoreServer
@@ -79,14 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mode", choices=["serve", "worker"])
     parser.add_argument("--worker", action="store_true", help="serve: also run the stream worker")
     args = parser.parse_args(argv)
-    cfg = RefscoreConfig.from_env()
-    if cfg.metrics_port:
-        from prometheus_client import start_http_server
+    try:
+        cfg = RefscoreConfig.from_env()
+        if cfg.metrics_port:
+            from prometheus_client import start_http_server
 
-        start_http_server(cfg.metrics_port, addr=cfg.host)
-    if args.mode == "serve":
-        return asyncio.run(_serve(cfg, args.worker or cfg.worker_enabled))
-    return _worker_only(cfg)
+            start_http_server(cfg.metrics_port, addr=cfg.host)
+        if args.mode == "serve":
+            return asyncio.run(_serve(cfg, args.worker or cfg.worker_enabled))
+        return _worker_only(cfg)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return 2
 
 
 if __name__ == "__main__":

@@ -224,6 +224,8 @@ def test_kafka_input_mode_commits_after_publishing(kcfg, lcfg):
 class FakeRefScore(refscore_pb2_grpc.RefScoreServicer):
     def Generate(self, request, context):
         assert request.n == 2
+        # The labeler authenticates as its team (refscore's auth interceptor reads this header).
+        assert ("authorization", "Bearer labeler-team-token") in context.invocation_metadata()
         return refscore_pb2.GenerateResponse(answers=[refscore_pb2.GeneratedAnswer(text="Sorry, I cannot."),
                                                       refscore_pb2.GeneratedAnswer(text="42")])
 
@@ -236,7 +238,8 @@ def test_on_policy_candidates_from_refscore_generate(kcfg, lcfg, tmp_path):
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        gen = RefScoreGenerator(f"127.0.0.1:{port}", 32, 1.0, 10)
+        gen = RefScoreGenerator(dataclasses.replace(lcfg, refscore_address=f"127.0.0.1:{port}", generate_max_tokens=32,
+                                                    generate_timeout_s=10, refscore_token="labeler-team-token"))
         path = tmp_path / "gen.jsonl"
         path.write_text(json.dumps({"id": "g", "prompt": "6*7=", "answers": [], "generate_n": 2, "reference": "42"}) + "\n")
         lab = _labeler(lcfg, kcfg, generator=gen)
