@@ -7,10 +7,11 @@
       precompute_ref_log_probs does)
 
 tokens/s counts prompt+answer tokens per second of wall time (the same tokens for all three).
-Parity: per-token and per-answer-sum differences of (b) and (c) against (a), float32.
+Parity: per-token and per-answer-sum differences of (b) and (c) against (a). By default one run in
+bfloat16 (the throughput keys: AMX on this CPU, bf16 on GPUs) and one in float32 (the parity keys).
 
     make bench-refscore          # writes bench/results/refscore.json
-    python -m bench.refscore --items 256 --size bench
+    python -m bench.refscore --items 256 --size bench [--dtypes bfloat16,float32] [--short]
 """
 from __future__ import annotations
 
@@ -31,13 +32,15 @@ WORDS = ("the model answer question reason step compute value number list sort p
          "reward policy reference prefer good bad better explain why how first second then finally sum").split()
 
 
-def make_items(n: int, seed: int = 0) -> list[tuple[list[tuple[str, str]], str]]:
+def make_items(n: int, seed: int = 0, short: bool = False) -> list[tuple[list[tuple[str, str]], str]]:
+    """Prompts of 20-120 words and answers of 60-360 words (short: 5-30 and 5-60)."""
     rng = random.Random(seed)
+    prompt_words, answer_words = ((5, 30), (5, 60)) if short else ((20, 120), (60, 360))
     items = []
     for _ in range(n):
         prompt = [("system", "You are a helpful assistant."),
-                  ("user", " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))))]
-        answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(60, 360)))
+                  ("user", " ".join(rng.choice(WORDS) for _ in range(rng.randint(*prompt_words))))]
+        answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*answer_words)))
         items.append((prompt, answer))
     return items
 
@@ -52,13 +55,13 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def bench_refscore(model_dir: Path, items, log_dir: Path) -> dict:
+def bench_refscore(model_dir: Path, items, log_dir: Path, dtype: str) -> dict:
     from offdpo.stack import free_port
     from services.refscore.client import RefscoreClient, score_item
 
     port = free_port()
     env = {**os.environ, "OFFDPO_REFSCORE_MODEL_DIR": str(model_dir), "OFFDPO_REFSCORE_PORT": str(port),
-           "OFFDPO_REFSCORE_METRICS_PORT": "0", "OFFDPO_REFSCORE_MAX_MODEL_LEN": "2048", "PYTHONPATH": str(REPO),
+           "OFFDPO_REFSCORE_METRICS_PORT": "0", "OFFDPO_REFSCORE_MAX_MODEL_LEN": "2048", "OFFDPO_REFSCORE_DTYPE": dtype, "PYTHONPATH": str(REPO),
            "OFFDPO_REFSCORE_PLAINTEXT": "true", "OFFDPO_REFSCORE_ALLOW_ANONYMOUS": "true"}  # local benchmark
     proc = subprocess.Popen([sys.executable, "-m", "services.refscore", "serve"], env=env, cwd=REPO,
                             stdout=open(log_dir / "bench-refscore.log", "wb"), stderr=subprocess.STDOUT)
@@ -82,12 +85,12 @@ def bench_refscore(model_dir: Path, items, log_dir: Path) -> dict:
         proc.wait(timeout=120)
 
 
-def bench_openai(model_dir: Path, items, reference_items, log_dir: Path) -> dict:
+def bench_openai(model_dir: Path, items, reference_items, log_dir: Path, dtype: str) -> dict:
     from openai import OpenAI
 
     from offdpo.openai_server import OpenAIServer
 
-    with OpenAIServer(model_dir, served_model_name="ref", max_model_len=2048,
+    with OpenAIServer(model_dir, served_model_name="ref", max_model_len=2048, dtype=dtype,
                       log_path=log_dir / "bench-openai.log",
                       env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}) as server:
         client = OpenAI(base_url=server.base_url, api_key="EMPTY", timeout=600)
@@ -122,11 +125,11 @@ def bench_openai(model_dir: Path, items, reference_items, log_dir: Path) -> dict
             "tokens_not_aligned": missing}
 
 
-def bench_transformers(model_dir: Path, reference_items, batch_size: int = 8) -> dict:
+def bench_transformers(model_dir: Path, reference_items, dtype: str, batch_size: int = 8) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     model.eval()
     seqs = [(list(r.prompt_token_ids), list(r.answer_token_ids)) for r in reference_items]
 
@@ -164,35 +167,17 @@ def parity(reference_items, other: list[list[float | None]]) -> tuple[float, flo
     return max_tok, max_sum
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--items", type=int, default=256)
-    parser.add_argument("--size", default="bench", choices=["tiny", "bench"])
-    parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args(argv)
-
-    from offdpo.testmodel import ensure_test_model
-
-    model_dir = ensure_test_model(REPO / ".cache" / "models" / args.size, size=args.size)
-    log_dir = REPO / ".cache" / "bench"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    items = make_items(args.items)
-    print(f"model {model_dir} ({args.size}), {len(items)} items", flush=True)
-
-    a = bench_refscore(model_dir, items, log_dir)
-    print(f"(a) refscore over gRPC:            {a['tokens_per_s']:8.0f} tokens/s ({a['elapsed_s']:.1f} s)", flush=True)
-    b = bench_openai(model_dir, items, a["items"], log_dir)
-    print(f"(b) OpenAI server, prompt_logprobs: {b['tokens_per_s']:8.0f} tokens/s ({b['elapsed_s']:.1f} s)", flush=True)
-    c = bench_transformers(model_dir, a["items"])
-    print(f"(c) transformers batched forward:  {c['tokens_per_s']:8.0f} tokens/s ({c['elapsed_s']:.1f} s)", flush=True)
-
+def run_once(model_dir: Path, items, log_dir: Path, dtype: str) -> dict:
+    """(a), (b) and (c) on the same items in one dtype; parity of (b) and (c) against (a)."""
+    a = bench_refscore(model_dir, items, log_dir, dtype)
+    print(f"[{dtype}] (a) refscore over gRPC:            {a['tokens_per_s']:8.0f} tokens/s ({a['elapsed_s']:.1f} s)", flush=True)
+    b = bench_openai(model_dir, items, a["items"], log_dir, dtype)
+    print(f"[{dtype}] (b) OpenAI server, prompt_logprobs: {b['tokens_per_s']:8.0f} tokens/s ({b['elapsed_s']:.1f} s)", flush=True)
+    c = bench_transformers(model_dir, a["items"], dtype)
+    print(f"[{dtype}] (c) transformers batched forward:  {c['tokens_per_s']:8.0f} tokens/s ({c['elapsed_s']:.1f} s)", flush=True)
     tok_b, sum_b = parity(a["items"], b["logprobs"])
     tok_c, sum_c = parity(a["items"], c["logprobs"])
-    import torch
-    import transformers
-
-    params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(model_dir).parameters())
-    result = {
+    return {
         "tokens_per_s": {"refscore": a["tokens_per_s"], "openai_prompt_logprobs": b["tokens_per_s"],
                          "transformers": c["tokens_per_s"]},
         "speedup_vs_openai": a["tokens_per_s"] / b["tokens_per_s"],
@@ -202,13 +187,53 @@ def main(argv=None) -> int:
         "parity_detail": {"openai_vs_refscore": {"token": tok_b, "sum": sum_b,
                                                  "tokens_not_aligned": b["tokens_not_aligned"]},
                           "transformers_vs_refscore": {"token": tok_c, "sum": sum_c}},
+        "tokens": a["tokens"], "torch_threads": c["torch_threads"], "fingerprint": a["fingerprint"],
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=256)
+    parser.add_argument("--size", default="bench", choices=["tiny", "bench"])
+    parser.add_argument("--dtypes", default="bfloat16,float32",
+                        help="one run per dtype; throughput keys from the first, parity keys from float32")
+    parser.add_argument("--short", action="store_true", help="short items (chat-style answers of 5-60 words)")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+
+    from offdpo.testmodel import ensure_test_model
+
+    model_dir = ensure_test_model(REPO / ".cache" / "models" / args.size, size=args.size)
+    log_dir = REPO / ".cache" / "bench"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    items = make_items(args.items, short=args.short)
+    print(f"model {model_dir} ({args.size}), {len(items)} items", flush=True)
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    runs = {dtype: run_once(model_dir, items, log_dir, dtype) for dtype in dtypes}
+    head = runs[dtypes[0]]
+    exact = runs.get("float32", head)
+
+    import torch
+    import transformers
+
+    params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+    result = {
+        "tokens_per_s": head["tokens_per_s"],
+        "speedup_vs_openai": head["speedup_vs_openai"],
+        "speedup_vs_transformers": head["speedup_vs_transformers"],
+        "max_abs_token_diff": exact["max_abs_token_diff"],
+        "max_abs_sum_diff": exact["max_abs_sum_diff"],
+        "headline": {"throughput_dtype": dtypes[0], "parity_dtype": "float32" if "float32" in runs else dtypes[0]},
+        "runs": {d: {k: v for k, v in r.items() if k != "fingerprint"} for d, r in runs.items()},
         "device": f"CPU: {cpu_name()}, {os.cpu_count()} cores (no GPU)",
-        "model": f"offdpo.testmodel size={args.size}: Qwen2, {params / 1e6:.1f}M parameters, float32",
-        "workload": {"items": len(items), "tokens": a["tokens"], "refscore_client": "Score requests of 64 items, 4 in flight",
-                     "openai_client": "one chat request per item, sequential, max_tokens=1, prompt_logprobs=1",
-                     "transformers": f"padded batches of 8, full log_softmax, {c['torch_threads']} torch threads"},
-        "versions": {"vllm": a["fingerprint"].engine_version, "torch": torch.__version__, "transformers": transformers.__version__},
-        "fingerprint_id": a["fingerprint"].fingerprint_id,
+        "model": f"offdpo.testmodel size={args.size}: Qwen2, {params / 1e6:.1f}M parameters",
+        "workload": {"items": len(items), "tokens": head["tokens"], "short_items": args.short,
+                     "refscore_client": "Score requests of 64 items, 4 in flight",
+                     "openai_client": "one chat request per item, sequential, max_tokens=1, prompt_logprobs=1; "
+                                      "same engine settings as refscore (VLLM_CPU_NUM_OF_RESERVED_CPU=0)",
+                     "transformers": f"padded batches of 8, full log_softmax, {head['torch_threads']} torch threads"},
+        "versions": {"vllm": head["fingerprint"].engine_version, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -97,3 +97,16 @@ def test_acknowledged_records_survive_a_broker_kill(stack, unique):
     records = read_topic(stack.kafka, topic, timeout_s=60)
     assert sorted(r.value.decode() for r in records) == sorted(f"r{i}" for i in range(n))
     assert {TopicPartition(topic, r.partition) for r in records} == {TopicPartition(topic, p) for p in range(3)}
+
+
+def test_buckets_are_private_to_anonymous_requests(stack, unique):
+    import urllib.error
+    import urllib.request
+
+    store = ObjectStore(stack.s3)
+    key = f"test/{unique}/private.bin"
+    store.put_bytes(key, b"secret shard")
+    for url in (f"http://{stack.s3.endpoint}/{stack.s3.bucket}/{key}", f"http://{stack.s3.endpoint}/{stack.s3.bucket}"):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(url, timeout=10)  # unsigned: no credentials
+        assert info.value.code in (401, 403), f"{url} answered {info.value.code} to an anonymous request"

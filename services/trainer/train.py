@@ -48,6 +48,30 @@ from services.trainer.losses import AnswerLogps, answer_logps, make_batch, prefe
 log = logging.getLogger("offdpo.trainer")
 
 
+def commit_offsets(source, attempts: int = 5) -> None:
+    """Commit the stream positions a written checkpoint covers, retrying with backoff.
+
+    A commit fails while the broker is down or the group rebalances after an outage. The checkpoint
+    already holds the trained pair ids, so a commit that still fails is deferred to the next
+    checkpoint: events redelivered after a restart are filtered, never trained twice."""
+    from kafka.errors import KafkaError
+    from kafka.structs import OffsetAndMetadata, TopicPartition
+
+    offsets = {TopicPartition(source.topic, p): OffsetAndMetadata(o, "", -1) for p, o in source.commit_offsets().items()}
+    delay = 0.5
+    for attempt in range(1, attempts + 1):
+        try:
+            source.consumer.commit(offsets)
+            return
+        except KafkaError as exc:
+            if attempt == attempts:
+                log.warning("offset commit failed %d times (%s); deferred to the next checkpoint", attempts, exc)
+                return
+            log.warning("offset commit failed (%s); retrying in %.1f s", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
 # -- command line ---------------------------------------------------------------------------------
 def parse_args(argv=None) -> tuple[TrainerConfig, argparse.Namespace]:
     base = TrainerConfig.from_env()
@@ -331,10 +355,7 @@ def run(cfg: TrainerConfig, s3: S3Config | None = None, kafka: KafkaConfig | Non
                      "world_size": world}
             ckpt.save_checkpoint(store, cfg.run_name, step, model, tokenizer, optimizer, scheduler, extra, full)
             if cfg.mode == "continuous":  # only now may Kafka forget the events this checkpoint covers
-                from kafka.structs import OffsetAndMetadata, TopicPartition
-
-                source.consumer.commit({TopicPartition(source.topic, p): OffsetAndMetadata(o, "", -1)
-                                        for p, o in source.commit_offsets().items()})
+                commit_offsets(source)
         if world > 1:
             dist.barrier()
 
