@@ -202,6 +202,8 @@ def _report(store, kafka, run_name, workdir, summaries, labelled, scored, fp) ->
         "scored": {"rows": len(scored), "distinct": len(set(scored)), "fingerprint": fp.fingerprint_id},
         "trained": {"pairs": len(trained), "distinct": len(set(trained)), "steps": len(metrics),
                     "final_rewards_accuracy": metrics[-1].get("rewards/accuracies") if metrics else None,
+                    "mean_rewards_accuracy": (sum(m.get("rewards/accuracies", 0.0) for m in metrics) / len(metrics)
+                                              if metrics else None),
                     "final_loss": metrics[-1].get("loss") if metrics else None},
         "consistency": {"scored_equals_labelled_minus_refscore_dead_letters":
                         set(scored) == labelled - _dead_pair_ids(letters, "refscore") and len(scored) == len(set(scored)),
@@ -231,8 +233,9 @@ def _print_report(report: dict, elapsed_s: float) -> None:
     _say("=" * 72)
     _say(f"pairs labelled   {report['labelled']['distinct_pairs_on_topic']}")
     _say(f"pairs scored     {s['distinct']} (fingerprint {s['fingerprint']})")
-    _say(f"pairs trained    {t['distinct']} in {t['steps']} steps; final rewards/accuracies "
-         f"{t['final_rewards_accuracy']}, loss {t['final_loss']}")
+    _say(f"pairs trained    {t['distinct']} in {t['steps']} steps; rewards/accuracies final step "
+         f"{t['final_rewards_accuracy']:.2f} (mean over steps {t['mean_rewards_accuracy']:.2f}), "
+         f"final loss {t['final_loss']:.4f}")
     _say(f"dead-lettered    {sum(report['dead_letters'].values())}: {report['dead_letters']}")
     for kind, reason in report["dead_letter_examples"].items():
         _say(f"                 {kind}: {reason}")

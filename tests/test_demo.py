@@ -1,39 +1,73 @@
-"""The README's main command (`make demo` = `offdpo demo`) end to end, on free ports in a temporary dir."""
+"""The README's main command (`make demo` = `offdpo demo`) end to end, on free ports in a temporary dir.
+
+It runs with distinctive secret values (S3 credentials, the LLM judge's API key), then searches
+everything the run left behind (its output, every log and file, every S3 object, every Kafka record
+of its topics) for them: zero hits.
+"""
 import json
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from offdpo.stack import free_port, free_port_block
+from offdpo.config import KafkaConfig, S3Config
+from offdpo.kafka import read_topic
+from offdpo.s3 import ObjectStore
+from offdpo.stack import LocalStack, StackConfig, free_port, free_port_block
 
 REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = [pytest.mark.vllm, pytest.mark.stack]
 
 
-def test_demo_runs_the_whole_pipeline_and_reports_consistent_counts(tmp_path):
+def test_demo_runs_the_whole_pipeline_reports_consistent_counts_and_leaks_no_secret(tmp_path):
+    secret_values = {"OFFDPO_S3_ACCESS_KEY": "demo-access-" + secrets.token_hex(8),
+                     "OFFDPO_S3_SECRET_KEY": "demo-secret-" + secrets.token_hex(16),
+                     "OFFDPO_JUDGE_API_KEY": "sk-demo-" + secrets.token_hex(16)}
     env = dict(os.environ, OFFDPO_STACK_DIR=str(tmp_path / "stack"), OFFDPO_STACK_S3_PORT=str(free_port()),
                OFFDPO_STACK_KAFKA_PORT=str(free_port()), OFFDPO_STACK_WEED_PORT_BASE=str(free_port_block(11)),
-               OFFDPO_TRAINER_PROGRESS="false")
-    proc = subprocess.run([sys.executable, "-m", "offdpo.cli", "demo", "--workdir", str(tmp_path / "demo")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-5000:]
-    for step in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"):
-        assert step in proc.stdout, f"progress line {step} missing"
-    reports = list((tmp_path / "demo").glob("demo-*/report.json"))
-    assert len(reports) == 1
-    report = json.loads(reports[0].read_text())
-    labelled = report["labelled"]["distinct_pairs_on_topic"]
-    assert labelled > 10
-    assert report["scored"]["distinct"] == report["scored"]["rows"] == labelled
-    assert report["trained"]["distinct"] == report["trained"]["pairs"] == labelled
-    assert all(report["consistency"].values()), report["consistency"]
-    # The shipped sample has malformed lines: they are dead-lettered with reasons, not dropped.
-    assert report["dead_letters"].get("labeler/decode_error", 0) > 0
-    assert report["checkpoint_loaded_by_transformers"] == "Qwen2ForCausalLM"
-    assert Path(report["plot"]).stat().st_size > 10_000
-    assert not (tmp_path / "stack" / "stack.json").exists(), "the demo must stop the stack it started"
+               OFFDPO_TRAINER_PROGRESS="false", **secret_values)
+    stack = LocalStack(StackConfig.from_env(env), S3Config.from_env(env), KafkaConfig.from_env(env))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "offdpo.cli", "demo", "--workdir", str(tmp_path / "demo"),
+                               "--keep-stack"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-5000:]
+        for step in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"):
+            assert step in proc.stdout, f"progress line {step} missing"
+        reports = list((tmp_path / "demo").glob("demo-*/report.json"))
+        assert len(reports) == 1
+        report = json.loads(reports[0].read_text())
+        labelled = report["labelled"]["distinct_pairs_on_topic"]
+        assert labelled > 10
+        assert report["scored"]["distinct"] == report["scored"]["rows"] == labelled
+        assert report["trained"]["distinct"] == report["trained"]["pairs"] == labelled
+        assert all(report["consistency"].values()), report["consistency"]
+        # The shipped sample has malformed lines: they are dead-lettered with reasons, not dropped.
+        assert report["dead_letters"].get("labeler/decode_error", 0) > 0
+        assert report["checkpoint_loaded_by_transformers"] == "Qwen2ForCausalLM"
+        assert Path(report["plot"]).stat().st_size > 10_000
+
+        # Everything the run wrote, searched for every secret value.
+        haystacks = {"demo output": out.encode()}
+        for path in tmp_path.rglob("*"):
+            if path.is_file() and "seaweedfs/" not in str(path.relative_to(tmp_path)):  # S3's own data files
+                haystacks[str(path)] = path.read_bytes()
+        store = ObjectStore(stack.s3)
+        for bucket in ("offdpo", "tansu"):
+            bucket_store = ObjectStore(stack.s3, bucket)
+            for key in bucket_store.list_keys(""):
+                haystacks[f"s3://{bucket}/{key}"] = bucket_store.get_bytes(key)
+        run = report["run_name"]
+        for topic in (f"{run}.pairs", f"{run}.shards", f"{run}.deadletter"):
+            for rec in read_topic(stack.kafka, topic):
+                haystacks[f"{topic}@{rec.partition}/{rec.offset}"] = (rec.key or b"") + (rec.value or b"")
+        assert len(haystacks) > 50 and store.bucket == "offdpo"
+        leaks = [(name, var) for name, data in haystacks.items() for var, value in secret_values.items()
+                 if value.encode() in data]
+        assert not leaks, f"secret values found in: {leaks[:10]}"
+    finally:
+        stack.down()

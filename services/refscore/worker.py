@@ -21,6 +21,7 @@ import time
 from collections import defaultdict
 
 from kafka import TopicPartition
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from offdpo import records
@@ -56,8 +57,7 @@ class StreamWorker:
         self.store.ensure_bucket()
         self.consumer = make_consumer(self.kafka, self.cfg.group_id, [self.kafka.pairs_topic],
                                       max_poll_records=self.cfg.batch_pairs)
-        self.producer = make_producer(self.kafka, "refscore-worker")
-        self.dlq = DeadLetterSink(self.producer, self.kafka, "refscore")
+        self._new_producer()
         log.info("stream worker consuming %s as group %s", self.kafka.pairs_topic, self.cfg.group_id)
         backoff = 0.5
         try:
@@ -68,14 +68,27 @@ class StreamWorker:
                 try:
                     self.process(batch)
                     backoff = 0.5
-                except Exception:  # noqa: BLE001 - S3/Kafka outage or engine failure: redo the batch later
+                except Exception as exc:  # noqa: BLE001 - S3/Kafka outage or engine failure: redo the batch later
                     log.exception("batch failed; will redo it from the committed offsets in %.1f s", backoff)
                     self._rewind(batch)
+                    if isinstance(exc, KafkaError):
+                        # An idempotent producer that hit a fatal error (seen after the broker lost its
+                        # storage) refuses every later send: start a new one.
+                        self._new_producer()
                     stop.wait(backoff)
                     backoff = min(backoff * 2, 30.0)
                 self._report_lag()
         finally:
             self.close()
+
+    def _new_producer(self) -> None:
+        if self.producer is not None:
+            try:
+                self.producer.close(timeout=5)
+            except Exception:  # noqa: BLE001
+                log.warning("closing the failed producer failed", exc_info=True)
+        self.producer = make_producer(self.kafka, "refscore-worker")
+        self.dlq = DeadLetterSink(self.producer, self.kafka, "refscore")
 
     def close(self) -> None:
         for client in (self.producer, self.consumer):
