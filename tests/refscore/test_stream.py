@@ -148,3 +148,66 @@ def test_worker_killed_between_shard_write_and_commit_loses_and_duplicates_nothi
         assert len({r.key for r in letters}) == 2
     finally:
         assert restarted.stop() == 0, restarted.log_tail()
+
+
+def test_worker_replaces_a_producer_that_hit_a_fatal_error(stack, tiny_model, unique, monkeypatch):
+    """After the broker loses its storage, an idempotent producer can fail fatally and refuse every
+    later send (seen in the S3-outage fault case). The worker must start a new producer and go on."""
+    import dataclasses
+    import threading
+
+    from kafka.errors import UnknownError
+
+    from services.refscore import worker as worker_mod
+    from services.refscore.config import RefscoreConfig
+    from services.refscore.scorer import Scorer
+
+    kafka = dataclasses.replace(stack.kafka, pairs_topic=f"fatal.pairs.{unique}", shards_topic=f"fatal.shards.{unique}",
+                                deadletter_topic=f"fatal.dead.{unique}")
+    ensure_topics(stack.kafka, [kafka.pairs_topic, kafka.shards_topic, kafka.deadletter_topic], partitions=1)
+    pairs = _pairs(6, unique)
+    _produce(kafka, kafka.pairs_topic, pairs)
+
+    class FatallyBroken:
+        """A producer in kafka-python's fatal-error state: every send fails."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def send(self, *args, **kwargs):
+            raise UnknownError("injected: Aborting producer batches due to fatal error")
+
+        def flush(self, *args, **kwargs):
+            return self.inner.flush(*args, **kwargs)
+
+        def close(self, *args, **kwargs):
+            return self.inner.close(*args, **kwargs)
+
+    made = []
+    real = worker_mod.make_producer
+
+    def make(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return FatallyBroken(made[-1]) if len(made) == 1 else made[-1]
+
+    monkeypatch.setattr(worker_mod, "make_producer", make)
+    cfg = RefscoreConfig(model_dir=str(tiny_model), engine="transformers", max_model_len=512, batch_wait_s=0.3,
+                         group_id=f"fatal-{unique}")
+    scorer = Scorer(cfg)
+    scorer.load()
+    stop = threading.Event()
+    worker = worker_mod.StreamWorker(scorer, cfg, kafka, stack.s3)
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        def announced():
+            events = [records_pb2.ShardReady.FromString(r.value) for r in read_topic(kafka, kafka.shards_topic, idle_s=0.5)]
+            return sorted({pid for e in events for pid in e.pair_ids}) == sorted(p.pair_id for p in pairs)
+
+        _wait(announced, 120, "the worker announcing every pair after replacing its producer")
+        assert len(made) >= 2, "the broken producer was never replaced"
+        assert _committed_all(kafka, cfg.group_id, kafka.pairs_topic)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+        scorer.shutdown()
