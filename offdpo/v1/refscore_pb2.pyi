@@ -106,7 +106,14 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("fingerprint", "max_model_len", "max_items_per_request", "max_tokens_per_request", "max_message_bytes", "bos_token_id", "eos_token_id")
+    __slots__ = ("fingerprint", "max_model_len", "max_items_per_request", "max_tokens_per_request", "max_message_bytes", "bos_token_id", "eos_token_id", "engine_settings")
+    class EngineSettingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     MAX_ITEMS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +121,7 @@ class ModelInfo(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     BOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_SETTINGS_FIELD_NUMBER: _ClassVar[int]
     fingerprint: _records_pb2.ReferenceFingerprint
     max_model_len: int
     max_items_per_request: int
@@ -121,4 +129,5 @@ class ModelInfo(_message.Message):
     max_message_bytes: int
     bos_token_id: int
     eos_token_id: int
-    def __init__(self, fingerprint: _Optional[_Union[_records_pb2.ReferenceFingerprint, _Mapping]] = ..., max_model_len: _Optional[int] = ..., max_items_per_request: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ...) -> None: ...
+    engine_settings: _containers.ScalarMap[str, str]
+    def __init__(self, fingerprint: _Optional[_Union[_records_pb2.ReferenceFingerprint, _Mapping]] = ..., max_model_len: _Optional[int] = ..., max_items_per_request: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., engine_settings: _Optional[_Mapping[str, str]] = ...) -> None: ...

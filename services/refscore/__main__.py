@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = RefscoreConfig.from_env()
+        cfg.engine_settings()  # refuse bad engine knobs now, not after the model has loaded
         if cfg.metrics_port:
             from prometheus_client import start_http_server
 

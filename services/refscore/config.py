@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from offdpo.config import EnvConfig, KafkaConfig, S3Config, env
+from offdpo.config import ConfigError, EnvConfig, KafkaConfig, S3Config, env
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -26,6 +26,21 @@ class RefscoreConfig(EnvConfig):
     max_generate_tokens: int = env("OFFDPO_REFSCORE_MAX_GENERATE_TOKENS", 1024, "largest Generate max_tokens")
     engine_batch_tokens: int = env("OFFDPO_REFSCORE_ENGINE_BATCH_TOKENS", 65536,
                                    "tokens the engine thread gathers from queued requests into one engine call")
+    # Engine settings (README "Engine settings"; GetModelInfo.engine_settings reads them back from the engine).
+    cpu_threads: int = env("OFFDPO_REFSCORE_CPU_THREADS", 0,
+                           "CPU only: compute threads, bound to the first N usable cores (0 = every usable "
+                           "core not reserved)")
+    cpu_reserved_cores: int = env("OFFDPO_REFSCORE_CPU_RESERVED_CORES", 0,
+                                  "CPU only: cores kept free of compute threads (vLLM's default is 1, which "
+                                  "halves a 2-core host; the engine is the only heavy user here)")
+    max_batched_tokens: int = env("OFFDPO_REFSCORE_MAX_BATCHED_TOKENS", 0,
+                                  "vLLM: most tokens in one engine step (0 = vLLM's default, 4096 on CPU)")
+    max_num_seqs: int = env("OFFDPO_REFSCORE_MAX_NUM_SEQS", 0, "vLLM: most sequences in one step (0 = vLLM's default)")
+    transformers_batch_tokens: int = env("OFFDPO_REFSCORE_TRANSFORMERS_BATCH_TOKENS", 16384,
+                                         "transformers engine: padded tokens in one forward pass")
+    logprob_chunk_tokens: int = env("OFFDPO_REFSCORE_LOGPROB_CHUNK_TOKENS", 1024,
+                                    "transformers engine: positions per log-softmax chunk (bounds the "
+                                    "[positions x vocab] float32 buffer)")
     # Security (services/refscore/security.py). Serving needs TLS or an explicit PLAINTEXT=true, and
     # an auth file or an explicit ALLOW_ANONYMOUS=true: neither is ever off by accident.
     tls_cert: str = env("OFFDPO_REFSCORE_TLS_CERT", "", "PEM server certificate (chain) file: gRPC over TLS")
@@ -49,6 +64,18 @@ class RefscoreConfig(EnvConfig):
     batch_wait_s: float = env("OFFDPO_REFSCORE_BATCH_WAIT_S", 2.0, "longest wait to fill a micro-batch")
     failpoint: str = env("OFFDPO_REFSCORE_FAILPOINT", "",
                          "fault injection for tests: 'after_shard_write' SIGKILLs the worker before its commit")
+
+    def engine_settings(self):
+        """The engine knobs, validated (a bad value is a ConfigError naming the variable)."""
+        from services.refscore.engines import EngineSettings
+
+        try:
+            return EngineSettings(cpu_threads=self.cpu_threads, cpu_reserved_cores=self.cpu_reserved_cores,
+                                  max_batched_tokens=self.max_batched_tokens, max_num_seqs=self.max_num_seqs,
+                                  transformers_batch_tokens=self.transformers_batch_tokens,
+                                  logprob_chunk_tokens=self.logprob_chunk_tokens)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 CONFIG_CLASSES = (S3Config, KafkaConfig, RefscoreConfig)

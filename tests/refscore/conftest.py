@@ -71,6 +71,11 @@ def start_refscore(model_dir, log_path: Path, *, engine: str, stack=None, worker
     return RefscoreProcess(proc, f"127.0.0.1:{port}", env, log_path)
 
 
+# Non-default engine knobs for the shared server: test_engine_settings.py reads them back from the engine.
+VLLM_ENGINE_SETTINGS = {"OFFDPO_REFSCORE_CPU_THREADS": str(min(2, len(os.sched_getaffinity(0)))),
+                        "OFFDPO_REFSCORE_MAX_BATCHED_TOKENS": "1536", "OFFDPO_REFSCORE_MAX_NUM_SEQS": "48"}
+
+
 @pytest.fixture(scope="package")
 def vllm_topics(stack):
     suffix = uuid.uuid4().hex[:8]
@@ -83,7 +88,8 @@ def vllm_topics(stack):
 @pytest.fixture(scope="package")  # tests/refscore only: the engine stops before other packages run
 def vllm_server(tiny_model, stack, vllm_topics, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("refscore") / "vllm-server.log"
-    server = start_refscore(tiny_model, log_path, engine="vllm", stack=stack, worker=True, extra_env=vllm_topics)
+    server = start_refscore(tiny_model, log_path, engine="vllm", stack=stack, worker=True,
+                            extra_env={**vllm_topics, **VLLM_ENGINE_SETTINGS})
     client = RefscoreClient(server.target)
     try:
         try:
