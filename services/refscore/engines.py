@@ -129,14 +129,19 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         # prompt_logprobs=0: only the actual token's log-prob comes back; no detokenisation.
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        # flat_logprobs: vLLM keeps them in flat lists instead of one dict + Logprob object per token,
+        # which was the front end's largest cost on small models (py-spy of the serving process).
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, flat_logprobs=True)
         prompts = [TokensPrompt(prompt_token_ids=p + a) for p, a in seqs]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         results = []
         for (prompt_ids, answer_ids), out in zip(seqs, outputs):
-            per_pos = out.prompt_logprobs
-            start = len(prompt_ids)
-            results.append([per_pos[start + i][tok].logprob for i, tok in enumerate(answer_ids)])
+            flat, start, end = out.prompt_logprobs, len(prompt_ids), len(prompt_ids) + len(answer_ids) - 1
+            lo, hi = flat.start_indices[start], flat.end_indices[end]
+            if hi - lo == len(answer_ids) and flat.token_ids[lo:hi] == answer_ids:
+                results.append(flat.logprobs[lo:hi])  # one entry per position: the actual token's
+            else:  # a position carried more than the actual token: look each one up
+                results.append([flat[start + i][tok].logprob for i, tok in enumerate(answer_ids)])
         return results
 
     def generate(self, prompt_ids, *, n, max_tokens, temperature, top_p, seed, stop_token_ids):
