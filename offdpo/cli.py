@@ -4,6 +4,7 @@
     offdpo model build ...           deterministic local test models
     offdpo config                    every environment variable, with its default
     offdpo demo                      the main job end to end on the local stack
+    offdpo export-trl SOURCE OUT     scored shards -> a TRL-ready dataset (needs the `trl` extra)
 """
 from __future__ import annotations
 
@@ -58,6 +59,23 @@ def _demo_cmd(args) -> int:
     return demo_main(args)
 
 
+def _export_trl_cmd(args) -> int:
+    from offdpo.trl_export import ExportError, export_trl
+
+    try:
+        result = export_trl(args.source, args.out, format=args.format, overwrite=args.overwrite)
+    except ExportError as exc:
+        print(f"export-trl: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"export-trl needs the `trl` extra (pip install -e '.[trl]'): {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"path": str(result.path), "format": result.format, "shards": result.shards,
+                      "pairs": result.pairs, "duplicates_dropped": result.duplicates,
+                      "fingerprint_id": result.fingerprint.fingerprint_id}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="offdpo", description=__doc__,
@@ -83,6 +101,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=".cache/demo", help="models, logs and outputs of the demo")
     p.add_argument("--keep-stack", action="store_true", help="leave the local stack running afterwards")
     p.set_defaults(fn=_demo_cmd)
+
+    p = sub.add_parser("export-trl", help="export scored shards as a dataset for TRL's DPOTrainer",
+                       description="Stream the scored shards under SOURCE (s3://BUCKET/PREFIX, credentials from "
+                                   "OFFDPO_S3_*, or a local folder) into a Hugging Face dataset with TRL's columns "
+                                   "prompt_ids, chosen_ids, rejected_ids, ref_chosen_logps, ref_rejected_logps; "
+                                   "train on it with offdpo.trl_dpo.OfflineRefDPOTrainer.")
+    p.add_argument("source", help="s3://BUCKET/scores/<fingerprint_id>/ or a local folder of *.parquet shards")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--format", default="disk", choices=["disk", "parquet"],
+                   help="disk: datasets.save_to_disk layout; parquet: one Parquet file (default: disk)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(fn=_export_trl_cmd)
 
     args = parser.parse_args(argv)
     return args.fn(args)

