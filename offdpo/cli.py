@@ -77,6 +77,8 @@ def _export_trl_cmd(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from offdpo.testmodel import SIZES
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="offdpo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("model", help="build a deterministic local test model")
     p.add_argument("action", choices=["build"])
-    p.add_argument("--size", default="tiny", choices=["tiny", "bench"])
+    p.add_argument("--size", default="tiny", choices=sorted(SIZES))
     p.add_argument("--kind", default="causal", choices=["causal", "reward"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)

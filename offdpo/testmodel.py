@@ -1,7 +1,8 @@
 """Deterministic local test models: no hub downloads anywhere.
 
     offdpo model build --size tiny  --out models/tiny       # tests and the demo (~0.3M parameters)
-    offdpo model build --size bench --out models/bench      # benchmarks (~23M parameters)
+    offdpo model build --size bench --out models/bench      # benchmarks (~24M parameters)
+    offdpo model build --size gpu --out models/gpu          # GPU benchmarks (~0.5B parameters, ~2 GB)
     offdpo model build --size tiny --kind reward --out models/tiny-reward   # sequence classifier
 
 A byte-level BPE tokenizer is trained on a built-in corpus with a ChatML chat template that starts
@@ -48,6 +49,8 @@ class ModelSize:
 SIZES = {
     "tiny": ModelSize(128, 256, 2, 2, 1, 1024, 2048),
     "bench": ModelSize(512, 1408, 8, 8, 2, 4096, 4096),
+    # About 0.5B parameters, for GPU runs of the transformers engine (random weights; ~2 GB in float32).
+    "gpu": ModelSize(1536, 4096, 20, 24, 4, 4096, 4096),
 }
 
 _WORDS = (
@@ -98,10 +101,33 @@ def build_tokenizer(vocab_size: int):
                                    chat_template=CHAT_TEMPLATE, model_max_length=1 << 30)
 
 
+def _config(spec: ModelSize, tokenizer):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads, max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, initializer_range=0.05,
+        dtype="float32", num_labels=1,
+    )
+
+
+def parameter_count(size: str) -> int:
+    """Parameters of a size's causal model, counted on the meta device (nothing allocated)."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(_config(SIZES[size], build_tokenizer(SIZES[size].vocab_size)))
+    return sum(p.numel() for p in model.parameters())
+
+
 def build_test_model(out_dir: str | Path, size: str = "tiny", kind: str = "causal", seed: int = 0) -> Path:
     """Write a model directory; returns its path. kind: 'causal' (Qwen2ForCausalLM) or 'reward'."""
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
+    from transformers import GenerationConfig, Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
@@ -111,14 +137,7 @@ def build_test_model(out_dir: str | Path, size: str = "tiny", kind: str = "causa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec.vocab_size)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads, max_position_embeddings=spec.max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, initializer_range=0.05,
-        dtype="float32", num_labels=1,
-    )
+    config = _config(spec, tokenizer)
     torch.manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -60,3 +60,10 @@ def test_vllm_loads_it_and_agrees_with_transformers(tiny_model):
     expected = logp.gather(-1, ids[0, 1:, None])[:, 0].tolist()
     got = result["logprobs"][1:]
     assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-5
+
+
+def test_sizes_have_the_parameter_counts_the_benchmarks_name():
+    from offdpo.testmodel import parameter_count
+
+    assert 20e6 < parameter_count("bench") < 30e6   # bench: ~25M (issue: 8 layers, hidden 512, head_dim 64)
+    assert 0.4e9 < parameter_count("gpu") < 0.6e9   # gpu: ~0.5B for GPU runs

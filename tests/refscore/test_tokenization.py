@@ -65,3 +65,15 @@ def test_a_template_that_is_not_prefix_stable_is_refused(tiny_model):
                          "{% if add_generation_prompt %}{{ 'ASSISTANT>' }}{% endif %}")
     with pytest.raises(TokenizationError, match="not prefix-stable"):
         BoundaryTokenizer(tok, [tok.eos_token_id])
+
+
+def test_fast_path_gives_exactly_the_tokenizers_ids(boundary):
+    """The Rust-backend encode (and its prompt cache) equals tokenizer(text, add_special_tokens=False)."""
+    from offdpo.testmodel import corpus
+
+    assert boundary._backend is not None, "the test model's tokenizer is fast: the fast path must be in use"
+    texts = corpus(300, seed=5) + ["<|im_end|> inside text", "  leading spaces", "emoji \U0001F600 and 中文", ""]
+    for text in texts:
+        want = boundary.tok(text, add_special_tokens=False).input_ids
+        assert list(boundary._plain_ids(text)) == want, text
+        assert list(boundary._prompt_ids(text)) == want, text

@@ -1,0 +1,47 @@
+"""The machine's matmul ceiling: GEMM GFLOP/s in float32 and bfloat16, measured, not quoted.
+
+Takes the best of torch's default matmul and oneDNN (mkldnn) at a square 2048 GEMM, on every core
+torch uses. The best kernel matters: on AMD EPYC, torch's default float32 matmul ran at about half
+of oneDNN's (measured 202 vs 442 GFLOP/s on the 2-core dev machine), and vLLM's CPU linears use oneDNN.
+
+    python -m bench.ceiling            # prints JSON
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def _gflops(fn, flop: float, min_s: float = 1.5) -> float:
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    deadline = time.perf_counter() + min_s
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return flop / best / 1e9
+
+
+def measure(size: int = 2048) -> dict:
+    import torch
+
+    result = {"threads": torch.get_num_threads(), "shape": [size, size, size], "kernels": {}}
+    flop = 2.0 * size ** 3
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        x = torch.randn(size, size, dtype=dtype)
+        w = torch.randn(size, size, dtype=dtype)
+        kernels = {"aten": _gflops(lambda: torch.nn.functional.linear(x, w), flop)}
+        if torch.backends.mkldnn.is_available():
+            xm, wm = x.to_mkldnn(), w.to_mkldnn()
+            kernels["onednn"] = _gflops(lambda: torch._C._nn.mkldnn_linear(xm, wm, None), flop)
+        result["kernels"][name] = kernels
+        result[name] = max(kernels.values())
+    return result
+
+
+if __name__ == "__main__":
+    json.dump(measure(), sys.stdout)
+    print()
