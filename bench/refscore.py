@@ -350,7 +350,7 @@ def targets(by_model: dict) -> list[dict]:
     return out
 
 
-def chart(by_model: dict, path: Path, device: str) -> None:
+def chart(by_model: dict, path: Path, device: str, ceiling_gflops: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -363,6 +363,12 @@ def chart(by_model: dict, path: Path, device: str) -> None:
         values = [by_model[m][d]["tokens_per_s"][method] for m, d in groups]
         bars = ax.bar([g + i * width for g in range(len(groups))], values, width, label=method)
         ax.bar_label(bars, labels=[f"{v / 1000:.1f}k" for v in values], fontsize=6, rotation=90, padding=2)
+    # The machine's ceiling for each group: GEMM peak / FLOP per token of that model.
+    for g, (m, d) in enumerate(groups):
+        run = by_model[m][d]
+        peak = ceiling_gflops["bf16" if d == "bfloat16" else "fp32"] * 1e9 / (run["gflop"] * 1e9 / run["tokens"])
+        ax.hlines(peak, g - width / 2, g + width * (len(METHODS) - 0.5), colors="black", linestyles="dashed",
+                  label="GEMM ceiling" if g == 0 else None)
     ax.set_xticks([g + width * (len(METHODS) - 1) / 2 for g in range(len(groups))])
     ax.set_xticklabels([f"{m} {d}" for m, d in groups])
     ax.set_yscale("log")
@@ -389,7 +395,12 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="bench,tiny")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--chart-only", action="store_true", help="redraw the PNG from the --out JSON")
     args = parser.parse_args(argv)
+    if args.chart_only:
+        saved = json.loads(Path(args.out).read_text())
+        chart(saved["by_model"], Path(args.out).with_suffix(".png"), saved["device"], saved["ceiling_gflops"])
+        return 0
 
     # (b) must run with vLLM's defaults: nothing of refscore's tuning may leak into its environment.
     for name in ("VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS"):
@@ -466,7 +477,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    chart(by_model, out.with_suffix(".png"), device)
+    chart(by_model, out.with_suffix(".png"), device, result["ceiling_gflops"])
     for row in result["targets"]:
         measured = "not run" if row["measured"] is None else f"{row['measured']:.3g}"
         print(f"target {row['target']:55s} {row['wanted']:>8s}  measured {measured:>8s}  "
