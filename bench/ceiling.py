@@ -4,7 +4,7 @@ Takes the best of torch's default matmul and oneDNN (mkldnn) at a square 2048 GE
 torch uses. The best kernel matters: on AMD EPYC, torch's default float32 matmul ran at about half
 of oneDNN's (measured 202 vs 442 GFLOP/s on the 2-core dev machine), and vLLM's CPU linears use oneDNN.
 
-    python -m bench.ceiling            # prints JSON
+    python -m bench.ceiling [cuda]     # prints JSON
 """
 from __future__ import annotations
 
@@ -25,16 +25,27 @@ def _gflops(fn, flop: float, min_s: float = 1.5) -> float:
     return flop / best / 1e9
 
 
-def measure(size: int = 2048) -> dict:
+def measure(size: int = 2048, device: str = "cpu") -> dict:
+    """On a GPU: an 8192^3 GEMM, float32 with TF32 off (true float32) and bfloat16."""
     import torch
 
-    result = {"threads": torch.get_num_threads(), "shape": [size, size, size], "kernels": {}}
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
+        size = max(size, 8192)
+        torch.backends.cuda.matmul.allow_tf32 = False
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    result = {"threads": torch.get_num_threads(), "shape": [size, size, size], "kernels": {}, "device": device}
     flop = 2.0 * size ** 3
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        x = torch.randn(size, size, dtype=dtype)
-        w = torch.randn(size, size, dtype=dtype)
-        kernels = {"aten": _gflops(lambda: torch.nn.functional.linear(x, w), flop)}
-        if torch.backends.mkldnn.is_available():
+        x = torch.randn(size, size, dtype=dtype, device=device)
+        w = torch.randn(size, size, dtype=dtype, device=device)
+
+        def linear():
+            torch.nn.functional.linear(x, w)
+            sync()
+
+        kernels = {"aten": _gflops(linear, flop)}
+        if not on_gpu and torch.backends.mkldnn.is_available():
             xm, wm = x.to_mkldnn(), w.to_mkldnn()
             kernels["onednn"] = _gflops(lambda: torch._C._nn.mkldnn_linear(xm, wm, None), flop)
         result["kernels"][name] = kernels
@@ -43,5 +54,5 @@ def measure(size: int = 2048) -> dict:
 
 
 if __name__ == "__main__":
-    json.dump(measure(), sys.stdout)
+    json.dump(measure(device=sys.argv[1] if len(sys.argv) > 1 else "cpu"), sys.stdout)
     print()

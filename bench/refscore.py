@@ -92,7 +92,8 @@ def model_flops(model_dir: Path):
     per_layer = hidden * (q_dim + 2 * kv_dim) + q_dim * hidden + 3 * hidden * inter
     linear = layers * per_layer + hidden * cfg["vocab_size"]
     embed = 0 if cfg.get("tie_word_embeddings") else hidden * cfg["vocab_size"]
-    params = linear + embed + layers * 2 * hidden + hidden  # + norms
+    qkv_bias = layers * (q_dim + 2 * kv_dim) if cfg.get("model_type") == "qwen2" else 0  # Qwen2: q/k/v biases
+    params = linear + embed + qkv_bias + layers * 2 * hidden + hidden  # + norms
 
     def flop(length: int) -> float:
         return 2.0 * linear * length + 2.0 * layers * q_dim * length * (length + 1)

@@ -23,6 +23,7 @@ from offdpo.s3 import ObjectStore
 from offdpo.trl_export import (ExportError, ShardSource, TRL_COLUMNS, dataset_fingerprint, export_trl,
                                iter_trl_tables, load_trl_dataset)
 from offdpo.v1 import records_pb2
+from tests.pairs import make_pairs
 
 # The `trl` extra; scripts/setup.sh installs it (an ImportError here means the venv lacks it).
 from trl import DPOConfig
@@ -33,15 +34,6 @@ from offdpo.trl_dpo import ExportedDataError, FingerprintMismatchError, OfflineR
 pytestmark = pytest.mark.stack
 N_PAIRS = 8
 TOLERANCE = 1e-5
-
-
-def _pairs(n: int, tag: str):
-    out = []
-    for i in range(n):
-        prompt = records.chat_prompt([("user", f"question {tag} {i}: what is {i} plus {i}?")])
-        out.append(records.make_pair(prompt, f"It is {2 * i}.", f"It is {2 * i + 1}, probably not {i}.",
-                                     records_pb2.Provenance(strategy=records_pb2.LABEL_STRATEGY_RULES, source=tag)))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +49,7 @@ def scored(stack, tiny_model):
     kafka = dataclasses.replace(stack.kafka, pairs_topic=f"trl.pairs.{tag}", shards_topic=f"trl.shards.{tag}",
                                 deadletter_topic=f"trl.dead.{tag}")
     ensure_topics(stack.kafka, [kafka.pairs_topic, kafka.shards_topic, kafka.deadletter_topic], partitions=3)
-    pairs = _pairs(N_PAIRS, tag)
+    pairs = make_pairs(N_PAIRS, tag)
     producer = make_producer(kafka, "test-trl")
     for pair in pairs:
         producer.send(kafka.pairs_topic, key=pair.pair_id.encode(), value=pair.SerializeToString())

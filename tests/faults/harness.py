@@ -35,14 +35,6 @@ def wait_for(predicate, timeout_s: float, what: str, diag=lambda: "", every_s: f
         time.sleep(every_s)
 
 
-def make_pairs(n: int, tag: str) -> list[records_pb2.PreferencePair]:
-    out = []
-    for i in range(n):
-        prompt = records.chat_prompt([("user", f"fault {tag} question {i}: what is {i} plus {i}?")])
-        out.append(records.make_pair(prompt, f"It is {2 * i}.", f"Maybe {2 * i + 1}?",
-                                     records_pb2.Provenance(strategy=records_pb2.LABEL_STRATEGY_RULES, source=tag)))
-    return out
-
 
 @dataclasses.dataclass
 class Proc:

@@ -11,7 +11,7 @@ from offdpo.kafka import MAX_RECORD_BYTES
 from offdpo.v1 import labeler_pb2, records_pb2
 from services.labeler import inputs
 
-from .harness import make_pairs
+from tests.pairs import make_pairs
 
 pytestmark = pytest.mark.faults
 

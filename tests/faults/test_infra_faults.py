@@ -8,7 +8,9 @@ import pytest
 
 from offdpo.stack import LocalStack
 
-from .harness import make_pairs, wait_for
+from tests.pairs import make_pairs
+
+from .harness import wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
 

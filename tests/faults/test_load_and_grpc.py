@@ -20,7 +20,9 @@ from offdpo.stack import free_port
 from offdpo.v1 import refscore_pb2
 from services.refscore.client import RefscoreClient, score_item
 
-from .harness import make_pairs, wait_for
+from tests.pairs import make_pairs
+
+from .harness import wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
 

@@ -13,7 +13,9 @@ from offdpo import records
 from offdpo.kafka import read_topic
 from offdpo.v1 import records_pb2
 
-from .harness import REPO, make_pairs
+from tests.pairs import make_pairs
+
+from .harness import REPO
 
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
 

@@ -14,7 +14,9 @@ from offdpo import records
 from offdpo.kafka import make_producer
 from offdpo.v1 import records_pb2
 
-from .harness import Case, make_pairs
+from tests.pairs import make_pairs
+
+from .harness import Case
 
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
 

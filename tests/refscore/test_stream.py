@@ -11,20 +11,13 @@ from offdpo.kafka import ensure_topics, make_producer, next_offsets, read_topic
 from offdpo.s3 import ObjectStore
 from offdpo.v1 import records_pb2
 
+from tests.pairs import make_pairs
+
 from .conftest import start_refscore
 
 
-def _pairs(n: int, tag: str):
-    out = []
-    for i in range(n):
-        prompt = records.chat_prompt([("user", f"question {tag} {i}: what is {i} plus {i}?")])
-        out.append(records.make_pair(prompt, f"It is {2 * i}.", f"It is {2 * i + 1}, probably.",
-                                     records_pb2.Provenance(strategy=records_pb2.LABEL_STRATEGY_RULES, source=tag)))
-    return out
-
-
 def _bad_records():
-    good = _pairs(1, "bad")[0].SerializeToString()
+    good = make_pairs(1, "bad")[0].SerializeToString()
     too_long = records.make_pair(records.text_prompt("q"), "number " * 3000, "short")
     return [
         (b"garbage", b"\x00\x01 not protobuf \xff\xfe", "invalid_pair"),
@@ -76,7 +69,7 @@ def _committed_all(kafka, group, topic) -> bool:
 def test_stream_scores_every_pair_once_and_dead_letters_bad_records(stack, vllm_server, vllm_topics, vllm_client):
     topic, shards_topic = vllm_topics["OFFDPO_TOPIC_PAIRS"], vllm_topics["OFFDPO_TOPIC_SHARDS"]
     fp = vllm_client.model_info().fingerprint
-    pairs = _pairs(40, uuid.uuid4().hex[:6])
+    pairs = make_pairs(40, uuid.uuid4().hex[:6])
     bad = _bad_records()
     _produce(stack.kafka, topic, pairs, bad)
     store = ObjectStore(stack.s3)
@@ -114,7 +107,7 @@ def test_worker_killed_between_shard_write_and_commit_loses_and_duplicates_nothi
               "OFFDPO_TOPIC_DEADLETTER": f"kill.dead.{suffix}", "OFFDPO_REFSCORE_GROUP": f"kill-{suffix}",
               "OFFDPO_REFSCORE_BATCH_PAIRS": "16", "OFFDPO_KAFKA_SESSION_TIMEOUT_MS": "6000"}
     ensure_topics(stack.kafka, [v for k, v in topics.items() if k.startswith("OFFDPO_TOPIC")], partitions=3)
-    pairs = _pairs(60, suffix)
+    pairs = make_pairs(60, suffix)
     _produce(stack.kafka, topics["OFFDPO_TOPIC_PAIRS"], pairs, _bad_records()[:2])
 
     crashing = start_refscore(tiny_model, tmp_path / "crash.log", engine="transformers", stack=stack, mode="worker",
@@ -165,7 +158,7 @@ def test_worker_replaces_a_producer_that_hit_a_fatal_error(stack, tiny_model, un
     kafka = dataclasses.replace(stack.kafka, pairs_topic=f"fatal.pairs.{unique}", shards_topic=f"fatal.shards.{unique}",
                                 deadletter_topic=f"fatal.dead.{unique}")
     ensure_topics(stack.kafka, [kafka.pairs_topic, kafka.shards_topic, kafka.deadletter_topic], partitions=1)
-    pairs = _pairs(6, unique)
+    pairs = make_pairs(6, unique)
     _produce(kafka, kafka.pairs_topic, pairs)
 
     class FatallyBroken:
