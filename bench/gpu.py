@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from bench.ceiling import measure
-    from bench.refscore import items_of, make_pairs, model_flops, timed
+    from bench.refscore import items_of, make_pairs, model_flops, padded_forward_logprobs, timed
     from offdpo.testmodel import ensure_test_model
     from services.refscore.engines import EngineSettings, TransformersEngine
 
@@ -57,25 +57,10 @@ def main(argv=None) -> int:
     engine.score(seqs[:8])
     engine_s, scored = timed(lambda: (engine.score(seqs), sync())[0])
 
-    model = engine.model  # (c): the same weights, padded batches of 8, full log-softmax
-
-    def padded_forward():
-        out = []
-        for i in range(0, len(seqs), 8):
-            batch = seqs[i:i + 8]
-            longest = max(len(p) + len(a) for p, a in batch)
-            ids = torch.zeros((len(batch), longest), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, (p, a) in enumerate(batch):
-                ids[row, :len(p) + len(a)] = torch.tensor(p + a)
-                mask[row, :len(p) + len(a)] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            with torch.no_grad():
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-                logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0].cpu()
-            out += [logps[row, len(p) - 1:len(p) - 1 + len(a)].tolist() for row, (p, a) in enumerate(batch)]
+    def padded_forward():  # (c): the same weights, padded batches of 8, full log-softmax
+        logprobs = padded_forward_logprobs(engine.model, seqs, device=device)
         sync()
-        return out
+        return logprobs
 
     padded_forward()
     forward_s, forward_lps = timed(padded_forward)

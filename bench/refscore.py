@@ -251,6 +251,27 @@ def bench_openai(model_dir: Path, items, reference_items, dtype: str, log_dir: P
 
 
 # -- (c): transformers ------------------------------------------------------------------------------
+def padded_forward_logprobs(model, seqs, device: str = "cpu", batch_size: int = 8) -> list[list[float]]:
+    """What TRL's precompute does: right-padded batches, one forward, a full log-softmax, the gather."""
+    import torch
+
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        batch = seqs[i:i + batch_size]
+        longest = max(len(p) + len(a) for p, a in batch)
+        ids = torch.zeros((len(batch), longest), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, (p, a) in enumerate(batch):
+            ids[row, :len(p) + len(a)] = torch.tensor(list(p) + list(a))
+            mask[row, :len(p) + len(a)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0].cpu()
+        out += [logps[row, len(p) - 1:len(p) - 1 + len(a)].tolist() for row, (p, a) in enumerate(batch)]
+    return out
+
+
 def bench_transformers(model_dir: Path, reference_items, dtype: str, batch_size: int = 8) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -258,21 +279,8 @@ def bench_transformers(model_dir: Path, reference_items, dtype: str, batch_size:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     model.eval()
     seqs = [(list(r.prompt_token_ids), list(r.answer_token_ids)) for r in reference_items]
-
-    def run(batch):
-        longest = max(len(p) + len(a) for p, a in batch)
-        ids = torch.zeros((len(batch), longest), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, (p, a) in enumerate(batch):
-            ids[row, :len(p) + len(a)] = torch.tensor(p + a)
-            mask[row, :len(p) + len(a)] = 1
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
-        return [logps[row, len(p) - 1:len(p) - 1 + len(a)].tolist() for row, (p, a) in enumerate(batch)]
-
-    run(seqs[:batch_size])  # warm-up
-    elapsed, out = timed(lambda: [lp for i in range(0, len(seqs), batch_size) for lp in run(seqs[i:i + batch_size])])
+    padded_forward_logprobs(model, seqs[:batch_size], batch_size=batch_size)  # warm-up
+    elapsed, out = timed(lambda: padded_forward_logprobs(model, seqs, batch_size=batch_size))
     return {"elapsed_s": elapsed, "logprobs": out, "torch_threads": torch.get_num_threads()}
 
 
