@@ -33,7 +33,6 @@ import concurrent.futures
 import json
 import math
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -41,6 +40,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from bench.machine import cpu_name
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "refscore.json"
@@ -118,7 +119,7 @@ def timed(fn, min_total_s: float = 3.0, max_runs: int = 3):
 def bench_refscore(model_dir: Path, pairs, dtype: str, stack, log_dir: Path) -> dict:
     from offdpo.kafka import ensure_topics, make_producer
     from offdpo.records import ShardReady, chat_prompt, make_pair
-    from offdpo.stack import free_port
+    from offdpo.stack import free_port, stop_process
     from services.refscore.client import RefscoreClient, score_item
 
     items = items_of(pairs)
@@ -176,8 +177,7 @@ def bench_refscore(model_dir: Path, pairs, dtype: str, stack, log_dir: Path) -> 
         producer.close()
         shards.close()
     finally:
-        proc.terminate()
-        proc.wait(timeout=180)
+        stop_process(proc, 180)
     stream_lps = _read_stream_logprobs(stack, keys)
     tokens = sum(len(it.prompt_token_ids) + len(it.answer_token_ids) for it in scored)
     return {"tokens": tokens, "grpc_s": grpc_s, "stream_s": stream_s, "items": scored,
@@ -386,16 +386,6 @@ def chart(by_model: dict, path: Path, device: str, ceiling_gflops: dict) -> None
     ax.legend(fontsize=7, ncol=3, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv=None) -> int:

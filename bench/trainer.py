@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import random
 import resource
 import statistics
@@ -25,6 +24,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from bench.machine import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("offline_dpo", "live_ref_dpo", "sft")
@@ -165,15 +166,7 @@ def device_name() -> str:
             return torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU: {cpu}, {os.cpu_count()} logical cores visible"
+    return f"CPU: {cpu_name()}, {os.cpu_count()} logical cores visible"
 
 
 def main(argv=None) -> int:

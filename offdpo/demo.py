@@ -23,7 +23,7 @@ from pathlib import Path
 from offdpo import records
 from offdpo.kafka import ensure_topics, read_topic
 from offdpo.s3 import ObjectStore
-from offdpo.stack import LocalStack, free_port
+from offdpo.stack import LocalStack, free_port, stop_process
 from offdpo.testmodel import ensure_test_model
 from offdpo.v1 import records_pb2
 
@@ -49,17 +49,6 @@ def _wait(predicate, timeout_s: float, what: str, every_s: float = 2.0, progress
 
 def _start(args: list[str], env: dict, log_path: Path) -> subprocess.Popen:
     return subprocess.Popen(args, env=env, cwd=REPO, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
-
-
-def _stop(proc: subprocess.Popen | None, timeout_s: float = 60) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=30)
 
 
 def main(args) -> int:
@@ -165,8 +154,8 @@ def main(args) -> int:
         _print_report(report, time.monotonic() - started)
         return 0
     finally:
-        _stop(trainer)
-        _stop(refscore)
+        stop_process(trainer)
+        stop_process(refscore)
         if not args.keep_stack:
             stack.down()
 

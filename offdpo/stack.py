@@ -104,6 +104,20 @@ def _wait(what: str, check, timeout_s: float, proc: subprocess.Popen | None = No
     raise TimeoutError(f"{what} did not answer within {timeout_s:.0f} s (last error: {last_error!r}); see {log}")
 
 
+def stop_process(proc: subprocess.Popen | None, grace_s: float = 60) -> int | None:
+    """SIGTERM a child we started, wait up to `grace_s`, then SIGKILL; returns its exit code."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+    return proc.returncode
+
+
 def _stop_pid(pid: int, grace_s: float = 10.0) -> None:
     try:
         os.killpg(pid, signal.SIGTERM)

@@ -16,12 +16,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
-    local = LocalStack.for_tests(tmp_path_factory.mktemp("stack"))
-    local.up()
-    try:
+    with LocalStack.for_tests(tmp_path_factory.mktemp("stack")) as local:
         yield local
-    finally:
-        local.down()
 
 
 @pytest.fixture(scope="session")

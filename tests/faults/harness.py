@@ -7,7 +7,6 @@ import collections
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from kafka import KafkaConsumer
 from offdpo import records
 from offdpo.kafka import ensure_topics, make_producer, next_offsets, read_topic
 from offdpo.s3 import ObjectStore
+from offdpo.stack import stop_process
 from offdpo.v1 import records_pb2
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,14 +53,7 @@ class Proc:
         return self.proc.poll() is None
 
     def stop(self, timeout_s: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-        return self.proc.returncode
+        return stop_process(self.proc, timeout_s)
 
 
 class Case:

@@ -44,12 +44,8 @@ def _finish_trainer(case, trainer, key: str) -> bool:
 
 @pytest.fixture(scope="module")
 def own_stack(tmp_path_factory):
-    local = LocalStack.for_tests(tmp_path_factory.mktemp("fault-stack"))
-    local.up()
-    try:
+    with LocalStack.for_tests(tmp_path_factory.mktemp("fault-stack")) as local:
         yield local
-    finally:
-        local.down()
 
 
 def _restore(stack) -> list[str]:

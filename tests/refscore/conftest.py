@@ -7,7 +7,6 @@ and transformers share a process (LOCAL-STACK.md).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from offdpo.kafka import ensure_topics
-from offdpo.stack import free_port
+from offdpo.stack import free_port, stop_process
 from services.refscore.client import RefscoreClient
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,14 +33,7 @@ class RefscoreProcess:
         return self.log_path.read_text(errors="replace")[-n:]
 
     def stop(self, timeout_s: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-        return self.proc.returncode
+        return stop_process(self.proc, timeout_s)
 
 
 def start_refscore(model_dir, log_path: Path, *, engine: str, stack=None, worker: bool = False,
