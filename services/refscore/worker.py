@@ -21,7 +21,8 @@ import time
 from collections import defaultdict
 
 from kafka import TopicPartition
-from kafka.errors import KafkaError
+from kafka.errors import (CommitFailedError, IllegalGenerationError, KafkaError, RebalanceInProgressError,
+                          UnknownMemberIdError)
 from kafka.structs import OffsetAndMetadata
 
 from offdpo import records
@@ -34,6 +35,10 @@ from services.refscore.config import RefscoreConfig
 from services.refscore.scorer import InvalidArgument, Prepared, Scorer
 
 log = logging.getLogger(__name__)
+
+
+# Commit refusals that mean "the group changed", not "the broker is down".
+GROUP_CHANGED = (RebalanceInProgressError, CommitFailedError, IllegalGenerationError, UnknownMemberIdError)
 
 
 class StreamWorker:
@@ -68,6 +73,14 @@ class StreamWorker:
                 try:
                     self.process(batch)
                     backoff = 0.5
+                except GROUP_CHANGED as exc:
+                    # Not an outage: the group is rebalancing, and only poll() completes that. The
+                    # batch's shards are written and announced, so the redo is cheap; waiting out the
+                    # outage backoff (up to 30 s, without polling) kept the group rebalancing forever
+                    # after an S3 outage (fault suite, s3_outage).
+                    log.warning("offset commit refused by a group rebalance (%s); redoing the batch from the "
+                                "committed offsets now (its shards are already written)", type(exc).__name__)
+                    self._rewind(batch)
                 except Exception as exc:  # noqa: BLE001 - S3/Kafka outage or engine failure: redo the batch later
                     log.exception("batch failed; will redo it from the committed offsets in %.1f s", backoff)
                     self._rewind(batch)

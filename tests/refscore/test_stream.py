@@ -204,3 +204,65 @@ def test_worker_replaces_a_producer_that_hit_a_fatal_error(stack, tiny_model, un
         stop.set()
         thread.join(timeout=60)
         scorer.shutdown()
+
+
+def test_worker_redoes_a_batch_at_once_when_a_rebalance_refuses_its_commit(stack, tiny_model, unique, monkeypatch,
+                                                                             caplog):
+    """A commit refused by a group rebalance is not an outage: no backoff, the next poll completes the
+    rebalance and the redo commits (the shards are already written). Backing off kept the group
+    rebalancing after an S3 outage (fault suite, s3_outage)."""
+    import dataclasses
+    import logging
+    import threading
+
+    from kafka.errors import RebalanceInProgressError
+
+    from services.refscore import worker as worker_mod
+    from services.refscore.config import RefscoreConfig
+    from services.refscore.scorer import Scorer
+
+    kafka = dataclasses.replace(stack.kafka, pairs_topic=f"rebal.pairs.{unique}", shards_topic=f"rebal.shards.{unique}",
+                                deadletter_topic=f"rebal.dead.{unique}")
+    ensure_topics(stack.kafka, [kafka.pairs_topic, kafka.shards_topic, kafka.deadletter_topic], partitions=1)
+    pairs = make_pairs(6, unique)
+    _produce(kafka, kafka.pairs_topic, pairs)
+
+    refusals = []
+    real = worker_mod.make_consumer
+
+    def make(*args, **kwargs):
+        consumer = real(*args, **kwargs)
+        commit = consumer.commit
+
+        def refusing_commit(*a, **kw):
+            if len(refusals) < 4:
+                refusals.append(1)
+                raise RebalanceInProgressError("injected: the group is rebalancing")
+            return commit(*a, **kw)
+
+        consumer.commit = refusing_commit
+        return consumer
+
+    monkeypatch.setattr(worker_mod, "make_consumer", make)
+    caplog.set_level(logging.INFO, logger="services.refscore.worker")
+    cfg = RefscoreConfig(model_dir=str(tiny_model), engine="transformers", max_model_len=512, batch_wait_s=0.3,
+                         group_id=f"rebal-{unique}")
+    scorer = Scorer(cfg)
+    scorer.load()
+    stop = threading.Event()
+    worker = worker_mod.StreamWorker(scorer, cfg, kafka, stack.s3)
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        _wait(lambda: _committed_all(kafka, cfg.group_id, kafka.pairs_topic), 120,
+              "the worker committing every pair after refused commits")
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+        scorer.shutdown()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(refusals) == 4
+    assert sum("refused by a group rebalance" in m for m in messages) == 4, messages
+    assert not any("batch failed" in m for m in messages), "a rebalance was treated as an outage (backoff)"
+    events = [records_pb2.ShardReady.FromString(r.value) for r in read_topic(kafka, kafka.shards_topic, idle_s=0.5)]
+    assert sorted({pid for e in events for pid in e.pair_ids}) == sorted(p.pair_id for p in pairs)
