@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 # Commit refusals that mean "the group changed", not "the broker is down".
 GROUP_CHANGED = (RebalanceInProgressError, CommitFailedError, IllegalGenerationError, UnknownMemberIdError)
+# Consecutive group refusals after which the consumer is replaced by a new one. After an S3 outage
+# (Tansu keeps its log there) kafka-python 3.0.12 was seen in CI stuck in a client-side "rebalancing"
+# state that poll() never completed: every commit refused, every poll answered from the fetch buffer.
+GROUP_REFUSALS_BEFORE_NEW_CONSUMER = 3
 
 
 class StreamWorker:
@@ -60,11 +64,10 @@ class StreamWorker:
             if stop.is_set() or self.scorer.load_error:
                 return
         self.store.ensure_bucket()
-        self.consumer = make_consumer(self.kafka, self.cfg.group_id, [self.kafka.pairs_topic],
-                                      max_poll_records=self.cfg.batch_pairs)
+        self._new_consumer()
         self._new_producer()
         log.info("stream worker consuming %s as group %s", self.kafka.pairs_topic, self.cfg.group_id)
-        backoff = 0.5
+        backoff, group_refusals = 0.5, 0
         try:
             while not stop.is_set():
                 batch = self._collect(stop)
@@ -72,15 +75,23 @@ class StreamWorker:
                     continue
                 try:
                     self.process(batch)
-                    backoff = 0.5
+                    backoff, group_refusals = 0.5, 0
                 except GROUP_CHANGED as exc:
+                    group_refusals += 1
                     # Not an outage: the group is rebalancing, and only poll() completes that. The
                     # batch's shards are written and announced, so the redo is cheap; waiting out the
                     # outage backoff (up to 30 s, without polling) kept the group rebalancing forever
                     # after an S3 outage (fault suite, s3_outage).
                     log.warning("offset commit refused by a group rebalance (%s); redoing the batch from the "
                                 "committed offsets now (its shards are already written)", type(exc).__name__)
-                    self._rewind(batch)
+                    if group_refusals >= GROUP_REFUSALS_BEFORE_NEW_CONSUMER:
+                        log.warning("%d commits in a row refused by a group rebalance that poll() does not "
+                                    "complete; replacing the Kafka consumer (the new member redoes the batch "
+                                    "from the committed offsets)", group_refusals)
+                        self._new_consumer()
+                        group_refusals = 0
+                    else:
+                        self._rewind(batch)
                 except Exception as exc:  # noqa: BLE001 - S3/Kafka outage or engine failure: redo the batch later
                     log.exception("batch failed; will redo it from the committed offsets in %.1f s", backoff)
                     self._rewind(batch)
@@ -93,6 +104,15 @@ class StreamWorker:
                 self._report_lag()
         finally:
             self.close()
+
+    def _new_consumer(self) -> None:
+        if self.consumer is not None:
+            try:
+                self.consumer.close()
+            except Exception:  # noqa: BLE001 - the old member times out of the group anyway
+                log.warning("closing the stuck consumer failed", exc_info=True)
+        self.consumer = make_consumer(self.kafka, self.cfg.group_id, [self.kafka.pairs_topic],
+                                      max_poll_records=self.cfg.batch_pairs)
 
     def _new_producer(self) -> None:
         if self.producer is not None:

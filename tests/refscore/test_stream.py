@@ -208,9 +208,10 @@ def test_worker_replaces_a_producer_that_hit_a_fatal_error(stack, tiny_model, un
 
 def test_worker_redoes_a_batch_at_once_when_a_rebalance_refuses_its_commit(stack, tiny_model, unique, monkeypatch,
                                                                              caplog):
-    """A commit refused by a group rebalance is not an outage: no backoff, the next poll completes the
-    rebalance and the redo commits (the shards are already written). Backing off kept the group
-    rebalancing after an S3 outage (fault suite, s3_outage)."""
+    """A commit refused by a group rebalance is not an outage: no backoff, the batch is redone at once
+    (its shards are already written). A consumer whose every commit is refused (kafka-python stuck in
+    its client-side rebalancing state, seen in CI after an S3 outage) is replaced by a new one after
+    GROUP_REFUSALS_BEFORE_NEW_CONSUMER refusals in a row, and the new member commits."""
     import dataclasses
     import logging
     import threading
@@ -227,20 +228,18 @@ def test_worker_redoes_a_batch_at_once_when_a_rebalance_refuses_its_commit(stack
     pairs = make_pairs(6, unique)
     _produce(kafka, kafka.pairs_topic, pairs)
 
-    refusals = []
+    refusals, consumers = [], []
     real = worker_mod.make_consumer
 
     def make(*args, **kwargs):
         consumer = real(*args, **kwargs)
-        commit = consumer.commit
-
-        def refusing_commit(*a, **kw):
-            if len(refusals) < 4:
+        consumers.append(consumer)
+        if len(consumers) == 1:
+            def refusing_commit(*a, **kw):  # the first consumer is stuck: it never commits
                 refusals.append(1)
                 raise RebalanceInProgressError("injected: the group is rebalancing")
-            return commit(*a, **kw)
 
-        consumer.commit = refusing_commit
+            consumer.commit = refusing_commit
         return consumer
 
     monkeypatch.setattr(worker_mod, "make_consumer", make)
@@ -255,14 +254,16 @@ def test_worker_redoes_a_batch_at_once_when_a_rebalance_refuses_its_commit(stack
     thread.start()
     try:
         _wait(lambda: _committed_all(kafka, cfg.group_id, kafka.pairs_topic), 120,
-              "the worker committing every pair after refused commits")
+              "the worker committing every pair after its first consumer refused every commit")
     finally:
         stop.set()
         thread.join(timeout=60)
         scorer.shutdown()
     messages = [r.getMessage() for r in caplog.records]
-    assert len(refusals) == 4
-    assert sum("refused by a group rebalance" in m for m in messages) == 4, messages
+    assert len(refusals) == worker_mod.GROUP_REFUSALS_BEFORE_NEW_CONSUMER
+    assert len(consumers) == 2, "the stuck consumer was not replaced exactly once"
+    assert sum(m.startswith("offset commit refused by a group rebalance") for m in messages) == len(refusals), messages
+    assert any("replacing the Kafka consumer" in m for m in messages), messages
     assert not any("batch failed" in m for m in messages), "a rebalance was treated as an outage (backoff)"
     events = [records_pb2.ShardReady.FromString(r.value) for r in read_topic(kafka, kafka.shards_topic, idle_s=0.5)]
     assert sorted({pid for e in events for pid in e.pair_ids}) == sorted(p.pair_id for p in pairs)
