@@ -10,9 +10,10 @@ import time
 from typing import Iterable
 
 from google.protobuf import timestamp_pb2
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import (CommitFailedError, IllegalGenerationError, RebalanceInProgressError, TopicAlreadyExistsError,
+                          UnknownMemberIdError)
 
 from offdpo.config import KafkaConfig
 from offdpo.v1 import records_pb2
@@ -21,6 +22,27 @@ log = logging.getLogger(__name__)
 
 # Largest record value any service accepts; bigger values are dead-lettered, not parsed.
 MAX_RECORD_BYTES = 8 * 1024 * 1024
+
+# Commit refusals that mean "the group changed", not "the broker is down": the next poll() completes
+# the rebalance, so a consumer redoes or goes on at once instead of backing off without polling.
+GROUP_CHANGED = (RebalanceInProgressError, CommitFailedError, IllegalGenerationError, UnknownMemberIdError)
+# Refusals in a row after which a consumer is replaced by a new one. After an S3 outage (Tansu keeps
+# its log there) kafka-python 3.0.12 was seen in CI stuck in its client-side "rebalancing" state,
+# which poll() never completed: every commit refused, every poll answered from the fetch buffer.
+GROUP_REFUSALS_BEFORE_NEW_CONSUMER = 3
+
+
+def rewind(consumer: KafkaConsumer, recs) -> None:
+    """Seek back to the first record of an uncommitted batch, so this member redoes it if it keeps the partition."""
+    firsts: dict[TopicPartition, int] = {}
+    for rec in recs:
+        tp = TopicPartition(rec.topic, rec.partition)
+        firsts[tp] = min(firsts.get(tp, rec.offset), rec.offset)
+    for tp, offset in firsts.items():
+        try:
+            consumer.seek(tp, offset)
+        except Exception:  # noqa: BLE001 - partition revoked meanwhile: its new owner redoes it
+            log.warning("could not rewind %s to %d", tp, offset)
 
 
 def ensure_topics(cfg: KafkaConfig, topics: Iterable[str], partitions: int) -> None:
@@ -111,8 +133,6 @@ def read_topic(cfg: KafkaConfig, topic: str, timeout_s: float = 30.0, idle_s: fl
     Reads until no record arrived for `idle_s`. It does not trust end_offsets(): the local Tansu
     broker reports a high watermark that is not last offset + 1 (seen: 1 for a partition of 30).
     """
-    from kafka import TopicPartition
-
     consumer = KafkaConsumer(**cfg.client_kwargs(), enable_auto_commit=False, group_id=None)
     try:
         partitions = consumer.partitions_for_topic(topic) or set()
@@ -135,8 +155,6 @@ def read_topic(cfg: KafkaConfig, topic: str, timeout_s: float = 30.0, idle_s: fl
 
 def next_offsets(records) -> dict:
     """{TopicPartition: last offset + 1} of records read with read_topic (what a caught-up group has committed)."""
-    from kafka import TopicPartition
-
     out: dict = {}
     for r in records:
         tp = TopicPartition(r.topic, r.partition)

@@ -29,7 +29,6 @@ import yaml
 
 from offdpo.kafka import ensure_topics, read_topic
 from offdpo.s3 import ObjectStore
-from offdpo.stack import free_port
 from services.refscore.client import RefscoreClient, score_item
 from services.refscore.security import token_hash
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from offdpo.config import KafkaConfig
-from offdpo.kafka import DeadLetterSink, make_consumer, make_producer
+from offdpo.kafka import (GROUP_CHANGED, GROUP_REFUSALS_BEFORE_NEW_CONSUMER, DeadLetterSink, make_consumer,
+                          make_producer, rewind)
 from offdpo.records import RecordError
 from services.labeler import inputs
 from services.labeler.config import JudgeConfig, LabelerConfig
@@ -99,9 +100,14 @@ def run_kafka(labeler: Labeler, kafka: KafkaConfig, strategy: str = "", stop: th
     after the batch's pairs and dead letters are acknowledged. Returns when `stop` is set or, with
     `idle_exit_s`, after that long without records."""
     cfg = labeler.cfg
-    consumer = make_consumer(kafka, cfg.group_id, [kafka.candidates_topic], max_poll_records=cfg.batch_size)
+
+    def new_consumer():
+        return make_consumer(kafka, cfg.group_id, [kafka.candidates_topic], max_poll_records=cfg.batch_size)
+
+    consumer = new_consumer()
     stop = stop or threading.Event()
     last_record = time.monotonic()
+    group_refusals = 0
     try:
         while not stop.is_set():
             polled = consumer.poll(timeout_ms=500)
@@ -122,7 +128,21 @@ def run_kafka(labeler: Labeler, kafka: KafkaConfig, strategy: str = "", stop: th
                 items.append(item)
             labeler.label_candidates(items, strategy)
             labeler.confirm()          # raises PublishError: nothing is committed, the batch is redelivered
-            consumer.commit()
+            try:
+                consumer.commit()
+                group_refusals = 0
+            except GROUP_CHANGED as exc:
+                # The pairs are published; the batch comes back to whoever owns its partitions after
+                # the rebalance, and the ledger (or pair_id downstream) drops the repeats.
+                group_refusals += 1
+                log.warning("offset commit refused by a group rebalance (%s); the batch will be redelivered",
+                            type(exc).__name__)
+                if group_refusals >= GROUP_REFUSALS_BEFORE_NEW_CONSUMER:
+                    log.warning("%d commits in a row refused; replacing the Kafka consumer", group_refusals)
+                    consumer.close(autocommit=False)
+                    consumer, group_refusals = new_consumer(), 0
+                else:
+                    rewind(consumer, recs)
             if progress:
                 t = labeler.summary.total()
                 progress(f"{kafka.candidates_topic}: {t['inputs']} inputs, {t['pairs']} pairs, {t['rejects']} rejects")

@@ -21,13 +21,13 @@ import time
 from collections import defaultdict
 
 from kafka import TopicPartition
-from kafka.errors import (CommitFailedError, IllegalGenerationError, KafkaError, RebalanceInProgressError,
-                          UnknownMemberIdError)
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from offdpo import records
 from offdpo.config import KafkaConfig, S3Config
-from offdpo.kafka import DeadLetterSink, make_consumer, make_producer, now_timestamp
+from offdpo.kafka import (GROUP_CHANGED, GROUP_REFUSALS_BEFORE_NEW_CONSUMER, DeadLetterSink, make_consumer,
+                          make_producer, now_timestamp, rewind)
 from offdpo.s3 import ObjectStore
 from offdpo.v1 import records_pb2
 from services.refscore import metrics
@@ -36,13 +36,6 @@ from services.refscore.scorer import InvalidArgument, Prepared, Scorer
 
 log = logging.getLogger(__name__)
 
-
-# Commit refusals that mean "the group changed", not "the broker is down".
-GROUP_CHANGED = (RebalanceInProgressError, CommitFailedError, IllegalGenerationError, UnknownMemberIdError)
-# Consecutive group refusals after which the consumer is replaced by a new one. After an S3 outage
-# (Tansu keeps its log there) kafka-python 3.0.12 was seen in CI stuck in a client-side "rebalancing"
-# state that poll() never completed: every commit refused, every poll answered from the fetch buffer.
-GROUP_REFUSALS_BEFORE_NEW_CONSUMER = 3
 
 
 class StreamWorker:
@@ -91,10 +84,10 @@ class StreamWorker:
                         self._new_consumer()
                         group_refusals = 0
                     else:
-                        self._rewind(batch)
+                        rewind(self.consumer, batch)
                 except Exception as exc:  # noqa: BLE001 - S3/Kafka outage or engine failure: redo the batch later
                     log.exception("batch failed; will redo it from the committed offsets in %.1f s", backoff)
-                    self._rewind(batch)
+                    rewind(self.consumer, batch)
                     if isinstance(exc, KafkaError):
                         # An idempotent producer that hit a fatal error (seen after the broker lost its
                         # storage) refuses every later send: start a new one.
@@ -148,17 +141,6 @@ class StreamWorker:
             if not batch and deadline is None:
                 return []  # idle: let the caller check `stop`
         return batch
-
-    def _rewind(self, batch) -> None:
-        firsts: dict[TopicPartition, int] = {}
-        for rec in batch:
-            tp = TopicPartition(rec.topic, rec.partition)
-            firsts[tp] = min(firsts.get(tp, rec.offset), rec.offset)
-        for tp, offset in firsts.items():
-            try:
-                self.consumer.seek(tp, offset)
-            except Exception:  # noqa: BLE001 - partition revoked meanwhile: its new owner redoes it
-                log.warning("could not rewind %s to %d", tp, offset)
 
     def _report_lag(self) -> None:
         if time.monotonic() - self._last_lag < 10:

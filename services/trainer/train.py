@@ -57,11 +57,18 @@ def commit_offsets(source, attempts: int = 5) -> None:
     from kafka.errors import KafkaError
     from kafka.structs import OffsetAndMetadata, TopicPartition
 
+    from offdpo.kafka import GROUP_CHANGED
+
     offsets = {TopicPartition(source.topic, p): OffsetAndMetadata(o, "", -1) for p, o in source.commit_offsets().items()}
     delay = 0.5
     for attempt in range(1, attempts + 1):
         try:
             source.consumer.commit(offsets)
+            return
+        except GROUP_CHANGED as exc:
+            # Only the next poll() completes a rebalance: sleeping here would hold it up.
+            log.warning("offset commit refused by a group rebalance (%s); deferred to the next checkpoint",
+                        type(exc).__name__)
             return
         except KafkaError as exc:
             if attempt == attempts:

@@ -15,14 +15,12 @@ from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from offdpo import records
 from offdpo.stack import free_port
 from offdpo.v1 import refscore_pb2
 from services.refscore.client import RefscoreClient, score_item
 
 from tests.pairs import make_pairs
 
-from .harness import wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
 

@@ -3,7 +3,6 @@ delivery, malformed input on every topic the services read. Each case counts pai
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 

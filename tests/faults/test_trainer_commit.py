@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from kafka.errors import KafkaTimeoutError
+from kafka.errors import KafkaTimeoutError, RebalanceInProgressError
 
 import offdpo.kafka as okafka
 from offdpo import records
@@ -21,10 +21,10 @@ from .harness import Case
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
 
 class _FlakyCommit:
-    """A real KafkaConsumer whose first commit fails the way it does while the broker is down."""
+    """A real KafkaConsumer whose first commit fails with `error` (broker down, or group rebalancing)."""
 
-    def __init__(self, inner):
-        self._inner, self.failures = inner, 0
+    def __init__(self, inner, error):
+        self._inner, self.error, self.failures = inner, error, 0
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
@@ -32,11 +32,19 @@ class _FlakyCommit:
     def commit(self, *args, **kwargs):
         if self.failures == 0:
             self.failures += 1
-            raise KafkaTimeoutError("injected: broker unreachable during the offset commit")
+            raise self.error
         return self._inner.commit(*args, **kwargs)
 
 
-def test_continuous_trainer_survives_a_failed_offset_commit(stack, tiny_model, tmp_path, unique, monkeypatch):
+@pytest.mark.parametrize("error, handling", [
+    (KafkaTimeoutError("injected: broker unreachable during the offset commit"), "retrying in"),
+    # only the next poll completes a rebalance, so the commit waits for the next checkpoint, no sleep
+    (RebalanceInProgressError("injected: the group is rebalancing"), "deferred to the next checkpoint"),
+], ids=["broker_down", "rebalance"])
+def test_continuous_trainer_survives_a_failed_offset_commit(stack, tiny_model, tmp_path, unique, monkeypatch, caplog,
+                                                            error, handling):
+    import logging
+
     from services.trainer.train import TrainerConfig, expected_fingerprint, run
 
     case = Case("trainer_commit", stack, tiny_model, tmp_path, unique)
@@ -61,10 +69,13 @@ def test_continuous_trainer_survives_a_failed_offset_commit(stack, tiny_model, t
 
     flaky = []
     real = okafka.make_consumer
-    monkeypatch.setattr(okafka, "make_consumer", lambda *a, **k: flaky.append(_FlakyCommit(real(*a, **k))) or flaky[-1])
+    monkeypatch.setattr(okafka, "make_consumer", lambda *a, **k: flaky.append(_FlakyCommit(real(*a, **k), error)) or flaky[-1])
+    caplog.set_level(logging.WARNING, logger="offdpo.trainer")
     cfg = TrainerConfig(model=str(tiny_model), run_name=case.run_name, mode="continuous", stop_when_idle_s=3,
                         consumer_group=case.trainer_group, global_batch_size=8, micro_batch_size=8, save_every=1,
                         log_dir=str(tmp_path / "trainer"), progress=False, poll_timeout_ms=300, warmup_steps=1)
     summary = run(cfg, stack.s3, case.kafka)
     assert summary["step"] == 2 and flaky and flaky[0].failures == 1
     assert sorted(case.trained_ids()) == sorted(r.pair.pair_id for r in rows)
+    assert any(handling in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert case.committed_all(case.trainer_group, case.kafka.shards_topic), "no later checkpoint committed the offsets"

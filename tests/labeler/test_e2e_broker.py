@@ -221,6 +221,63 @@ def test_kafka_input_mode_commits_after_publishing(kcfg, lcfg):
     assert again.get("total", {}).get("inputs", 0) == 0
 
 
+def test_kafka_input_mode_replaces_a_consumer_whose_commits_a_rebalance_keeps_refusing(kcfg, lcfg, monkeypatch,
+                                                                                        caplog):
+    """A commit refused by a group rebalance neither ends the run nor loses the batch: it is redone
+    (the ledger keeps each pair published once), and a consumer stuck refusing (kafka-python after an
+    outage, seen in CI) is replaced after GROUP_REFUSALS_BEFORE_NEW_CONSUMER refusals in a row."""
+    import logging
+
+    from kafka.errors import RebalanceInProgressError
+
+    from offdpo.kafka import GROUP_REFUSALS_BEFORE_NEW_CONSUMER
+    from services.labeler import runner
+
+    producer = make_producer(kcfg, "test-cands")
+    for i in range(6):
+        cs = inputs.candidate_set_from_json({"id": f"r{i}", "prompt": f"What is {i}+1? ",
+                                             "answers": [str(i + 1), "Sorry, I cannot."], "reference": str(i + 1)})
+        producer.send(kcfg.candidates_topic, key=cs.set_id.encode(), value=cs.SerializeToString())
+    producer.flush(30)
+    producer.close()
+
+    consumers, refusals = [], []
+    real = runner.make_consumer
+
+    def make(*args, **kwargs):
+        consumer = real(*args, **kwargs)
+        consumers.append(consumer)
+        if len(consumers) == 1:
+            def refusing_commit(*a, **kw):
+                refusals.append(1)
+                raise RebalanceInProgressError("injected: the group is rebalancing")
+
+            consumer.commit = refusing_commit
+        return consumer
+
+    monkeypatch.setattr(runner, "make_consumer", make)
+    caplog.set_level(logging.WARNING, logger="services.labeler.runner")
+    cfg = dataclasses.replace(lcfg, group_id=f"lab-rebal-{kcfg.pairs_topic}", batch_size=64)
+    lab = _labeler(cfg, kcfg)
+    try:
+        run_kafka(lab, kcfg, idle_exit_s=4)
+    finally:
+        close_labeler(lab)
+    assert len(refusals) == GROUP_REFUSALS_BEFORE_NEW_CONSUMER
+    assert len(consumers) == 2, "the stuck consumer was not replaced exactly once"
+    assert any("replacing the Kafka consumer" in r.getMessage() for r in caplog.records)
+    pairs = read_pairs(kcfg)
+    assert sorted(p.chosen for p in pairs) == sorted(str(i + 1) for i in range(6)), "a pair lost or published twice"
+
+    monkeypatch.setattr(runner, "make_consumer", real)
+    lab2 = _labeler(dataclasses.replace(cfg, ledger=False), kcfg)
+    try:
+        again = run_kafka(lab2, kcfg, idle_exit_s=4)
+    finally:
+        close_labeler(lab2)
+    assert again.get("total", {}).get("inputs", 0) == 0, "the replacement consumer did not commit"
+
+
 class FakeRefScore(refscore_pb2_grpc.RefScoreServicer):
     def Generate(self, request, context):
         assert request.n == 2

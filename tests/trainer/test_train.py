@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
-from offdpo.kafka import DeadLetterSink, make_producer, read_topic, ensure_topics
+from offdpo.kafka import make_producer, read_topic, ensure_topics
 from offdpo.records import DeadLetter, ShardReady, scored_pairs_to_parquet, shard_key
 from services.trainer.config import TrainerConfig
 from services.trainer.data import DataError
