@@ -21,6 +21,8 @@ from offdpo.v1 import labeler_pb2, labeler_pb2_grpc, records_pb2, refscore_pb2, 
 from services.labeler import inputs
 from services.labeler.runner import build_labeler, close_labeler, run_file, run_kafka
 
+from tests.stuck_consumer import FirstConsumerStuck
+
 from .conftest import SAMPLES, read_deadletters, read_pair_records, read_pairs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -228,8 +230,6 @@ def test_kafka_input_mode_replaces_a_consumer_whose_commits_a_rebalance_keeps_re
     outage, seen in CI) is replaced after GROUP_REFUSALS_BEFORE_NEW_CONSUMER refusals in a row."""
     import logging
 
-    from kafka.errors import RebalanceInProgressError
-
     from offdpo.kafka import GROUP_REFUSALS_BEFORE_NEW_CONSUMER
     from services.labeler import runner
 
@@ -241,20 +241,7 @@ def test_kafka_input_mode_replaces_a_consumer_whose_commits_a_rebalance_keeps_re
     producer.flush(30)
     producer.close()
 
-    consumers, refusals = [], []
-    real = runner.make_consumer
-
-    def make(*args, **kwargs):
-        consumer = real(*args, **kwargs)
-        consumers.append(consumer)
-        if len(consumers) == 1:
-            def refusing_commit(*a, **kw):
-                refusals.append(1)
-                raise RebalanceInProgressError("injected: the group is rebalancing")
-
-            consumer.commit = refusing_commit
-        return consumer
-
+    make = FirstConsumerStuck(runner.make_consumer)
     monkeypatch.setattr(runner, "make_consumer", make)
     caplog.set_level(logging.WARNING, logger="services.labeler.runner")
     cfg = dataclasses.replace(lcfg, group_id=f"lab-rebal-{kcfg.pairs_topic}", batch_size=64)
@@ -263,13 +250,13 @@ def test_kafka_input_mode_replaces_a_consumer_whose_commits_a_rebalance_keeps_re
         run_kafka(lab, kcfg, idle_exit_s=4)
     finally:
         close_labeler(lab)
-    assert len(refusals) == GROUP_REFUSALS_BEFORE_NEW_CONSUMER
-    assert len(consumers) == 2, "the stuck consumer was not replaced exactly once"
+    assert make.refusals == GROUP_REFUSALS_BEFORE_NEW_CONSUMER
+    assert len(make.consumers) == 2, "the stuck consumer was not replaced exactly once"
     assert any("replacing the Kafka consumer" in r.getMessage() for r in caplog.records)
     pairs = read_pairs(kcfg)
     assert sorted(p.chosen for p in pairs) == sorted(str(i + 1) for i in range(6)), "a pair lost or published twice"
 
-    monkeypatch.setattr(runner, "make_consumer", real)
+    monkeypatch.setattr(runner, "make_consumer", make.real)
     lab2 = _labeler(dataclasses.replace(cfg, ledger=False), kcfg)
     try:
         again = run_kafka(lab2, kcfg, idle_exit_s=4)

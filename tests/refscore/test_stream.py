@@ -12,6 +12,7 @@ from offdpo.s3 import ObjectStore
 from offdpo.v1 import records_pb2
 
 from tests.pairs import make_pairs
+from tests.stuck_consumer import FirstConsumerStuck
 
 from .conftest import start_refscore
 
@@ -216,8 +217,6 @@ def test_worker_redoes_a_batch_at_once_when_a_rebalance_refuses_its_commit(stack
     import logging
     import threading
 
-    from kafka.errors import RebalanceInProgressError
-
     from services.refscore import worker as worker_mod
     from services.refscore.config import RefscoreConfig
     from services.refscore.scorer import Scorer
@@ -228,20 +227,7 @@ def test_worker_redoes_a_batch_at_once_when_a_rebalance_refuses_its_commit(stack
     pairs = make_pairs(6, unique)
     _produce(kafka, kafka.pairs_topic, pairs)
 
-    refusals, consumers = [], []
-    real = worker_mod.make_consumer
-
-    def make(*args, **kwargs):
-        consumer = real(*args, **kwargs)
-        consumers.append(consumer)
-        if len(consumers) == 1:
-            def refusing_commit(*a, **kw):  # the first consumer is stuck: it never commits
-                refusals.append(1)
-                raise RebalanceInProgressError("injected: the group is rebalancing")
-
-            consumer.commit = refusing_commit
-        return consumer
-
+    make = FirstConsumerStuck(worker_mod.make_consumer)
     monkeypatch.setattr(worker_mod, "make_consumer", make)
     caplog.set_level(logging.INFO, logger="services.refscore.worker")
     cfg = RefscoreConfig(model_dir=str(tiny_model), engine="transformers", max_model_len=512, batch_wait_s=0.3,
@@ -260,9 +246,9 @@ def test_worker_redoes_a_batch_at_once_when_a_rebalance_refuses_its_commit(stack
         thread.join(timeout=60)
         scorer.shutdown()
     messages = [r.getMessage() for r in caplog.records]
-    assert len(refusals) == worker_mod.GROUP_REFUSALS_BEFORE_NEW_CONSUMER
-    assert len(consumers) == 2, "the stuck consumer was not replaced exactly once"
-    assert sum(m.startswith("offset commit refused by a group rebalance") for m in messages) == len(refusals), messages
+    assert make.refusals == worker_mod.GROUP_REFUSALS_BEFORE_NEW_CONSUMER
+    assert len(make.consumers) == 2, "the stuck consumer was not replaced exactly once"
+    assert sum(m.startswith("offset commit refused by a group rebalance") for m in messages) == make.refusals, messages
     assert any("replacing the Kafka consumer" in m for m in messages), messages
     assert not any("batch failed" in m for m in messages), "a rebalance was treated as an outage (backoff)"
     events = [records_pb2.ShardReady.FromString(r.value) for r in read_topic(kafka, kafka.shards_topic, idle_s=0.5)]
