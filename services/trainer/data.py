@@ -169,6 +169,7 @@ class StreamSource:
         self.events: list[_Event] = []       # in arrival order, until fully trained
         self.last_offset: dict[int, int] = {}
         self.last_new = time.monotonic()
+        self.stop_requested = None  # a threading.Event: set, next_batch stops waiting and returns None
 
     def _in_flight(self) -> set[str]:
         return {e.key for e in self.events}
@@ -212,6 +213,8 @@ class StreamSource:
     def next_batch(self, size: int, min_size: int = 1) -> list[Example] | None:
         """A full batch as soon as enough pairs arrived; on idle stop, what is left (if >= min_size)."""
         while len(self.buffer) < size:
+            if self.stop_requested is not None and self.stop_requested.is_set():
+                return None  # the buffered pairs are not trained, so not committed: they come back
             polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
             for tp in sorted(polled, key=lambda t: t.partition):
                 for rec in polled[tp]:

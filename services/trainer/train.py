@@ -15,7 +15,9 @@ Several nodes (run on each node; node 0's address as the rendezvous endpoint):
 
 Every flag is also an environment variable (OFFDPO_TRAINER_*; see config.py). Rerunning the same
 command resumes from runs/<run_name>/latest in S3: weights, optimizer, scheduler, RNG and the data
-position, so each pair is trained exactly once per epoch.
+position, so each pair is trained exactly once per epoch. SIGTERM or SIGINT (a preempted pod, Ctrl-C):
+the current step finishes, a checkpoint is saved (continuous mode: and the offsets it covers are
+committed), and the process exits 143 or 130 so a Job does not count it as done; a second signal kills.
 
 The loop, top to bottom: set up (distributed, model, optimizer, data source, resume), then per step
 take one global batch on rank 0, broadcast it, each rank trains its contiguous slice with gradient
@@ -283,9 +285,54 @@ def full_state_dicts(module, model, optimizer, cfg: TrainerConfig, world: int):
 
 
 # -- the run --------------------------------------------------------------------------------------
+class StopOnSignals:
+    """SIGTERM/SIGINT ask the loop to stop after the current step: it saves a checkpoint (and commits
+    the offsets it covers) and returns, so a preempted pod resumes where it stopped instead of at the
+    last periodic checkpoint. A second signal kills at once. Handlers are restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        import threading
+
+        self.requested = threading.Event()
+        self.signum = 0
+        self._previous = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested.is_set():
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        self.requested.set()
+        log.warning("%s: stopping after the current step and saving a checkpoint (send it again to kill)",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        return False
+
+
 def run(cfg: TrainerConfig, s3: S3Config | None = None, kafka: KafkaConfig | None = None,
         fault_kill_after_step: int = 0) -> dict:
-    """Train; returns a summary. Raises DataError when data is refused (replay mode)."""
+    """Train; returns a summary. Raises DataError when data is refused (replay mode).
+    Stopped by SIGTERM/SIGINT, it checkpoints and returns with `stopped_by` set to the signal's name."""
+    with StopOnSignals() as stop:
+        return _run(cfg, s3, kafka, fault_kill_after_step, stop)
+
+
+def _run(cfg: TrainerConfig, s3: S3Config | None, kafka: KafkaConfig | None, fault_kill_after_step: int,
+         stop: StopOnSignals) -> dict:
     s3 = s3 or S3Config.from_env()
     kafka = kafka or KafkaConfig.from_env()
     rank, world, device = setup_distributed() if not (dist.is_available() and dist.is_initialized()) else (
@@ -323,6 +370,7 @@ def run(cfg: TrainerConfig, s3: S3Config | None = None, kafka: KafkaConfig | Non
                 sink = DeadLetterSink(make_producer(kafka, f"trainer-{cfg.run_name}"), kafka, "trainer")
                 source = StreamSource(store, consumer, sink, expected, allowed, cfg.max_length, cfg.truncation,
                                       cfg.poll_timeout_ms, cfg.stop_when_idle_s, kafka.shards_topic)
+                source.stop_requested = stop.requested
                 total = cfg.max_steps or None
             setup = {"total": total, "fingerprint": expected.fingerprint_id}
         except DataError as exc:
@@ -366,18 +414,24 @@ def run(cfg: TrainerConfig, s3: S3Config | None = None, kafka: KafkaConfig | Non
         if world > 1:
             dist.barrier()
 
-    saved_step = step
+    saved_step, stopped_by = step, None
     try:
         while not (cfg.max_steps and step >= cfg.max_steps):
             # 1. rank 0 takes the next global batch; everyone gets it.
+            #    Rank 0's signal decides for everyone (torchrun signals every rank, not at the same instant).
             batch = None
             if rank == 0:
                 try:
-                    batch = source.next_batch(cfg.global_batch_size)
+                    batch = None if stop.requested.is_set() else source.next_batch(cfg.global_batch_size)
                 except DataError as exc:
                     batch = {"error": str(exc)}
+                if batch is None and stop.requested.is_set():
+                    batch = {"stop": signal.Signals(stop.signum).name}
             batch = bcast(batch, world)
             if isinstance(batch, dict):
+                if "stop" in batch:
+                    stopped_by = batch["stop"]
+                    break
                 raise DataError(batch["error"])
             if batch is None:
                 break
@@ -407,7 +461,9 @@ def run(cfg: TrainerConfig, s3: S3Config | None = None, kafka: KafkaConfig | Non
                 saved_step = step
         if step > saved_step:
             save(step)
-        summary = {"step": step, "run": cfg.run_name}
+        if stopped_by:
+            log.warning("%s: checkpoint saved at step %d; rerun the same command to resume", stopped_by, step)
+        summary = {"step": step, "run": cfg.run_name, "stopped_by": stopped_by}
         if rank == 0:
             metrics.close()
             png = metrics.plot()
@@ -430,6 +486,9 @@ def main(argv=None) -> int:
     try:
         summary = run(cfg, fault_kill_after_step=ns.fault_kill_after_step)
         log.info("done: %s", summary)
+        if summary.get("stopped_by"):
+            # Not 0: a Job must not count a stopped run as completed (128 + signal, as the shell reports it).
+            return 128 + signal.Signals[summary["stopped_by"]].value
         return 0
     except DataError as exc:
         log.error("refused: %s", exc)

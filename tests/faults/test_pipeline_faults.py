@@ -88,6 +88,48 @@ def test_trainer_killed_mid_epoch_resumes_from_checkpoint(stack, make_case, faul
     fault_results.add(row)
 
 
+def test_trainer_sigterm_checkpoints_where_it_stopped_and_resumes_there(stack, make_case, fault_results):
+    """A preempted trainer (SIGTERM, as Kubernetes sends it) saves a checkpoint at the step it reached
+    and exits 143; without that it would lose everything since the last periodic checkpoint (none
+    here: --save-every 1000). The rerun resumes at that step and trains only what came after."""
+    import signal
+
+    from services.trainer import checkpoint as ckpt
+
+    from .harness import wait_for
+
+    case = make_case("trainer_sigterm", stack)
+    case.produce_pairs(make_pairs(40, case.run_name + "-a"))
+    worker = case.start_worker(name="refscore")
+    case.wait_scored(worker)
+    trainer = case.start_trainer("--save-every", "1000", idle_s=300)
+    # 40 pairs / 8 per step: 5 steps, then it waits for more shards (up to 300 s idle) when SIGTERM comes.
+    wait_for(lambda: len(case.trained_ids()) == 40, 180, "the trainer training the first 40 pairs", trainer.tail)
+    assert ckpt.latest_checkpoint(case.store, case.run_name) is None, "a periodic checkpoint was saved"
+    trainer.proc.send_signal(signal.SIGTERM)
+    try:
+        rc = trainer.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the trainer did not stop within 60 s of SIGTERM\n{trainer.tail()}") from None
+    assert rc == 128 + signal.SIGTERM, f"exit {rc}\n{trainer.tail()}"
+    prefix = ckpt.latest_checkpoint(case.store, case.run_name)
+    assert prefix and prefix.endswith("step-00000005"), f"checkpoint after SIGTERM: {prefix}\n{trainer.tail()}"
+    assert case.committed_all(case.trainer_group, case.kafka.shards_topic), "SIGTERM's checkpoint did not commit"
+    case.events.append(f"trainer SIGTERMed while waiting for shards after step 5: exit {rc}, checkpoint at step 5")
+
+    case.produce_pairs(make_pairs(40, case.run_name + "-b"))
+    case.wait_scored(worker)
+    resumed = case.run_trainer()
+    log_text = resumed.tail(200000)
+    assert f"resumed from {prefix} at step 5" in log_text, log_text[-3000:]
+    steps = [json.loads(line)["step"] for line in
+             (case.trainer_log_dir / case.run_name / "trained_pairs.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11)), f"steps logged: {steps}"
+    rc = worker.stop()
+    case.events.append(f"resumed trainer exit 0 after steps 6-10; refscore SIGTERM exit {rc}")
+    fault_results.add(case.verify(services_ok=rc == 0))
+
+
 def test_duplicate_delivery_trains_each_pair_once(stack, make_case, fault_results):
     """The same pair records produced twice (a producer retry / replay), and every shard-ready event
     re-delivered too: each pair trained exactly once."""
