@@ -8,6 +8,7 @@
     python -m services.labeler config                                              # every variable
 
 Settings come from the environment (`config` lists them); the flags override the most common ones.
+`consume` on SIGTERM/SIGINT finishes the batch in hand (publish, acknowledge, commit) and exits 0.
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import asyncio
 import dataclasses
 import json
 import logging
+import signal
 import sys
+import threading
 
 from offdpo.config import KafkaConfig, describe
 from services.labeler.config import CONFIG_CLASSES, JudgeConfig, LabelerConfig
@@ -97,11 +100,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "consume":
         labeler = build_labeler(cfg, kafka, judge)
+        stop = threading.Event()
+
+        def request_stop(signum, frame):
+            _progress(f"{signal.Signals(signum).name}: finishing the batch in hand, then stopping")
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, request_stop)
         try:
-            summary = run_kafka(labeler, kafka, cfg.strategy, idle_exit_s=args.idle_exit_s, progress=_progress)
+            summary = run_kafka(labeler, kafka, cfg.strategy, stop=stop, idle_exit_s=args.idle_exit_s,
+                                progress=_progress)
             _print_summary(summary, labeler)
-        except KeyboardInterrupt:
-            _print_summary(labeler.summary.as_dict(), labeler)
         finally:
             close_labeler(labeler)
         return 0

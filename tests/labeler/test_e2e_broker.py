@@ -265,6 +265,49 @@ def test_kafka_input_mode_replaces_a_consumer_whose_commits_a_rebalance_keeps_re
     assert again.get("total", {}).get("inputs", 0) == 0, "the replacement consumer did not commit"
 
 
+def test_consume_cli_stops_cleanly_on_sigterm(stack, kcfg, lcfg, tmp_path):
+    """`consume` as Kubernetes runs it: SIGTERM ends it with exit 0 after its batch is committed
+    (Python's default would kill it mid-batch with -15), and the summary is printed."""
+    import signal
+    import time
+
+    producer = make_producer(kcfg, "test-cands")
+    for i in range(6):
+        cs = inputs.candidate_set_from_json({"id": f"t{i}", "prompt": f"What is {i}*3? ",
+                                             "answers": [str(i * 3), "Sorry, I cannot."], "reference": str(i * 3)})
+        producer.send(kcfg.candidates_topic, key=cs.set_id.encode(), value=cs.SerializeToString())
+    producer.flush(30)
+    producer.close()
+    group = f"lab-term-{kcfg.pairs_topic}"
+    env = {**os.environ, **stack.env(), "OFFDPO_TOPIC_PAIRS": kcfg.pairs_topic,
+           "OFFDPO_TOPIC_DEADLETTER": kcfg.deadletter_topic, "OFFDPO_TOPIC_CANDIDATES": kcfg.candidates_topic,
+           "OFFDPO_LABELER_STATE_DIR": str(tmp_path / "state"), "OFFDPO_LABELER_GROUP": group}
+    proc = subprocess.Popen([sys.executable, "-m", "services.labeler", "consume", "--strategy", "rules", "--rules",
+                             str(SAMPLES / "rules.yaml"), "--idle-exit-s", "600"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(read_pairs(kcfg)) < 6:
+            assert proc.poll() is None, f"consume exited {proc.returncode}: {proc.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "consume did not publish the 6 pairs within 120 s"
+            time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{err[-3000:]}"
+    assert "SIGTERM: finishing the batch in hand" in err
+    assert json.loads(out.strip().splitlines()[-1])["summary"]["rules"]["pairs"] == 6
+    lab = _labeler(dataclasses.replace(lcfg, group_id=group, ledger=False), kcfg)
+    try:
+        again = run_kafka(lab, kcfg, idle_exit_s=4)
+    finally:
+        close_labeler(lab)
+    assert again.get("total", {}).get("inputs", 0) == 0, "the batch before SIGTERM was not committed"
+
+
 class FakeRefScore(refscore_pb2_grpc.RefScoreServicer):
     def Generate(self, request, context):
         assert request.n == 2
