@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -22,6 +23,7 @@ import sys
 import threading
 
 from offdpo.config import KafkaConfig, describe
+from offdpo.health import LoopHealth, LoopHealthServer
 from services.labeler.config import CONFIG_CLASSES, JudgeConfig, LabelerConfig
 
 
@@ -108,9 +110,12 @@ def main(argv: list[str] | None = None) -> int:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, request_stop)
+        health = LoopHealth("labeler-consume", cfg.stall_s)
         try:
-            summary = run_kafka(labeler, kafka, cfg.strategy, stop=stop, idle_exit_s=args.idle_exit_s,
-                                progress=_progress)
+            with (LoopHealthServer(health, cfg.grpc_host, cfg.health_port, "OFFDPO_LABELER_HEALTH_PORT")
+                  if cfg.health_port else contextlib.nullcontext()):
+                summary = run_kafka(labeler, kafka, cfg.strategy, stop=stop, idle_exit_s=args.idle_exit_s,
+                                    progress=_progress, heartbeat=health.beat)
             _print_summary(summary, labeler)
         finally:
             close_labeler(labeler)

@@ -41,6 +41,10 @@ class LabelerConfig(EnvConfig):
     refscore_key: str = env("OFFDPO_LABELER_REFSCORE_KEY", "", "client key for refscore's mTLS")
     grpc_port: int = env("OFFDPO_LABELER_GRPC_PORT", 50061, "port of the labeler's gRPC server")
     grpc_host: str = env("OFFDPO_LABELER_GRPC_HOST", "0.0.0.0", "bind address of the gRPC server")
+    health_port: int = env("OFFDPO_LABELER_HEALTH_PORT", 0,
+                           "consume: plaintext grpc.health.v1 port for kubelet's liveness probe (0 = none)")
+    stall_s: float = env("OFFDPO_LABELER_STALL_S", 300.0,
+                         "consume: health turns NOT_SERVING when the poll loop has not come round for this long")
     grpc_max_message_bytes: int = env("OFFDPO_LABELER_GRPC_MAX_MESSAGE_BYTES", 16 * 1024 * 1024,
                                       "largest gRPC request or response")
     grpc_max_sets: int = env("OFFDPO_LABELER_GRPC_MAX_SETS", 256, "most candidate sets per SubmitCandidates call")

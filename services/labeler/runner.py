@@ -95,10 +95,11 @@ def run_file(labeler: Labeler, path: str | Path, kind: str = "candidates", strat
 
 
 def run_kafka(labeler: Labeler, kafka: KafkaConfig, strategy: str = "", stop: threading.Event | None = None,
-              idle_exit_s: float | None = None, progress: Callable[[str], None] | None = None) -> dict:
+              idle_exit_s: float | None = None, progress: Callable[[str], None] | None = None,
+              heartbeat: Callable[[], None] = lambda: None) -> dict:
     """Consume candidate sets from the candidates topic in a consumer group. Offsets are committed only
     after the batch's pairs and dead letters are acknowledged. Returns when `stop` is set or, with
-    `idle_exit_s`, after that long without records."""
+    `idle_exit_s`, after that long without records. `heartbeat` is called every time round the loop."""
     cfg = labeler.cfg
 
     def new_consumer():
@@ -110,6 +111,7 @@ def run_kafka(labeler: Labeler, kafka: KafkaConfig, strategy: str = "", stop: th
     group_refusals = 0
     try:
         while not stop.is_set():
+            heartbeat()
             polled = consumer.poll(timeout_ms=500)
             recs = [r for batch in polled.values() for r in batch]
             if not recs:

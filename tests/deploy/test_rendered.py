@@ -190,6 +190,18 @@ def test_grpc_services_have_grpc_probes_on_the_health_service(rendered):
                 assert p.get("appProtocol") == "grpc"
 
 
+def test_labeler_consume_has_a_liveness_probe_on_its_health_port(rendered):
+    """`consume` serves no API, so nothing else would notice a stuck poll loop (offdpo.health)."""
+    _, objs = rendered
+    d = get(objs, "Deployment", "offdpo-labeler")
+    (c,) = containers(d, init=False)
+    assert c["args"] == ["consume"]
+    port = int(env_value(objs, c, "OFFDPO_LABELER_HEALTH_PORT"))
+    assert {"name": "health", "containerPort": port} in c["ports"]
+    assert c["livenessProbe"]["grpc"] == {"port": port, "service": ""}
+    assert env_value(objs, c, "OFFDPO_LABELER_GRPC_HOST") == "0.0.0.0", "kubelet probes the pod IP, not loopback"
+
+
 def test_refscore_drains_within_termination_grace(rendered):
     _, objs = rendered
     d = get(objs, "Deployment", "offdpo-refscore")

@@ -266,10 +266,17 @@ def test_kafka_input_mode_replaces_a_consumer_whose_commits_a_rebalance_keeps_re
 
 
 def test_consume_cli_stops_cleanly_on_sigterm(stack, kcfg, lcfg, tmp_path):
-    """`consume` as Kubernetes runs it: SIGTERM ends it with exit 0 after its batch is committed
-    (Python's default would kill it mid-batch with -15), and the summary is printed."""
+    """`consume` as Kubernetes runs it: its health port answers SERVING for the liveness probe while the
+    loop runs; SIGTERM ends it with exit 0 after its batch is committed (Python's default would kill it
+    mid-batch with -15), and the summary is printed."""
     import signal
     import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from offdpo.stack import free_port
+
+    health_port = free_port()
 
     producer = make_producer(kcfg, "test-cands")
     for i in range(6):
@@ -281,7 +288,8 @@ def test_consume_cli_stops_cleanly_on_sigterm(stack, kcfg, lcfg, tmp_path):
     group = f"lab-term-{kcfg.pairs_topic}"
     env = {**os.environ, **stack.env(), "OFFDPO_TOPIC_PAIRS": kcfg.pairs_topic,
            "OFFDPO_TOPIC_DEADLETTER": kcfg.deadletter_topic, "OFFDPO_TOPIC_CANDIDATES": kcfg.candidates_topic,
-           "OFFDPO_LABELER_STATE_DIR": str(tmp_path / "state"), "OFFDPO_LABELER_GROUP": group}
+           "OFFDPO_LABELER_STATE_DIR": str(tmp_path / "state"), "OFFDPO_LABELER_GROUP": group,
+           "OFFDPO_LABELER_GRPC_HOST": "127.0.0.1", "OFFDPO_LABELER_HEALTH_PORT": str(health_port)}
     proc = subprocess.Popen([sys.executable, "-m", "services.labeler", "consume", "--strategy", "rules", "--rules",
                              str(SAMPLES / "rules.yaml"), "--idle-exit-s", "600"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -291,6 +299,9 @@ def test_consume_cli_stops_cleanly_on_sigterm(stack, kcfg, lcfg, tmp_path):
             assert proc.poll() is None, f"consume exited {proc.returncode}: {proc.stderr.read()[-3000:]}"
             assert time.monotonic() < deadline, "consume did not publish the 6 pairs within 120 s"
             time.sleep(1)
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
