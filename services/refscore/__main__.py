@@ -42,20 +42,33 @@ async def _serve(cfg: RefscoreConfig, with_worker: bool) -> int:
         worker_thread = threading.Thread(target=worker.run, args=(worker_stop,), name="refscore-worker", daemon=True)
         worker_thread.start()
     waiter = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({load, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    if load in done and load.exception() is not None:
-        log.error("engine failed to load: %s", load.exception())
-        worker_stop.set()
-        await server.stop(0)
-        return 1
-    await waiter
-    log.info("signal received: draining (grace %.0f s)", cfg.grace_s)
+    # A worker thread that dies (its traceback is logged) must not leave a pod serving gRPC with its
+    # stream dead: stop with exit 1 so Kubernetes restarts the container.
+    worker_done = asyncio.create_task(asyncio.to_thread(worker_thread.join)) if worker_thread else None
+    watched = {load, waiter} | ({worker_done} if worker_done else set())
+    exit_code = 0
+    while True:
+        done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        if load in done and load.exception() is not None:
+            log.error("engine failed to load: %s", load.exception())
+            worker_stop.set()
+            await server.stop(0)
+            return 1
+        if waiter in done:
+            log.info("signal received: draining (grace %.0f s)", cfg.grace_s)
+            break
+        if worker_done in done:
+            log.error("the stream worker stopped unexpectedly (traceback above); stopping with exit 1 so the "
+                      "container is restarted")
+            exit_code = 1
+            break
+        watched -= done
     worker_stop.set()
     if worker_thread is not None:
         await asyncio.to_thread(worker_thread.join, cfg.grace_s)
     await server.stop()
-    log.info("stopped cleanly")
-    return 0
+    log.info("stopped cleanly" if exit_code == 0 else "stopped")
+    return exit_code
 
 
 def _worker_only(cfg: RefscoreConfig) -> int:

@@ -56,14 +56,22 @@ class StreamWorker:
         while not self.scorer.ready.wait(timeout=1.0):
             if stop.is_set() or self.scorer.load_error:
                 return
-        self.store.ensure_bucket()
-        self._new_consumer()
-        self._new_producer()
+        if not self._connect(stop):
+            return
         log.info("stream worker consuming %s as group %s", self.kafka.pairs_topic, self.cfg.group_id)
         backoff, group_refusals = 0.5, 0
         try:
             while not stop.is_set():
-                batch = self._collect(stop)
+                try:
+                    batch = self._collect(stop)
+                except KafkaError:
+                    # A consumer whose poll raises (its heartbeat or join failed for good) is replaced;
+                    # nothing was processed, so nothing is redone.
+                    log.exception("polling %s failed; a new consumer in %.1f s", self.kafka.pairs_topic, backoff)
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, 30.0)
+                    self._new_consumer()
+                    continue
                 if not batch:
                     continue
                 try:
@@ -97,6 +105,23 @@ class StreamWorker:
                 self._report_lag()
         finally:
             self.close()
+
+    def _connect(self, stop: threading.Event) -> bool:
+        """Bucket, consumer and producer, retried until they work: S3 or Kafka may start after us
+        (a pod scheduled before MinIO is up) and a worker thread that gave up would leave refscore
+        serving gRPC with its stream dead. False when `stop` came first."""
+        backoff = 1.0
+        while not stop.is_set():
+            try:
+                self.store.ensure_bucket()
+                self._new_consumer()
+                self._new_producer()
+                return True
+            except Exception:  # noqa: BLE001 - S3 or Kafka not reachable yet
+                log.exception("stream worker cannot reach S3 or Kafka yet; retrying in %.0f s", backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+        return False
 
     def _new_consumer(self) -> None:
         if self.consumer is not None:

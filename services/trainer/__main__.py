@@ -1,6 +1,17 @@
 """`python -m services.trainer --help` (or under torchrun); see services/trainer/train.py."""
+import logging
+import os
 import sys
 
 from services.trainer.train import main
 
-sys.exit(main())
+code = main()
+if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    # Under torchrun, skip the interpreter's teardown: gloo's worker threads, destroyed there, aborted
+    # a rank that had finished cleanly ("terminate called without an active exception", SIGABRT,
+    # seen in CI after the run's last checkpoint) and torchrun then reported the whole run failed.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+sys.exit(code)

@@ -486,6 +486,8 @@ def main(argv=None) -> int:
     try:
         summary = run(cfg, fault_kill_after_step=ns.fault_kill_after_step)
         log.info("done: %s", summary)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank is done communicating before any tears its process group down
         if summary.get("stopped_by"):
             # Not 0: a Job must not count a stopped run as completed (128 + signal, as the shell reports it).
             return 128 + signal.Signals[summary["stopped_by"]].value

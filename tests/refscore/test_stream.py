@@ -253,3 +253,27 @@ def test_worker_redoes_a_batch_at_once_when_a_rebalance_refuses_its_commit(stack
     assert not any("batch failed" in m for m in messages), "a rebalance was treated as an outage (backoff)"
     events = [records_pb2.ShardReady.FromString(r.value) for r in read_topic(kafka, kafka.shards_topic, idle_s=0.5)]
     assert sorted({pid for e in events for pid in e.pair_ids}) == sorted(p.pair_id for p in pairs)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_serve_exits_1_when_its_stream_worker_thread_dies(tiny_model, monkeypatch, caplog):
+    """`serve --worker` must not go on serving gRPC with its stream dead: Kubernetes restarts a
+    container that exits, not one that stays up (the worker retries outages itself; this is the net
+    for anything else)."""
+    import asyncio
+
+    from services.refscore import __main__ as entry
+    from services.refscore.config import RefscoreConfig
+
+    class DyingWorker:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def run(self, stop):
+            raise RuntimeError("injected: the stream worker crashed")
+
+    monkeypatch.setattr(entry, "StreamWorker", DyingWorker)
+    cfg = RefscoreConfig(model_dir=str(tiny_model), engine="transformers", host="127.0.0.1", port=0, metrics_port=0,
+                         max_model_len=512, plaintext=True, allow_anonymous=True, grace_s=2)
+    assert asyncio.run(asyncio.wait_for(entry._serve(cfg, with_worker=True), 60)) == 1
+    assert any("stream worker stopped unexpectedly" in r.getMessage() for r in caplog.records)
