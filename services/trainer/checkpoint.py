@@ -28,8 +28,8 @@ def run_prefix(run_name: str) -> str:
     return f"runs/{safe_key_part(run_name, 'run name')}"
 
 
-def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
-    sd = optimizer.state_dict()
+def _optimizer_tensors(sd: dict) -> tuple[dict, dict]:
+    """torch's index-keyed optimizer state dict -> (safetensors tensors, JSON-able metadata)."""
     tensors = {}
     for pid, st in sd["state"].items():
         for name, value in st.items():
@@ -37,17 +37,26 @@ def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, {"param_groups": sd["param_groups"]}
 
 
-def _load_optimizer(optimizer, tensors: dict, meta: dict) -> None:
+# The order AdamW creates its per-parameter state in. safetensors hands keys back sorted, and
+# torch's FSDP optimizer-state loader (set_optimizer_state_dict, torch 2.13) pairs state entries by
+# position: loaded in sorted order it swapped exp_avg and exp_avg_sq of some parameters (NaN weights
+# after the first resumed step). So the state is rebuilt in the optimizer's own order.
+_ADAMW_STATE_ORDER = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _optimizer_state(tensors: dict, meta: dict) -> dict:
     state: dict = {}
-    for k, v in tensors.items():
+    rank = {name: i for i, name in enumerate(_ADAMW_STATE_ORDER)}
+    for k in sorted(tensors, key=lambda k: (int(k.split(".", 1)[0]), rank.get(k.split(".", 1)[1], len(rank)), k)):
         pid, name = k.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        state.setdefault(int(pid), {})[name] = tensors[k]
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(store, run_name: str, step: int, model, tokenizer, optimizer, scheduler, extra: dict,
+def save_checkpoint(store, run_name: str, step: int, model, tokenizer, optimizer_state: dict, scheduler, extra: dict,
                     model_state: dict | None = None) -> str:
-    """Upload everything for `step`, then move `latest`. `model_state`: a full state dict (FSDP gathers one)."""
+    """Upload everything for `step`, then move `latest`. `optimizer_state`: torch's index-keyed state
+    dict (whole); `model_state`: a full model state dict (FSDP gathers both to rank 0)."""
     prefix = f"{run_prefix(run_name)}/checkpoints/step-{step:08d}"
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(Path(tmp) / "model", safe_serialization=True, state_dict=model_state)
@@ -56,7 +65,7 @@ def save_checkpoint(store, run_name: str, step: int, model, tokenizer, optimizer
         for path in sorted((Path(tmp) / "model").rglob("*")):
             if path.is_file():
                 store.put_bytes(f"{prefix}/model/{path.relative_to(Path(tmp) / 'model')}", path.read_bytes())
-    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer_state)
     store.put_bytes(f"{prefix}/optimizer.safetensors", save(opt_tensors))
     rng = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -87,9 +96,11 @@ def download_model(store, prefix: str, dest: Path) -> Path:
     return dest
 
 
-def load_trainer_state(store, prefix: str, optimizer, scheduler) -> dict:
+def load_trainer_state(store, prefix: str, load_optimizer, scheduler) -> dict:
+    """`load_optimizer` takes torch's index-keyed optimizer state dict (optimizer.load_state_dict, or
+    FSDP's sharding loader)."""
     state = json.loads(store.get_bytes(f"{prefix}/state.json"))
-    _load_optimizer(optimizer, load(store.get_bytes(f"{prefix}/optimizer.safetensors")), state["optimizer"])
+    load_optimizer(_optimizer_state(load(store.get_bytes(f"{prefix}/optimizer.safetensors")), state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
     rng = load(store.get_bytes(f"{prefix}/rng.safetensors"))
     torch.set_rng_state(rng["torch_cpu"])

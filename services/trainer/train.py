@@ -260,13 +260,11 @@ def wrap(model, cfg: TrainerConfig, world: int, device):
     if world == 1:
         return module
     if cfg.distributed == "fsdp":
-        # Sharding works, but checkpoints do not yet gather the sharded AdamW state (DTensors):
-        # refuse up front rather than fail at the first save after hours of training.
-        raise NotImplementedError("--distributed fsdp: saving sharded optimizer state is not implemented yet; "
-                                  "use --distributed ddp (fits models whose weights + AdamW state fit one device)")
-        from torch.distributed.fsdp import fully_shard  # noqa: F401 - the intended path, see above
+        # FSDP2: weights, gradients and AdamW state sharded over the ranks, one unit per decoder
+        # layer so only one layer is gathered at a time; gradients are averaged over ranks as DDP does.
+        from torch.distributed.fsdp import fully_shard
 
-        for layer in model.get_decoder().layers:  # one shard unit per decoder layer
+        for layer in model.get_decoder().layers:
             fully_shard(layer)
         return fully_shard(module)
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -274,14 +272,45 @@ def wrap(model, cfg: TrainerConfig, world: int, device):
     return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def full_state_dicts(module, model, optimizer, cfg: TrainerConfig, world: int):
-    """(model state dict or None, optimizer) for saving: FSDP gathers full tensors, others use their own."""
-    if world > 1 and cfg.distributed == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def _param_names(module) -> list[str]:
+    """Parameter names in the optimizer's order (it was built from module.parameters())."""
+    return [name for name, _ in module.named_parameters()]
 
-        sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k.removeprefix("model."): v for k, v in sd.items()}
-    return None
+
+def full_state_dicts(module, optimizer, cfg: TrainerConfig, world: int) -> tuple[dict | None, dict | None]:
+    """FSDP: (full model state dict, full optimizer state dict in torch's index-keyed layout), gathered
+    to rank 0 (a collective: every rank calls it). Otherwise (None, None): the live objects are whole."""
+    if not (world > 1 and cfg.distributed == "fsdp"):
+        return None, None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_sd, optim_sd = get_state_dict(module, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None, None
+    index = {name: i for i, name in enumerate(_param_names(module))}
+    optim_sd = {"state": {index[name]: st for name, st in optim_sd["state"].items()},
+                "param_groups": [{**g, "params": [index[name] for name in g["params"]]}
+                                 for g in optim_sd["param_groups"]]}
+    # Tied weights come back under both names; keep the names save_pretrained itself would write.
+    own = {name for name, _ in module.model.named_parameters()} | {name for name, _ in module.model.named_buffers()}
+    return {k.removeprefix("model."): v for k, v in model_sd.items() if k.removeprefix("model.") in own}, optim_sd
+
+
+def optimizer_loader(module, optimizer, cfg: TrainerConfig, world: int):
+    """How a checkpoint's full optimizer state goes back in: FSDP shards it over the ranks."""
+    if not (world > 1 and cfg.distributed == "fsdp"):
+        return optimizer.load_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _param_names(module)
+
+    def load(full: dict) -> None:
+        by_name = {"state": {names[i]: st for i, st in full["state"].items()},
+                   "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in full["param_groups"]]}
+        set_optimizer_state_dict(module, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+    return load
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -387,7 +416,8 @@ def _run(cfg: TrainerConfig, s3: S3Config | None, kafka: KafkaConfig | None, fau
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, setup["total"], cfg.min_lr_ratio))
     step = 0
     if resume_prefix:
-        state = ckpt.load_trainer_state(store, resume_prefix, optimizer, scheduler)
+        state = ckpt.load_trainer_state(store, resume_prefix, optimizer_loader(module, optimizer, cfg, world),
+                                        scheduler)
         if state["fingerprint"] != setup["fingerprint"]:
             raise DataError(f"checkpoint {resume_prefix} was trained against reference {state['fingerprint']}, "
                             f"this run expects {setup['fingerprint']}")
@@ -404,11 +434,12 @@ def _run(cfg: TrainerConfig, s3: S3Config | None, kafka: KafkaConfig | None, fau
                              cfg.progress and sys.stderr.isatty(), setup["total"])
 
     def save(step: int) -> None:
-        full = full_state_dicts(module, model, optimizer, cfg, world)
+        model_sd, optim_sd = full_state_dicts(module, optimizer, cfg, world)
         if rank == 0:
             extra = {"data": source.state(), "fingerprint": setup["fingerprint"], "config": dataclasses.asdict(cfg),
                      "world_size": world}
-            ckpt.save_checkpoint(store, cfg.run_name, step, model, tokenizer, optimizer, scheduler, extra, full)
+            ckpt.save_checkpoint(store, cfg.run_name, step, model, tokenizer, optim_sd or optimizer.state_dict(),
+                                 scheduler, extra, model_sd)
             if cfg.mode == "continuous":  # only now may Kafka forget the events this checkpoint covers
                 commit_offsets(source)
         if world > 1:

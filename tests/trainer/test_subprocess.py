@@ -95,3 +95,34 @@ def test_two_gloo_ranks_match_one_process(stack, store, tiny_model, ref_fp, tmp_
             assert abs(a[k] - b[k]) < 1e-5, (a["step"], k, a[k], b[k])
     state = json.loads(store.get_bytes(json.loads(store.get_bytes(f"runs/two-{unique}/latest"))["prefix"] + "/state.json"))
     assert state["world_size"] == 2
+
+
+def test_fsdp_two_gloo_ranks_match_one_process_across_a_kill_and_resume(stack, store, tiny_model, ref_fp, tmp_path,
+                                                                         unique):
+    """FSDP2 shards weights, gradients and AdamW state; its checkpoints gather them to rank 0 in the same
+    layout as one process's, and a resume shards them again. Two ranks killed after step 3 and resumed
+    from the step-2 checkpoint end where one uninterrupted process does."""
+    rows = scored_pairs(tiny_model, synthetic_tokens(16, seed=13), ref_fp)
+    upload_shards(store, rows, ref_fp, f"fsdp-{unique}", per_shard=8)
+    prefix = f"scores/{ref_fp.fingerprint_id}/fsdp-{unique}/"
+    common = ["--epochs", "1", "--save-every", "2"]  # 4 steps
+    _trainer(stack, tiny_model, tmp_path, f"one-{unique}", prefix, *common)
+    sharded = f"fsdp-{unique}"
+    rc, out = _trainer(stack, tiny_model, tmp_path, sharded, prefix, *common, "--distributed", "fsdp",
+                       "--fault-kill-after-step", "3", nproc=2, check=False)
+    assert rc != 0 and json.loads(store.get_bytes(f"runs/{sharded}/latest"))["step"] == 2, out[-3000:]
+    _, out = _trainer(stack, tiny_model, tmp_path, sharded, prefix, *common, "--distributed", "fsdp", nproc=2)
+    assert "resumed from" in out
+    one = _jsonl(tmp_path / "runs" / f"one-{unique}" / "metrics.jsonl")
+    two = _jsonl(tmp_path / "runs" / sharded / "metrics.jsonl")
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        for k in ("loss", "rewards/margins", "logps/chosen", "grad_norm", "lr"):
+            # float32 sums in another order (reduce-scatter over ranks): relative, not absolute
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-5), (a["step"], k, a[k], b[k])
+    a, b = _final_weights(store, f"one-{unique}"), _final_weights(store, sharded)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k
+    state = json.loads(store.get_bytes(json.loads(store.get_bytes(f"runs/{sharded}/latest"))["prefix"] + "/state.json"))
+    assert state["world_size"] == 2 and state["config"]["distributed"] == "fsdp"
