@@ -96,6 +96,9 @@ class KafkaConfig(EnvConfig):
     sasl_username: str = env("OFFDPO_KAFKA_SASL_USERNAME", "", "SASL user", secret=True)
     sasl_password: str = env("OFFDPO_KAFKA_SASL_PASSWORD", "", "SASL password", secret=True)
     ssl_cafile: str = env("OFFDPO_KAFKA_SSL_CAFILE", "", "CA bundle for SSL/SASL_SSL")
+    ssl_certfile: str = env("OFFDPO_KAFKA_SSL_CERTFILE", "", "client certificate (PEM) for brokers that require mTLS")
+    ssl_keyfile: str = env("OFFDPO_KAFKA_SSL_KEYFILE", "", "private key (PEM) of the client certificate")
+    ssl_password: str = env("OFFDPO_KAFKA_SSL_PASSWORD", "", "password of an encrypted client key", secret=True)
     pairs_topic: str = env("OFFDPO_TOPIC_PAIRS", "offdpo.pairs.v1", "preference pairs (labeler -> refscore)")
     shards_topic: str = env("OFFDPO_TOPIC_SHARDS", "offdpo.shards.v1", "shard-ready events (refscore -> trainer)")
     candidates_topic: str = env("OFFDPO_TOPIC_CANDIDATES", "offdpo.candidates.v1", "candidate sets (-> labeler)")
@@ -119,6 +122,9 @@ class KafkaConfig(EnvConfig):
                           sasl_plain_password=self.sasl_password)
         if self.ssl_cafile:
             kwargs["ssl_cafile"] = self.ssl_cafile
+        if self.ssl_certfile:
+            kwargs.update(ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile or None,
+                          ssl_password=self.ssl_password or None)
         return kwargs
 
     def all_topics(self) -> tuple[str, ...]:

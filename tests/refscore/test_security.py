@@ -7,8 +7,6 @@ the sync gRPC clients of the tests talk to them from the test thread.
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import logging
 import secrets
 import threading
@@ -30,6 +28,8 @@ from services.refscore.config import RefscoreConfig
 from services.refscore.scorer import STREAM_WORKER, FairQueue, Scorer, _Job
 from services.refscore.server import RefscoreServer
 
+from tests.pki import make_cert
+
 WAIT_S = 60  # bound on every RPC of this module (a hang fails with DEADLINE_EXCEEDED, not a stuck run)
 TOKENS = {name: f"tok-{name}-{secrets.token_urlsafe(24)}" for name in ("alpha", "beta", "gamma", "busy", "metered", "calm")}
 WRONG_TOKEN = f"tok-wrong-{secrets.token_urlsafe(24)}"
@@ -43,52 +43,15 @@ TEAMS = {
 }
 
 
-# -- certificates ---------------------------------------------------------------------------------------
-def _pem_key(key) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _cert(subject: str, issuer_cert=None, issuer_key=None, *, ca: bool = False, server: bool = False):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(name)
-               .issuer_name(issuer_cert.subject if issuer_cert is not None else name)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if ca:
-        builder = builder.add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                                      content_commitment=False, key_encipherment=False,
-                                                      data_encipherment=False, key_agreement=False,
-                                                      encipher_only=False, decipher_only=False), critical=True)
-    else:
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-    cert = builder.sign(issuer_key if issuer_key is not None else key, hashes.SHA256())
-    return cert, key, cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("pki")
-    ca, ca_key, ca_pem, _ = _cert("offdpo test CA", ca=True)
-    _, _, server_pem, server_key = _cert("refscore", ca, ca_key, server=True)
-    client_ca, client_ca_key, client_ca_pem, _ = _cert("offdpo test client CA", ca=True)
-    _, _, client_pem, client_key = _cert("labeler", client_ca, client_ca_key)
-    rogue_ca, rogue_ca_key, _, _ = _cert("rogue CA", ca=True)
-    _, _, rogue_pem, rogue_key = _cert("intruder", rogue_ca, rogue_ca_key)
+    ca, ca_key, ca_pem, _ = make_cert("offdpo test CA", ca=True)
+    _, _, server_pem, server_key = make_cert("refscore", ca, ca_key, server=True)
+    client_ca, client_ca_key, client_ca_pem, _ = make_cert("offdpo test client CA", ca=True)
+    _, _, client_pem, client_key = make_cert("labeler", client_ca, client_ca_key)
+    rogue_ca, rogue_ca_key, _, _ = make_cert("rogue CA", ca=True)
+    _, _, rogue_pem, rogue_key = make_cert("intruder", rogue_ca, rogue_ca_key)
     files = {"ca": ca_pem, "server.crt": server_pem, "server.key": server_key, "client-ca": client_ca_pem,
              "client.crt": client_pem, "client.key": client_key, "rogue.crt": rogue_pem, "rogue.key": rogue_key}
     for name, data in files.items():
