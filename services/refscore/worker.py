@@ -47,6 +47,7 @@ class StreamWorker:
         self.consumer = None
         self.producer = None
         self.dlq: DeadLetterSink | None = None
+        self._bucket_ready = False
         self.pairs_scored = 0
         self.shards_written = 0
         self._last_lag = 0.0
@@ -56,21 +57,21 @@ class StreamWorker:
         while not self.scorer.ready.wait(timeout=1.0):
             if stop.is_set() or self.scorer.load_error:
                 return
-        if not self._connect(stop):
-            return
         log.info("stream worker consuming %s as group %s", self.kafka.pairs_topic, self.cfg.group_id)
         backoff, group_refusals = 0.5, 0
         try:
             while not stop.is_set():
+                if not self._connect(stop):  # (re)creates whatever client was dropped below
+                    break
                 try:
                     batch = self._collect(stop)
                 except KafkaError:
                     # A consumer whose poll raises (its heartbeat or join failed for good) is replaced;
                     # nothing was processed, so nothing is redone.
                     log.exception("polling %s failed; a new consumer in %.1f s", self.kafka.pairs_topic, backoff)
+                    self._drop_consumer()
                     stop.wait(backoff)
                     backoff = min(backoff * 2, 30.0)
-                    self._new_consumer()
                     continue
                 if not batch:
                     continue
@@ -89,7 +90,7 @@ class StreamWorker:
                         log.warning("%d commits in a row refused by a group rebalance that poll() does not "
                                     "complete; replacing the Kafka consumer (the new member redoes the batch "
                                     "from the committed offsets)", group_refusals)
-                        self._new_consumer()
+                        self._drop_consumer()
                         group_refusals = 0
                     else:
                         rewind(self.consumer, batch)
@@ -99,7 +100,7 @@ class StreamWorker:
                     if isinstance(exc, KafkaError):
                         # An idempotent producer that hit a fatal error (seen after the broker lost its
                         # storage) refuses every later send: start a new one.
-                        self._new_producer()
+                        self._drop_producer()
                     stop.wait(backoff)
                     backoff = min(backoff * 2, 30.0)
                 self._report_lag()
@@ -107,39 +108,44 @@ class StreamWorker:
             self.close()
 
     def _connect(self, stop: threading.Event) -> bool:
-        """Bucket, consumer and producer, retried until they work: S3 or Kafka may start after us
-        (a pod scheduled before MinIO is up) and a worker thread that gave up would leave refscore
-        serving gRPC with its stream dead. False when `stop` came first."""
+        """The bucket (once) and whichever Kafka client is missing, retried until they work: S3 or
+        Kafka may start after us (a pod scheduled before MinIO is up) or be down when a client is
+        replaced, and a worker thread that gave up would leave refscore serving gRPC with its stream
+        dead. False when `stop` came first."""
         backoff = 1.0
         while not stop.is_set():
             try:
-                self.store.ensure_bucket()
-                self._new_consumer()
-                self._new_producer()
+                if not self._bucket_ready:
+                    self.store.ensure_bucket()
+                    self._bucket_ready = True
+                if self.consumer is None:
+                    self.consumer = make_consumer(self.kafka, self.cfg.group_id, [self.kafka.pairs_topic],
+                                                  max_poll_records=self.cfg.batch_pairs)
+                if self.producer is None:
+                    self.producer = make_producer(self.kafka, "refscore-worker")
+                    self.dlq = DeadLetterSink(self.producer, self.kafka, "refscore")
                 return True
-            except Exception:  # noqa: BLE001 - S3 or Kafka not reachable yet
-                log.exception("stream worker cannot reach S3 or Kafka yet; retrying in %.0f s", backoff)
+            except Exception:  # noqa: BLE001 - S3 or Kafka not reachable (yet)
+                log.exception("stream worker cannot reach S3 or Kafka; retrying in %.0f s", backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
         return False
 
-    def _new_consumer(self) -> None:
-        if self.consumer is not None:
+    def _drop_consumer(self) -> None:
+        consumer, self.consumer = self.consumer, None
+        if consumer is not None:
             try:
-                self.consumer.close()
+                consumer.close()
             except Exception:  # noqa: BLE001 - the old member times out of the group anyway
-                log.warning("closing the stuck consumer failed", exc_info=True)
-        self.consumer = make_consumer(self.kafka, self.cfg.group_id, [self.kafka.pairs_topic],
-                                      max_poll_records=self.cfg.batch_pairs)
+                log.warning("closing the replaced consumer failed", exc_info=True)
 
-    def _new_producer(self) -> None:
-        if self.producer is not None:
+    def _drop_producer(self) -> None:
+        producer, self.producer, self.dlq = self.producer, None, None
+        if producer is not None:
             try:
-                self.producer.close(timeout=5)
+                producer.close(timeout=5)
             except Exception:  # noqa: BLE001
                 log.warning("closing the failed producer failed", exc_info=True)
-        self.producer = make_producer(self.kafka, "refscore-worker")
-        self.dlq = DeadLetterSink(self.producer, self.kafka, "refscore")
 
     def close(self) -> None:
         for client in (self.producer, self.consumer):

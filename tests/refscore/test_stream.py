@@ -255,6 +255,52 @@ def test_worker_redoes_a_batch_at_once_when_a_rebalance_refuses_its_commit(stack
     assert sorted({pid for e in events for pid in e.pair_ids}) == sorted(p.pair_id for p in pairs)
 
 
+def test_worker_keeps_trying_when_kafka_is_unreachable_at_start(stack, tiny_model, unique, monkeypatch):
+    """A consumer that cannot be made (broker not up yet: kafka-python raises KafkaTimeoutError after
+    30 s) is retried with backoff; the worker thread does not die and then scores everything."""
+    import dataclasses
+    import threading
+
+    from kafka.errors import KafkaTimeoutError
+
+    from services.refscore import worker as worker_mod
+    from services.refscore.config import RefscoreConfig
+    from services.refscore.scorer import Scorer
+
+    kafka = dataclasses.replace(stack.kafka, pairs_topic=f"late.pairs.{unique}", shards_topic=f"late.shards.{unique}",
+                                deadletter_topic=f"late.dead.{unique}")
+    ensure_topics(stack.kafka, [kafka.pairs_topic, kafka.shards_topic, kafka.deadletter_topic], partitions=1)
+    pairs = make_pairs(4, unique)
+    _produce(kafka, kafka.pairs_topic, pairs)
+    attempts = []
+    real = worker_mod.make_consumer
+
+    def make(*args, **kwargs):
+        attempts.append(1)
+        if len(attempts) <= 2:
+            raise KafkaTimeoutError("injected: Failed to update metadata after 30.0 secs")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(worker_mod, "make_consumer", make)
+    cfg = RefscoreConfig(model_dir=str(tiny_model), engine="transformers", max_model_len=512, batch_wait_s=0.3,
+                         group_id=f"late-{unique}")
+    scorer = Scorer(cfg)
+    scorer.load()
+    stop = threading.Event()
+    worker = worker_mod.StreamWorker(scorer, cfg, kafka, stack.s3)
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        _wait(lambda: _committed_all(kafka, cfg.group_id, kafka.pairs_topic), 120,
+              "the worker scoring every pair after two failed starts")
+        assert thread.is_alive()
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+        scorer.shutdown()
+    assert len(attempts) == 3
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_serve_exits_1_when_its_stream_worker_thread_dies(tiny_model, monkeypatch, caplog):
     """`serve --worker` must not go on serving gRPC with its stream dead: Kubernetes restarts a
