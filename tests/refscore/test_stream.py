@@ -1,4 +1,7 @@
 """The stream worker on the local stack: pairs in Kafka -> shards in S3 -> shard-ready events."""
+import contextlib
+import dataclasses
+import threading
 import time
 import uuid
 
@@ -37,6 +40,34 @@ def _produce(kafka, topic, pairs, extra=()):
         producer.send(topic, key=key, value=value)
     producer.flush()
     producer.close()
+
+
+@contextlib.contextmanager
+def _worker_thread(stack, tiny_model, unique: str, tag: str, pairs):
+    """Topics of the test's own holding `pairs`, and a StreamWorker (transformers engine) in a thread;
+    yields (kafka settings, group id, thread). Patch make_consumer/make_producer before entering."""
+    from services.refscore import worker as worker_mod
+    from services.refscore.config import RefscoreConfig
+    from services.refscore.scorer import Scorer
+
+    kafka = dataclasses.replace(stack.kafka, pairs_topic=f"{tag}.pairs.{unique}", shards_topic=f"{tag}.shards.{unique}",
+                                deadletter_topic=f"{tag}.dead.{unique}")
+    ensure_topics(stack.kafka, [kafka.pairs_topic, kafka.shards_topic, kafka.deadletter_topic], partitions=1)
+    _produce(kafka, kafka.pairs_topic, pairs)
+    cfg = RefscoreConfig(model_dir=str(tiny_model), engine="transformers", max_model_len=512, batch_wait_s=0.3,
+                         group_id=f"{tag}-{unique}")
+    scorer = Scorer(cfg)
+    scorer.load()
+    stop = threading.Event()
+    thread = threading.Thread(target=worker_mod.StreamWorker(scorer, cfg, kafka, stack.s3).run, args=(stop,),
+                              daemon=True)
+    thread.start()
+    try:
+        yield kafka, cfg.group_id, thread
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+        scorer.shutdown()
 
 
 def _wait(predicate, timeout_s, what, log_tail=lambda: ""):
@@ -147,20 +178,9 @@ def test_worker_killed_between_shard_write_and_commit_loses_and_duplicates_nothi
 def test_worker_replaces_a_producer_that_hit_a_fatal_error(stack, tiny_model, unique, monkeypatch):
     """After the broker loses its storage, an idempotent producer can fail fatally and refuse every
     later send (seen in the S3-outage fault case). The worker must start a new producer and go on."""
-    import dataclasses
-    import threading
-
     from kafka.errors import UnknownError
 
     from services.refscore import worker as worker_mod
-    from services.refscore.config import RefscoreConfig
-    from services.refscore.scorer import Scorer
-
-    kafka = dataclasses.replace(stack.kafka, pairs_topic=f"fatal.pairs.{unique}", shards_topic=f"fatal.shards.{unique}",
-                                deadletter_topic=f"fatal.dead.{unique}")
-    ensure_topics(stack.kafka, [kafka.pairs_topic, kafka.shards_topic, kafka.deadletter_topic], partitions=1)
-    pairs = make_pairs(6, unique)
-    _produce(kafka, kafka.pairs_topic, pairs)
 
     class FatallyBroken:
         """A producer in kafka-python's fatal-error state: every send fails."""
@@ -185,26 +205,15 @@ def test_worker_replaces_a_producer_that_hit_a_fatal_error(stack, tiny_model, un
         return FatallyBroken(made[-1]) if len(made) == 1 else made[-1]
 
     monkeypatch.setattr(worker_mod, "make_producer", make)
-    cfg = RefscoreConfig(model_dir=str(tiny_model), engine="transformers", max_model_len=512, batch_wait_s=0.3,
-                         group_id=f"fatal-{unique}")
-    scorer = Scorer(cfg)
-    scorer.load()
-    stop = threading.Event()
-    worker = worker_mod.StreamWorker(scorer, cfg, kafka, stack.s3)
-    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
+    pairs = make_pairs(6, unique)
+    with _worker_thread(stack, tiny_model, unique, "fatal", pairs) as (kafka, group, _):
         def announced():
             events = [records_pb2.ShardReady.FromString(r.value) for r in read_topic(kafka, kafka.shards_topic, idle_s=0.5)]
             return sorted({pid for e in events for pid in e.pair_ids}) == sorted(p.pair_id for p in pairs)
 
         _wait(announced, 120, "the worker announcing every pair after replacing its producer")
         assert len(made) >= 2, "the broken producer was never replaced"
-        assert _committed_all(kafka, cfg.group_id, kafka.pairs_topic)
-    finally:
-        stop.set()
-        thread.join(timeout=60)
-        scorer.shutdown()
+        assert _committed_all(kafka, group, kafka.pairs_topic)
 
 
 def test_worker_redoes_a_batch_at_once_when_a_rebalance_refuses_its_commit(stack, tiny_model, unique, monkeypatch,
@@ -213,38 +222,17 @@ def test_worker_redoes_a_batch_at_once_when_a_rebalance_refuses_its_commit(stack
     (its shards are already written). A consumer whose every commit is refused (kafka-python stuck in
     its client-side rebalancing state, seen in CI after an S3 outage) is replaced by a new one after
     GROUP_REFUSALS_BEFORE_NEW_CONSUMER refusals in a row, and the new member commits."""
-    import dataclasses
     import logging
-    import threading
 
     from services.refscore import worker as worker_mod
-    from services.refscore.config import RefscoreConfig
-    from services.refscore.scorer import Scorer
-
-    kafka = dataclasses.replace(stack.kafka, pairs_topic=f"rebal.pairs.{unique}", shards_topic=f"rebal.shards.{unique}",
-                                deadletter_topic=f"rebal.dead.{unique}")
-    ensure_topics(stack.kafka, [kafka.pairs_topic, kafka.shards_topic, kafka.deadletter_topic], partitions=1)
-    pairs = make_pairs(6, unique)
-    _produce(kafka, kafka.pairs_topic, pairs)
 
     make = FirstConsumerStuck(worker_mod.make_consumer)
     monkeypatch.setattr(worker_mod, "make_consumer", make)
     caplog.set_level(logging.INFO, logger="services.refscore.worker")
-    cfg = RefscoreConfig(model_dir=str(tiny_model), engine="transformers", max_model_len=512, batch_wait_s=0.3,
-                         group_id=f"rebal-{unique}")
-    scorer = Scorer(cfg)
-    scorer.load()
-    stop = threading.Event()
-    worker = worker_mod.StreamWorker(scorer, cfg, kafka, stack.s3)
-    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        _wait(lambda: _committed_all(kafka, cfg.group_id, kafka.pairs_topic), 120,
+    pairs = make_pairs(6, unique)
+    with _worker_thread(stack, tiny_model, unique, "rebal", pairs) as (kafka, group, _):
+        _wait(lambda: _committed_all(kafka, group, kafka.pairs_topic), 120,
               "the worker committing every pair after its first consumer refused every commit")
-    finally:
-        stop.set()
-        thread.join(timeout=60)
-        scorer.shutdown()
     messages = [r.getMessage() for r in caplog.records]
     assert make.refusals == worker_mod.GROUP_REFUSALS_BEFORE_NEW_CONSUMER
     assert len(make.consumers) == 2, "the stuck consumer was not replaced exactly once"
@@ -258,20 +246,10 @@ def test_worker_redoes_a_batch_at_once_when_a_rebalance_refuses_its_commit(stack
 def test_worker_keeps_trying_when_kafka_is_unreachable_at_start(stack, tiny_model, unique, monkeypatch):
     """A consumer that cannot be made (broker not up yet: kafka-python raises KafkaTimeoutError after
     30 s) is retried with backoff; the worker thread does not die and then scores everything."""
-    import dataclasses
-    import threading
-
     from kafka.errors import KafkaTimeoutError
 
     from services.refscore import worker as worker_mod
-    from services.refscore.config import RefscoreConfig
-    from services.refscore.scorer import Scorer
 
-    kafka = dataclasses.replace(stack.kafka, pairs_topic=f"late.pairs.{unique}", shards_topic=f"late.shards.{unique}",
-                                deadletter_topic=f"late.dead.{unique}")
-    ensure_topics(stack.kafka, [kafka.pairs_topic, kafka.shards_topic, kafka.deadletter_topic], partitions=1)
-    pairs = make_pairs(4, unique)
-    _produce(kafka, kafka.pairs_topic, pairs)
     attempts = []
     real = worker_mod.make_consumer
 
@@ -282,22 +260,10 @@ def test_worker_keeps_trying_when_kafka_is_unreachable_at_start(stack, tiny_mode
         return real(*args, **kwargs)
 
     monkeypatch.setattr(worker_mod, "make_consumer", make)
-    cfg = RefscoreConfig(model_dir=str(tiny_model), engine="transformers", max_model_len=512, batch_wait_s=0.3,
-                         group_id=f"late-{unique}")
-    scorer = Scorer(cfg)
-    scorer.load()
-    stop = threading.Event()
-    worker = worker_mod.StreamWorker(scorer, cfg, kafka, stack.s3)
-    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        _wait(lambda: _committed_all(kafka, cfg.group_id, kafka.pairs_topic), 120,
+    with _worker_thread(stack, tiny_model, unique, "late", make_pairs(4, unique)) as (kafka, group, thread):
+        _wait(lambda: _committed_all(kafka, group, kafka.pairs_topic), 120,
               "the worker scoring every pair after two failed starts")
         assert thread.is_alive()
-    finally:
-        stop.set()
-        thread.join(timeout=60)
-        scorer.shutdown()
     assert len(attempts) == 3
 
 
