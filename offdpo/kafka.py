@@ -45,6 +45,30 @@ def rewind(consumer: KafkaConsumer, recs) -> None:
             log.warning("could not rewind %s to %d", tp, offset)
 
 
+class CommitRefusals:
+    """Commits a group change refused in a row. `refused` rewinds the batch so this member redoes it
+    at once, or, after GROUP_REFUSALS_BEFORE_NEW_CONSUMER in a row, says the consumer must be replaced
+    (the new member redoes the batch from the committed offsets)."""
+
+    def __init__(self):
+        self.in_a_row = 0
+
+    def committed(self) -> None:
+        self.in_a_row = 0
+
+    def refused(self, consumer: KafkaConsumer, recs, exc: Exception) -> bool:
+        self.in_a_row += 1
+        log.warning("offset commit refused by a group rebalance (%s); redoing the batch from the committed "
+                    "offsets now", type(exc).__name__)
+        if self.in_a_row < GROUP_REFUSALS_BEFORE_NEW_CONSUMER:
+            rewind(consumer, recs)
+            return False
+        log.warning("%d commits in a row refused by a group rebalance that poll() does not complete; "
+                    "replacing the Kafka consumer", self.in_a_row)
+        self.in_a_row = 0
+        return True
+
+
 def ensure_topics(cfg: KafkaConfig, topics: Iterable[str], partitions: int) -> None:
     admin = KafkaAdminClient(**cfg.client_kwargs(), client_id="offdpo-admin")
     try:

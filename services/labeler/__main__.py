@@ -18,12 +18,11 @@ import contextlib
 import dataclasses
 import json
 import logging
-import signal
 import sys
-import threading
 
 from offdpo.config import KafkaConfig, describe
 from offdpo.health import LoopHealth, LoopHealthServer
+from offdpo.shutdown import StopOnSignals
 from services.labeler.config import CONFIG_CLASSES, JudgeConfig, LabelerConfig
 
 
@@ -102,19 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "consume":
         labeler = build_labeler(cfg, kafka, judge)
-        stop = threading.Event()
-
-        def request_stop(signum, frame):
-            _progress(f"{signal.Signals(signum).name}: finishing the batch in hand, then stopping")
-            stop.set()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, request_stop)
         health = LoopHealth("labeler-consume", cfg.stall_s)
         try:
-            with (LoopHealthServer(health, cfg.grpc_host, cfg.health_port, "OFFDPO_LABELER_HEALTH_PORT")
+            with (StopOnSignals("finishing the batch in hand, then stopping", announce=_progress) as stop,
+                  LoopHealthServer(health, cfg.grpc_host, cfg.health_port, "OFFDPO_LABELER_HEALTH_PORT")
                   if cfg.health_port else contextlib.nullcontext()):
-                summary = run_kafka(labeler, kafka, cfg.strategy, stop=stop, idle_exit_s=args.idle_exit_s,
+                summary = run_kafka(labeler, kafka, cfg.strategy, stop=stop.requested, idle_exit_s=args.idle_exit_s,
                                     progress=_progress, heartbeat=health.beat)
             _print_summary(summary, labeler)
         finally:

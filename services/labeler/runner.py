@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from offdpo.config import KafkaConfig
-from offdpo.kafka import (GROUP_CHANGED, GROUP_REFUSALS_BEFORE_NEW_CONSUMER, DeadLetterSink, make_consumer,
-                          make_producer, rewind)
+from offdpo.kafka import GROUP_CHANGED, CommitRefusals, DeadLetterSink, make_consumer, make_producer
 from offdpo.records import RecordError
 from services.labeler import inputs
 from services.labeler.config import JudgeConfig, LabelerConfig
@@ -108,7 +107,7 @@ def run_kafka(labeler: Labeler, kafka: KafkaConfig, strategy: str = "", stop: th
     consumer = new_consumer()
     stop = stop or threading.Event()
     last_record = time.monotonic()
-    group_refusals = 0
+    refusals = CommitRefusals()
     try:
         while not stop.is_set():
             heartbeat()
@@ -132,19 +131,13 @@ def run_kafka(labeler: Labeler, kafka: KafkaConfig, strategy: str = "", stop: th
             labeler.confirm()          # raises PublishError: nothing is committed, the batch is redelivered
             try:
                 consumer.commit()
-                group_refusals = 0
+                refusals.committed()
             except GROUP_CHANGED as exc:
-                # The pairs are published; the batch comes back to whoever owns its partitions after
-                # the rebalance, and the ledger (or pair_id downstream) drops the repeats.
-                group_refusals += 1
-                log.warning("offset commit refused by a group rebalance (%s); the batch will be redelivered",
-                            type(exc).__name__)
-                if group_refusals >= GROUP_REFUSALS_BEFORE_NEW_CONSUMER:
-                    log.warning("%d commits in a row refused; replacing the Kafka consumer", group_refusals)
+                # The pairs are published; the redo finds them in the ledger (or pair_id downstream
+                # drops the repeats).
+                if refusals.refused(consumer, recs, exc):
                     consumer.close(autocommit=False)
-                    consumer, group_refusals = new_consumer(), 0
-                else:
-                    rewind(consumer, recs)
+                    consumer = new_consumer()
             if progress:
                 t = labeler.summary.total()
                 progress(f"{kafka.candidates_topic}: {t['inputs']} inputs, {t['pairs']} pairs, {t['rejects']} rejects")

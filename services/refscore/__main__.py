@@ -19,6 +19,7 @@ import sys
 import threading
 
 from offdpo.config import ConfigError, KafkaConfig, S3Config
+from offdpo.shutdown import StopOnSignals
 from services.refscore.config import RefscoreConfig
 from services.refscore.scorer import Scorer
 from services.refscore.server import RefscoreServer
@@ -73,14 +74,12 @@ async def _serve(cfg: RefscoreConfig, with_worker: bool) -> int:
 
 def _worker_only(cfg: RefscoreConfig) -> int:
     scorer = Scorer(cfg)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    scorer.load()
-    try:
-        StreamWorker(scorer, cfg, KafkaConfig.from_env(), S3Config.from_env()).run(stop)
-    finally:
-        scorer.shutdown()
+    with StopOnSignals("the worker finishes (and commits) its current batch, then stops") as stop:
+        scorer.load()
+        try:
+            StreamWorker(scorer, cfg, KafkaConfig.from_env(), S3Config.from_env()).run(stop.requested)
+        finally:
+            scorer.shutdown()
     return 0
 
 

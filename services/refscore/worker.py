@@ -26,8 +26,8 @@ from kafka.structs import OffsetAndMetadata
 
 from offdpo import records
 from offdpo.config import KafkaConfig, S3Config
-from offdpo.kafka import (GROUP_CHANGED, GROUP_REFUSALS_BEFORE_NEW_CONSUMER, DeadLetterSink, make_consumer,
-                          make_producer, now_timestamp, rewind)
+from offdpo.kafka import (GROUP_CHANGED, CommitRefusals, DeadLetterSink, make_consumer, make_producer,
+                          now_timestamp, rewind)
 from offdpo.s3 import ObjectStore
 from offdpo.v1 import records_pb2
 from services.refscore import metrics
@@ -35,7 +35,6 @@ from services.refscore.config import RefscoreConfig
 from services.refscore.scorer import InvalidArgument, Prepared, Scorer
 
 log = logging.getLogger(__name__)
-
 
 
 class StreamWorker:
@@ -58,7 +57,7 @@ class StreamWorker:
             if stop.is_set() or self.scorer.load_error:
                 return
         log.info("stream worker consuming %s as group %s", self.kafka.pairs_topic, self.cfg.group_id)
-        backoff, group_refusals = 0.5, 0
+        backoff, refusals = 0.5, CommitRefusals()
         try:
             while not stop.is_set():
                 if not self._connect(stop):  # (re)creates whatever client was dropped below
@@ -77,23 +76,15 @@ class StreamWorker:
                     continue
                 try:
                     self.process(batch)
-                    backoff, group_refusals = 0.5, 0
+                    backoff = 0.5
+                    refusals.committed()
                 except GROUP_CHANGED as exc:
-                    group_refusals += 1
                     # Not an outage: the group is rebalancing, and only poll() completes that. The
                     # batch's shards are written and announced, so the redo is cheap; waiting out the
                     # outage backoff (up to 30 s, without polling) kept the group rebalancing forever
                     # after an S3 outage (fault suite, s3_outage).
-                    log.warning("offset commit refused by a group rebalance (%s); redoing the batch from the "
-                                "committed offsets now (its shards are already written)", type(exc).__name__)
-                    if group_refusals >= GROUP_REFUSALS_BEFORE_NEW_CONSUMER:
-                        log.warning("%d commits in a row refused by a group rebalance that poll() does not "
-                                    "complete; replacing the Kafka consumer (the new member redoes the batch "
-                                    "from the committed offsets)", group_refusals)
+                    if refusals.refused(self.consumer, batch, exc):
                         self._drop_consumer()
-                        group_refusals = 0
-                    else:
-                        rewind(self.consumer, batch)
                 except Exception as exc:  # noqa: BLE001 - S3/Kafka outage or engine failure: redo the batch later
                     log.exception("batch failed; will redo it from the committed offsets in %.1f s", backoff)
                     rewind(self.consumer, batch)

@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from offdpo.config import KafkaConfig, S3Config
 from offdpo.s3 import ObjectStore, safe_key_part
+from offdpo.shutdown import StopOnSignals
 from services.trainer import checkpoint as ckpt
 from services.trainer.config import LOSS_TYPES, TrainerConfig
 from services.trainer.data import DataError, ReplaySource, StreamSource
@@ -314,49 +315,12 @@ def optimizer_loader(module, optimizer, cfg: TrainerConfig, world: int):
 
 
 # -- the run --------------------------------------------------------------------------------------
-class StopOnSignals:
-    """SIGTERM/SIGINT ask the loop to stop after the current step: it saves a checkpoint (and commits
-    the offsets it covers) and returns, so a preempted pod resumes where it stopped instead of at the
-    last periodic checkpoint. A second signal kills at once. Handlers are restored on exit."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        import threading
-
-        self.requested = threading.Event()
-        self.signum = 0
-        self._previous = {}
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested.is_set():
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self.signum = signum
-        self.requested.set()
-        log.warning("%s: stopping after the current step and saving a checkpoint (send it again to kill)",
-                    signal.Signals(signum).name)
-
-    def __exit__(self, *exc):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        return False
-
-
 def run(cfg: TrainerConfig, s3: S3Config | None = None, kafka: KafkaConfig | None = None,
         fault_kill_after_step: int = 0) -> dict:
     """Train; returns a summary. Raises DataError when data is refused (replay mode).
     Stopped by SIGTERM/SIGINT, it checkpoints and returns with `stopped_by` set to the signal's name."""
-    with StopOnSignals() as stop:
+    # A preempted pod resumes where it stopped instead of at the last periodic checkpoint.
+    with StopOnSignals("stopping after the current step and saving a checkpoint") as stop:
         return _run(cfg, s3, kafka, fault_kill_after_step, stop)
 
 
@@ -457,7 +421,7 @@ def _run(cfg: TrainerConfig, s3: S3Config | None, kafka: KafkaConfig | None, fau
                 except DataError as exc:
                     batch = {"error": str(exc)}
                 if batch is None and stop.requested.is_set():
-                    batch = {"stop": signal.Signals(stop.signum).name}
+                    batch = {"stop": stop.name}
             batch = bcast(batch, world)
             if isinstance(batch, dict):
                 if "stop" in batch:

@@ -10,7 +10,7 @@ import pytest
 from kafka import KafkaConsumer
 
 from offdpo import records
-from offdpo.kafka import ensure_topics, make_producer, next_offsets, read_topic
+from offdpo.kafka import GROUP_REFUSALS_BEFORE_NEW_CONSUMER, ensure_topics, make_producer, next_offsets, read_topic
 from offdpo.s3 import ObjectStore
 from offdpo.v1 import records_pb2
 
@@ -234,7 +234,7 @@ def test_worker_redoes_a_batch_at_once_when_a_rebalance_refuses_its_commit(stack
         _wait(lambda: _committed_all(kafka, group, kafka.pairs_topic), 120,
               "the worker committing every pair after its first consumer refused every commit")
     messages = [r.getMessage() for r in caplog.records]
-    assert make.refusals == worker_mod.GROUP_REFUSALS_BEFORE_NEW_CONSUMER
+    assert make.refusals == GROUP_REFUSALS_BEFORE_NEW_CONSUMER
     assert len(make.consumers) == 2, "the stuck consumer was not replaced exactly once"
     assert sum(m.startswith("offset commit refused by a group rebalance") for m in messages) == make.refusals, messages
     assert any("replacing the Kafka consumer" in m for m in messages), messages
