@@ -9,22 +9,22 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m offdpo.cli demo
+	$(PY) -m cli.main demo
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 protos: setup
-	$(PY) -m offdpo.protogen
+	$(PY) -m localdev.protogen
 
 check-protos: setup
-	$(PY) -m offdpo.protogen --check
+	$(PY) -m localdev.protogen --check
 
 stack-up: setup
-	$(PY) -m offdpo.cli stack up
+	$(PY) -m cli.main stack up
 
 stack-down: setup
-	$(PY) -m offdpo.cli stack down
+	$(PY) -m cli.main stack down
 
 bench-refscore: setup
 	$(PY) -m bench.refscore
@@ -33,5 +33,5 @@ bench-trainer: setup
 	$(PY) -m bench.trainer
 
 clean:
-	-$(PY) -m offdpo.cli stack down
+	-$(PY) -m cli.main stack down
 	rm -rf .stack .cache

@@ -6,6 +6,7 @@ of oneDNN's (measured 202 vs 442 GFLOP/s on the 2-core dev machine), and vLLM's 
 
     python -m bench.ceiling [cuda]     # prints JSON
 """
+
 from __future__ import annotations
 
 import json
@@ -35,19 +36,19 @@ def measure(size: int = 2048, device: str = "cpu") -> dict:
         torch.backends.cuda.matmul.allow_tf32 = False
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     result = {"threads": torch.get_num_threads(), "shape": [size, size, size], "kernels": {}, "device": device}
-    flop = 2.0 * size ** 3
+    flop = 2.0 * size**3
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         x = torch.randn(size, size, dtype=dtype, device=device)
         w = torch.randn(size, size, dtype=dtype, device=device)
 
-        def linear():
+        def linear(x=x, w=w):
             torch.nn.functional.linear(x, w)
             sync()
 
         kernels = {"aten": _gflops(linear, flop)}
         if not on_gpu and torch.backends.mkldnn.is_available():
             xm, wm = x.to_mkldnn(), w.to_mkldnn()
-            kernels["onednn"] = _gflops(lambda: torch._C._nn.mkldnn_linear(xm, wm, None), flop)
+            kernels["onednn"] = _gflops(lambda xm=xm, wm=wm: torch._C._nn.mkldnn_linear(xm, wm, None), flop)
         result["kernels"][name] = kernels
         result[name] = max(kernels.values())
     return result

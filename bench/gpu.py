@@ -9,6 +9,7 @@ too (a small check that it works; the figures that count come from a GPU).
     python -m bench.gpu --size gpu --dtype bfloat16      # ~0.5B model; writes bench/results/refscore-gpu.json
     python -m bench.gpu --size tiny --pairs 8 --out /tmp/gpu.json   # a quick check anywhere
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
 
     from bench.ceiling import measure
     from bench.refscore import items_of, make_pairs, model_flops, padded_forward_logprobs, timed
-    from offdpo.testmodel import ensure_test_model
+    from localdev.testmodel import ensure_test_model
     from services.refscore.engines import EngineSettings, TransformersEngine
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,8 +42,9 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(model_dir)
     seqs = []  # refscore's rule: the rendered chat prompt, then the answer, tokenised separately
     for prompt, answer in items_of(make_pairs(tok, args.pairs)):
-        text = tok.apply_chat_template([{"role": r, "content": c} for r, c in prompt], tokenize=False,
-                                       add_generation_prompt=True)
+        text = tok.apply_chat_template(
+            [{"role": r, "content": c} for r, c in prompt], tokenize=False, add_generation_prompt=True
+        )
         seqs.append((tok(text, add_special_tokens=False).input_ids, tok(answer, add_special_tokens=False).input_ids))
     tokens = sum(len(p) + len(a) for p, a in seqs)
     params, _, flop_of = model_flops(model_dir)
@@ -50,8 +52,12 @@ def main(argv=None) -> int:
     peak = measure(device=device)
     peak_flops = peak["bf16" if args.dtype == "bfloat16" else "fp32"] * 1e9
 
-    engine = TransformersEngine(str(model_dir), args.dtype, 4096, settings=EngineSettings(
-        transformers_batch_tokens=65536 if device == "cuda" else 16384))
+    engine = TransformersEngine(
+        str(model_dir),
+        args.dtype,
+        4096,
+        settings=EngineSettings(transformers_batch_tokens=65536 if device == "cuda" else 16384),
+    )
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     engine.score(seqs[:8])
     engine_s, scored = timed(lambda: (engine.score(seqs), sync())[0])
@@ -66,19 +72,28 @@ def main(argv=None) -> int:
     worst = max(abs(x - y) for a, b in zip(scored, forward_lps) for x, y in zip(a, b))
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     result = {
-        "device": name, "model": f"offdpo.testmodel size={args.size}: Qwen2, {params / 1e6:.1f}M parameters",
-        "dtype": args.dtype, "items": len(seqs), "tokens": tokens,
+        "device": name,
+        "model": f"localdev.testmodel size={args.size}: Qwen2, {params / 1e6:.1f}M parameters",
+        "dtype": args.dtype,
+        "items": len(seqs),
+        "tokens": tokens,
         "tokens_per_s": {"refscore_transformers_engine": tokens / engine_s, "transformers": tokens / forward_s},
-        "fraction_of_peak": {"refscore_transformers_engine": flop / engine_s / peak_flops,
-                             "transformers": flop / forward_s / peak_flops},
-        "peak_gflops": {"fp32": peak["fp32"], "bf16": peak["bf16"]}, "peak_detail": peak,
+        "fraction_of_peak": {
+            "refscore_transformers_engine": flop / engine_s / peak_flops,
+            "transformers": flop / forward_s / peak_flops,
+        },
+        "peak_gflops": {"fp32": peak["fp32"], "bf16": peak["bf16"]},
+        "peak_detail": peak,
         "max_abs_token_diff_engine_vs_forward": worst,
         "note": "engine in-process (no gRPC: the GPU machine has no vLLM or local stack); FLOP as in bench/refscore.py",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("device", "model", "tokens_per_s", "fraction_of_peak", "peak_gflops")},
-                     indent=2))
+    print(
+        json.dumps(
+            {k: result[k] for k in ("device", "model", "tokens_per_s", "fraction_of_peak", "peak_gflops")}, indent=2
+        )
+    )
     return 0
 
 

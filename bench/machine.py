@@ -1,4 +1,5 @@
 """What the benchmarks ran on: one description shared by every results file."""
+
 from __future__ import annotations
 
 import platform

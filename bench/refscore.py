@@ -26,6 +26,7 @@ bfloat16 runs also carry their difference to refscore's float32 scores on the sa
     make bench-refscore          # every model and dtype; writes bench/results/refscore.{json,png}
     python -m bench.refscore --models bench --dtypes float32 --pairs 32   # a quick look
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,11 +47,91 @@ from bench.machine import cpu_name
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "refscore.json"
 METHODS = ("refscore", "refscore_stream", "openai_prompt_logprobs", "openai_concurrent", "transformers")
-WORDS = ("the model answer question reason step because therefore first second then finally compute value number "
-         "list sort python code function return true false data train reward policy reference prefer chosen "
-         "rejected good bad better worse helpful explain why how what when where which pi circle radius area "
-         "sum product prime even odd add multiply divide result check test example output input json key error "
-         "fix bug quick brown fox jumps over lazy dog one two three four five six seven eight nine ten").split()
+WORDS = [
+    "the",
+    "model",
+    "answer",
+    "question",
+    "reason",
+    "step",
+    "because",
+    "therefore",
+    "first",
+    "second",
+    "then",
+    "finally",
+    "compute",
+    "value",
+    "number",
+    "list",
+    "sort",
+    "python",
+    "code",
+    "function",
+    "return",
+    "true",
+    "false",
+    "data",
+    "train",
+    "reward",
+    "policy",
+    "reference",
+    "prefer",
+    "chosen",
+    "rejected",
+    "good",
+    "bad",
+    "better",
+    "worse",
+    "helpful",
+    "explain",
+    "why",
+    "how",
+    "what",
+    "when",
+    "where",
+    "which",
+    "pi",
+    "circle",
+    "radius",
+    "area",
+    "sum",
+    "product",
+    "prime",
+    "even",
+    "odd",
+    "add",
+    "multiply",
+    "divide",
+    "result",
+    "check",
+    "test",
+    "example",
+    "output",
+    "input",
+    "json",
+    "key",
+    "error",
+    "fix",
+    "bug",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+]
 PROMPT_TOKENS = (20, 200)
 ANSWER_TOKENS = (50, 800)
 
@@ -71,10 +152,13 @@ def make_pairs(tokenizer, n_pairs: int = 128, seed: int = 0) -> list[tuple[list[
     rng = random.Random(seed)
     pairs = []
     for _ in range(n_pairs):
-        prompt = [("system", "You are a helpful assistant."),
-                  ("user", _text_of_tokens(tokenizer, rng, _long_tail(rng, 70, 0.6, PROMPT_TOKENS)))]
-        chosen, rejected = (_text_of_tokens(tokenizer, rng, _long_tail(rng, 180, 0.75, ANSWER_TOKENS))
-                            for _ in range(2))
+        prompt = [
+            ("system", "You are a helpful assistant."),
+            ("user", _text_of_tokens(tokenizer, rng, _long_tail(rng, 70, 0.6, PROMPT_TOKENS))),
+        ]
+        chosen, rejected = (
+            _text_of_tokens(tokenizer, rng, _long_tail(rng, 180, 0.75, ANSWER_TOKENS)) for _ in range(2)
+        )
         pairs.append((prompt, chosen, rejected))
     return pairs
 
@@ -117,36 +201,53 @@ def timed(fn, min_total_s: float = 3.0, max_runs: int = 3):
 
 # -- (a) and (a'): refscore -------------------------------------------------------------------------
 def bench_refscore(model_dir: Path, pairs, dtype: str, stack, log_dir: Path) -> dict:
+    from localdev.stack import free_port, stop_process
     from offdpo.kafka import ensure_topics, make_producer
     from offdpo.records import ShardReady, chat_prompt, make_pair
-    from offdpo.stack import free_port, stop_process
-    from services.refscore.client import RefscoreClient, score_item
+    from offdpo.refscore_client import RefscoreClient, score_item
 
     items = items_of(pairs)
     suffix = uuid.uuid4().hex[:8]
-    topics = {"OFFDPO_TOPIC_PAIRS": f"bench.pairs.{suffix}", "OFFDPO_TOPIC_SHARDS": f"bench.shards.{suffix}",
-              "OFFDPO_TOPIC_DEADLETTER": f"bench.dead.{suffix}"}
+    topics = {
+        "OFFDPO_TOPIC_PAIRS": f"bench.pairs.{suffix}",
+        "OFFDPO_TOPIC_SHARDS": f"bench.shards.{suffix}",
+        "OFFDPO_TOPIC_DEADLETTER": f"bench.dead.{suffix}",
+    }
     ensure_topics(stack.kafka, topics.values(), partitions=1)
     port = free_port()
-    env = {**os.environ, **stack.env(), **topics, "OFFDPO_REFSCORE_GROUP": f"bench-{suffix}",
-           "OFFDPO_REFSCORE_MODEL_DIR": str(model_dir), "OFFDPO_REFSCORE_PORT": str(port),
-           "OFFDPO_REFSCORE_METRICS_PORT": "0", "OFFDPO_REFSCORE_MAX_MODEL_LEN": "2048",
-           "OFFDPO_REFSCORE_DTYPE": dtype, "PYTHONPATH": str(REPO),
-           "OFFDPO_REFSCORE_PLAINTEXT": "true", "OFFDPO_REFSCORE_ALLOW_ANONYMOUS": "true"}  # local benchmark
-    proc = subprocess.Popen([sys.executable, "-m", "services.refscore", "serve", "--worker"], env=env, cwd=REPO,
-                            stdout=open(log_dir / f"refscore-{model_dir.name}-{dtype}.log", "wb"),
-                            stderr=subprocess.STDOUT)
+    env = {
+        **os.environ,
+        **stack.env(),
+        **topics,
+        "OFFDPO_REFSCORE_GROUP": f"bench-{suffix}",
+        "OFFDPO_REFSCORE_MODEL_DIR": str(model_dir),
+        "OFFDPO_REFSCORE_PORT": str(port),
+        "OFFDPO_REFSCORE_METRICS_PORT": "0",
+        "OFFDPO_REFSCORE_MAX_MODEL_LEN": "2048",
+        "OFFDPO_REFSCORE_DTYPE": dtype,
+        "PYTHONPATH": str(REPO),
+        "OFFDPO_REFSCORE_PLAINTEXT": "true",
+        "OFFDPO_REFSCORE_ALLOW_ANONYMOUS": "true",
+    }  # local benchmark
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.refscore", "serve", "--worker"],
+        env=env,
+        cwd=REPO,
+        stdout=open(log_dir / f"refscore-{model_dir.name}-{dtype}.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         with RefscoreClient(f"127.0.0.1:{port}") as client:
             client.wait_serving(timeout_s=600)
             info = client.model_info()
             client.score([score_item(p, a) for p, a in items[:8]])  # warm-up
-            batches = [items[i:i + 64] for i in range(0, len(items), 64)]
+            batches = [items[i : i + 64] for i in range(0, len(items), 64)]
 
             def score_all():
                 with concurrent.futures.ThreadPoolExecutor(4) as pool:
-                    return list(pool.map(lambda b: client.score([score_item(p, a) for p, a in b], timeout=1800),
-                                         batches))
+                    return list(
+                        pool.map(lambda b: client.score([score_item(p, a) for p, a in b], timeout=1800), batches)
+                    )
 
             grpc_s, responses = timed(score_all)
         scored = [it for r in responses for it in r.items]
@@ -154,8 +255,12 @@ def bench_refscore(model_dir: Path, pairs, dtype: str, stack, log_dir: Path) -> 
         # (a') the same pairs through Kafka -> worker -> Parquet in S3 -> shard-ready event.
         from kafka import KafkaConsumer
 
-        shards = KafkaConsumer(topics["OFFDPO_TOPIC_SHARDS"], **stack.kafka.client_kwargs(),
-                               auto_offset_reset="earliest", enable_auto_commit=False)
+        shards = KafkaConsumer(
+            topics["OFFDPO_TOPIC_SHARDS"],
+            **stack.kafka.client_kwargs(),
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
         shards.poll(timeout_ms=500)
         producer = make_producer(stack.kafka, "bench")
         records = [make_pair(chat_prompt(p), c, r) for p, c, r in pairs]
@@ -166,8 +271,7 @@ def bench_refscore(model_dir: Path, pairs, dtype: str, stack, log_dir: Path) -> 
         rows, keys, deadline = 0, [], time.monotonic() + 1800
         while rows < len(records):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"stream path: {rows} of {len(records)} pairs in shards after 1800 s; "
-                                   f"see {log_dir}")
+                raise TimeoutError(f"stream path: {rows} of {len(records)} pairs in shards after 1800 s; see {log_dir}")
             for batch in shards.poll(timeout_ms=200).values():
                 for message in batch:
                     event = ShardReady.FromString(message.value)
@@ -180,9 +284,15 @@ def bench_refscore(model_dir: Path, pairs, dtype: str, stack, log_dir: Path) -> 
         stop_process(proc, 180)
     stream_lps = _read_stream_logprobs(stack, keys)
     tokens = sum(len(it.prompt_token_ids) + len(it.answer_token_ids) for it in scored)
-    return {"tokens": tokens, "grpc_s": grpc_s, "stream_s": stream_s, "items": scored,
-            "stream_matches_grpc": _stream_matches(records, scored, stream_lps),
-            "fingerprint": info.fingerprint, "engine_settings": dict(info.engine_settings)}
+    return {
+        "tokens": tokens,
+        "grpc_s": grpc_s,
+        "stream_s": stream_s,
+        "items": scored,
+        "stream_matches_grpc": _stream_matches(records, scored, stream_lps),
+        "fingerprint": info.fingerprint,
+        "engine_settings": dict(info.engine_settings),
+    }
 
 
 def _read_stream_logprobs(stack, keys) -> dict:
@@ -193,8 +303,9 @@ def _read_stream_logprobs(stack, keys) -> dict:
     out = {}
     for key in keys:
         table = read_shard(store.get_bytes(key)).table
-        for pid, c, r in zip(*(table.column(n).to_pylist() for n in ("pair_id", "chosen_logprobs",
-                                                                     "rejected_logprobs"))):
+        for pid, c, r in zip(
+            *(table.column(n).to_pylist() for n in ("pair_id", "chosen_logprobs", "rejected_logprobs"))
+        ):
             out[pid] = (c, r)
     return out
 
@@ -213,20 +324,29 @@ def _stream_matches(records, scored, stream_lps) -> float:
 def bench_openai(model_dir: Path, items, reference_items, dtype: str, log_dir: Path) -> dict:
     from openai import OpenAI
 
-    from offdpo.openai_server import OpenAIServer
+    from localdev.openai_server import OpenAIServer
 
     # Default engine settings: nothing but what the CPU needs to start (a memory fraction) and the dtype.
-    with OpenAIServer(model_dir, served_model_name="ref", max_model_len=2048, dtype=dtype,
-                      log_path=log_dir / f"openai-{model_dir.name}-{dtype}.log") as server:
+    with OpenAIServer(
+        model_dir,
+        served_model_name="ref",
+        max_model_len=2048,
+        dtype=dtype,
+        log_path=log_dir / f"openai-{model_dir.name}-{dtype}.log",
+    ) as server:
         client = OpenAI(base_url=server.base_url, api_key="EMPTY", timeout=1800)
 
         def one(item):
             prompt, answer = item
             messages = [{"role": r, "content": c} for r, c in prompt] + [{"role": "assistant", "content": answer}]
             # The recipe's second method: <x, y> as messages, max_tokens=1, prompt_logprobs=1.
-            resp = client.chat.completions.create(model="ref", messages=messages, max_tokens=1, logprobs=True,
-                                                  extra_body={"prompt_logprobs": 1, "add_generation_prompt": False,
-                                                              "continue_final_message": False})
+            resp = client.chat.completions.create(
+                model="ref",
+                messages=messages,
+                max_tokens=1,
+                logprobs=True,
+                extra_body={"prompt_logprobs": 1, "add_generation_prompt": False, "continue_final_message": False},
+            )
             return resp.model_extra["prompt_logprobs"]
 
         def concurrently():
@@ -246,8 +366,12 @@ def bench_openai(model_dir: Path, items, reference_items, dtype: str, log_dir: P
             lps.append(entry[str(tok)]["logprob"] if str(tok) in entry else None)
             missing += str(tok) not in entry
         per_item.append(lps)
-    return {"sequential_s": sequential_s, "concurrent_s": concurrent_s, "logprobs": per_item,
-            "tokens_not_aligned": missing}
+    return {
+        "sequential_s": sequential_s,
+        "concurrent_s": concurrent_s,
+        "logprobs": per_item,
+        "tokens_not_aligned": missing,
+    }
 
 
 # -- (c): transformers ------------------------------------------------------------------------------
@@ -257,18 +381,18 @@ def padded_forward_logprobs(model, seqs, device: str = "cpu", batch_size: int = 
 
     out = []
     for i in range(0, len(seqs), batch_size):
-        batch = seqs[i:i + batch_size]
+        batch = seqs[i : i + batch_size]
         longest = max(len(p) + len(a) for p, a in batch)
         ids = torch.zeros((len(batch), longest), dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, (p, a) in enumerate(batch):
-            ids[row, :len(p) + len(a)] = torch.tensor(list(p) + list(a))
-            mask[row, :len(p) + len(a)] = 1
+            ids[row, : len(p) + len(a)] = torch.tensor(list(p) + list(a))
+            mask[row, : len(p) + len(a)] = 1
         ids, mask = ids.to(device), mask.to(device)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0].cpu()
-        out += [logps[row, len(p) - 1:len(p) - 1 + len(a)].tolist() for row, (p, a) in enumerate(batch)]
+        out += [logps[row, len(p) - 1 : len(p) - 1 + len(a)].tolist() for row, (p, a) in enumerate(batch)]
     return out
 
 
@@ -304,13 +428,21 @@ def run_one(model_dir: Path, pairs, dtype: str, stack, log_dir: Path, flop_of, c
     flop = sum(flop_of(len(it.prompt_token_ids) + len(it.answer_token_ids)) for it in a["items"])
     b = bench_openai(model_dir, items_of(pairs), a["items"], dtype, log_dir)
     c = bench_transformers(model_dir, a["items"], dtype)
-    seconds = {"refscore": a["grpc_s"], "refscore_stream": a["stream_s"], "openai_prompt_logprobs": b["sequential_s"],
-               "openai_concurrent": b["concurrent_s"], "transformers": c["elapsed_s"]}
+    seconds = {
+        "refscore": a["grpc_s"],
+        "refscore_stream": a["stream_s"],
+        "openai_prompt_logprobs": b["sequential_s"],
+        "openai_concurrent": b["concurrent_s"],
+        "transformers": c["elapsed_s"],
+    }
     tps = {m: tokens / s for m, s in seconds.items()}
     peak = ceiling["bf16" if dtype == "bfloat16" else "fp32"] * 1e9
     for m in METHODS:
-        print(f"{tag} {m:24s} {tps[m]:9.0f} tokens/s {n_items / 2 / seconds[m]:7.1f} pairs/s "
-              f"({seconds[m]:.1f} s, {flop / seconds[m] / peak:.2f} of the ceiling)", flush=True)
+        print(
+            f"{tag} {m:24s} {tps[m]:9.0f} tokens/s {n_items / 2 / seconds[m]:7.1f} pairs/s "
+            f"({seconds[m]:.1f} s, {flop / seconds[m] / peak:.2f} of the ceiling)",
+            flush=True,
+        )
     tok_b, sum_b = parity(a["items"], b["logprobs"])
     tok_c, sum_c = parity(a["items"], c["logprobs"])
     return {
@@ -323,18 +455,25 @@ def run_one(model_dir: Path, pairs, dtype: str, stack, log_dir: Path, flop_of, c
         "stream_vs_grpc": tps["refscore_stream"] / tps["refscore"],
         "max_abs_token_diff": max(tok_b, tok_c),
         "max_abs_sum_diff": max(sum_b, sum_c),
-        "parity_detail": {"openai_vs_refscore": {"token": tok_b, "sum": sum_b,
-                                                 "tokens_not_aligned": b["tokens_not_aligned"]},
-                          "transformers_vs_refscore": {"token": tok_c, "sum": sum_c},
-                          "stream_vs_grpc_token": a["stream_matches_grpc"]},
-        "tokens": tokens, "items": n_items, "gflop": flop / 1e9, "seconds": seconds,
-        "engine_settings": a["engine_settings"], "transformers_threads": c["torch_threads"],
-        "_items": a["items"], "_fingerprint": a["fingerprint"],
+        "parity_detail": {
+            "openai_vs_refscore": {"token": tok_b, "sum": sum_b, "tokens_not_aligned": b["tokens_not_aligned"]},
+            "transformers_vs_refscore": {"token": tok_c, "sum": sum_c},
+            "stream_vs_grpc_token": a["stream_matches_grpc"],
+        },
+        "tokens": tokens,
+        "items": n_items,
+        "gflop": flop / 1e9,
+        "seconds": seconds,
+        "engine_settings": a["engine_settings"],
+        "transformers_threads": c["torch_threads"],
+        "_items": a["items"],
+        "_fingerprint": a["fingerprint"],
     }
 
 
 def targets(by_model: dict) -> list[dict]:
     """The issue's targets, each with the measured figure (None where that run was not made)."""
+
     def get(model, dtype, *path):
         node = by_model.get(model, {}).get(dtype)
         for key in path:
@@ -343,12 +482,25 @@ def targets(by_model: dict) -> list[dict]:
 
     rows = [
         ("bench float32: refscore / recipe (b)", ">= 3", 3.0, get("bench", "float32", "speedup_vs_openai")),
-        ("bench float32: refscore / transformers (c)", ">= 1.0", 1.0, get("bench", "float32", "speedup_vs_transformers")),
-        ("bench float32: refscore fraction of the fp32 ceiling", ">= 0.6", 0.6,
-         get("bench", "float32", "fraction_of_ceiling", "refscore")),
+        (
+            "bench float32: refscore / transformers (c)",
+            ">= 1.0",
+            1.0,
+            get("bench", "float32", "speedup_vs_transformers"),
+        ),
+        (
+            "bench float32: refscore fraction of the fp32 ceiling",
+            ">= 0.6",
+            0.6,
+            get("bench", "float32", "fraction_of_ceiling", "refscore"),
+        ),
         ("bench bfloat16: refscore / recipe (b)", ">= 10", 10.0, get("bench", "bfloat16", "speedup_vs_openai")),
-        ("bench bfloat16: per-token |difference| to float32", "<= 0.05", -0.05,
-         get("bench", "bfloat16", "vs_float32", "max_abs_token_diff")),
+        (
+            "bench bfloat16: per-token |difference| to float32",
+            "<= 0.05",
+            -0.05,
+            get("bench", "bfloat16", "vs_float32", "max_abs_token_diff"),
+        ),
         ("tiny float32: refscore / recipe (b)", ">= 5", 5.0, get("tiny", "float32", "speedup_vs_openai")),
         ("bench float32: stream (a') / gRPC (a), pairs/s", ">= 0.8", 0.8, get("bench", "float32", "stream_vs_grpc")),
     ]
@@ -376,8 +528,14 @@ def chart(by_model: dict, path: Path, device: str, ceiling_gflops: dict) -> None
     for g, (m, d) in enumerate(groups):
         run = by_model[m][d]
         peak = ceiling_gflops["bf16" if d == "bfloat16" else "fp32"] * 1e9 / (run["gflop"] * 1e9 / run["tokens"])
-        ax.hlines(peak, g - width / 2, g + width * (len(METHODS) - 0.5), colors="black", linestyles="dashed",
-                  label="GEMM ceiling" if g == 0 else None)
+        ax.hlines(
+            peak,
+            g - width / 2,
+            g + width * (len(METHODS) - 0.5),
+            colors="black",
+            linestyles="dashed",
+            label="GEMM ceiling" if g == 0 else None,
+        )
     ax.set_xticks([g + width * (len(METHODS) - 1) / 2 for g in range(len(groups))])
     ax.set_xticklabels([f"{m} {d}" for m, d in groups])
     ax.set_yscale("log")
@@ -408,27 +566,32 @@ def main(argv=None) -> int:
     import transformers
     from transformers import AutoTokenizer
 
-    from offdpo.stack import LocalStack
-    from offdpo.testmodel import ensure_test_model
+    from localdev.stack import LocalStack
+    from localdev.testmodel import ensure_test_model
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     model_dirs = {m: ensure_test_model(REPO / ".cache" / "models" / m, size=m) for m in models}
-    pairs = make_pairs(AutoTokenizer.from_pretrained(model_dirs.get("bench", next(iter(model_dirs.values())))),
-                       args.pairs)
+    pairs = make_pairs(
+        AutoTokenizer.from_pretrained(model_dirs.get("bench", next(iter(model_dirs.values())))), args.pairs
+    )
     log_dir = REPO / ".cache" / "bench"
     log_dir.mkdir(parents=True, exist_ok=True)
-    ceiling = json.loads(subprocess.run([sys.executable, "-m", "bench.ceiling"], cwd=REPO, check=True,
-                                        capture_output=True, text=True).stdout)
-    print(f"(d) ceiling: fp32 {ceiling['fp32']:.0f} GFLOP/s, bf16 {ceiling['bf16']:.0f} GFLOP/s "
-          f"({ceiling['kernels']})", flush=True)
+    ceiling = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "bench.ceiling"], cwd=REPO, check=True, capture_output=True, text=True
+        ).stdout
+    )
+    print(
+        f"(d) ceiling: fp32 {ceiling['fp32']:.0f} GFLOP/s, bf16 {ceiling['bf16']:.0f} GFLOP/s ({ceiling['kernels']})",
+        flush=True,
+    )
 
     by_model, model_info = {}, {}
     with tempfile.TemporaryDirectory(prefix="offdpo-bench-") as tmp, LocalStack.for_tests(tmp) as stack:
         for model, model_dir in model_dirs.items():
             params, linear, flop_of = model_flops(model_dir)
-            model_info[model] = {"parameters": params, "linear_parameters": linear,
-                                 "flop_per_token_linear": 2 * linear}
+            model_info[model] = {"parameters": params, "linear_parameters": linear, "flop_per_token_linear": 2 * linear}
             by_model[model] = {d: run_one(model_dir, pairs, d, stack, log_dir, flop_of, ceiling) for d in dtypes}
             if "float32" in by_model[model]:
                 exact = by_model[model]["float32"]["_items"]
@@ -453,25 +616,32 @@ def main(argv=None) -> int:
         "max_abs_sum_diff": head["max_abs_sum_diff"],
         "device": device,
         "cores": len(os.sched_getaffinity(0)),
-        "model": f"offdpo.testmodel size={head_model}: Qwen2, {model_info[head_model]['parameters'] / 1e6:.1f}M parameters",
+        "model": f"localdev.testmodel size={head_model}: Qwen2, {model_info[head_model]['parameters'] / 1e6:.1f}M parameters",
         "ceiling_gflops": {"fp32": ceiling["fp32"], "bf16": ceiling["bf16"]},
         "ceiling_detail": ceiling,
         "by_model": by_model,
         "models": model_info,
         "targets": targets(by_model),
-        "workload": {"pairs": len(pairs), "items": 2 * len(pairs), "prompt_tokens": PROMPT_TOKENS,
-                     "answer_tokens": ANSWER_TOKENS,
-                     "timing": "median of runs until 3 s have passed (at most 3); the stream path runs once",
-                     "refscore_client": "Score requests of 64 items, 4 in flight, client in another process",
-                     "refscore_stream": "pairs produced to a 1-partition topic; the worker in the refscore process "
-                                        "with its default micro-batch settings; until the last shard-ready event",
-                     "openai": "one chat request per item, max_tokens=1, prompt_logprobs=1, vLLM's default engine "
-                               "settings (CPU: one core reserved); sequential, then 8 client threads",
-                     "transformers": "padded batches of 8, full log_softmax",
-                     "flop": "2 x linear weights (lm_head included) per token + causal attention "
-                             "2 x layers x q_dim x L(L+1) per sequence"},
-        "versions": {"vllm": fingerprint.engine_version, "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+        "workload": {
+            "pairs": len(pairs),
+            "items": 2 * len(pairs),
+            "prompt_tokens": PROMPT_TOKENS,
+            "answer_tokens": ANSWER_TOKENS,
+            "timing": "median of runs until 3 s have passed (at most 3); the stream path runs once",
+            "refscore_client": "Score requests of 64 items, 4 in flight, client in another process",
+            "refscore_stream": "pairs produced to a 1-partition topic; the worker in the refscore process "
+            "with its default micro-batch settings; until the last shard-ready event",
+            "openai": "one chat request per item, max_tokens=1, prompt_logprobs=1, vLLM's default engine "
+            "settings (CPU: one core reserved); sequential, then 8 client threads",
+            "transformers": "padded batches of 8, full log_softmax",
+            "flop": "2 x linear weights (lm_head included) per token + causal attention "
+            "2 x layers x q_dim x L(L+1) per sequence",
+        },
+        "versions": {
+            "vllm": fingerprint.engine_version,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -479,8 +649,10 @@ def main(argv=None) -> int:
     chart(by_model, out.with_suffix(".png"), device, result["ceiling_gflops"])
     for row in result["targets"]:
         measured = "not run" if row["measured"] is None else f"{row['measured']:.3g}"
-        print(f"target {row['target']:55s} {row['wanted']:>8s}  measured {measured:>8s}  "
-              f"{'met' if row['met'] else 'NOT met' if row['met'] is False else ''}")
+        print(
+            f"target {row['target']:55s} {row['wanted']:>8s}  measured {measured:>8s}  "
+            f"{'met' if row['met'] else 'NOT met' if row['met'] is False else ''}"
+        )
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 

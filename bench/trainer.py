@@ -2,7 +2,7 @@
 
     python -m bench.trainer            # writes bench/results/trainer.json   (make bench-trainer)
 
-Same model (offdpo.testmodel "bench", ~23M parameters, float32 on the CPU / bf16 autocast on GPU),
+Same model (localdev.testmodel "bench", ~23M parameters, float32 on the CPU / bf16 autocast on GPU),
 same batches, same number of steps, same training step code (services.trainer.train.train_step):
   offline_dpo   reference log-probs read from the batch (what the trainer does)
   live_ref_dpo  a frozen copy of the initial policy computes them every step (TRL without precompute)
@@ -10,6 +10,7 @@ same batches, same number of steps, same training step code (services.trainer.tr
 Each variant runs in a fresh subprocess (so its peak RSS is its own), and the variants are
 interleaved over several rounds in rotating order; tokens/s is the median over rounds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,16 @@ def batches(n_batches: int, pairs: int, prompt_len: int, answer_len: int, vocab:
             # Same lengths in every variant; answers vary a little, as real ones do.
             lc, lr = answer_len - rng.randrange(0, 8), answer_len - rng.randrange(0, 8)
             prompt = [1] + [rng.randrange(4, vocab) for _ in range(prompt_len - 1)]
-            batch.append(_Ex(f"{b}-{i}", prompt, [rng.randrange(4, vocab) for _ in range(lc)],
-                             [rng.randrange(4, vocab) for _ in range(lr)], [-2.0] * lc, [-2.0] * lr))
+            batch.append(
+                _Ex(
+                    f"{b}-{i}",
+                    prompt,
+                    [rng.randrange(4, vocab) for _ in range(lc)],
+                    [rng.randrange(4, vocab) for _ in range(lr)],
+                    [-2.0] * lc,
+                    [-2.0] * lr,
+                )
+            )
         out.append(batch)
     return out
 
@@ -78,18 +87,22 @@ def _variant(name: str, model_path: str, pairs: int):
         ref = AnswerLogps(ref_model.requires_grad_(False))
     cfg = TrainerConfig(model=model_path, micro_batch_size=pairs, global_batch_size=pairs)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-6)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    )
 
     def step(batch) -> tuple[float, float]:
         t0 = time.perf_counter()
-        sums = train_step(module, batch, cfg, 0, 1, device, autocast, ref_module=ref,
-                          objective="sft" if name == "sft" else "dpo")
+        sums = train_step(
+            module, batch, cfg, 0, 1, device, autocast, ref_module=ref, objective="sft" if name == "sft" else "dpo"
+        )
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return sums["tokens"], time.perf_counter() - t0
+
     return step, device
 
 
@@ -105,7 +118,7 @@ def interleaved(args, model_path: str) -> dict:
     data = batches(args.interleaved_steps + args.warmup, args.pairs, args.prompt_len, args.answer_len, vocab)
     times = {v: [] for v in VARIANTS}
     for i, batch in enumerate(data):
-        order = VARIANTS[i % 3:] + VARIANTS[:i % 3]
+        order = VARIANTS[i % 3 :] + VARIANTS[: i % 3]
         for v in order:
             tokens, sec = steps[v](batch)
             if i >= args.warmup:
@@ -133,15 +146,26 @@ def worker(args) -> dict:
         ref = AnswerLogps(ref_model.requires_grad_(False))
     cfg = TrainerConfig(model=args.model, micro_batch_size=args.pairs, global_batch_size=args.pairs)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-6)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    )
     data = batches(args.steps + args.warmup, args.pairs, args.prompt_len, args.answer_len, model.config.vocab_size)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     tokens, seconds = 0, 0.0
     for i, batch in enumerate(data):
         t0 = time.perf_counter()
-        sums = train_step(module, batch, cfg, 0, 1, device, autocast, ref_module=ref,
-                          objective="sft" if args.worker == "sft" else "dpo")
+        sums = train_step(
+            module,
+            batch,
+            cfg,
+            0,
+            1,
+            device,
+            autocast,
+            ref_module=ref,
+            objective="sft" if args.worker == "sft" else "dpo",
+        )
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -150,9 +174,15 @@ def worker(args) -> dict:
         if i >= args.warmup:
             seconds += time.perf_counter() - t0
             tokens += sums["tokens"]
-    out = {"variant": args.worker, "tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds,
-           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-           "rss_after_imports_bytes": after_import_rss, "rss_at_start_bytes": base_rss}
+    out = {
+        "variant": args.worker,
+        "tokens_per_s": tokens / seconds,
+        "tokens": tokens,
+        "seconds": seconds,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_after_imports_bytes": after_import_rss,
+        "rss_at_start_bytes": base_rss,
+    }
     if device.type == "cuda":
         out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
     return out
@@ -176,7 +206,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="fresh-process runs per variant (memory)")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per variant per round")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--interleaved-steps", type=int, default=12, help="timed steps per variant, interleaved in one process")
+    p.add_argument(
+        "--interleaved-steps", type=int, default=12, help="timed steps per variant, interleaved in one process"
+    )
     p.add_argument("--pairs", type=int, default=4, help="pairs per step (chosen + rejected: 2x sequences)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--answer-len", type=int, default=96)
@@ -186,41 +218,70 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args)))
         return 0
 
-    from offdpo.testmodel import ensure_test_model
+    from localdev.testmodel import ensure_test_model
 
     model_dir = ensure_test_model(args.model, size="bench")
     from safetensors import safe_open
 
     with safe_open(str(Path(model_dir) / "model.safetensors"), "pt") as f:
-        n_params = sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel")
-                       else __import__("math").prod(f.get_slice(k).get_shape()) for k in f.keys())
+        n_params = sum(
+            f.get_slice(k).get_shape().numel()
+            if hasattr(f.get_slice(k).get_shape(), "numel")
+            else __import__("math").prod(f.get_slice(k).get_shape())
+            for k in f
+        )
     results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for r in range(args.rounds):
-        order = VARIANTS[r % 3:] + VARIANTS[:r % 3]  # rotate, so no variant always runs first
+        order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]  # rotate, so no variant always runs first
         for v in order:
-            cmd = [sys.executable, "-m", "bench.trainer", "--worker", v, "--model", str(model_dir),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--pairs", str(args.pairs),
-                   "--prompt-len", str(args.prompt_len), "--answer-len", str(args.answer_len)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.trainer",
+                "--worker",
+                v,
+                "--model",
+                str(model_dir),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--pairs",
+                str(args.pairs),
+                "--prompt-len",
+                str(args.prompt_len),
+                "--answer-len",
+                str(args.answer_len),
+            ]
             proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 return 1
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             results[v].append(res)
-            print(f"round {r} {v:13s} {res['tokens_per_s']:8.1f} tokens/s  peak RSS {res['peak_rss_bytes'] / 2**20:7.1f} MiB",
-                  file=sys.stderr)
+            print(
+                f"round {r} {v:13s} {res['tokens_per_s']:8.1f} tokens/s  peak RSS {res['peak_rss_bytes'] / 2**20:7.1f} MiB",
+                file=sys.stderr,
+            )
     # Throughput: in one process, variants interleaved step by step (fresh-process numbers kept for reference).
     print("interleaved timing ...", file=sys.stderr)
     inter = interleaved(args, str(model_dir))
     tps = {v: statistics.median(inter[v]) for v in VARIANTS}
-    step_ratios = {"speedup_vs_live_ref": statistics.median(a / b for a, b in zip(inter["offline_dpo"], inter["live_ref_dpo"])),
-                   "ratio_vs_sft": statistics.median(a / b for a, b in zip(inter["offline_dpo"], inter["sft"]))}
+    step_ratios = {
+        "speedup_vs_live_ref": statistics.median(a / b for a, b in zip(inter["offline_dpo"], inter["live_ref_dpo"])),
+        "ratio_vs_sft": statistics.median(a / b for a, b in zip(inter["offline_dpo"], inter["sft"])),
+    }
     fresh_tps = {v: statistics.median(x["tokens_per_s"] for x in results[v]) for v in VARIANTS}
     peak = {v: max(x.get("cuda_peak_bytes", x["peak_rss_bytes"]) for x in results[v]) for v in VARIANTS}
     above = {v: max(x["peak_rss_bytes"] - x["rss_after_imports_bytes"] for x in results[v]) for v in VARIANTS}
-    per_round = [{"speedup_vs_live_ref": results["offline_dpo"][i]["tokens_per_s"] / results["live_ref_dpo"][i]["tokens_per_s"],
-                  "ratio_vs_sft": results["offline_dpo"][i]["tokens_per_s"] / results["sft"][i]["tokens_per_s"]}
-                 for i in range(args.rounds)]
+    per_round = [
+        {
+            "speedup_vs_live_ref": results["offline_dpo"][i]["tokens_per_s"]
+            / results["live_ref_dpo"][i]["tokens_per_s"],
+            "ratio_vs_sft": results["offline_dpo"][i]["tokens_per_s"] / results["sft"][i]["tokens_per_s"],
+        }
+        for i in range(args.rounds)
+    ]
     out = {
         "tokens_per_s": tps,
         "peak_mem_bytes": peak,
@@ -232,20 +293,27 @@ def main(argv=None) -> int:
         "fresh_process_per_round": per_round,
         "targets": {"speedup_vs_live_ref": 1.25, "ratio_vs_sft": 0.95},
         "device": device_name(),
-        "model": f"offdpo.testmodel size=bench ({n_params / 1e6:.1f}M parameters, Qwen2 architecture), float32 weights"
-                 + (", bf16 autocast" if "CPU" not in device_name() else ""),
-        "workload": {"pairs_per_step": args.pairs, "prompt_tokens": args.prompt_len,
-                     "answer_tokens": f"{args.answer_len - 7}-{args.answer_len}", "timed_steps_per_round": args.steps,
-                     "warmup_steps": args.warmup, "rounds": args.rounds,
-                     "tokens": "non-pad tokens of the chosen and rejected sequences (prompt counted twice)"},
-        "method": ("throughput: the three variants (each its own policy copy and AdamW) in one process, one optimizer "
-                   "step each in rotating order, --interleaved-steps timed steps after warmup; tokens_per_s = median "
-                   "over steps; the two ratios = median over steps of the per-step ratio (load bursts from other "
-                   "work on the machine hit neighbouring steps alike). Memory: each variant alone in a fresh "
-                   "subprocess (--rounds, rotating order; their tokens/s are kept as fresh_process_*); peak memory = the "
-                   "process's RSS high-water mark (getrusage ru_maxrss) on CPU, torch.cuda.max_memory_allocated on "
-                   "GPU; peak_mem_above_imports_bytes subtracts the RSS after importing torch and transformers. "
-                   "Reference log-probs of the offline variant are constants: their values do not change the cost."),
+        "model": f"localdev.testmodel size=bench ({n_params / 1e6:.1f}M parameters, Qwen2 architecture), float32 weights"
+        + (", bf16 autocast" if "CPU" not in device_name() else ""),
+        "workload": {
+            "pairs_per_step": args.pairs,
+            "prompt_tokens": args.prompt_len,
+            "answer_tokens": f"{args.answer_len - 7}-{args.answer_len}",
+            "timed_steps_per_round": args.steps,
+            "warmup_steps": args.warmup,
+            "rounds": args.rounds,
+            "tokens": "non-pad tokens of the chosen and rejected sequences (prompt counted twice)",
+        },
+        "method": (
+            "throughput: the three variants (each its own policy copy and AdamW) in one process, one optimizer "
+            "step each in rotating order, --interleaved-steps timed steps after warmup; tokens_per_s = median "
+            "over steps; the two ratios = median over steps of the per-step ratio (load bursts from other "
+            "work on the machine hit neighbouring steps alike). Memory: each variant alone in a fresh "
+            "subprocess (--rounds, rotating order; their tokens/s are kept as fresh_process_*); peak memory = the "
+            "process's RSS high-water mark (getrusage ru_maxrss) on CPU, torch.cuda.max_memory_allocated on "
+            "GPU; peak_mem_above_imports_bytes subtracts the RSS after importing torch and transformers. "
+            "Reference log-probs of the offline variant are constants: their values do not change the cost."
+        ),
         "torch_threads": int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -7,11 +7,15 @@ checked against them, and a service never reads an undeclared variable.
 The defaults are the local stack's (loopback, dev credentials); production sets every variable
 from the Kubernetes manifests and Secrets in deploy/.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
+
+from offdpo import errors
 
 # Marked dev placeholders: the only credentials that may appear in the repository.
 DEV_ACCESS_KEY = "offdpo-dev-access-key"
@@ -23,8 +27,7 @@ def env(name: str, default: Any, help: str, *, secret: bool = False) -> Any:
     return dataclasses.field(default=default, metadata={"env": name, "help": help, "secret": secret})
 
 
-class ConfigError(ValueError):
-    """A setting has a value that cannot be used; the message names the variable."""
+ConfigError = errors.ConfigError  # re-exported: settings are where it is raised
 
 
 def _parse(raw: str, default: Any, name: str) -> Any:
@@ -91,7 +94,9 @@ class S3Config(EnvConfig):
 @dataclasses.dataclass(frozen=True, repr=False)
 class KafkaConfig(EnvConfig):
     bootstrap_servers: str = env("OFFDPO_KAFKA_BOOTSTRAP", "127.0.0.1:9092", "comma-separated Kafka bootstrap servers")
-    security_protocol: str = env("OFFDPO_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+    security_protocol: str = env(
+        "OFFDPO_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
+    )
     sasl_mechanism: str = env("OFFDPO_KAFKA_SASL_MECHANISM", "", "e.g. SCRAM-SHA-512 when SASL is used")
     sasl_username: str = env("OFFDPO_KAFKA_SASL_USERNAME", "", "SASL user", secret=True)
     sasl_password: str = env("OFFDPO_KAFKA_SASL_PASSWORD", "", "SASL password", secret=True)
@@ -102,12 +107,16 @@ class KafkaConfig(EnvConfig):
     pairs_topic: str = env("OFFDPO_TOPIC_PAIRS", "offdpo.pairs.v1", "preference pairs (labeler -> refscore)")
     shards_topic: str = env("OFFDPO_TOPIC_SHARDS", "offdpo.shards.v1", "shard-ready events (refscore -> trainer)")
     candidates_topic: str = env("OFFDPO_TOPIC_CANDIDATES", "offdpo.candidates.v1", "candidate sets (-> labeler)")
-    deadletter_topic: str = env("OFFDPO_TOPIC_DEADLETTER", "offdpo.deadletter.v1", "records that could not be processed")
+    deadletter_topic: str = env(
+        "OFFDPO_TOPIC_DEADLETTER", "offdpo.deadletter.v1", "records that could not be processed"
+    )
     # Group membership timeouts: the Kafka defaults make the first join take ~20 s on Tansu;
     # tests set small values, production keeps these.
     session_timeout_ms: int = env("OFFDPO_KAFKA_SESSION_TIMEOUT_MS", 30000, "consumer group session timeout")
     heartbeat_interval_ms: int = env("OFFDPO_KAFKA_HEARTBEAT_MS", 3000, "consumer group heartbeat interval")
-    max_poll_interval_ms: int = env("OFFDPO_KAFKA_MAX_POLL_INTERVAL_MS", 600000, "max time between polls before a consumer is evicted")
+    max_poll_interval_ms: int = env(
+        "OFFDPO_KAFKA_MAX_POLL_INTERVAL_MS", 600000, "max time between polls before a consumer is evicted"
+    )
     request_timeout_ms: int = env("OFFDPO_KAFKA_REQUEST_TIMEOUT_MS", 30000, "client request timeout")
 
     def client_kwargs(self) -> dict[str, Any]:
@@ -118,13 +127,19 @@ class KafkaConfig(EnvConfig):
             "request_timeout_ms": self.request_timeout_ms,
         }
         if self.sasl_mechanism:
-            kwargs.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
-                          sasl_plain_password=self.sasl_password)
+            kwargs.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self.sasl_password,
+            )
         if self.ssl_cafile:
             kwargs["ssl_cafile"] = self.ssl_cafile
         if self.ssl_certfile:
-            kwargs.update(ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile or None,
-                          ssl_password=self.ssl_password or None)
+            kwargs.update(
+                ssl_certfile=self.ssl_certfile,
+                ssl_keyfile=self.ssl_keyfile or None,
+                ssl_password=self.ssl_password or None,
+            )
         return kwargs
 
     def all_topics(self) -> tuple[str, ...]:

@@ -3,6 +3,7 @@
 refscore stamps every score with it; the trainer computes the same fingerprint for the reference
 it expects (by default its own initial policy weights) and refuses records that differ.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,8 +14,17 @@ from offdpo.records import with_fingerprint_id
 from offdpo.v1 import records_pb2
 
 # Tokenizer settings that change which ids a text becomes.
-_TOKENIZER_CONFIG_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "add_bos_token", "add_eos_token",
-                          "clean_up_tokenization_spaces", "tokenizer_class", "added_tokens_decoder")
+_TOKENIZER_CONFIG_KEYS = (
+    "bos_token",
+    "eos_token",
+    "pad_token",
+    "unk_token",
+    "add_bos_token",
+    "add_eos_token",
+    "clean_up_tokenization_spaces",
+    "tokenizer_class",
+    "added_tokens_decoder",
+)
 
 
 def _hash_files(paths: list[Path]) -> str:
@@ -38,8 +48,11 @@ def weights_hash(model_dir: str | Path) -> str:
 def tokenizer_hash(model_dir: str | Path) -> str:
     root = Path(model_dir)
     h = hashlib.sha256()
-    vocab_files = [p for p in (root / "tokenizer.json", root / "vocab.json", root / "merges.txt",
-                               root / "tokenizer.model") if p.exists()]
+    vocab_files = [
+        p
+        for p in (root / "tokenizer.json", root / "vocab.json", root / "merges.txt", root / "tokenizer.model")
+        if p.exists()
+    ]
     if not vocab_files:
         raise FileNotFoundError(f"no tokenizer files in {root}")
     h.update(_hash_files(vocab_files).encode())
@@ -54,8 +67,15 @@ def chat_template_hash(chat_template: str | None) -> str:
     return hashlib.sha256((chat_template or "").encode()).hexdigest() if chat_template else ""
 
 
-def model_fingerprint(model_dir: str | Path, *, dtype: str, engine: str, engine_version: str,
-                      model_id: str | None = None, chat_template: str | None = None) -> records_pb2.ReferenceFingerprint:
+def model_fingerprint(
+    model_dir: str | Path,
+    *,
+    dtype: str,
+    engine: str,
+    engine_version: str,
+    model_id: str | None = None,
+    chat_template: str | None = None,
+) -> records_pb2.ReferenceFingerprint:
     """Fingerprint of the model in `model_dir` as run by `engine` in `dtype`.
 
     `chat_template` defaults to the tokenizer's own template (chat_template.jinja or tokenizer_config).
@@ -68,7 +88,12 @@ def model_fingerprint(model_dir: str | Path, *, dtype: str, engine: str, engine_
         elif (root / "tokenizer_config.json").exists():
             chat_template = json.loads((root / "tokenizer_config.json").read_text()).get("chat_template")
     fp = records_pb2.ReferenceFingerprint(
-        model_id=model_id or root.resolve().name, weights_hash=weights_hash(root), tokenizer_hash=tokenizer_hash(root),
-        chat_template_hash=chat_template_hash(chat_template), dtype=dtype, engine=engine,
-        engine_version=engine_version)
+        model_id=model_id or root.resolve().name,
+        weights_hash=weights_hash(root),
+        tokenizer_hash=tokenizer_hash(root),
+        chat_template_hash=chat_template_hash(chat_template),
+        dtype=dtype,
+        engine=engine,
+        engine_version=engine_version,
+    )
     return with_fingerprint_id(fp)

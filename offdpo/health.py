@@ -4,6 +4,7 @@ kubelet's gRPC liveness probe then restarts a pod whose loop is stuck (a hung ca
 which a live-but-idle process would otherwise hide: the loop calls `beat()` every time round, and
 `Check` answers NOT_SERVING once no beat came for `stale_after_s`, or once the loop is stopping.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,10 @@ class LoopHealth(health_pb2_grpc.HealthServicer):
 
     def Check(self, request, context):
         if request.service not in ("", self.service_name):
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}; this port serves "
-                                                     f"'' and {self.service_name!r}")
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown service {request.service!r}; this port serves '' and {self.service_name!r}",
+            )
         return health_pb2.HealthCheckResponse(status=self.status())
 
 
@@ -47,18 +50,20 @@ class LoopHealthServer:
 
     def __init__(self, health: LoopHealth, host: str, port: int, variable: str):
         self.health = health
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
-                                  options=[("grpc.so_reuseport", 0)])
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"), options=[("grpc.so_reuseport", 0)]
+        )
         health_pb2_grpc.add_HealthServicer_to_server(health, self.server)
         try:
             self.port = self.server.add_insecure_port(f"{host}:{port}")
         except RuntimeError:  # grpcio raises this (older versions returned 0) when the bind fails
             self.port = 0
         if not self.port:
-            raise OSError(f"cannot listen on {host}:{port}: the port is taken or the address is not local; "
-                          f"set {variable}")
+            raise OSError(
+                f"cannot listen on {host}:{port}: the port is taken or the address is not local; set {variable}"
+            )
 
-    def __enter__(self) -> "LoopHealthServer":
+    def __enter__(self) -> LoopHealthServer:
         self.server.start()
         log.info("health (grpc.health.v1) on port %d", self.port)
         return self

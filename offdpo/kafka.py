@@ -3,17 +3,23 @@
 Delivery contract: producers use acks=all; consumers never auto-commit, and commit an offset only
 after what they produced from it is durably written (at-least-once + idempotent writes).
 """
+
 from __future__ import annotations
 
 import logging
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 from google.protobuf import timestamp_pb2
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import (CommitFailedError, IllegalGenerationError, RebalanceInProgressError, TopicAlreadyExistsError,
-                          UnknownMemberIdError)
+from kafka.errors import (
+    CommitFailedError,
+    IllegalGenerationError,
+    RebalanceInProgressError,
+    TopicAlreadyExistsError,
+    UnknownMemberIdError,
+)
 
 from offdpo.config import KafkaConfig
 from offdpo.v1 import records_pb2
@@ -58,13 +64,18 @@ class CommitRefusals:
 
     def refused(self, consumer: KafkaConsumer, recs, exc: Exception) -> bool:
         self.in_a_row += 1
-        log.warning("offset commit refused by a group rebalance (%s); redoing the batch from the committed "
-                    "offsets now", type(exc).__name__)
+        log.warning(
+            "offset commit refused by a group rebalance (%s); redoing the batch from the committed offsets now",
+            type(exc).__name__,
+        )
         if self.in_a_row < GROUP_REFUSALS_BEFORE_NEW_CONSUMER:
             rewind(consumer, recs)
             return False
-        log.warning("%d commits in a row refused by a group rebalance that poll() does not complete; "
-                    "replacing the Kafka consumer", self.in_a_row)
+        log.warning(
+            "%d commits in a row refused by a group rebalance that poll() does not complete; "
+            "replacing the Kafka consumer",
+            self.in_a_row,
+        )
         self.in_a_row = 0
         return True
 
@@ -73,7 +84,9 @@ def ensure_topics(cfg: KafkaConfig, topics: Iterable[str], partitions: int) -> N
     admin = KafkaAdminClient(**cfg.client_kwargs(), client_id="offdpo-admin")
     try:
         existing = set(admin.list_topics())
-        missing = [NewTopic(name=t, num_partitions=partitions, replication_factor=1) for t in topics if t not in existing]
+        missing = [
+            NewTopic(name=t, num_partitions=partitions, replication_factor=1) for t in topics if t not in existing
+        ]
         if missing:
             try:
                 admin.create_topics(missing)
@@ -131,11 +144,28 @@ class DeadLetterSink:
         self.service = service
         self.count = 0
 
-    def send(self, *, value: bytes | None, key: bytes | None, topic: str, partition: int, offset: int,
-             reason: str, error_type: str) -> None:
+    def send(
+        self,
+        *,
+        value: bytes | None,
+        key: bytes | None,
+        topic: str,
+        partition: int,
+        offset: int,
+        reason: str,
+        error_type: str,
+    ) -> None:
         letter = records_pb2.DeadLetter(
-            original_value=value or b"", original_key=key or b"", topic=topic, partition=partition, offset=offset,
-            reason=reason, error_type=error_type, service=self.service, failed_at=now_timestamp())
+            original_value=value or b"",
+            original_key=key or b"",
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            reason=reason,
+            error_type=error_type,
+            service=self.service,
+            failed_at=now_timestamp(),
+        )
         log.warning("dead-letter %s[%d]@%d: %s", topic, partition, offset, reason)
         # Key by origin so a redo after a crash lands next to the first attempt.
         dl_key = f"{topic}/{partition}/{offset}".encode()
@@ -144,8 +174,15 @@ class DeadLetterSink:
 
     def send_record(self, record, reason: str, error_type: str) -> None:
         """Dead-letter a kafka-python ConsumerRecord."""
-        self.send(value=record.value, key=record.key, topic=record.topic, partition=record.partition,
-                  offset=record.offset, reason=reason, error_type=error_type)
+        self.send(
+            value=record.value,
+            key=record.key,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            reason=reason,
+            error_type=error_type,
+        )
 
     def flush(self, timeout_s: float = 60.0) -> None:
         self.producer.flush(timeout=timeout_s)
@@ -168,7 +205,9 @@ def read_topic(cfg: KafkaConfig, topic: str, timeout_s: float = 30.0, idle_s: fl
         last_new = time.monotonic()
         while time.monotonic() - last_new < idle_s:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topic}: records still arriving after {timeout_s} s ({len(records)} so far)")
+                raise TimeoutError(
+                    f"reading {topic}: records still arriving after {timeout_s} s ({len(records)} so far)"
+                )
             for recs in consumer.poll(timeout_ms=200).values():
                 records.extend(recs)
                 last_new = time.monotonic()

@@ -4,13 +4,14 @@ Identity by content: `pair_id` hashes the canonical (prompt, chosen, rejected) c
 same pair labelled twice, or re-delivered by Kafka, has the same id. Shard keys are derived from
 the fingerprint and the Kafka positions a shard covers, so a redo after a crash rewrites the same key.
 """
+
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
+from offdpo import errors
 from offdpo.s3 import safe_key_part
 from offdpo.v1 import records_pb2
 
@@ -33,8 +35,9 @@ SHARD_FORMAT_VERSION = "1"
 MAX_SHARD_BYTES = 512 * 1024 * 1024
 
 
-class RecordError(ValueError):
-    """A record is malformed; the message says what is wrong and what to fix."""
+# Re-exported: records are where most callers meet them.
+RecordError = errors.RecordError
+CorruptShard = errors.CorruptShard
 
 
 def _sha256(data: bytes) -> str:
@@ -54,8 +57,12 @@ def canonical_prompt(prompt: records_pb2.Prompt) -> object:
 
 def pair_id(prompt: records_pb2.Prompt, chosen: str, rejected: str) -> str:
     """128-bit content id of a pair (hex). Provenance is not part of identity."""
-    canonical = json.dumps({"prompt": canonical_prompt(prompt), "chosen": chosen, "rejected": rejected},
-                           ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(
+        {"prompt": canonical_prompt(prompt), "chosen": chosen, "rejected": rejected},
+        ensure_ascii=False,
+        sort_keys=True,
+        separators=(",", ":"),
+    )
     return _sha256(canonical.encode("utf-8"))[:32]
 
 
@@ -71,8 +78,9 @@ def text_prompt(text: str) -> records_pb2.Prompt:
     return records_pb2.Prompt(text=text)
 
 
-def make_pair(prompt: records_pb2.Prompt, chosen: str, rejected: str,
-              provenance: records_pb2.Provenance | None = None) -> records_pb2.PreferencePair:
+def make_pair(
+    prompt: records_pb2.Prompt, chosen: str, rejected: str, provenance: records_pb2.Provenance | None = None
+) -> records_pb2.PreferencePair:
     pair = records_pb2.PreferencePair(pair_id=pair_id(prompt, chosen, rejected), chosen=chosen, rejected=rejected)
     pair.prompt.CopyFrom(prompt)
     if provenance is not None:
@@ -96,26 +104,30 @@ def validate_pair(pair: records_pb2.PreferencePair) -> None:
         raise RecordError("pair's chosen and rejected answers are identical: no preference to learn")
     expected = pair_id(pair.prompt, pair.chosen, pair.rejected)
     if pair.pair_id != expected:
-        raise RecordError(f"pair_id {pair.pair_id!r} does not match its content (expected {expected}); "
-                          f"build pairs with offdpo.records.make_pair")
+        raise RecordError(
+            f"pair_id {pair.pair_id!r} does not match its content (expected {expected}); "
+            f"build pairs with offdpo.records.make_pair"
+        )
 
 
 def decode(message_type: type[Message], data: bytes | None, max_bytes: int, what: str) -> Message:
     """Parse untrusted bytes into `message_type`, refusing empty, oversized, malformed or unknown-field input."""
     if not data:
-        raise RecordError(f"{what} is empty")
+        raise errors.DecodeError(f"{what} is empty")
     if len(data) > max_bytes:
-        raise RecordError(f"{what} is {len(data)} bytes, over the limit of {max_bytes}")
+        raise errors.RecordTooLarge(f"{what} is {len(data)} bytes, over the limit of {max_bytes}")
     msg = message_type()
     try:
         msg.ParseFromString(data)
     except (DecodeError, RuntimeWarning, ValueError) as exc:
-        raise RecordError(f"{what} is not a valid {message_type.DESCRIPTOR.full_name}: {exc}") from None
+        raise errors.DecodeError(f"{what} is not a valid {message_type.DESCRIPTOR.full_name}: {exc}") from None
     size = msg.ByteSize()
     msg.DiscardUnknownFields()
     if msg.ByteSize() != size:
-        raise RecordError(f"{what} has fields unknown to {message_type.DESCRIPTOR.full_name} "
-                          f"(wrong message type, or a newer schema than this service)")
+        raise errors.DecodeError(
+            f"{what} has fields unknown to {message_type.DESCRIPTOR.full_name} "
+            f"(wrong message type, or a newer schema than this service)"
+        )
     return msg
 
 
@@ -144,57 +156,72 @@ def with_fingerprint_id(fp: records_pb2.ReferenceFingerprint) -> records_pb2.Ref
 
 def fingerprint_mismatch(expected: records_pb2.ReferenceFingerprint, got: records_pb2.ReferenceFingerprint) -> str:
     """Empty if the two identify the same reference; otherwise which fields differ."""
-    diffs = [f"{name}: expected {getattr(expected, name)!r}, got {getattr(got, name)!r}"
-             for name in _FINGERPRINT_IDENTITY if getattr(expected, name) != getattr(got, name)]
+    diffs = [
+        f"{name}: expected {getattr(expected, name)!r}, got {getattr(got, name)!r}"
+        for name in _FINGERPRINT_IDENTITY
+        if getattr(expected, name) != getattr(got, name)
+    ]
     return "; ".join(diffs)
 
 
 # -- Parquet shards -------------------------------------------------------------------------
-SCORED_SCHEMA = pa.schema([
-    pa.field("pair_id", pa.string(), nullable=False),
-    pa.field("pair", pa.binary(), nullable=False),                 # serialized PreferencePair
-    pa.field("fingerprint_id", pa.string(), nullable=False),
-    pa.field("prompt_token_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("chosen_token_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("rejected_token_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("chosen_logprobs", pa.list_(pa.float32()), nullable=False),
-    pa.field("rejected_logprobs", pa.list_(pa.float32()), nullable=False),
-    pa.field("chosen_logprob_sum", pa.float64(), nullable=False),
-    pa.field("rejected_logprob_sum", pa.float64(), nullable=False),
-])
+SCORED_SCHEMA = pa.schema(
+    [
+        pa.field("pair_id", pa.string(), nullable=False),
+        pa.field("pair", pa.binary(), nullable=False),  # serialized PreferencePair
+        pa.field("fingerprint_id", pa.string(), nullable=False),
+        pa.field("prompt_token_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("chosen_token_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("rejected_token_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("chosen_logprobs", pa.list_(pa.float32()), nullable=False),
+        pa.field("rejected_logprobs", pa.list_(pa.float32()), nullable=False),
+        pa.field("chosen_logprob_sum", pa.float64(), nullable=False),
+        pa.field("rejected_logprob_sum", pa.float64(), nullable=False),
+    ]
+)
 
 
 def validate_scored(row: records_pb2.ScoredPair) -> None:
     if len(row.chosen_token_ids) == 0 or len(row.rejected_token_ids) == 0:
         raise RecordError(f"scored pair {row.pair.pair_id}: an answer has no tokens")
     if len(row.chosen_logprobs) != len(row.chosen_token_ids):
-        raise RecordError(f"scored pair {row.pair.pair_id}: {len(row.chosen_logprobs)} chosen log-probs for "
-                          f"{len(row.chosen_token_ids)} chosen tokens")
+        raise RecordError(
+            f"scored pair {row.pair.pair_id}: {len(row.chosen_logprobs)} chosen log-probs for "
+            f"{len(row.chosen_token_ids)} chosen tokens"
+        )
     if len(row.rejected_logprobs) != len(row.rejected_token_ids):
-        raise RecordError(f"scored pair {row.pair.pair_id}: {len(row.rejected_logprobs)} rejected log-probs for "
-                          f"{len(row.rejected_token_ids)} rejected tokens")
+        raise RecordError(
+            f"scored pair {row.pair.pair_id}: {len(row.rejected_logprobs)} rejected log-probs for "
+            f"{len(row.rejected_token_ids)} rejected tokens"
+        )
 
 
-def scored_pairs_to_parquet(rows: Sequence[records_pb2.ScoredPair],
-                            fingerprint: records_pb2.ReferenceFingerprint) -> bytes:
+def scored_pairs_to_parquet(
+    rows: Sequence[records_pb2.ScoredPair], fingerprint: records_pb2.ReferenceFingerprint
+) -> bytes:
     """One shard: all rows share `fingerprint`, which is also stored in the file's metadata."""
     fp_id = fingerprint.fingerprint_id or fingerprint_id(fingerprint)
     for row in rows:
         validate_scored(row)
-    table = pa.table({
-        "pair_id": [r.pair.pair_id for r in rows],
-        "pair": [r.pair.SerializeToString() for r in rows],
-        "fingerprint_id": [fp_id] * len(rows),
-        "prompt_token_ids": [list(r.prompt_token_ids) for r in rows],
-        "chosen_token_ids": [list(r.chosen_token_ids) for r in rows],
-        "rejected_token_ids": [list(r.rejected_token_ids) for r in rows],
-        "chosen_logprobs": [list(r.chosen_logprobs) for r in rows],
-        "rejected_logprobs": [list(r.rejected_logprobs) for r in rows],
-        "chosen_logprob_sum": [r.chosen_logprob_sum for r in rows],
-        "rejected_logprob_sum": [r.rejected_logprob_sum for r in rows],
-    }, schema=SCORED_SCHEMA)
-    meta = {b"offdpo.shard_format": SHARD_FORMAT_VERSION.encode(),
-            b"offdpo.fingerprint": json_format.MessageToJson(fingerprint, indent=None).encode()}
+    table = pa.table(
+        {
+            "pair_id": [r.pair.pair_id for r in rows],
+            "pair": [r.pair.SerializeToString() for r in rows],
+            "fingerprint_id": [fp_id] * len(rows),
+            "prompt_token_ids": [list(r.prompt_token_ids) for r in rows],
+            "chosen_token_ids": [list(r.chosen_token_ids) for r in rows],
+            "rejected_token_ids": [list(r.rejected_token_ids) for r in rows],
+            "chosen_logprobs": [list(r.chosen_logprobs) for r in rows],
+            "rejected_logprobs": [list(r.rejected_logprobs) for r in rows],
+            "chosen_logprob_sum": [r.chosen_logprob_sum for r in rows],
+            "rejected_logprob_sum": [r.rejected_logprob_sum for r in rows],
+        },
+        schema=SCORED_SCHEMA,
+    )
+    meta = {
+        b"offdpo.shard_format": SHARD_FORMAT_VERSION.encode(),
+        b"offdpo.fingerprint": json_format.MessageToJson(fingerprint, indent=None).encode(),
+    }
     table = table.replace_schema_metadata(meta)
     buf = io.BytesIO()
     # Fixed writer settings and no timestamps: the same rows give the same bytes (idempotent redo).
@@ -218,49 +245,56 @@ class Shard:
         cols = {name: self.table.column(name).to_pylist() for name in SCORED_SCHEMA.names}
         for i in range(self.table.num_rows):
             row = records_pb2.ScoredPair(
-                prompt_token_ids=cols["prompt_token_ids"][i], chosen_token_ids=cols["chosen_token_ids"][i],
-                rejected_token_ids=cols["rejected_token_ids"][i], chosen_logprobs=cols["chosen_logprobs"][i],
-                rejected_logprobs=cols["rejected_logprobs"][i], chosen_logprob_sum=cols["chosen_logprob_sum"][i],
-                rejected_logprob_sum=cols["rejected_logprob_sum"][i])
+                prompt_token_ids=cols["prompt_token_ids"][i],
+                chosen_token_ids=cols["chosen_token_ids"][i],
+                rejected_token_ids=cols["rejected_token_ids"][i],
+                chosen_logprobs=cols["chosen_logprobs"][i],
+                rejected_logprobs=cols["rejected_logprobs"][i],
+                chosen_logprob_sum=cols["chosen_logprob_sum"][i],
+                rejected_logprob_sum=cols["rejected_logprob_sum"][i],
+            )
             row.pair.ParseFromString(cols["pair"][i])
             row.fingerprint.CopyFrom(self.fingerprint)
             yield row
 
 
 def read_shard(data: bytes, what: str = "shard") -> Shard:
-    """Parse and check a scored shard; raises RecordError with the reason if it is corrupt."""
+    """Parse and check a scored shard; raises CorruptShard with the reason if it is corrupt."""
     if len(data) > MAX_SHARD_BYTES:
-        raise RecordError(f"{what} is {len(data)} bytes, over the limit of {MAX_SHARD_BYTES}")
+        raise CorruptShard(f"{what} is {len(data)} bytes, over the limit of {MAX_SHARD_BYTES}")
     try:
         table = pq.read_table(io.BytesIO(data))
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise RecordError(f"{what} is not a readable Parquet file: {exc}") from None
+        raise CorruptShard(f"{what} is not a readable Parquet file: {exc}") from None
     meta = table.schema.metadata or {}
     if meta.get(b"offdpo.shard_format") != SHARD_FORMAT_VERSION.encode():
-        raise RecordError(f"{what} has shard format {meta.get(b'offdpo.shard_format')!r}, "
-                          f"expected {SHARD_FORMAT_VERSION!r}")
+        raise CorruptShard(
+            f"{what} has shard format {meta.get(b'offdpo.shard_format')!r}, expected {SHARD_FORMAT_VERSION!r}"
+        )
     if not table.schema.remove_metadata().equals(SCORED_SCHEMA):
-        raise RecordError(f"{what} has schema {table.schema.remove_metadata()}, expected {SCORED_SCHEMA}")
+        raise CorruptShard(f"{what} has schema {table.schema.remove_metadata()}, expected {SCORED_SCHEMA}")
     try:
         fingerprint = json_format.Parse(meta[b"offdpo.fingerprint"], records_pb2.ReferenceFingerprint())
     except (KeyError, json_format.ParseError) as exc:
-        raise RecordError(f"{what} has no valid fingerprint metadata: {exc}") from None
+        raise CorruptShard(f"{what} has no valid fingerprint metadata: {exc}") from None
     fp_ids = set(table.column("fingerprint_id").to_pylist())
     if fp_ids - {fingerprint.fingerprint_id}:
-        raise RecordError(f"{what} mixes fingerprints {sorted(fp_ids)}; expected only {fingerprint.fingerprint_id}")
+        raise CorruptShard(f"{what} mixes fingerprints {sorted(fp_ids)}; expected only {fingerprint.fingerprint_id}")
     # Token ids and log-probs must line up row by row.
     for a, b in (("chosen_token_ids", "chosen_logprobs"), ("rejected_token_ids", "rejected_logprobs")):
         la = pc.list_value_length(table.column(a))
         lb = pc.list_value_length(table.column(b))
         if not pc.all(pc.equal(la, lb)).as_py():
-            raise RecordError(f"{what}: {a} and {b} have different lengths in some row")
+            raise CorruptShard(f"{what}: {a} and {b} have different lengths in some row")
     return Shard(fingerprint=fingerprint, table=table)
 
 
 def shard_key(fp_id: str, topic: str, partition: int, first_offset: int, last_offset: int) -> str:
     """S3 key of the shard covering offsets [first_offset, last_offset] of one partition."""
-    return (f"scores/{safe_key_part(fp_id, 'fingerprint id')}/{safe_key_part(topic, 'topic')}/"
-            f"p{partition:04d}-{first_offset:012d}-{last_offset:012d}.parquet")
+    return (
+        f"scores/{safe_key_part(fp_id, 'fingerprint id')}/{safe_key_part(topic, 'topic')}/"
+        f"p{partition:04d}-{first_offset:012d}-{last_offset:012d}.parquet"
+    )
 
 
 def shard_key_prefix(fp_id: str, topic: str, partition: int, first_offset: int | None = None) -> str:

@@ -1,16 +1,18 @@
 """Object storage through the plain S3 API (minio SDK): SeaweedFS locally, MinIO in production."""
+
 from __future__ import annotations
 
 import io
 import logging
 import re
-import time
-from typing import Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import urllib3
 from minio import Minio
 from minio.error import S3Error
 
+from offdpo import retry
 from offdpo.config import S3Config
 
 log = logging.getLogger(__name__)
@@ -22,20 +24,28 @@ _SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
 def safe_key_part(value: str, what: str = "key part") -> str:
     """Validate one path segment of an object key (no '/', no '..', no traversal via names)."""
     if not _SAFE_PART.match(value) or ".." in value:
-        raise ValueError(f"{what} {value!r} is not allowed in an object key: use letters, digits, '.', '_', '=', '-' "
-                         f"(1-200 characters, starting with a letter or digit, no '..')")
+        raise ValueError(
+            f"{what} {value!r} is not allowed in an object key: use letters, digits, '.', '_', '=', '-' "
+            f"(1-200 characters, starting with a letter or digit, no '..')"
+        )
     return value
 
 
 def make_minio_client(cfg: S3Config) -> Minio:
-    # Short connect timeout and no urllib3-level retries: our own loop retries with backoff and
+    # Short connect timeout and no urllib3-level retries: `offdpo.retry` retries with backoff and
     # logs each failure, so an S3 outage is visible rather than hidden in a 5-minute hang.
     http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=5, read=60), retries=False, maxsize=10)
-    return Minio(cfg.endpoint, access_key=cfg.access_key, secret_key=cfg.secret_key, secure=cfg.secure,
-                 region=cfg.region, http_client=http)
+    return Minio(
+        cfg.endpoint,
+        access_key=cfg.access_key,
+        secret_key=cfg.secret_key,
+        secure=cfg.secure,
+        region=cfg.region,
+        http_client=http,
+    )
 
 
-def _retryable(exc: Exception) -> bool:
+def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, S3Error):
         return exc.code in ("InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout")
     return isinstance(exc, (urllib3.exceptions.HTTPError, OSError))
@@ -50,28 +60,28 @@ class ObjectStore:
         self.client = make_minio_client(cfg)
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
-        deadline = time.monotonic() + self.cfg.retry_max_s
-        delay = 0.2
-        while True:
-            try:
-                return fn()
-            except Exception as exc:  # noqa: BLE001
-                if not _retryable(exc) or time.monotonic() + delay > deadline:
-                    raise
-                log.warning("S3 %s failed (%s); retrying in %.1f s", what, type(exc).__name__, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        return retry.call(f"S3 {what}", fn, retry_if=_retryable, max_s=self.cfg.retry_max_s, logger=log)
 
     def ensure_bucket(self) -> None:
         def make():
             if not self.client.bucket_exists(self.bucket):
                 self.client.make_bucket(self.bucket)
+
         self._retry(f"make_bucket {self.bucket}", make)
 
-    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream",
-                  metadata: dict[str, str] | None = None) -> None:
-        self._retry(f"put {key}", lambda: self.client.put_object(
-            self.bucket, key, io.BytesIO(data), len(data), content_type=content_type, metadata=metadata))
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self._retry(
+            f"put {key}",
+            lambda: self.client.put_object(
+                self.bucket, key, io.BytesIO(data), len(data), content_type=content_type, metadata=metadata
+            ),
+        )
 
     def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
         def get():
@@ -85,6 +95,7 @@ class ObjectStore:
             finally:
                 resp.close()
                 resp.release_conn()
+
         return self._retry(f"get {key}", get)
 
     def exists(self, key: str) -> bool:
@@ -96,11 +107,16 @@ class ObjectStore:
                 if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
                     return False
                 raise
+
         return self._retry(f"stat {key}", stat)
 
     def list_keys(self, prefix: str) -> list[str]:
-        return self._retry(f"list {prefix}", lambda: sorted(
-            obj.object_name for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)))
+        return self._retry(
+            f"list {prefix}",
+            lambda: sorted(
+                obj.object_name for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
+            ),
+        )
 
     def iter_keys(self, prefix: str) -> Iterator[str]:
         yield from self.list_keys(prefix)

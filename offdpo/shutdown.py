@@ -3,13 +3,14 @@
 The first signal sets `requested` (the loop finishes what it holds, saves or commits, and returns);
 a second one kills at once. Handlers are installed only in the main thread and restored on exit.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import signal
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ class StopOnSignals:
     def name(self) -> str:
         return signal.Signals(self.signum).name
 
-    def __enter__(self) -> "StopOnSignals":
+    def __enter__(self) -> StopOnSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -1,5 +1,6 @@
 """Session fixtures: one local stack (real SeaweedFS S3 + real Tansu broker on free ports) and one
 tiny test model per test session, built by the same code that `make demo` uses."""
+
 from __future__ import annotations
 
 import os
@@ -7,8 +8,8 @@ import uuid
 
 import pytest
 
-from offdpo.stack import LocalStack
-from offdpo.testmodel import ensure_test_model
+from localdev.stack import LocalStack
+from localdev.testmodel import ensure_test_model
 
 # Keep BLAS/torch from oversubscribing the 2 CI cores when several processes run.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

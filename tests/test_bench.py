@@ -1,4 +1,5 @@
 """The benchmarks' own logic: workload shape, FLOP count, target verdicts, and the GPU script runs."""
+
 from __future__ import annotations
 
 import json
@@ -40,19 +41,38 @@ def test_flop_count_matches_the_model(tiny_model):
 
 
 def test_target_verdicts():
-    by_model = {"bench": {"float32": {"speedup_vs_openai": 3.2, "speedup_vs_transformers": 0.9,
-                                      "fraction_of_ceiling": {"refscore": 0.61}, "stream_vs_grpc": 0.5},
-                          "bfloat16": {"speedup_vs_openai": 2.0, "vs_float32": {"max_abs_token_diff": 0.01}}}}
+    by_model = {
+        "bench": {
+            "float32": {
+                "speedup_vs_openai": 3.2,
+                "speedup_vs_transformers": 0.9,
+                "fraction_of_ceiling": {"refscore": 0.61},
+                "stream_vs_grpc": 0.5,
+            },
+            "bfloat16": {"speedup_vs_openai": 2.0, "vs_float32": {"max_abs_token_diff": 0.01}},
+        }
+    }
     verdicts = {t["target"].split(":")[0] + ":" + t["wanted"]: t["met"] for t in targets(by_model)}
-    assert verdicts == {"bench float32:>= 3": True, "bench float32:>= 1.0": False, "bench float32:>= 0.6": True,
-                        "bench bfloat16:>= 10": False, "bench bfloat16:<= 0.05": True, "tiny float32:>= 5": None,
-                        "bench float32:>= 0.8": False}
+    assert verdicts == {
+        "bench float32:>= 3": True,
+        "bench float32:>= 1.0": False,
+        "bench float32:>= 0.6": True,
+        "bench bfloat16:>= 10": False,
+        "bench bfloat16:<= 0.05": True,
+        "tiny float32:>= 5": None,
+        "bench float32:>= 0.8": False,
+    }
 
 
 def test_gpu_script_runs_on_any_device(tiny_model, tmp_path):
     out = tmp_path / "gpu.json"
-    subprocess.run([sys.executable, "bench/gpu.py", "--size", "tiny", "--dtype", "float32", "--pairs", "4",
-                    "--out", str(out)], cwd=REPO, check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "bench/gpu.py", "--size", "tiny", "--dtype", "float32", "--pairs", "4", "--out", str(out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     result = json.loads(out.read_text())
     assert result["items"] == 8 and result["tokens_per_s"]["refscore_transformers_engine"] > 0
     assert 0 < result["fraction_of_peak"]["transformers"] < 1

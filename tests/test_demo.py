@@ -4,6 +4,7 @@ It runs with distinctive secret values (S3 credentials, the LLM judge's API key)
 everything the run left behind (its output, every log and file, every S3 object, every Kafka record
 of its topics) for them: zero hits.
 """
+
 import json
 import os
 import secrets
@@ -13,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from localdev.stack import LocalStack, StackConfig, free_port, free_port_block
 from offdpo.config import KafkaConfig, S3Config
 from offdpo.kafka import read_topic
 from offdpo.s3 import ObjectStore
-from offdpo.stack import LocalStack, StackConfig, free_port, free_port_block
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,16 +25,30 @@ pytestmark = [pytest.mark.vllm, pytest.mark.stack]
 
 
 def test_demo_runs_the_whole_pipeline_reports_consistent_counts_and_leaks_no_secret(tmp_path):
-    secret_values = {"OFFDPO_S3_ACCESS_KEY": "demo-access-" + secrets.token_hex(8),
-                     "OFFDPO_S3_SECRET_KEY": "demo-secret-" + secrets.token_hex(16),
-                     "OFFDPO_JUDGE_API_KEY": "sk-demo-" + secrets.token_hex(16)}
-    env = dict(os.environ, OFFDPO_STACK_DIR=str(tmp_path / "stack"), OFFDPO_STACK_S3_PORT=str(free_port()),
-               OFFDPO_STACK_KAFKA_PORT=str(free_port()), OFFDPO_STACK_WEED_PORT_BASE=str(free_port_block(11)),
-               OFFDPO_TRAINER_PROGRESS="false", **secret_values)
+    secret_values = {
+        "OFFDPO_S3_ACCESS_KEY": "demo-access-" + secrets.token_hex(8),
+        "OFFDPO_S3_SECRET_KEY": "demo-secret-" + secrets.token_hex(16),
+        "OFFDPO_JUDGE_API_KEY": "sk-demo-" + secrets.token_hex(16),
+    }
+    env = dict(
+        os.environ,
+        OFFDPO_STACK_DIR=str(tmp_path / "stack"),
+        OFFDPO_STACK_S3_PORT=str(free_port()),
+        OFFDPO_STACK_KAFKA_PORT=str(free_port()),
+        OFFDPO_STACK_WEED_PORT_BASE=str(free_port_block(11)),
+        OFFDPO_TRAINER_PROGRESS="false",
+        **secret_values,
+    )
     stack = LocalStack(StackConfig.from_env(env), S3Config.from_env(env), KafkaConfig.from_env(env))
     try:
-        proc = subprocess.run([sys.executable, "-m", "offdpo.cli", "demo", "--workdir", str(tmp_path / "demo"),
-                               "--keep-stack"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+        proc = subprocess.run(
+            [sys.executable, "-m", "cli.main", "demo", "--workdir", str(tmp_path / "demo"), "--keep-stack"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, out[-5000:]
         for step in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"):
@@ -66,8 +81,12 @@ def test_demo_runs_the_whole_pipeline_reports_consistent_counts_and_leaks_no_sec
             for rec in read_topic(stack.kafka, topic):
                 haystacks[f"{topic}@{rec.partition}/{rec.offset}"] = (rec.key or b"") + (rec.value or b"")
         assert len(haystacks) > 50 and store.bucket == "offdpo"
-        leaks = [(name, var) for name, data in haystacks.items() for var, value in secret_values.items()
-                 if value.encode() in data]
+        leaks = [
+            (name, var)
+            for name, data in haystacks.items()
+            for var, value in secret_values.items()
+            if value.encode() in data
+        ]
         assert not leaks, f"secret values found in: {leaks[:10]}"
     finally:
         stack.down()

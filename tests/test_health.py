@@ -1,4 +1,5 @@
 """offdpo.health: the liveness answer of a loop without an RPC API, over a real gRPC server on loopback."""
+
 from __future__ import annotations
 
 import time
@@ -14,7 +15,9 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 def _check(port: int, service: str = "") -> int:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        return (
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        )
 
 
 def test_serving_while_the_loop_beats_and_not_once_it_stalls_or_stops():

@@ -2,6 +2,7 @@
 with `ssl.client.auth=required`, demands a client certificate signed by its CA and records whom it
 saw. (The local Tansu broker speaks plaintext only; what is under test is our configuration, so the
 handshake is the part that must be real.)"""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,8 +23,13 @@ def pki(tmp_path):
     ca, ca_key, ca_pem, _ = make_cert("kafka test CA", ca=True)
     _, _, broker_pem, broker_key = make_cert("broker", ca, ca_key, server=True)
     _, _, client_pem, client_key = make_cert("refscore-worker", ca, ca_key)
-    files = {"ca": ca_pem, "broker.crt": broker_pem, "broker.key": broker_key, "client.crt": client_pem,
-             "client.key": client_key}
+    files = {
+        "ca": ca_pem,
+        "broker.crt": broker_pem,
+        "broker.key": broker_key,
+        "client.crt": client_pem,
+        "client.key": client_key,
+    }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     return {name: str(tmp_path / name) for name in files}
@@ -48,7 +54,7 @@ class MutualTLSListener:
         while not self._stop.is_set():
             try:
                 conn, _ = self.sock.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             conn.settimeout(5)
             try:

@@ -24,12 +24,21 @@ def test_fingerprint_changes_with_weights_dtype_and_template(tiny_model, tmp_pat
     a = model_fingerprint(tiny_model, dtype="float32", engine="vllm", engine_version="x")
     b = model_fingerprint(tiny_model, dtype="float32", engine="transformers", engine_version="y")
     assert a.fingerprint_id == b.fingerprint_id, "engine is not part of identity"
-    assert model_fingerprint(tiny_model, dtype="bfloat16", engine="vllm", engine_version="x").fingerprint_id != a.fingerprint_id
-    assert model_fingerprint(tiny_model, dtype="float32", engine="vllm", engine_version="x",
-                             chat_template="{{ messages }}").fingerprint_id != a.fingerprint_id
+    assert (
+        model_fingerprint(tiny_model, dtype="bfloat16", engine="vllm", engine_version="x").fingerprint_id
+        != a.fingerprint_id
+    )
+    assert (
+        model_fingerprint(
+            tiny_model, dtype="float32", engine="vllm", engine_version="x", chat_template="{{ messages }}"
+        ).fingerprint_id
+        != a.fingerprint_id
+    )
     copy = tmp_path / tiny_model.name
     shutil.copytree(tiny_model, copy)
-    assert model_fingerprint(copy, dtype="float32", engine="vllm", engine_version="x").fingerprint_id == a.fingerprint_id
+    assert (
+        model_fingerprint(copy, dtype="float32", engine="vllm", engine_version="x").fingerprint_id == a.fingerprint_id
+    )
     data = bytearray((copy / "model.safetensors").read_bytes())
     data[-1] ^= 1
     (copy / "model.safetensors").write_bytes(bytes(data))

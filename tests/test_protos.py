@@ -1,4 +1,5 @@
-from offdpo import protogen, records
+from localdev import protogen
+from offdpo import records
 from offdpo.v1 import records_pb2, refscore_pb2
 
 

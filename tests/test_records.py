@@ -5,16 +5,31 @@ from offdpo.v1 import records_pb2
 
 
 def _fingerprint():
-    return records.with_fingerprint_id(records_pb2.ReferenceFingerprint(
-        model_id="tiny", weights_hash="w", tokenizer_hash="t", chat_template_hash="c", dtype="float32",
-        engine="vllm", engine_version="0.32.0"))
+    return records.with_fingerprint_id(
+        records_pb2.ReferenceFingerprint(
+            model_id="tiny",
+            weights_hash="w",
+            tokenizer_hash="t",
+            chat_template_hash="c",
+            dtype="float32",
+            engine="vllm",
+            engine_version="0.32.0",
+        )
+    )
 
 
 def _scored(i: int) -> records_pb2.ScoredPair:
     pair = records.make_pair(records.text_prompt(f"q{i}"), f"good {i}", f"bad {i}")
-    return records_pb2.ScoredPair(pair=pair, prompt_token_ids=[1, 2, i], chosen_token_ids=[5, 6],
-                                  rejected_token_ids=[7], chosen_logprobs=[-0.5, -1.25], rejected_logprobs=[-2.0],
-                                  chosen_logprob_sum=-1.75, rejected_logprob_sum=-2.0)
+    return records_pb2.ScoredPair(
+        pair=pair,
+        prompt_token_ids=[1, 2, i],
+        chosen_token_ids=[5, 6],
+        rejected_token_ids=[7],
+        chosen_logprobs=[-0.5, -1.25],
+        rejected_logprobs=[-2.0],
+        chosen_logprob_sum=-1.75,
+        rejected_logprob_sum=-2.0,
+    )
 
 
 def test_parquet_shard_round_trip_and_determinism():

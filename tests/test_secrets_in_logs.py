@@ -10,6 +10,7 @@ topics is searched for each secret value: zero hits. The Kafka SASL credentials 
 not used (the local broker is PLAINTEXT and OFFDPO_KAFKA_SASL_MECHANISM is unset); the S3 keys are the
 local stack's dev placeholders, which the services do use.
 """
+
 from __future__ import annotations
 
 import http.server
@@ -28,8 +29,8 @@ import pytest
 import yaml
 
 from offdpo.kafka import ensure_topics, read_topic
+from offdpo.refscore_client import RefscoreClient, score_item
 from offdpo.s3 import ObjectStore
-from services.refscore.client import RefscoreClient, score_item
 from services.refscore.security import token_hash
 
 from .refscore.conftest import start_refscore
@@ -70,10 +71,17 @@ class _JudgeHandler(http.server.BaseHTTPRequestHandler):
             a = prompt.split("[Answer A]", 1)[1].split("[Answer B]", 1)[0]
             b = prompt.split("[Answer B]", 1)[1].rsplit("Is Answer A", 1)[0]
             answer = "Good" if len(a) < len(b) else "Bad" if len(b) < len(a) else "Same"
-        self._reply(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body.get("model", "judge"),
-                          "choices": [{"index": 0, "finish_reason": "stop",
-                                       "message": {"role": "assistant", "content": answer}}],
-                          "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+        self._reply(
+            200,
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body.get("model", "judge"),
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            },
+        )
 
     def _reply(self, code: int, doc: dict):
         data = json.dumps(doc).encode()
@@ -92,8 +100,10 @@ def _run(cmd: list[str], env: dict, log_path: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            pytest.fail(f"{' '.join(cmd[:4])} did not finish within {TIMEOUT_S} s; log tail:\n"
-                        f"{log_path.read_text(errors='replace')[-3000:]}")
+            pytest.fail(
+                f"{' '.join(cmd[:4])} did not finish within {TIMEOUT_S} s; log tail:\n"
+                f"{log_path.read_text(errors='replace')[-3000:]}"
+            )
     assert code == 0, f"{' '.join(cmd[:4])} exited {code}; log tail:\n{log_path.read_text(errors='replace')[-3000:]}"
 
 
@@ -120,37 +130,70 @@ def test_no_secret_in_any_log_object_or_record(stack, tiny_model, tmp_path):
         "s3 secret key": stack.s3.secret_key,
         "s3 access key": stack.s3.access_key,
     }
-    topics = {"OFFDPO_TOPIC_PAIRS": f"{run}.pairs", "OFFDPO_TOPIC_SHARDS": f"{run}.shards",
-              "OFFDPO_TOPIC_DEADLETTER": f"{run}.dead", "OFFDPO_TOPIC_CANDIDATES": f"{run}.candidates"}
+    topics = {
+        "OFFDPO_TOPIC_PAIRS": f"{run}.pairs",
+        "OFFDPO_TOPIC_SHARDS": f"{run}.shards",
+        "OFFDPO_TOPIC_DEADLETTER": f"{run}.dead",
+        "OFFDPO_TOPIC_CANDIDATES": f"{run}.candidates",
+    }
     kafka = stack.kafka.from_env({**stack.env(), **topics})
     ensure_topics(kafka, list(topics.values()), partitions=2)
     auth = tmp_path / "teams.yaml"
     auth.write_text(yaml.safe_dump({"teams": {"secrets-test": {"token_sha256": [token_hash(team_token)]}}}))
     judge = FakeJudge(secret_values["judge api key"])
-    env = {**os.environ, **stack.env(), **topics, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-           "OFFDPO_JUDGE_API_KEY": secret_values["judge api key"],
-           "OFFDPO_KAFKA_SASL_USERNAME": secret_values["kafka sasl username"],
-           "OFFDPO_KAFKA_SASL_PASSWORD": secret_values["kafka sasl password"],
-           "OFFDPO_TRAINER_PROGRESS": "false"}
+    env = {
+        **os.environ,
+        **stack.env(),
+        **topics,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "OFFDPO_JUDGE_API_KEY": secret_values["judge api key"],
+        "OFFDPO_KAFKA_SASL_USERNAME": secret_values["kafka sasl username"],
+        "OFFDPO_KAFKA_SASL_PASSWORD": secret_values["kafka sasl password"],
+        "OFFDPO_TRAINER_PROGRESS": "false",
+    }
     logs = tmp_path / "logs"
     logs.mkdir()
     refscore = None
     try:
         # 1. refscore: gRPC with team tokens + the stream worker (the env of every process holds every secret).
-        refscore = start_refscore(tiny_model, logs / "refscore.log", engine="transformers", stack=stack, worker=True,
-                                  extra_env={**env, "OFFDPO_REFSCORE_GROUP": f"{run}-refscore",
-                                             "OFFDPO_REFSCORE_PLAINTEXT": "true",
-                                             "OFFDPO_REFSCORE_ALLOW_ANONYMOUS": "false",
-                                             "OFFDPO_REFSCORE_AUTH_FILE": str(auth)})
+        refscore = start_refscore(
+            tiny_model,
+            logs / "refscore.log",
+            engine="transformers",
+            stack=stack,
+            worker=True,
+            extra_env={
+                **env,
+                "OFFDPO_REFSCORE_GROUP": f"{run}-refscore",
+                "OFFDPO_REFSCORE_PLAINTEXT": "true",
+                "OFFDPO_REFSCORE_ALLOW_ANONYMOUS": "false",
+                "OFFDPO_REFSCORE_AUTH_FILE": str(auth),
+            },
+        )
         # 2. labeler: rules, then the LLM judge (which must send the key to get verdicts).
-        labeler = [sys.executable, "-m", "services.labeler", "label", str(SAMPLES / "candidates.jsonl"),
-                   "--state-dir", str(tmp_path / "labeler"), "--rules", str(SAMPLES / "rules.yaml")]
+        labeler = [
+            sys.executable,
+            "-m",
+            "services.labeler",
+            "label",
+            str(SAMPLES / "candidates.jsonl"),
+            "--state-dir",
+            str(tmp_path / "labeler"),
+            "--rules",
+            str(SAMPLES / "rules.yaml"),
+        ]
         _run(labeler + ["--strategy", "rules"], env, logs / "labeler-rules.log")
-        _run(labeler + ["--strategy", "llm_judge", "--judge-base-url", judge.base_url, "--judge-model", "judge"],
-             env, logs / "labeler-judge.log")
+        _run(
+            labeler + ["--strategy", "llm_judge", "--judge-base-url", judge.base_url, "--judge-model", "judge"],
+            env,
+            logs / "labeler-judge.log",
+        )
         assert judge.authorized > 0 and judge.refused == 0, "the labeler did not use the configured judge key"
-        assert '"llm_judge": {' in (logs / "labeler-judge.log").read_text() and \
-            '"pairs": 0' not in (logs / "labeler-judge.log").read_text(), "the judge strategy made no pairs"
+        assert (
+            '"llm_judge": {' in (logs / "labeler-judge.log").read_text()
+            and '"pairs": 0' not in (logs / "labeler-judge.log").read_text()
+        ), "the judge strategy made no pairs"
         pairs = read_topic(kafka, kafka.pairs_topic)
         assert pairs, "the labeler published no pairs"
 
@@ -185,9 +228,33 @@ def test_no_secret_in_any_log_object_or_record(stack, tiny_model, tmp_path):
         assert scored > 0
 
         # 5. a short trainer run replaying the shards, with a checkpoint.
-        _run([sys.executable, "-m", "services.trainer", "--model", str(tiny_model), "--run-name", run,
-              "--prefix", prefix, "--log-dir", str(tmp_path / "runs"), "--epochs", "1", "--global-batch-size", "4",
-              "--micro-batch-size", "2", "--warmup-steps", "1", "--save-every", "2"], env, logs / "trainer.log")
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "services.trainer",
+                "--model",
+                str(tiny_model),
+                "--run-name",
+                run,
+                "--prefix",
+                prefix,
+                "--log-dir",
+                str(tmp_path / "runs"),
+                "--epochs",
+                "1",
+                "--global-batch-size",
+                "4",
+                "--micro-batch-size",
+                "2",
+                "--warmup-steps",
+                "1",
+                "--save-every",
+                "2",
+            ],
+            env,
+            logs / "trainer.log",
+        )
     finally:
         if refscore is not None:
             refscore.stop()
@@ -210,7 +277,10 @@ def test_no_secret_in_any_log_object_or_record(stack, tiny_model, tmp_path):
         for rec in read_topic(kafka, topic, idle_s=1.0):
             records_seen += 1
             blob = (rec.value or b"") + (rec.key or b"") + b"".join(v or b"" for _, v in (rec.headers or []))
-            hits += [(what, f"{topic}@{rec.partition}:{rec.offset}") for what, value in secret_values.items()
-                     if value.encode() in blob]
+            hits += [
+                (what, f"{topic}@{rec.partition}:{rec.offset}")
+                for what, value in secret_values.items()
+                if value.encode() in blob
+            ]
     assert objects and records_seen
     assert not hits, f"secret values found: {hits}"

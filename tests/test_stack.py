@@ -1,4 +1,5 @@
 """The local stack's real parts through the same clients the services use: kafka-python and minio."""
+
 import dataclasses
 import time
 

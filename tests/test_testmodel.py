@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from offdpo.testmodel import build_test_model, tree_digest
+from localdev.testmodel import build_test_model, tree_digest
 
 
 def test_builder_is_deterministic(tmp_path, tiny_model):
@@ -45,11 +45,16 @@ def test_vllm_loads_it_and_agrees_with_transformers(tiny_model):
             print("RESULT" + json.dumps({{"ids": ids, "logprobs": [None] + lps}}))
             engine.shutdown()
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).resolve().parent.parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
     assert proc.returncode == 0 and line, f"vLLM failed to load the model:\n{proc.stderr[-3000:]}"
-    result = json.loads(line[0][len("RESULT"):])
+    result = json.loads(line[0][len("RESULT") :])
 
     from transformers import AutoModelForCausalLM
 
@@ -63,7 +68,7 @@ def test_vllm_loads_it_and_agrees_with_transformers(tiny_model):
 
 
 def test_sizes_have_the_parameter_counts_the_benchmarks_name():
-    from offdpo.testmodel import parameter_count
+    from localdev.testmodel import parameter_count
 
-    assert 20e6 < parameter_count("bench") < 30e6   # bench: ~25M (issue: 8 layers, hidden 512, head_dim 64)
-    assert 0.4e9 < parameter_count("gpu") < 0.6e9   # gpu: ~0.5B for GPU runs
+    assert 20e6 < parameter_count("bench") < 30e6  # bench: ~25M (issue: 8 layers, hidden 512, head_dim 64)
+    assert 0.4e9 < parameter_count("gpu") < 0.6e9  # gpu: ~0.5B for GPU runs

@@ -5,6 +5,7 @@ Parquet shards in S3 -> shard-ready events), in this process with the transforme
 session never starts a second vLLM engine. Then: export them (function and CLI), train TRL's real
 DPOTrainer on them, count forwards, and compare step 0 with our trainer's own loss code.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,19 +18,25 @@ import time
 import pytest
 import torch
 
-from offdpo import records
-from offdpo.kafka import ensure_topics, make_producer, read_topic
-from offdpo.s3 import ObjectStore
-from offdpo.trl_export import (ExportError, ShardSource, TRL_COLUMNS, dataset_fingerprint, export_trl,
-                               iter_trl_tables, load_trl_dataset)
-from offdpo.v1 import records_pb2
-from tests.pairs import make_pairs
-
 # The `trl` extra; scripts/setup.sh installs it (an ImportError here means the venv lacks it).
 from trl import DPOConfig
 from trl.trainer import dpo_trainer as trl_dpo_module
 
-from offdpo.trl_dpo import ExportedDataError, FingerprintMismatchError, OfflineRefDPOTrainer
+from integrations.trl_dpo import ExportedDataError, FingerprintMismatchError, OfflineRefDPOTrainer
+from integrations.trl_export import (
+    TRL_COLUMNS,
+    ExportError,
+    ShardSource,
+    dataset_fingerprint,
+    export_trl,
+    iter_trl_tables,
+    load_trl_dataset,
+)
+from offdpo import records
+from offdpo.kafka import ensure_topics, make_producer, read_topic
+from offdpo.s3 import ObjectStore
+from offdpo.v1 import records_pb2
+from tests.pairs import make_pairs
 
 pytestmark = pytest.mark.stack
 N_PAIRS = 8
@@ -46,8 +53,12 @@ def scored(stack, tiny_model):
     from services.refscore.worker import StreamWorker
 
     tag = uuid.uuid4().hex[:8]
-    kafka = dataclasses.replace(stack.kafka, pairs_topic=f"trl.pairs.{tag}", shards_topic=f"trl.shards.{tag}",
-                                deadletter_topic=f"trl.dead.{tag}")
+    kafka = dataclasses.replace(
+        stack.kafka,
+        pairs_topic=f"trl.pairs.{tag}",
+        shards_topic=f"trl.shards.{tag}",
+        deadletter_topic=f"trl.dead.{tag}",
+    )
     ensure_topics(stack.kafka, [kafka.pairs_topic, kafka.shards_topic, kafka.deadletter_topic], partitions=3)
     pairs = make_pairs(N_PAIRS, tag)
     producer = make_producer(kafka, "test-trl")
@@ -56,8 +67,14 @@ def scored(stack, tiny_model):
     producer.flush()
     producer.close()
 
-    cfg = RefscoreConfig(model_dir=str(tiny_model), engine="transformers", dtype="float32", max_model_len=512,
-                         batch_wait_s=0.3, group_id=f"trl-{tag}")
+    cfg = RefscoreConfig(
+        model_dir=str(tiny_model),
+        engine="transformers",
+        dtype="float32",
+        max_model_len=512,
+        batch_wait_s=0.3,
+        group_id=f"trl-{tag}",
+    )
     scorer = Scorer(cfg)
     scorer.load()
     stop = threading.Event()
@@ -67,7 +84,9 @@ def scored(stack, tiny_model):
     try:
         deadline = time.monotonic() + 120
         while True:
-            events = [records_pb2.ShardReady.FromString(r.value) for r in read_topic(kafka, kafka.shards_topic, idle_s=0.5)]
+            events = [
+                records_pb2.ShardReady.FromString(r.value) for r in read_topic(kafka, kafka.shards_topic, idle_s=0.5)
+            ]
             if sorted({pid for e in events for pid in e.pair_ids}) == sorted(p.pair_id for p in pairs):
                 break
             assert time.monotonic() < deadline, "refscore's worker did not announce every pair within 120 s"
@@ -96,7 +115,7 @@ def exported(scored, tmp_path_factory):
 @pytest.fixture(scope="module")
 def other_policy(tmp_path_factory):
     """Same architecture and tokenizer as the reference, other random weights."""
-    from offdpo.testmodel import build_test_model
+    from localdev.testmodel import build_test_model
 
     return build_test_model(tmp_path_factory.mktemp("models") / "tiny-seed1", size="tiny", seed=1)
 
@@ -132,7 +151,7 @@ def test_export_streams_shard_by_shard_and_keeps_ids_and_sums(scored):
 
 
 def test_export_cli_parquet_and_disk_agree(scored, exported, stack, tmp_path, monkeypatch):
-    from offdpo.cli import main
+    from cli.main import main
 
     store, prefix, fp, pairs, keys = scored
     for name, value in stack.env().items():
@@ -160,9 +179,21 @@ def test_export_cli_parquet_and_disk_agree(scored, exported, stack, tmp_path, mo
 
 # -- TRL ----------------------------------------------------------------------------------------------
 def _dpo_args(tmp_path, **kw) -> DPOConfig:
-    base = dict(output_dir=str(tmp_path / "trl-run"), max_length=None, per_device_train_batch_size=N_PAIRS,
-                max_steps=3, learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-                bf16=False, seed=0, dataloader_num_workers=0, disable_tqdm=True)  # bf16: TRL defaults to True
+    base = dict(
+        output_dir=str(tmp_path / "trl-run"),
+        max_length=None,
+        per_device_train_batch_size=N_PAIRS,
+        max_steps=3,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )  # bf16: TRL defaults to True
     base.update(kw)
     return DPOConfig(**base)
 
@@ -191,7 +222,8 @@ def _our_step0(policy_dir, scored, allowed_ids=()) -> dict:
 
 @pytest.mark.parametrize("policy", ["reference", "other_init"])
 def test_trl_trains_on_export_without_reference_forward_and_matches_our_step0(
-        policy, scored, exported, tiny_model, other_policy, tmp_path, monkeypatch):
+    policy, scored, exported, tiny_model, other_policy, tmp_path, monkeypatch
+):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     fp = scored[2]
@@ -206,23 +238,37 @@ def test_trl_trains_on_export_without_reference_forward_and_matches_our_step0(
         def wrapped(*args, **kwargs):
             calls[name] += 1
             return fn(*args, **kwargs)
+
         return wrapped
 
     # Every way TRL 1.16.0 gets reference log-probs: its reference forward, and loading a reference model.
-    monkeypatch.setattr(trl_dpo_module.DPOTrainer, "compute_ref_log_probs",
-                        count("ref_log_probs", trl_dpo_module.DPOTrainer.compute_ref_log_probs))
-    monkeypatch.setattr(OfflineRefDPOTrainer, "compute_ref_log_probs",
-                        count("ref_log_probs", OfflineRefDPOTrainer.compute_ref_log_probs))
-    monkeypatch.setattr(trl_dpo_module, "create_model_from_path",
-                        count("ref_model_loads", trl_dpo_module.create_model_from_path))
+    monkeypatch.setattr(
+        trl_dpo_module.DPOTrainer,
+        "compute_ref_log_probs",
+        count("ref_log_probs", trl_dpo_module.DPOTrainer.compute_ref_log_probs),
+    )
+    monkeypatch.setattr(
+        OfflineRefDPOTrainer,
+        "compute_ref_log_probs",
+        count("ref_log_probs", OfflineRefDPOTrainer.compute_ref_log_probs),
+    )
+    monkeypatch.setattr(
+        trl_dpo_module, "create_model_from_path", count("ref_model_loads", trl_dpo_module.create_model_from_path)
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
     model.register_forward_pre_hook(lambda *_: calls.__setitem__("policy_forward", calls["policy_forward"] + 1))
     model.get_decoder().register_forward_pre_hook(
-        lambda *_: calls.__setitem__("backbone_forward", calls["backbone_forward"] + 1))
-    trainer = OfflineRefDPOTrainer(model=model, args=_dpo_args(tmp_path), train_dataset=exported,
-                                   processing_class=tokenizer, allow_fingerprint_id=allowed)
+        lambda *_: calls.__setitem__("backbone_forward", calls["backbone_forward"] + 1)
+    )
+    trainer = OfflineRefDPOTrainer(
+        model=model,
+        args=_dpo_args(tmp_path),
+        train_dataset=exported,
+        processing_class=tokenizer,
+        allow_fingerprint_id=allowed,
+    )
     assert trainer.ref_model is None and trainer.precompute_ref_logps
     assert calls["policy_forward"] == 0, "building the trainer ran no forward (no reference precompute)"
 
@@ -239,13 +285,18 @@ def test_trl_trains_on_export_without_reference_forward_and_matches_our_step0(
     steps = trainer.state.global_step
     assert steps == 3 and len(calls["loss"]) == steps
     assert calls["ref_log_probs"] == 0 and calls["ref_model_loads"] == 0
-    assert calls["policy_forward"] == steps and calls["backbone_forward"] == steps, \
+    assert calls["policy_forward"] == steps and calls["backbone_forward"] == steps, (
         f"one policy forward per step and nothing else: {calls}"
+    )
     assert trainer.ref_model is None
 
     loss0, trl0 = calls["loss"][0]
-    trl_step0 = {"loss": loss0, "rewards/chosen": trl0["rewards/chosen"], "rewards/rejected": trl0["rewards/rejected"],
-                 "rewards/margins": trl0["rewards/margins"]}
+    trl_step0 = {
+        "loss": loss0,
+        "rewards/chosen": trl0["rewards/chosen"],
+        "rewards/rejected": trl0["rewards/rejected"],
+        "rewards/margins": trl0["rewards/margins"],
+    }
     diffs = {k: abs(v - ours[k]) for k, v in trl_step0.items()}
     assert max(diffs.values()) < TOLERANCE, f"TRL step 0 {trl_step0} vs ours {ours}: {diffs}"
     # The policy's summed log-probs (|sum| up to ~150 here, where one float32 ulp is 1.5e-5): relative.
@@ -264,8 +315,9 @@ def no_trl_init(monkeypatch):
     """Records whether TRL's own constructor (which loads, prepares and could train) was reached."""
     reached = []
     real = trl_dpo_module.DPOTrainer.__init__
-    monkeypatch.setattr(trl_dpo_module.DPOTrainer, "__init__",
-                        lambda self, *a, **kw: reached.append(1) or real(self, *a, **kw))
+    monkeypatch.setattr(
+        trl_dpo_module.DPOTrainer, "__init__", lambda self, *a, **kw: reached.append(1) or real(self, *a, **kw)
+    )
     return reached
 
 
@@ -290,8 +342,12 @@ def test_fingerprint_mismatch_is_refused_before_training(exported, tiny_model, o
     conf["add_bos_token"] = not conf.get("add_bos_token", False)
     (tok_dir / "tokenizer_config.json").write_text(json.dumps(conf))
     with pytest.raises(FingerprintMismatchError, match="tokenizer hash"):
-        OfflineRefDPOTrainer(model=str(tiny_model), args=args, train_dataset=exported,
-                             processing_class=AutoTokenizer.from_pretrained(tok_dir))
+        OfflineRefDPOTrainer(
+            model=str(tiny_model),
+            args=args,
+            train_dataset=exported,
+            processing_class=AutoTokenizer.from_pretrained(tok_dir),
+        )
     assert no_trl_init == [], "refused before TRL's trainer was built"
     assert not (tmp_path / "trl-run").exists(), "nothing trained, nothing written"
 
@@ -301,13 +357,16 @@ def test_bad_datasets_are_refused_with_what_to_fix(exported, tiny_model, tmp_pat
 
     args = _dpo_args(tmp_path)
     with pytest.raises(ExportedDataError, match="lacks column.*ref_rejected_logps.*offdpo export-trl"):
-        OfflineRefDPOTrainer(model=str(tiny_model), args=args, train_dataset=exported.remove_columns("ref_rejected_logps"))
+        OfflineRefDPOTrainer(
+            model=str(tiny_model), args=args, train_dataset=exported.remove_columns("ref_rejected_logps")
+        )
     with pytest.raises(ExportedDataError, match="carries no reference fingerprint"):
         OfflineRefDPOTrainer(model=str(tiny_model), args=args, train_dataset=Dataset.from_list(exported.to_list()))
     longest = max(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in exported)
     with pytest.raises(ExportedDataError, match=f"up to {longest} tokens.*max_length=None"):
-        OfflineRefDPOTrainer(model=str(tiny_model), args=_dpo_args(tmp_path, max_length=longest - 1),
-                             train_dataset=exported)
+        OfflineRefDPOTrainer(
+            model=str(tiny_model), args=_dpo_args(tmp_path, max_length=longest - 1), train_dataset=exported
+        )
     with pytest.raises(ValueError, match="no ref_model"):
         OfflineRefDPOTrainer(model=str(tiny_model), args=args, train_dataset=exported, ref_model=object())
     assert no_trl_init == []

@@ -10,6 +10,7 @@
 Settings come from the environment (`config` lists them); the flags override the most common ones.
 `consume` on SIGTERM/SIGINT finishes the batch in hand (publish, acknowledge, commit) and exits 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,14 +29,26 @@ from services.labeler.config import CONFIG_CLASSES, JudgeConfig, LabelerConfig
 
 def _configs(args) -> tuple[LabelerConfig, KafkaConfig, JudgeConfig]:
     cfg, kafka, judge = LabelerConfig.from_env(), KafkaConfig.from_env(), JudgeConfig.from_env()
-    over = {k: v for k, v in dict(strategy=getattr(args, "strategy", None), rules_file=args.rules,
-                                  reward_model=args.reward_model, pair_mode=args.pair_mode, margin=args.margin,
-                                  state_dir=args.state_dir).items() if v is not None}
+    over = {
+        k: v
+        for k, v in dict(
+            strategy=getattr(args, "strategy", None),
+            rules_file=args.rules,
+            reward_model=args.reward_model,
+            pair_mode=args.pair_mode,
+            margin=args.margin,
+            state_dir=args.state_dir,
+        ).items()
+        if v is not None
+    }
     if args.no_ledger:
         over["ledger"] = False
     cfg = dataclasses.replace(cfg, **over)
-    jover = {k: v for k, v in dict(base_url=args.judge_base_url, model=args.judge_model, mode=args.judge_mode).items()
-             if v is not None}
+    jover = {
+        k: v
+        for k, v in dict(base_url=args.judge_base_url, model=args.judge_model, mode=args.judge_mode).items()
+        if v is not None
+    }
     if args.bootstrap:
         kafka = dataclasses.replace(kafka, bootstrap_servers=args.bootstrap)
     return cfg, kafka, dataclasses.replace(judge, **jover)
@@ -51,8 +64,9 @@ def _print_summary(summary: dict, labeler) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.labeler", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m services.labeler", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--rules", help="rules YAML (OFFDPO_LABELER_RULES)")
@@ -83,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "config":
         print(describe(*CONFIG_CLASSES))
         return 0
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("kafka").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     from services.labeler.runner import build_labeler, close_labeler, run_file, run_kafka
@@ -103,11 +118,21 @@ def main(argv: list[str] | None = None) -> int:
         labeler = build_labeler(cfg, kafka, judge)
         health = LoopHealth("labeler-consume", cfg.stall_s)
         try:
-            with (StopOnSignals("finishing the batch in hand, then stopping", announce=_progress) as stop,
-                  LoopHealthServer(health, cfg.grpc_host, cfg.health_port, "OFFDPO_LABELER_HEALTH_PORT")
-                  if cfg.health_port else contextlib.nullcontext()):
-                summary = run_kafka(labeler, kafka, cfg.strategy, stop=stop.requested, idle_exit_s=args.idle_exit_s,
-                                    progress=_progress, heartbeat=health.beat)
+            with (
+                StopOnSignals("finishing the batch in hand, then stopping", announce=_progress) as stop,
+                LoopHealthServer(health, cfg.grpc_host, cfg.health_port, "OFFDPO_LABELER_HEALTH_PORT")
+                if cfg.health_port
+                else contextlib.nullcontext(),
+            ):
+                summary = run_kafka(
+                    labeler,
+                    kafka,
+                    cfg.strategy,
+                    stop=stop.requested,
+                    idle_exit_s=args.idle_exit_s,
+                    progress=_progress,
+                    heartbeat=health.beat,
+                )
             _print_summary(summary, labeler)
         finally:
             close_labeler(labeler)

@@ -1,8 +1,10 @@
 """What every strategy returns, and how scored answers become pairs."""
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 from offdpo import records
 from offdpo.kafka import now_timestamp
@@ -12,10 +14,11 @@ from offdpo.v1 import labeler_pb2, records_pb2
 @dataclass
 class Outcome:
     """The labelling of one candidate set: pairs, and the comparisons that gave none."""
+
     pairs: list[records_pb2.PreferencePair] = field(default_factory=list)
-    ties: int = 0                 # equal scores, "Same" verdicts
-    inconsistent: int = 0         # judge verdicts that changed when the answers were swapped
-    unparseable: int = 0          # judge answers outside the allowed labels
+    ties: int = 0  # equal scores, "Same" verdicts
+    inconsistent: int = 0  # judge verdicts that changed when the answers were swapped
+    unparseable: int = 0  # judge answers outside the allowed labels
 
 
 class Strategy(Protocol):
@@ -35,8 +38,13 @@ def base_provenance(strategy: int, cs: labeler_pb2.CandidateSet, source: str) ->
     return prov
 
 
-def pairs_from_scores(cs: labeler_pb2.CandidateSet, scores: Sequence[float], mode: str, margin: float,
-                      provenance: Callable[[int, int], records_pb2.Provenance]) -> Outcome:
+def pairs_from_scores(
+    cs: labeler_pb2.CandidateSet,
+    scores: Sequence[float],
+    mode: str,
+    margin: float,
+    provenance: Callable[[int, int], records_pb2.Provenance],
+) -> Outcome:
     """Scored answers -> pairs. best_worst: the best against the worst answer; all: every pair whose
     gap is above `margin`. A gap of `margin` or less (ties included) gives no pair."""
     out = Outcome()

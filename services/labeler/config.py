@@ -1,4 +1,5 @@
 """Labeler settings: every one an environment variable with a default and one line of help."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,43 +11,65 @@ STRATEGIES = ("human", "rules", "reward_model", "llm_judge", "imported")
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class LabelerConfig(EnvConfig):
-    strategy: str = env("OFFDPO_LABELER_STRATEGY", "rules",
-                        "default strategy for candidate sets that name none: rules, reward_model or llm_judge")
+    strategy: str = env(
+        "OFFDPO_LABELER_STRATEGY",
+        "rules",
+        "default strategy for candidate sets that name none: rules, reward_model or llm_judge",
+    )
     group_id: str = env("OFFDPO_LABELER_GROUP", "offdpo-labeler", "consumer group for the candidates topic")
-    state_dir: str = env("OFFDPO_LABELER_STATE_DIR", ".cache/labeler",
-                         "verdict cache and published-ids ledger (SQLite files)")
-    ledger: bool = env("OFFDPO_LABELER_LEDGER", True,
-                       "remember published pair ids per topic so a rerun does not send them again")
+    state_dir: str = env(
+        "OFFDPO_LABELER_STATE_DIR", ".cache/labeler", "verdict cache and published-ids ledger (SQLite files)"
+    )
+    ledger: bool = env(
+        "OFFDPO_LABELER_LEDGER", True, "remember published pair ids per topic so a rerun does not send them again"
+    )
     rules_file: str = env("OFFDPO_LABELER_RULES", "", "YAML rules file for the rules strategy")
-    pair_mode: str = env("OFFDPO_LABELER_PAIR_MODE", "best_worst",
-                         "best_worst: one pair per set; all: every pair whose score gap exceeds the margin")
+    pair_mode: str = env(
+        "OFFDPO_LABELER_PAIR_MODE",
+        "best_worst",
+        "best_worst: one pair per set; all: every pair whose score gap exceeds the margin",
+    )
     margin: float = env("OFFDPO_LABELER_MARGIN", 0.0, "minimum score gap for a pair (rules, reward model, judge)")
     reward_model: str = env("OFFDPO_LABELER_REWARD_MODEL", "", "directory of a sequence-classification reward model")
     reward_batch_size: int = env("OFFDPO_LABELER_REWARD_BATCH", 16, "answers scored per reward-model forward pass")
-    reward_max_length: int = env("OFFDPO_LABELER_REWARD_MAX_LEN", 2048, "truncate reward-model inputs to this many tokens")
+    reward_max_length: int = env(
+        "OFFDPO_LABELER_REWARD_MAX_LEN", 2048, "truncate reward-model inputs to this many tokens"
+    )
     batch_size: int = env("OFFDPO_LABELER_BATCH", 64, "candidate sets labelled per batch (then pairs are flushed)")
-    max_input_bytes: int = env("OFFDPO_LABELER_MAX_INPUT_BYTES", 4 * 1024 * 1024,
-                               "largest candidate set (JSON line or Kafka record) accepted")
+    max_input_bytes: int = env(
+        "OFFDPO_LABELER_MAX_INPUT_BYTES", 4 * 1024 * 1024, "largest candidate set (JSON line or Kafka record) accepted"
+    )
     max_answers: int = env("OFFDPO_LABELER_MAX_ANSWERS", 16, "most answers per candidate set")
-    refscore_address: str = env("OFFDPO_LABELER_REFSCORE_ADDR", "127.0.0.1:50051",
-                                "refscore gRPC address for on-policy generation")
+    refscore_address: str = env(
+        "OFFDPO_LABELER_REFSCORE_ADDR", "127.0.0.1:50051", "refscore gRPC address for on-policy generation"
+    )
     generate_n: int = env("OFFDPO_LABELER_GENERATE_N", 0, "on-policy samples to add per prompt (0 = off)")
     generate_max_tokens: int = env("OFFDPO_LABELER_GENERATE_MAX_TOKENS", 256, "max tokens per on-policy sample")
     generate_temperature: float = env("OFFDPO_LABELER_GENERATE_TEMPERATURE", 1.0, "sampling temperature")
     generate_timeout_s: float = env("OFFDPO_LABELER_GENERATE_TIMEOUT_S", 120.0, "deadline of one Generate call")
     refscore_token: str = env("OFFDPO_LABELER_REFSCORE_TOKEN", "", "this team's refscore bearer token", secret=True)
-    refscore_ca: str = env("OFFDPO_LABELER_REFSCORE_CA", "", "CA bundle to verify refscore's TLS certificate "
-                           "(empty: plaintext, local development only)")
+    refscore_ca: str = env(
+        "OFFDPO_LABELER_REFSCORE_CA",
+        "",
+        "CA bundle to verify refscore's TLS certificate (empty: plaintext, local development only)",
+    )
     refscore_cert: str = env("OFFDPO_LABELER_REFSCORE_CERT", "", "client certificate for refscore's mTLS")
     refscore_key: str = env("OFFDPO_LABELER_REFSCORE_KEY", "", "client key for refscore's mTLS")
     grpc_port: int = env("OFFDPO_LABELER_GRPC_PORT", 50061, "port of the labeler's gRPC server")
     grpc_host: str = env("OFFDPO_LABELER_GRPC_HOST", "0.0.0.0", "bind address of the gRPC server")
-    health_port: int = env("OFFDPO_LABELER_HEALTH_PORT", 0,
-                           "consume: plaintext grpc.health.v1 port for kubelet's liveness probe (0 = none)")
-    stall_s: float = env("OFFDPO_LABELER_STALL_S", 300.0,
-                         "consume: health turns NOT_SERVING when the poll loop has not come round for this long")
-    grpc_max_message_bytes: int = env("OFFDPO_LABELER_GRPC_MAX_MESSAGE_BYTES", 16 * 1024 * 1024,
-                                      "largest gRPC request or response")
+    health_port: int = env(
+        "OFFDPO_LABELER_HEALTH_PORT",
+        0,
+        "consume: plaintext grpc.health.v1 port for kubelet's liveness probe (0 = none)",
+    )
+    stall_s: float = env(
+        "OFFDPO_LABELER_STALL_S",
+        300.0,
+        "consume: health turns NOT_SERVING when the poll loop has not come round for this long",
+    )
+    grpc_max_message_bytes: int = env(
+        "OFFDPO_LABELER_GRPC_MAX_MESSAGE_BYTES", 16 * 1024 * 1024, "largest gRPC request or response"
+    )
     grpc_max_sets: int = env("OFFDPO_LABELER_GRPC_MAX_SETS", 256, "most candidate sets per SubmitCandidates call")
     ack_timeout_s: float = env("OFFDPO_LABELER_ACK_TIMEOUT_S", 60.0, "wait this long for Kafka to acknowledge pairs")
 
@@ -56,13 +79,18 @@ class JudgeConfig(EnvConfig):
     base_url: str = env("OFFDPO_JUDGE_BASE_URL", "http://127.0.0.1:8000/v1", "OpenAI-compatible API root of the judge")
     model: str = env("OFFDPO_JUDGE_MODEL", "", "judge model name as the endpoint knows it")
     api_key: str = env("OFFDPO_JUDGE_API_KEY", "unused", "API key of the judge endpoint", secret=True)
-    mode: str = env("OFFDPO_JUDGE_MODE", "gsb", "gsb: compare two answers both ways; reference: score each vs the reference")
+    mode: str = env(
+        "OFFDPO_JUDGE_MODE", "gsb", "gsb: compare two answers both ways; reference: score each vs the reference"
+    )
     gsb_template: str = env("OFFDPO_JUDGE_GSB_TEMPLATE", "", "file replacing the GSB prompt template")
     reference_template: str = env("OFFDPO_JUDGE_REFERENCE_TEMPLATE", "", "file replacing the reference-mode template")
     scale_min: int = env("OFFDPO_JUDGE_SCALE_MIN", 1, "lowest score in reference mode")
     scale_max: int = env("OFFDPO_JUDGE_SCALE_MAX", 10, "highest score in reference mode")
-    structured_output: bool = env("OFFDPO_JUDGE_STRUCTURED", True,
-                                  "constrain the verdict with vLLM structured outputs (choice); off for other APIs")
+    structured_output: bool = env(
+        "OFFDPO_JUDGE_STRUCTURED",
+        True,
+        "constrain the verdict with vLLM structured outputs (choice); off for other APIs",
+    )
     max_tokens: int = env("OFFDPO_JUDGE_MAX_TOKENS", 8, "max tokens of one verdict")
     temperature: float = env("OFFDPO_JUDGE_TEMPERATURE", 0.0, "judge sampling temperature")
     timeout_s: float = env("OFFDPO_JUDGE_TIMEOUT_S", 60.0, "timeout of one judge request")

@@ -1,4 +1,5 @@
 """Human strategy: annotations (chosen/rejected, or a Good/Same/Bad verdict on an answer pair) -> pairs."""
+
 from __future__ import annotations
 
 from offdpo import records
@@ -12,8 +13,12 @@ def judgement_to_pair(j: labeler_pb2.HumanJudgement, source: str) -> records_pb2
         return None
     a_first = j.verdict == "Good"
     chosen, rejected = (j.answer_a, j.answer_b) if a_first else (j.answer_b, j.answer_a)
-    prov = records_pb2.Provenance(strategy=records_pb2.LABEL_STRATEGY_HUMAN, source=j.source or source,
-                                  annotator=j.annotator, labeled_at=now_timestamp())
+    prov = records_pb2.Provenance(
+        strategy=records_pb2.LABEL_STRATEGY_HUMAN,
+        source=j.source or source,
+        annotator=j.annotator,
+        labeled_at=now_timestamp(),
+    )
     # The annotator's verdict on the pair as it was shown (answer_a first).
     prov.verdicts.add(order="chosen_first" if a_first else "rejected_first", verdict=j.verdict)
     for k, v in j.metadata.items():

@@ -4,14 +4,16 @@ preference data in TRL's standard and conversational forms (JSONL / Parquet).
 Every reader yields `Item(source, offset, raw, value | error)`: `offset` is the 1-based line number
 (files) or the row index (Parquet), so a malformed input can be dead-lettered with a precise position.
 """
+
 from __future__ import annotations
 
 import csv
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from offdpo import records
 from offdpo.records import RecordError
@@ -28,7 +30,7 @@ class Item:
     offset: int
     raw: bytes
     value: Any = None
-    error: str = ""                       # non-empty: malformed, dead-letter with this reason
+    error: str = ""  # non-empty: malformed, dead-letter with this reason
     error_type: str = "decode_error"
     partition: int = -1
     key: bytes | None = None
@@ -233,11 +235,12 @@ def read_annotations(path: str | Path, max_bytes: int) -> Iterator[Item]:
 
 
 # -- imported preference data (TRL formats) -------------------------------------------------
-def _answer_from_messages(conv: list[tuple[str, str]], prompt_msgs: list[tuple[str, str]] | None,
-                          what: str) -> tuple[list[tuple[str, str]], str]:
+def _answer_from_messages(
+    conv: list[tuple[str, str]], prompt_msgs: list[tuple[str, str]] | None, what: str
+) -> tuple[list[tuple[str, str]], str]:
     """Split a conversation into (prompt messages, final assistant answer)."""
-    if prompt_msgs is not None and conv[:len(prompt_msgs)] == prompt_msgs and len(conv) > len(prompt_msgs):
-        rest = conv[len(prompt_msgs):]
+    if prompt_msgs is not None and conv[: len(prompt_msgs)] == prompt_msgs and len(conv) > len(prompt_msgs):
+        rest = conv[len(prompt_msgs) :]
     elif prompt_msgs is not None and len(conv) == 1:
         rest = conv
     else:

@@ -13,6 +13,7 @@ With vLLM the verdict is forced into the allowed labels by structured outputs
 answer is parsed, anything else counting as unparseable. Verdicts are cached in SQLite under the state
 dir, keyed by (judge model, template, mode, prompt, answers, order), so a rerun pays nothing.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,10 +24,11 @@ import sqlite3
 import string
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from offdpo import records
 from offdpo.records import RecordError
@@ -132,8 +134,9 @@ class OpenAIJudgeClient:
         self.cfg = cfg
         self.model = cfg.model
         # Retries are ours (with jitter and a log line), not the client's.
-        self.client = openai.OpenAI(base_url=cfg.base_url, api_key=cfg.api_key or "unused",
-                                    timeout=cfg.timeout_s, max_retries=0)
+        self.client = openai.OpenAI(
+            base_url=cfg.base_url, api_key=cfg.api_key or "unused", timeout=cfg.timeout_s, max_retries=0
+        )
         self.calls = 0
         self._lock = threading.Lock()
 
@@ -144,8 +147,12 @@ class OpenAIJudgeClient:
         return isinstance(exc, o.APIStatusError) and exc.status_code >= 500
 
     def complete(self, prompt: str, choices: Sequence[str]) -> str:
-        kwargs = dict(model=self.model, messages=[{"role": "user", "content": prompt}],
-                      max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature)
+        kwargs = dict(
+            model=self.model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=self.cfg.max_tokens,
+            temperature=self.cfg.temperature,
+        )
         if self.cfg.structured_output:
             kwargs["extra_body"] = {"structured_outputs": {"choice": list(choices)}}
         delay = self.cfg.backoff_s
@@ -159,11 +166,18 @@ class OpenAIJudgeClient:
                 if not isinstance(exc, self.openai.OpenAIError):
                     raise
                 if not self._retryable(exc) or attempt == self.cfg.max_retries:
-                    raise JudgeError(f"judge {self.model} at {self.cfg.base_url} failed after {attempt + 1} "
-                                     f"attempt(s): {type(exc).__name__}: {exc}") from None
+                    raise JudgeError(
+                        f"judge {self.model} at {self.cfg.base_url} failed after {attempt + 1} "
+                        f"attempt(s): {type(exc).__name__}: {exc}"
+                    ) from None
                 sleep = min(delay, self.cfg.backoff_max_s) * (0.5 + random.random() / 2)
-                log.warning("judge request failed (%s), retry %d/%d in %.1f s", type(exc).__name__,
-                            attempt + 1, self.cfg.max_retries, sleep)
+                log.warning(
+                    "judge request failed (%s), retry %d/%d in %.1f s",
+                    type(exc).__name__,
+                    attempt + 1,
+                    self.cfg.max_retries,
+                    sleep,
+                )
                 time.sleep(sleep)
                 delay *= 2
         raise AssertionError("unreachable")
@@ -213,8 +227,14 @@ class _Ask:
 class LLMJudgeStrategy:
     name = "llm_judge"
 
-    def __init__(self, client: JudgeClient, cfg: JudgeConfig, cache: VerdictCache | None = None,
-                 pair_mode: str = "best_worst", margin: float = 0.0):
+    def __init__(
+        self,
+        client: JudgeClient,
+        cfg: JudgeConfig,
+        cache: VerdictCache | None = None,
+        pair_mode: str = "best_worst",
+        margin: float = 0.0,
+    ):
         if cfg.mode not in ("gsb", "reference"):
             raise ValueError(f"OFFDPO_JUDGE_MODE={cfg.mode!r}: use gsb or reference")
         if cfg.scale_min >= cfg.scale_max:
@@ -228,11 +248,19 @@ class LLMJudgeStrategy:
         self.score_labels = tuple(str(i) for i in range(cfg.scale_min, cfg.scale_max + 1))
 
     # -- asking -----------------------------------------------------------------------------
-    def _ask(self, template: str, mode: str, cs: labeler_pb2.CandidateSet, order: str, fields: dict,
-             choices: tuple[str, ...]) -> _Ask:
-        key = VerdictCache.key(self.client.model, template, mode, records.canonical_prompt(cs.prompt),
-                               fields.get("answer_a", fields.get("answer")), fields.get("answer_b", fields.get("reference")),
-                               order, list(choices))
+    def _ask(
+        self, template: str, mode: str, cs: labeler_pb2.CandidateSet, order: str, fields: dict, choices: tuple[str, ...]
+    ) -> _Ask:
+        key = VerdictCache.key(
+            self.client.model,
+            template,
+            mode,
+            records.canonical_prompt(cs.prompt),
+            fields.get("answer_a", fields.get("answer")),
+            fields.get("answer_b", fields.get("reference")),
+            order,
+            list(choices),
+        )
         return _Ask(key=key, text=template.format(**fields), choices=choices)
 
     def _run(self, asks: list[_Ask]) -> None:
@@ -281,18 +309,40 @@ class LLMJudgeStrategy:
                 for i in range(n):
                     for j in range(i + 1, n):
                         a, b = cs.answers[i], cs.answers[j]
-                        ab = self._ask(self.gsb_template, "gsb", cs, "as_presented",
-                                       dict(prompt=ptext, answer_a=a, answer_b=b), GSB_LABELS)
-                        ba = self._ask(self.gsb_template, "gsb", cs, "as_presented",
-                                       dict(prompt=ptext, answer_a=b, answer_b=a), GSB_LABELS)
+                        ab = self._ask(
+                            self.gsb_template,
+                            "gsb",
+                            cs,
+                            "as_presented",
+                            dict(prompt=ptext, answer_a=a, answer_b=b),
+                            GSB_LABELS,
+                        )
+                        ba = self._ask(
+                            self.gsb_template,
+                            "gsb",
+                            cs,
+                            "as_presented",
+                            dict(prompt=ptext, answer_a=b, answer_b=a),
+                            GSB_LABELS,
+                        )
                         plan.append((i, j, ab, ba))
                         asks += [ab, ba]
             else:
                 for i, a in enumerate(cs.answers):
-                    ask = self._ask(self.reference_template, "reference", cs, "single",
-                                    dict(prompt=ptext, reference=cs.reference, answer=a,
-                                         scale_min=self.cfg.scale_min, scale_max=self.cfg.scale_max),
-                                    self.score_labels)
+                    ask = self._ask(
+                        self.reference_template,
+                        "reference",
+                        cs,
+                        "single",
+                        dict(
+                            prompt=ptext,
+                            reference=cs.reference,
+                            answer=a,
+                            scale_min=self.cfg.scale_min,
+                            scale_max=self.cfg.scale_max,
+                        ),
+                        self.score_labels,
+                    )
                     plan.append((i, ask))
                     asks.append(ask)
             plans.append(plan)
@@ -344,8 +394,13 @@ class LLMJudgeStrategy:
             label = parse_label(ask.raw, self.score_labels)
             if label is None:
                 unparseable += 1
-                log.warning("judge score outside %s..%s on set %s: %r", self.cfg.scale_min, self.cfg.scale_max,
-                            cs.set_id, ask.raw)
+                log.warning(
+                    "judge score outside %s..%s on set %s: %r",
+                    self.cfg.scale_min,
+                    self.cfg.scale_max,
+                    cs.set_id,
+                    ask.raw,
+                )
                 continue
             scored.append((i, float(label), ask))
         if len(scored) < 2:

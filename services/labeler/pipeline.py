@@ -5,6 +5,7 @@ and the publisher sends each id at most once per run. With the ledger on (OFFDPO
 ids Kafka acknowledged are also written to `<state dir>/published.sqlite` per (bootstrap, topic), so a
 rerun of the same input sends nothing again; downstream consumers are idempotent by pair_id anyway.
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,9 +13,9 @@ import sqlite3
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 from offdpo.config import KafkaConfig
 from offdpo.kafka import DeadLetterSink
@@ -39,12 +40,17 @@ class Ledger:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS published (scope TEXT, pair_id TEXT, PRIMARY KEY (scope, pair_id))")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS published (scope TEXT, pair_id TEXT, PRIMARY KEY (scope, pair_id))"
+        )
         self._lock = threading.Lock()
 
     def has(self, scope: str, pair_id: str) -> bool:
         with self._lock:
-            return self._db.execute("SELECT 1 FROM published WHERE scope=? AND pair_id=?", (scope, pair_id)).fetchone() is not None
+            return (
+                self._db.execute("SELECT 1 FROM published WHERE scope=? AND pair_id=?", (scope, pair_id)).fetchone()
+                is not None
+            )
 
     def add(self, scope: str, pair_ids: Iterable[str]) -> None:
         with self._lock:
@@ -118,7 +124,8 @@ class Summary:
 
     def as_dict(self) -> dict:
         return {s: {f: c.get(f, 0) for f in self.FIELDS} for s, c in sorted(self.counts.items())} | {
-            "total": {f: self.total().get(f, 0) for f in self.FIELDS}}
+            "total": {f: self.total().get(f, 0) for f in self.FIELDS}
+        }
 
     def table(self) -> str:
         rows = [("strategy",) + self.FIELDS]
@@ -131,6 +138,7 @@ class Summary:
 @dataclass
 class SetReport:
     """What became of one input (for gRPC results and tests)."""
+
     strategy: str
     pair_ids: list[str] = field(default_factory=list)
     duplicate_ids: list[str] = field(default_factory=list)
@@ -165,8 +173,9 @@ class Strategies:
 
             if not cfg.reward_model:
                 raise ValueError("the reward_model strategy needs OFFDPO_LABELER_REWARD_MODEL (or --reward-model)")
-            return RewardModelStrategy(RewardModel(cfg.reward_model, cfg.reward_batch_size, cfg.reward_max_length),
-                                       cfg.pair_mode, cfg.margin)
+            return RewardModelStrategy(
+                RewardModel(cfg.reward_model, cfg.reward_batch_size, cfg.reward_max_length), cfg.pair_mode, cfg.margin
+            )
         if name == "llm_judge":
             from services.labeler.judge import LLMJudgeStrategy, OpenAIJudgeClient, VerdictCache
 
@@ -178,8 +187,15 @@ class Strategies:
 class Labeler:
     """Labels batches of inputs and publishes the results. Thread-safe for one batch at a time."""
 
-    def __init__(self, cfg: LabelerConfig, publisher: PairPublisher, deadletters: DeadLetterSink | None,
-                 strategies: Strategies, generator=None, progress: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        cfg: LabelerConfig,
+        publisher: PairPublisher,
+        deadletters: DeadLetterSink | None,
+        strategies: Strategies,
+        generator=None,
+        progress: Callable[[str], None] | None = None,
+    ):
         self.cfg = cfg
         self.publisher = publisher
         self.deadletters = deadletters
@@ -195,8 +211,15 @@ class Labeler:
         if self.deadletters is None:
             log.warning("rejected %s@%s: %s", item.source, item.offset, reason)
             return
-        self.deadletters.send(value=item.raw, key=item.key, topic=item.source, partition=item.partition,
-                              offset=item.offset, reason=reason, error_type=error_type)
+        self.deadletters.send(
+            value=item.raw,
+            key=item.key,
+            topic=item.source,
+            partition=item.partition,
+            offset=item.offset,
+            reason=reason,
+            error_type=error_type,
+        )
 
     def _publish(self, strategy: str, pairs: Sequence[records_pb2.PreferencePair], report: SetReport) -> None:
         for pair in pairs:
@@ -223,7 +246,7 @@ class Labeler:
         reports: list[SetReport | None] = [None] * len(items)
         groups: dict[str, list[int]] = defaultdict(list)
         for idx, item in enumerate(items):
-            strategy = (item.value.strategy if item.value is not None and item.value.strategy else default)
+            strategy = item.value.strategy if item.value is not None and item.value.strategy else default
             reports[idx] = SetReport(strategy=strategy)
             self.summary.add(strategy, inputs=1)
             if item.error:
@@ -238,13 +261,20 @@ class Labeler:
             n = cs.generate_n or self.cfg.generate_n
             if n > 0:
                 if self.generator is None:
-                    self._fail(item, reports[idx], f"{self._where(item)}generate_n={n} but on-policy generation is "
-                               f"not configured (start with --generate / a refscore address)", "generate_unavailable")
+                    self._fail(
+                        item,
+                        reports[idx],
+                        f"{self._where(item)}generate_n={n} but on-policy generation is "
+                        f"not configured (start with --generate / a refscore address)",
+                        "generate_unavailable",
+                    )
                     continue
                 try:
                     new = self.generator.generate(cs.prompt, n)
                 except Exception as exc:  # noqa: BLE001 - reported as a dead letter
-                    self._fail(item, reports[idx], f"{self._where(item)}on-policy generation failed: {exc}", "generate_failed")
+                    self._fail(
+                        item, reports[idx], f"{self._where(item)}on-policy generation failed: {exc}", "generate_failed"
+                    )
                     continue
                 seen = set(cs.answers)
                 for text in new:
@@ -252,8 +282,12 @@ class Labeler:
                         cs.answers.append(text)
                         seen.add(text)
                 if len(cs.answers) < 2:
-                    self._fail(item, reports[idx], f"{self._where(item)}fewer than 2 distinct non-empty answers after "
-                               f"generating {n} samples", "too_few_answers")
+                    self._fail(
+                        item,
+                        reports[idx],
+                        f"{self._where(item)}fewer than 2 distinct non-empty answers after generating {n} samples",
+                        "too_few_answers",
+                    )
                     continue
             groups[strategy].append(idx)
 
@@ -262,7 +296,9 @@ class Labeler:
                 impl = self.strategies.get(strategy)
             except Exception as exc:  # noqa: BLE001 - configuration problem: every set says why
                 for idx in idxs:
-                    self._fail(items[idx], reports[idx], f"strategy {strategy!r} unavailable: {exc}", "strategy_unavailable")
+                    self._fail(
+                        items[idx], reports[idx], f"strategy {strategy!r} unavailable: {exc}", "strategy_unavailable"
+                    )
                 continue
             t0 = time.monotonic()
             results = impl.label_batch([items[i].value for i in idxs], items[idxs[0]].source)
@@ -274,8 +310,9 @@ class Labeler:
                     continue
                 assert isinstance(result, Outcome)
                 report.ties = result.ties
-                self.summary.add(strategy, ties=result.ties, inconsistent=result.inconsistent,
-                                 unparseable=result.unparseable)
+                self.summary.add(
+                    strategy, ties=result.ties, inconsistent=result.inconsistent, unparseable=result.unparseable
+                )
                 self._publish(strategy, result.pairs, report)
             log.debug("%s labelled %d sets in %.2f s", strategy, len(idxs), time.monotonic() - t0)
         return reports  # type: ignore[return-value]

@@ -1,11 +1,12 @@
 """Reward-model strategy: a Hugging Face sequence-classification model scores every answer (in
 batches); the best answer against the worst (or all pairs above a margin) become pairs."""
+
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from offdpo.records import RecordError
 from offdpo.v1 import labeler_pb2, records_pb2
@@ -37,7 +38,9 @@ class RewardModel:
         self.model = AutoModelForSequenceClassification.from_pretrained(self.model_dir, dtype=torch.float32)
         self.model.to(device).eval()
         if self.model.config.num_labels != 1:
-            raise ValueError(f"reward model {model_dir} has {self.model.config.num_labels} labels; expected 1 (a scalar reward)")
+            raise ValueError(
+                f"reward model {model_dir} has {self.model.config.num_labels} labels; expected 1 (a scalar reward)"
+            )
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -61,10 +64,16 @@ class RewardModel:
     def score_texts(self, texts: Sequence[str]) -> list[float]:
         out: list[float] = []
         for start in range(0, len(texts), self.batch_size):
-            chunk = list(texts[start:start + self.batch_size])
+            chunk = list(texts[start : start + self.batch_size])
             # The template already holds BOS/special tokens; do not add them twice.
-            enc = self.tokenizer(chunk, return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.max_length, add_special_tokens=False)
+            enc = self.tokenizer(
+                chunk,
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                add_special_tokens=False,
+            )
             with self.torch.inference_mode():
                 logits = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits
             out.extend(float(x) for x in logits[:, 0].float().cpu())
@@ -90,13 +99,13 @@ class RewardModelStrategy:
                 continue
             spans.append((len(texts), len(texts) + len(rendered)))
             texts.extend(rendered)
-        scores = self.model.score_texts(texts)   # every answer of the batch, batch_size at a time
+        scores = self.model.score_texts(texts)  # every answer of the batch, batch_size at a time
         results: list[Outcome | Exception] = []
         for cs, span in zip(sets, spans):
             if isinstance(span, Exception):
                 results.append(span)
                 continue
-            s = scores[span[0]:span[1]]
+            s = scores[span[0] : span[1]]
 
             def prov(c: int, r: int, cs=cs, s=s) -> records_pb2.Provenance:
                 p = base_provenance(records_pb2.LABEL_STRATEGY_REWARD_MODEL, cs, source)

@@ -16,14 +16,16 @@ A check passes (adds its weight, and its name to the rule hits) or fails. A `pyt
 (answer, candidate_set) and returns a bool, or a number in [0, 1] that scales the weight. Checks
 against the reference answer are skipped for sets without one.
 """
+
 from __future__ import annotations
 
 import importlib
 import json
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import yaml
 
@@ -41,9 +43,11 @@ class RulesError(ValueError):
 
 def register_check(name: str):
     """Decorator: make a Python callable usable as `type: python, callable: NAME` in a rules file."""
+
     def deco(fn: CheckFn) -> CheckFn:
         _REGISTRY[name] = fn
         return fn
+
     return deco
 
 
@@ -64,8 +68,10 @@ def _resolve_callable(spec: str, where: str) -> CheckFn:
         if not callable(fn):
             raise RulesError(f"{where}: {spec!r} is not callable")
         return fn
-    raise RulesError(f"{where}: no check registered as {spec!r} (registered: {sorted(_REGISTRY)}); "
-                     f"register it with services.labeler.rules.register_check or use 'module:function'")
+    raise RulesError(
+        f"{where}: no check registered as {spec!r} (registered: {sorted(_REGISTRY)}); "
+        f"register it with services.labeler.rules.register_check or use 'module:function'"
+    )
 
 
 def _norm(text: str, normalize: bool) -> str:
@@ -77,7 +83,7 @@ class Rule:
     name: str
     type: str
     weight: float
-    fn: Callable[[str, labeler_pb2.CandidateSet], float | None]   # fraction passed in [0,1]; None = skipped
+    fn: Callable[[str, labeler_pb2.CandidateSet], float | None]  # fraction passed in [0,1]; None = skipped
 
 
 _TYPES = ("regex_must", "regex_must_not", "length", "valid_json", "equals_reference", "contains_reference", "python")
@@ -97,9 +103,14 @@ def _build_rule(spec: Any, index: int) -> Rule:
     except (TypeError, ValueError):
         raise RulesError(f"{where}: weight must be a number") from None
     allowed = {"name", "type", "weight"} | {
-        "regex_must": {"pattern", "flags"}, "regex_must_not": {"pattern", "flags"}, "length": {"min", "max", "unit"},
-        "valid_json": set(), "equals_reference": {"normalize"}, "contains_reference": {"normalize"},
-        "python": {"callable"}}[kind]
+        "regex_must": {"pattern", "flags"},
+        "regex_must_not": {"pattern", "flags"},
+        "length": {"min", "max", "unit"},
+        "valid_json": set(),
+        "equals_reference": {"normalize"},
+        "contains_reference": {"normalize"},
+        "python": {"callable"},
+    }[kind]
     unknown = set(spec) - allowed
     if unknown:
         raise RulesError(f"{where}: unknown keys {sorted(unknown)} for type {kind} (allowed: {sorted(allowed)})")
@@ -128,6 +139,7 @@ def _build_rule(spec: Any, index: int) -> Rule:
         count = (lambda a: len(a)) if unit == "chars" else (lambda a: len(a.split()))
         fn = lambda a, cs: float(lo <= count(a) and (hi is None or count(a) <= hi))  # noqa: E731
     elif kind == "valid_json":
+
         def fn(a, cs):
             try:
                 json.loads(a)
@@ -156,6 +168,7 @@ def _build_rule(spec: Any, index: int) -> Rule:
             if isinstance(value, (int, float)) and 0.0 <= float(value) <= 1.0:
                 return float(value)
             raise RulesError(f"{where}: callable returned {value!r}; return a bool or a number in [0, 1]")
+
     return Rule(name=name, type=kind, weight=weight, fn=fn)
 
 
@@ -167,7 +180,7 @@ class RuleSet:
     source: str = ""
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "") -> "RuleSet":
+    def from_dict(cls, data: Any, source: str = "") -> RuleSet:
         if not isinstance(data, dict) or not isinstance(data.get("rules"), list) or not data["rules"]:
             raise RulesError(f"{source or 'rules'}: needs a non-empty 'rules' list")
         unknown = set(data) - {"rules", "pair_mode", "margin"}
@@ -183,7 +196,7 @@ class RuleSet:
         return cls(rules=rules, pair_mode=mode, margin=float(data.get("margin", 0.0)), source=source)
 
     @classmethod
-    def load(cls, path: str | Path) -> "RuleSet":
+    def load(cls, path: str | Path) -> RuleSet:
         try:
             data = yaml.safe_load(Path(path).read_text())
         except (OSError, yaml.YAMLError) as exc:

@@ -1,12 +1,13 @@
 """Batch runs over files and the Kafka consumer loop."""
+
 from __future__ import annotations
 
 import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from offdpo.config import KafkaConfig
 from offdpo.kafka import GROUP_CHANGED, CommitRefusals, DeadLetterSink, make_consumer, make_producer
@@ -22,12 +23,15 @@ class RefScoreGenerator:
     """On-policy candidates from refscore's Generate RPC (TLS and a team token when configured)."""
 
     def __init__(self, cfg: LabelerConfig):
+        from offdpo.refscore_client import RefscoreClient, channel_credentials
         from offdpo.v1 import refscore_pb2
-        from services.refscore.client import RefscoreClient, channel_credentials
 
         self._pb = refscore_pb2
-        credentials = (channel_credentials(cfg.refscore_ca, cfg.refscore_cert or None, cfg.refscore_key or None)
-                       if cfg.refscore_ca else None)
+        credentials = (
+            channel_credentials(cfg.refscore_ca, cfg.refscore_cert or None, cfg.refscore_key or None)
+            if cfg.refscore_ca
+            else None
+        )
         self.client = RefscoreClient(cfg.refscore_address, credentials=credentials, token=cfg.refscore_token or None)
         self.max_tokens, self.temperature = cfg.generate_max_tokens, cfg.generate_temperature
         self.timeout_s = cfg.generate_timeout_s
@@ -42,16 +46,26 @@ class RefScoreGenerator:
         self.client.close()
 
 
-def build_labeler(cfg: LabelerConfig, kafka: KafkaConfig, judge: JudgeConfig | None = None,
-                  strategy_overrides: dict | None = None, generator=None,
-                  progress: Callable[[str], None] | None = None) -> Labeler:
+def build_labeler(
+    cfg: LabelerConfig,
+    kafka: KafkaConfig,
+    judge: JudgeConfig | None = None,
+    strategy_overrides: dict | None = None,
+    generator=None,
+    progress: Callable[[str], None] | None = None,
+) -> Labeler:
     producer = make_producer(kafka, f"{SERVICE}", enable_idempotence=True)
     ledger = Ledger(Path(cfg.state_dir) / "published.sqlite") if cfg.ledger else None
     if generator is None and cfg.generate_n > 0:
         generator = RefScoreGenerator(cfg)
-    return Labeler(cfg, PairPublisher(producer, kafka, ledger, cfg.ack_timeout_s),
-                   DeadLetterSink(producer, kafka, SERVICE), Strategies(cfg, judge, strategy_overrides),
-                   generator=generator, progress=progress)
+    return Labeler(
+        cfg,
+        PairPublisher(producer, kafka, ledger, cfg.ack_timeout_s),
+        DeadLetterSink(producer, kafka, SERVICE),
+        Strategies(cfg, judge, strategy_overrides),
+        generator=generator,
+        progress=progress,
+    )
 
 
 def close_labeler(labeler: Labeler) -> None:
@@ -73,8 +87,13 @@ READERS = {
 }
 
 
-def run_file(labeler: Labeler, path: str | Path, kind: str = "candidates", strategy: str = "",
-             progress: Callable[[str], None] | None = None) -> dict:
+def run_file(
+    labeler: Labeler,
+    path: str | Path,
+    kind: str = "candidates",
+    strategy: str = "",
+    progress: Callable[[str], None] | None = None,
+) -> dict:
     """Label one file; returns the summary dict. kind: candidates | annotations | preferences."""
     reader = READERS[kind]
     done = 0
@@ -88,14 +107,22 @@ def run_file(labeler: Labeler, path: str | Path, kind: str = "candidates", strat
         done += len(batch)
         if progress:
             t = labeler.summary.total()
-            progress(f"{path}: {done} inputs, {t['pairs']} pairs, {t['duplicates']} duplicates, "
-                     f"{t['rejects']} rejects ({time.monotonic() - t0:.1f} s)")
+            progress(
+                f"{path}: {done} inputs, {t['pairs']} pairs, {t['duplicates']} duplicates, "
+                f"{t['rejects']} rejects ({time.monotonic() - t0:.1f} s)"
+            )
     return labeler.summary.as_dict()
 
 
-def run_kafka(labeler: Labeler, kafka: KafkaConfig, strategy: str = "", stop: threading.Event | None = None,
-              idle_exit_s: float | None = None, progress: Callable[[str], None] | None = None,
-              heartbeat: Callable[[], None] = lambda: None) -> dict:
+def run_kafka(
+    labeler: Labeler,
+    kafka: KafkaConfig,
+    strategy: str = "",
+    stop: threading.Event | None = None,
+    idle_exit_s: float | None = None,
+    progress: Callable[[str], None] | None = None,
+    heartbeat: Callable[[], None] = lambda: None,
+) -> dict:
     """Consume candidate sets from the candidates topic in a consumer group. Offsets are committed only
     after the batch's pairs and dead letters are acknowledged. Returns when `stop` is set or, with
     `idle_exit_s`, after that long without records. `heartbeat` is called every time round the loop."""
@@ -120,15 +147,16 @@ def run_kafka(labeler: Labeler, kafka: KafkaConfig, strategy: str = "", stop: th
             last_record = time.monotonic()
             items = []
             for rec in recs:
-                item = inputs.Item(source=rec.topic, offset=rec.offset, raw=rec.value or b"", partition=rec.partition,
-                                   key=rec.key)
+                item = inputs.Item(
+                    source=rec.topic, offset=rec.offset, raw=rec.value or b"", partition=rec.partition, key=rec.key
+                )
                 try:
                     item.value = inputs.candidate_set_from_record(rec.value, cfg.max_input_bytes)
                 except RecordError as exc:
                     item.error = f"{rec.topic}[{rec.partition}]@{rec.offset}: {exc}"
                 items.append(item)
             labeler.label_candidates(items, strategy)
-            labeler.confirm()          # raises PublishError: nothing is committed, the batch is redelivered
+            labeler.confirm()  # raises PublishError: nothing is committed, the batch is redelivered
             try:
                 consumer.commit()
                 refusals.committed()

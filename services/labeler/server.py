@@ -4,6 +4,7 @@ Requests are validated before anything is labelled: a bad request is refused as 
 INVALID_ARGUMENT and a message naming the set and what to fix. Responses return after Kafka has
 acknowledged the pairs. Health (grpc.health.v1) and reflection are served too.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -32,11 +33,15 @@ class LabelerServicer(labeler_pb2_grpc.LabelerServicer):
         if not request.sets:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no candidate sets: add at least one to 'sets'")
         if len(request.sets) > cfg.grpc_max_sets:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"{len(request.sets)} candidate sets, over the limit of {cfg.grpc_max_sets}: split the request")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(request.sets)} candidate sets, over the limit of {cfg.grpc_max_sets}: split the request",
+            )
         if request.strategy and request.strategy not in ("rules", "reward_model", "llm_judge"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"unknown strategy {request.strategy!r}: use rules, reward_model or llm_judge")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown strategy {request.strategy!r}: use rules, reward_model or llm_judge",
+            )
         for i, cs in enumerate(request.sets):
             try:
                 validate_candidate_set(cs, cfg.max_answers)
@@ -44,16 +49,25 @@ class LabelerServicer(labeler_pb2_grpc.LabelerServicer):
                 name = f" ({cs.set_id!r})" if cs.set_id else ""
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sets[{i}]{name}: {exc}")
         peer = context.peer() or "unknown"
-        items = [Item(source=f"grpc:{peer}", offset=i, raw=cs.SerializeToString(), value=cs)
-                 for i, cs in enumerate(request.sets)]
+        items = [
+            Item(source=f"grpc:{peer}", offset=i, raw=cs.SerializeToString(), value=cs)
+            for i, cs in enumerate(request.sets)
+        ]
         try:
             reports = await asyncio.to_thread(self._label, items, request.strategy)
         except PublishError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"pairs not acknowledged by Kafka, retry: {exc}")
         resp = labeler_pb2.SubmitCandidatesResponse()
         for i, (cs, rep) in enumerate(zip(request.sets, reports)):
-            resp.results.add(index=i, set_id=cs.set_id, strategy=rep.strategy, pair_ids=rep.pair_ids,
-                             duplicate_pair_ids=rep.duplicate_ids, ties=rep.ties, error=rep.error)
+            resp.results.add(
+                index=i,
+                set_id=cs.set_id,
+                strategy=rep.strategy,
+                pair_ids=rep.pair_ids,
+                duplicate_pair_ids=rep.duplicate_ids,
+                ties=rep.ties,
+                error=rep.error,
+            )
         return resp
 
     def _label(self, items, strategy):
@@ -66,7 +80,9 @@ class LabelerServicer(labeler_pb2_grpc.LabelerServicer):
             validate_judgement(request)
         except RecordError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"judgement: {exc}")
-        item = Item(source=f"grpc:{context.peer() or 'unknown'}", offset=0, raw=request.SerializeToString(), value=request)
+        item = Item(
+            source=f"grpc:{context.peer() or 'unknown'}", offset=0, raw=request.SerializeToString(), value=request
+        )
 
         def run():
             reports = self.labeler.publish_pairs([item], "human")
@@ -78,15 +94,17 @@ class LabelerServicer(labeler_pb2_grpc.LabelerServicer):
         except PublishError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"pair not acknowledged by Kafka, retry: {exc}")
         ids = rep.pair_ids or rep.duplicate_ids
-        return labeler_pb2.SubmitJudgementResponse(pair_id=ids[0] if ids else "", published=bool(rep.pair_ids),
-                                                   duplicate=bool(rep.duplicate_ids))
+        return labeler_pb2.SubmitJudgementResponse(
+            pair_id=ids[0] if ids else "", published=bool(rep.pair_ids), duplicate=bool(rep.duplicate_ids)
+        )
 
 
 async def start_server(labeler: Labeler, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """Start the server; returns it and the bound port (port 0 picks a free one)."""
     limit = labeler.cfg.grpc_max_message_bytes
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                      ("grpc.max_send_message_length", limit)])
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    )
     labeler_pb2_grpc.add_LabelerServicer_to_server(LabelerServicer(labeler), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

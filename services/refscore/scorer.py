@@ -9,10 +9,12 @@ is one caller of its own) has its own FIFO, and the engine thread takes from the
 caller that floods the queue only lengthens its own wait; every other caller's next job is at
 most one job per busy caller away from the engine.
 """
+
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import json
 import logging
 import queue
@@ -65,7 +67,7 @@ class FairQueue:
         self._fifos: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
         self._stop = False
 
-    def put(self, job: "_Job | None") -> None:
+    def put(self, job: _Job | None) -> None:
         with self._cond:
             if job is None:
                 self._stop = True
@@ -74,7 +76,7 @@ class FairQueue:
                 metrics.CALLER_QUEUED.labels(job.caller).set(len(self._fifos[job.caller]))
             self._cond.notify()
 
-    def _take(self) -> "_Job | None":
+    def _take(self) -> _Job | None:
         if self._stop:
             self._stop = False  # consumed; put(None) again to stop again
             return None
@@ -86,13 +88,13 @@ class FairQueue:
         metrics.CALLER_QUEUED.labels(caller).set(len(fifo))
         return job
 
-    def get(self) -> "_Job | None":
+    def get(self) -> _Job | None:
         with self._cond:
             while not self._fifos and not self._stop:
                 self._cond.wait()
             return self._take()
 
-    def get_nowait(self) -> "_Job | None":
+    def get_nowait(self) -> _Job | None:
         with self._cond:
             if not self._fifos and not self._stop:
                 raise queue.Empty
@@ -105,10 +107,10 @@ class FairQueue:
 
 @dataclass
 class _Job:
-    kind: str                      # "score" | "generate"
+    kind: str  # "score" | "generate"
     payload: object
     tokens: int
-    deadline: float | None         # time.monotonic() deadline
+    deadline: float | None  # time.monotonic() deadline
     caller: str = STREAM_WORKER
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
@@ -116,6 +118,7 @@ class _Job:
 @dataclass
 class Prepared:
     """An item ready for the engine."""
+
     prompt_ids: list[int]
     answer_ids: list[int]
 
@@ -143,16 +146,26 @@ class Scorer:
             model_dir = Path(self.cfg.model_dir)
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
             self.boundary = BoundaryTokenizer(tokenizer, _stop_token_ids(model_dir))
-            self.engine = load_engine(self.cfg.engine, str(model_dir), self.cfg.dtype, self.cfg.max_model_len,
-                                      self.cfg.gpu_memory_utilization, self.cfg.engine_settings())
+            self.engine = load_engine(
+                self.cfg.engine,
+                str(model_dir),
+                self.cfg.dtype,
+                self.cfg.max_model_len,
+                self.cfg.gpu_memory_utilization,
+                self.cfg.engine_settings(),
+            )
             self.max_model_len = self.engine.max_model_len
             # Read once, before the engine thread owns the engine (engines are single-threaded).
             self.engine_settings = self.engine.effective_settings()
             log.info("engine settings: %s", self.engine_settings)
-            self.fingerprint = model_fingerprint(model_dir, dtype=self.cfg.dtype, engine=self.engine.name,
-                                                 engine_version=self.engine.version,
-                                                 model_id=self.cfg.model_id or None,
-                                                 chat_template=self.boundary.chat_template)
+            self.fingerprint = model_fingerprint(
+                model_dir,
+                dtype=self.cfg.dtype,
+                engine=self.engine.name,
+                engine_version=self.engine.version,
+                model_id=self.cfg.model_id or None,
+                chat_template=self.boundary.chat_template,
+            )
             self._thread = threading.Thread(target=self._engine_loop, name="refscore-engine", daemon=True)
             self._thread.start()
             log.info("engine %s %s ready: %s", self.engine.name, self.engine.version, self.fingerprint)
@@ -183,15 +196,19 @@ class Scorer:
         if len(items) == 0:
             raise InvalidArgument("the request has no items: send at least one (prompt, answer) item")
         if len(items) > self.cfg.max_items_per_request:
-            raise TooLarge(f"the request has {len(items)} items; the limit is {self.cfg.max_items_per_request} "
-                           f"per request (split it, or use ScoreStream)")
+            raise TooLarge(
+                f"the request has {len(items)} items; the limit is {self.cfg.max_items_per_request} "
+                f"per request (split it, or use ScoreStream)"
+            )
         prepared, total = [], 0
         for i, item in enumerate(items):
             prepared.append(self.prepare_one(item.prompt, item.WhichOneof("answer"), item, where=f"items[{i}]"))
             total += len(prepared[-1].prompt_ids) + len(prepared[-1].answer_ids)
             if total > self.cfg.max_tokens_per_request:
-                raise TooLarge(f"the request has more than {self.cfg.max_tokens_per_request} tokens "
-                               f"(reached at items[{i}]); split it, or use ScoreStream")
+                raise TooLarge(
+                    f"the request has more than {self.cfg.max_tokens_per_request} tokens "
+                    f"(reached at items[{i}]); split it, or use ScoreStream"
+                )
         return prepared
 
     def prepare_one(self, prompt, answer_kind: str | None, item, where: str) -> Prepared:
@@ -212,13 +229,16 @@ class Scorer:
         total = len(p.prompt_ids) + len(p.answer_ids)
         # vLLM scores a prompt by generating one token after it, so one position must stay free.
         if total > self.max_model_len - 1:
-            raise InvalidArgument(f"{where}: prompt ({len(p.prompt_ids)} tokens) + answer ({len(p.answer_ids)} tokens)"
-                                  f" = {total} tokens exceeds the model's context of {self.max_model_len - 1} tokens")
+            raise InvalidArgument(
+                f"{where}: prompt ({len(p.prompt_ids)} tokens) + answer ({len(p.answer_ids)} tokens)"
+                f" = {total} tokens exceeds the model's context of {self.max_model_len - 1} tokens"
+            )
         return p
 
     # -- execution -----------------------------------------------------------------------------
-    def submit_score(self, prepared: list[Prepared], deadline: float | None = None,
-                     caller: str | None = None) -> concurrent.futures.Future:
+    def submit_score(
+        self, prepared: list[Prepared], deadline: float | None = None, caller: str | None = None
+    ) -> concurrent.futures.Future:
         """Queue a scoring job; `caller` (default: the stream worker) picks its fair-queue FIFO."""
         self.check_ready()
         tokens = sum(len(p.prompt_ids) + len(p.answer_ids) for p in prepared)
@@ -227,8 +247,9 @@ class Scorer:
         self._queue.put(job)
         return job.future
 
-    def submit_generate(self, prompt_ids: list[int], deadline: float | None = None, caller: str | None = None,
-                        **params) -> concurrent.futures.Future:
+    def submit_generate(
+        self, prompt_ids: list[int], deadline: float | None = None, caller: str | None = None, **params
+    ) -> concurrent.futures.Future:
         self.check_ready()
         job = _Job("generate", (prompt_ids, params), len(prompt_ids), deadline, caller or STREAM_WORKER)
         metrics.CALLER_TOKENS.labels(job.caller).inc(len(prompt_ids))
@@ -248,7 +269,7 @@ class Scorer:
             if job is None:
                 return
             if job.kind == "generate":
-                self._run(job, lambda: self._generate(job))
+                self._run(job, functools.partial(self._generate, job))
                 continue
             batch, tokens = [job], job.tokens
             while tokens < self.cfg.engine_batch_tokens:
@@ -294,7 +315,7 @@ class Scorer:
         offset = 0
         for j in live:
             n = len(j.payload)  # type: ignore[arg-type]
-            j.future.set_result(results[offset:offset + n])
+            j.future.set_result(results[offset : offset + n])
             offset += n
 
     def _run(self, job: _Job, fn) -> None:

@@ -27,6 +27,7 @@ Auth file (YAML or JSON; at most 1 MiB):
 Make a token: `python -c "import secrets; print(secrets.token_urlsafe(32))"`; its hash:
 `printf %s "$TOKEN" | sha256sum`. The file is re-read when it changes (Secret rotation).
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -39,7 +40,7 @@ import os
 import re
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import grpc
 
@@ -62,10 +63,10 @@ CONCURRENCY_RETRY_S = 0.5
 class Team:
     name: str
     token_hashes: tuple[bytes, ...] = ()
-    methods: frozenset[str] | None = None     # None: every method
-    models: frozenset[str] | None = None      # None: any model
-    max_concurrent: int = 0                   # 0: unlimited
-    tokens_per_minute: int = 0                # 0: unlimited
+    methods: frozenset[str] | None = None  # None: every method
+    models: frozenset[str] | None = None  # None: any model
+    max_concurrent: int = 0  # 0: unlimited
+    tokens_per_minute: int = 0  # 0: unlimited
 
     def __repr__(self) -> str:  # never print the hashes either
         return f"Team({self.name!r})"
@@ -109,24 +110,36 @@ def _read_pem(path: str, var: str, marker: bytes) -> bytes:
 
 def server_credentials(cfg) -> grpc.ServerCredentials | None:
     """TLS (or mTLS) credentials from the configured files; None for explicit, warned plaintext."""
-    tls_vars = {"OFFDPO_REFSCORE_TLS_CERT": cfg.tls_cert, "OFFDPO_REFSCORE_TLS_KEY": cfg.tls_key,
-                "OFFDPO_REFSCORE_TLS_CLIENT_CA": cfg.tls_client_ca}
+    tls_vars = {
+        "OFFDPO_REFSCORE_TLS_CERT": cfg.tls_cert,
+        "OFFDPO_REFSCORE_TLS_KEY": cfg.tls_key,
+        "OFFDPO_REFSCORE_TLS_CLIENT_CA": cfg.tls_client_ca,
+    }
     if cfg.plaintext:
         if any(tls_vars.values()):
-            raise ConfigError(f"OFFDPO_REFSCORE_PLAINTEXT=true contradicts {sorted(k for k, v in tls_vars.items() if v)}:"
-                              f" unset one of them")
-        log.warning("SECURITY: refscore serves gRPC in PLAINTEXT (OFFDPO_REFSCORE_PLAINTEXT=true): tokens and data "
-                    "cross the network unencrypted. Local development only; set OFFDPO_REFSCORE_TLS_CERT/_KEY in production.")
+            raise ConfigError(
+                f"OFFDPO_REFSCORE_PLAINTEXT=true contradicts {sorted(k for k, v in tls_vars.items() if v)}:"
+                f" unset one of them"
+            )
+        log.warning(
+            "SECURITY: refscore serves gRPC in PLAINTEXT (OFFDPO_REFSCORE_PLAINTEXT=true): tokens and data "
+            "cross the network unencrypted. Local development only; set OFFDPO_REFSCORE_TLS_CERT/_KEY in production."
+        )
         return None
     if not (cfg.tls_cert and cfg.tls_key):
-        raise ConfigError("refscore serves gRPC over TLS: set OFFDPO_REFSCORE_TLS_CERT and OFFDPO_REFSCORE_TLS_KEY "
-                          "(PEM files, mounted from a Secret), or OFFDPO_REFSCORE_PLAINTEXT=true for local development")
+        raise ConfigError(
+            "refscore serves gRPC over TLS: set OFFDPO_REFSCORE_TLS_CERT and OFFDPO_REFSCORE_TLS_KEY "
+            "(PEM files, mounted from a Secret), or OFFDPO_REFSCORE_PLAINTEXT=true for local development"
+        )
     cert = _read_pem(cfg.tls_cert, "OFFDPO_REFSCORE_TLS_CERT", b"CERTIFICATE")
     key = _read_pem(cfg.tls_key, "OFFDPO_REFSCORE_TLS_KEY", b"PRIVATE KEY")
-    client_ca = _read_pem(cfg.tls_client_ca, "OFFDPO_REFSCORE_TLS_CLIENT_CA", b"CERTIFICATE") if cfg.tls_client_ca else None
+    client_ca = (
+        _read_pem(cfg.tls_client_ca, "OFFDPO_REFSCORE_TLS_CLIENT_CA", b"CERTIFICATE") if cfg.tls_client_ca else None
+    )
     log.info("refscore gRPC over TLS%s", " with client certificates required (mTLS)" if client_ca else "")
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
-                                       require_client_auth=client_ca is not None)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 # -- tokens -------------------------------------------------------------------------------------------
@@ -166,22 +179,32 @@ def parse_auth(data: bytes, where: str) -> dict[str, Team]:
     fields = {"token_sha256", "methods", "models", "max_concurrent", "tokens_per_minute"}
     for name, spec in doc["teams"].items():
         if not isinstance(name, str) or not TEAM_NAME.match(name) or name in (ANONYMOUS.name, UNAUTHENTICATED_CALLER):
-            raise ConfigError(f"{where}: team name {str(name)[:70]!r} must match {TEAM_NAME.pattern} and not be 'anonymous'")
+            raise ConfigError(
+                f"{where}: team name {str(name)[:70]!r} must match {TEAM_NAME.pattern} and not be 'anonymous'"
+            )
         what = f"{where}: teams.{name}"
         if not isinstance(spec, dict) or set(spec) - fields:
             raise ConfigError(f"{what} must be a mapping with keys among {sorted(fields)}")
         hashes = spec.get("token_sha256")
         hashes = [hashes] if isinstance(hashes, str) else hashes
-        if not isinstance(hashes, list) or not hashes or not all(isinstance(h, str) and HEX64.match(h.lower()) for h in hashes):
+        if (
+            not isinstance(hashes, list)
+            or not hashes
+            or not all(isinstance(h, str) and HEX64.match(h.lower()) for h in hashes)
+        ):
             raise ConfigError(f"{what}.token_sha256 must be one or more sha256 hex digests (never the token itself)")
         raw = tuple(bytes.fromhex(h) for h in hashes)
         if seen & set(raw):
             raise ConfigError(f"{what}.token_sha256 repeats a hash used elsewhere: each token belongs to one team")
         seen |= set(raw)
-        teams[name] = Team(name, raw, _names(spec.get("methods"), f"{what}.methods", METHODS),
-                           _names(spec.get("models"), f"{what}.models"),
-                           _count(spec.get("max_concurrent"), f"{what}.max_concurrent"),
-                           _count(spec.get("tokens_per_minute"), f"{what}.tokens_per_minute"))
+        teams[name] = Team(
+            name,
+            raw,
+            _names(spec.get("methods"), f"{what}.methods", METHODS),
+            _names(spec.get("models"), f"{what}.models"),
+            _count(spec.get("max_concurrent"), f"{what}.max_concurrent"),
+            _count(spec.get("tokens_per_minute"), f"{what}.tokens_per_minute"),
+        )
     return teams
 
 
@@ -212,7 +235,9 @@ class TokenStore:
         if stamp is None or stamp == self._stamp:
             return
         try:
-            teams = parse_auth(_read_limited(self.path, "OFFDPO_REFSCORE_AUTH_FILE"), f"OFFDPO_REFSCORE_AUTH_FILE={self.path!r}")
+            teams = parse_auth(
+                _read_limited(self.path, "OFFDPO_REFSCORE_AUTH_FILE"), f"OFFDPO_REFSCORE_AUTH_FILE={self.path!r}"
+            )
         except ConfigError as exc:
             log.error("auth file changed but is invalid; keeping the previous teams: %s", exc)
             return
@@ -236,10 +261,14 @@ def token_store(cfg) -> TokenStore | None:
             raise ConfigError("OFFDPO_REFSCORE_ALLOW_ANONYMOUS=true contradicts OFFDPO_REFSCORE_AUTH_FILE: unset one")
         return TokenStore(cfg.auth_file)
     if not cfg.allow_anonymous:
-        raise ConfigError("refscore authenticates callers: set OFFDPO_REFSCORE_AUTH_FILE (team token hashes, from a "
-                          "Secret), or OFFDPO_REFSCORE_ALLOW_ANONYMOUS=true for local development")
-    log.warning("SECURITY: refscore accepts every caller without a token (OFFDPO_REFSCORE_ALLOW_ANONYMOUS=true). "
-                "Local development only; set OFFDPO_REFSCORE_AUTH_FILE in production.")
+        raise ConfigError(
+            "refscore authenticates callers: set OFFDPO_REFSCORE_AUTH_FILE (team token hashes, from a "
+            "Secret), or OFFDPO_REFSCORE_ALLOW_ANONYMOUS=true for local development"
+        )
+    log.warning(
+        "SECURITY: refscore accepts every caller without a token (OFFDPO_REFSCORE_ALLOW_ANONYMOUS=true). "
+        "Local development only; set OFFDPO_REFSCORE_AUTH_FILE in production."
+    )
     return None
 
 
@@ -257,9 +286,11 @@ class Quotas:
         with self._lock:
             n = self._in_flight.get(team.name, 0)
             if team.max_concurrent and n >= team.max_concurrent:
-                raise QuotaExceeded(f"team {team.name!r} already has {n} requests in flight, its limit is "
-                                    f"{team.max_concurrent}; retry after {CONCURRENCY_RETRY_S:.1f} s or send fewer at once",
-                                    CONCURRENCY_RETRY_S)
+                raise QuotaExceeded(
+                    f"team {team.name!r} already has {n} requests in flight, its limit is "
+                    f"{team.max_concurrent}; retry after {CONCURRENCY_RETRY_S:.1f} s or send fewer at once",
+                    CONCURRENCY_RETRY_S,
+                )
             self._in_flight[team.name] = n + 1
         metrics.CALLER_IN_FLIGHT.labels(team.name).set(n + 1)
 
@@ -275,8 +306,11 @@ class Quotas:
         if not rate:
             return
         if tokens > rate:
-            raise QuotaExceeded(f"the request has {tokens} tokens, more than team {team.name!r}'s quota of {rate} "
-                                f"tokens per minute: split it", None)
+            raise QuotaExceeded(
+                f"the request has {tokens} tokens, more than team {team.name!r}'s quota of {rate} "
+                f"tokens per minute: split it",
+                None,
+            )
         with self._lock:
             now = self._clock()
             level, at = self._buckets.get(team.name, (float(rate), now))
@@ -284,8 +318,11 @@ class Quotas:
             if level < tokens:
                 self._buckets[team.name] = (level, now)
                 wait = (tokens - level) * 60.0 / rate
-                raise QuotaExceeded(f"team {team.name!r} is over its quota of {rate} tokens per minute "
-                                    f"(this request: {tokens}); retry after {wait:.1f} s", wait)
+                raise QuotaExceeded(
+                    f"team {team.name!r} is over its quota of {rate} tokens per minute "
+                    f"(this request: {tokens}); retry after {wait:.1f} s",
+                    wait,
+                )
             self._buckets[team.name] = (level - tokens, now)
 
 
@@ -316,19 +353,37 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self.store.maybe_reload()
         token = _bearer(metadata)
         if token is None:
-            return None, grpc.StatusCode.UNAUTHENTICATED, ("missing credentials: send gRPC metadata "
-                                                          "'authorization: Bearer <your team token>'")
+            return (
+                None,
+                grpc.StatusCode.UNAUTHENTICATED,
+                ("missing credentials: send gRPC metadata 'authorization: Bearer <your team token>'"),
+            )
         team = self.store.authenticate(token) if token else None
         if team is None:
-            return None, grpc.StatusCode.UNAUTHENTICATED, ("unknown or malformed bearer token: check your team's "
-                                                          "token (metadata 'authorization: Bearer <token>')")
+            return (
+                None,
+                grpc.StatusCode.UNAUTHENTICATED,
+                (
+                    "unknown or malformed bearer token: check your team's "
+                    "token (metadata 'authorization: Bearer <token>')"
+                ),
+            )
         if team.methods is not None and short not in team.methods:
-            return team, grpc.StatusCode.PERMISSION_DENIED, (f"team {team.name!r} may not call {short}; allowed: "
-                                                            f"{', '.join(sorted(team.methods)) or 'none'}")
+            return (
+                team,
+                grpc.StatusCode.PERMISSION_DENIED,
+                (f"team {team.name!r} may not call {short}; allowed: {', '.join(sorted(team.methods)) or 'none'}"),
+            )
         model = self.model_id()
         if team.models is not None and model not in team.models:
-            return team, grpc.StatusCode.PERMISSION_DENIED, (f"team {team.name!r} may not use model {model!r}; "
-                                                            f"allowed: {', '.join(sorted(team.models)) or 'none'}")
+            return (
+                team,
+                grpc.StatusCode.PERMISSION_DENIED,
+                (
+                    f"team {team.name!r} may not use model {model!r}; "
+                    f"allowed: {', '.join(sorted(team.models)) or 'none'}"
+                ),
+            )
         return team, None, ""
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -367,8 +422,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 finally:
                     quotas.release(caller)
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
-                                                       handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
         if handler.stream_stream:
             inner_stream = handler.stream_stream
 
@@ -380,8 +436,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 finally:
                     quotas.release(caller)
 
-            return grpc.stream_stream_rpc_method_handler(stream_stream, handler.request_deserializer,
-                                                         handler.response_serializer)
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream, handler.request_deserializer, handler.response_serializer
+            )
 
         async def refuse(request, context):  # a method shape refscore does not have
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{short} is not supported")

@@ -11,6 +11,7 @@
   authorised by one interceptor (health and reflection stay open); per-team concurrency and
   tokens-per-minute quotas; an optional plaintext health-only port for kubelet probes.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,8 +27,15 @@ from offdpo.records import RecordError, decode
 from offdpo.v1 import refscore_pb2
 from services.refscore import metrics, security
 from services.refscore.config import RefscoreConfig
-from services.refscore.scorer import (DeadlineExceeded, FingerprintMismatch, InvalidArgument, NotReady,
-                                      RefscoreError, Scorer, TooLarge)
+from services.refscore.scorer import (
+    DeadlineExceeded,
+    FingerprintMismatch,
+    InvalidArgument,
+    NotReady,
+    RefscoreError,
+    Scorer,
+    TooLarge,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +84,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 except RefscoreError as exc:
                     await abort(context, exc)
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
-                                                       handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
         if handler.stream_stream:
             inner_stream = handler.stream_stream
 
@@ -88,8 +97,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 except RefscoreError as exc:
                     await abort(context, exc)
 
-            return grpc.stream_stream_rpc_method_handler(stream_stream, handler.request_deserializer,
-                                                         handler.response_serializer)
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream, handler.request_deserializer, handler.response_serializer
+            )
         return handler
 
 
@@ -122,8 +132,10 @@ class RefScoreService:
     def _fingerprint_check(self, request) -> None:
         want = request.expected_fingerprint_id
         if want and want != self.scorer.fingerprint.fingerprint_id:
-            raise FingerprintMismatch(f"expected_fingerprint_id {want!r} does not match this server's "
-                                      f"{self.scorer.fingerprint.fingerprint_id!r} ({self.scorer.fingerprint.model_id})")
+            raise FingerprintMismatch(
+                f"expected_fingerprint_id {want!r} does not match this server's "
+                f"{self.scorer.fingerprint.fingerprint_id!r} ({self.scorer.fingerprint.model_id})"
+            )
 
     async def _score(self, request, context) -> list[refscore_pb2.ScoredItem]:
         self.scorer.check_ready()
@@ -138,9 +150,16 @@ class RefScoreService:
             raise
         out = []
         for i, (item, prep, logps) in enumerate(zip(request.items, prepared, results)):
-            out.append(refscore_pb2.ScoredItem(
-                item_index=i, item_id=item.item_id, prompt_token_ids=prep.prompt_ids,
-                answer_token_ids=prep.answer_ids, token_logprobs=logps, logprob_sum=float(sum(logps))))
+            out.append(
+                refscore_pb2.ScoredItem(
+                    item_index=i,
+                    item_id=item.item_id,
+                    prompt_token_ids=prep.prompt_ids,
+                    answer_token_ids=prep.answer_ids,
+                    token_logprobs=logps,
+                    logprob_sum=float(sum(logps)),
+                )
+            )
         return out
 
     async def Score(self, raw: bytes, context):
@@ -152,8 +171,9 @@ class RefScoreService:
     async def ScoreStream(self, raw_iterator, context):
         index = 0
         async for raw in raw_iterator:
-            request = _decode(refscore_pb2.ScoreRequest, raw, self.cfg.max_message_bytes,
-                              f"ScoreStream request {index}")
+            request = _decode(
+                refscore_pb2.ScoreRequest, raw, self.cfg.max_message_bytes, f"ScoreStream request {index}"
+            )
             try:
                 items = await self._score(request, context)
             except RefscoreError as exc:
@@ -182,46 +202,71 @@ class RefScoreService:
         if max_tokens < 1 or max_tokens > self.cfg.max_generate_tokens:
             raise InvalidArgument(f"max_tokens={max_tokens} must be between 1 and {self.cfg.max_generate_tokens}")
         if len(prompt.ids) + max_tokens > self.scorer.max_model_len:
-            raise InvalidArgument(f"prompt ({len(prompt.ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                                  f"model's context of {self.scorer.max_model_len} tokens")
+            raise InvalidArgument(
+                f"prompt ({len(prompt.ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                f"model's context of {self.scorer.max_model_len} tokens"
+            )
         temperature = request.temperature if request.HasField("temperature") else 1.0
         top_p = request.top_p if request.HasField("top_p") else 1.0
         if temperature < 0 or not (0 < top_p <= 1):
             raise InvalidArgument(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
         caller = self._charge(len(prompt.ids) + n * max_tokens)  # the most it can cost
         future = self.scorer.submit_generate(
-            prompt.ids, _deadline(context), caller=caller, n=n, max_tokens=max_tokens, temperature=temperature,
-            top_p=top_p, seed=request.seed if request.HasField("seed") else None)
+            prompt.ids,
+            _deadline(context),
+            caller=caller,
+            n=n,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=request.seed if request.HasField("seed") else None,
+        )
         answers = await asyncio.wrap_future(future)
         return refscore_pb2.GenerateResponse(
-            prompt_token_ids=prompt.ids, fingerprint=self.scorer.fingerprint,
-            answers=[refscore_pb2.GeneratedAnswer(
-                text=boundary.decode(a.token_ids), token_ids=a.token_ids, token_logprobs=a.logprobs,
-                logprob_sum=float(sum(a.logprobs)), finish_reason=a.finish_reason) for a in answers])
+            prompt_token_ids=prompt.ids,
+            fingerprint=self.scorer.fingerprint,
+            answers=[
+                refscore_pb2.GeneratedAnswer(
+                    text=boundary.decode(a.token_ids),
+                    token_ids=a.token_ids,
+                    token_logprobs=a.logprobs,
+                    logprob_sum=float(sum(a.logprobs)),
+                    finish_reason=a.finish_reason,
+                )
+                for a in answers
+            ],
+        )
 
     async def GetModelInfo(self, raw: bytes, context):
         _decode(refscore_pb2.GetModelInfoRequest, raw, 1024, "GetModelInfoRequest")
         self.scorer.check_ready()
         tok = self.scorer.boundary.tok
         return refscore_pb2.ModelInfo(
-            fingerprint=self.scorer.fingerprint, max_model_len=self.scorer.max_model_len,
+            fingerprint=self.scorer.fingerprint,
+            max_model_len=self.scorer.max_model_len,
             max_items_per_request=self.cfg.max_items_per_request,
-            max_tokens_per_request=self.cfg.max_tokens_per_request, max_message_bytes=self.cfg.max_message_bytes,
+            max_tokens_per_request=self.cfg.max_tokens_per_request,
+            max_message_bytes=self.cfg.max_message_bytes,
             bos_token_id=-1 if tok.bos_token_id is None else tok.bos_token_id,
             eos_token_id=-1 if tok.eos_token_id is None else tok.eos_token_id,
-            engine_settings=self.scorer.engine_settings)
+            engine_settings=self.scorer.engine_settings,
+        )
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         identity = None  # raw bytes in; decoded (and validated) by the methods above
         handlers = {
             "Score": grpc.unary_unary_rpc_method_handler(
-                self.Score, identity, refscore_pb2.ScoreResponse.SerializeToString),
+                self.Score, identity, refscore_pb2.ScoreResponse.SerializeToString
+            ),
             "ScoreStream": grpc.stream_stream_rpc_method_handler(
-                self.ScoreStream, identity, refscore_pb2.ScoreStreamResult.SerializeToString),
+                self.ScoreStream, identity, refscore_pb2.ScoreStreamResult.SerializeToString
+            ),
             "Generate": grpc.unary_unary_rpc_method_handler(
-                self.Generate, identity, refscore_pb2.GenerateResponse.SerializeToString),
+                self.Generate, identity, refscore_pb2.GenerateResponse.SerializeToString
+            ),
             "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-                self.GetModelInfo, identity, refscore_pb2.ModelInfo.SerializeToString),
+                self.GetModelInfo, identity, refscore_pb2.ModelInfo.SerializeToString
+            ),
         }
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
@@ -260,8 +305,11 @@ class RefscoreServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.cfg.host}:{self.cfg.port}"
-        self.port = (self.server.add_secure_port(address, credentials) if credentials is not None
-                     else self.server.add_insecure_port(address))
+        self.port = (
+            self.server.add_secure_port(address, credentials)
+            if credentials is not None
+            else self.server.add_insecure_port(address)
+        )
         if not self.port:
             raise OSError(f"cannot listen on {address}")
         if self.cfg.health_port:
@@ -273,10 +321,14 @@ class RefscoreServer:
                 raise OSError(f"cannot listen on {self.cfg.host}:{self.cfg.health_port} (OFFDPO_REFSCORE_HEALTH_PORT)")
             await self.health_server.start()
         await self.server.start()
-        log.info("refscore listening on %s:%d (%s%s; engine loading)%s", self.cfg.host, self.port,
-                 "TLS" if credentials is not None else "PLAINTEXT",
-                 ", mTLS" if self.cfg.tls_client_ca and credentials is not None else "",
-                 f"; health-only plaintext port {self.health_port}" if self.health_port else "")
+        log.info(
+            "refscore listening on %s:%d (%s%s; engine loading)%s",
+            self.cfg.host,
+            self.port,
+            "TLS" if credentials is not None else "PLAINTEXT",
+            ", mTLS" if self.cfg.tls_client_ca and credentials is not None else "",
+            f"; health-only plaintext port {self.health_port}" if self.health_port else "",
+        )
         return self.port
 
     async def load_engine(self) -> None:

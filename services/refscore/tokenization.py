@@ -17,10 +17,10 @@ Rule (tokenise once; the trainer never re-tokenises):
    assistant answer must start with the rendering of the prompt with the generation prompt;
    otherwise the server refuses to start (the boundary would be ill-defined).
 """
+
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 
 from offdpo.v1 import records_pb2
@@ -71,12 +71,14 @@ class BoundaryTokenizer:
         prompt = self._render(messages, True)
         full = self._render(messages + [{"role": "assistant", "content": _PROBE}], False)
         if not full.startswith(prompt):
-            raise TokenizationError("the chat template is not prefix-stable: rendering the conversation with the "
-                                    "answer does not start with the prompt rendered with add_generation_prompt=True")
-        after = full[len(prompt):]
+            raise TokenizationError(
+                "the chat template is not prefix-stable: rendering the conversation with the "
+                "answer does not start with the prompt rendered with add_generation_prompt=True"
+            )
+        after = full[len(prompt) :]
         if not after.startswith(_PROBE):
             raise TokenizationError("the chat template changes the assistant answer text; cannot find its boundary")
-        suffix_ids = list(self._plain_ids(after[len(_PROBE):]))
+        suffix_ids = list(self._plain_ids(after[len(_PROBE) :]))
         for i, tid in enumerate(suffix_ids):
             if tid in self.stop_token_ids:
                 return suffix_ids[: i + 1]

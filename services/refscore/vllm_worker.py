@@ -1,6 +1,7 @@
 """Mixed into vLLM's worker class (LLM(worker_extension_cls=...)) so the service can read back the
 settings the computing process really runs with: threads and core binding are decided inside the
 worker process, where the front end cannot see them."""
+
 from __future__ import annotations
 
 import os

@@ -11,6 +11,7 @@ A crash anywhere before 5 redoes the batch from the committed offset. If the sha
 offset already exists (crash between 3 and 5), it is announced again and its range skipped, so a
 redo never writes a second copy of any row. Events may repeat; the trainer dedups by object key.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,15 @@ from kafka.structs import OffsetAndMetadata
 
 from offdpo import records
 from offdpo.config import KafkaConfig, S3Config
-from offdpo.kafka import (GROUP_CHANGED, CommitRefusals, DeadLetterSink, make_consumer, make_producer,
-                          now_timestamp, rewind)
+from offdpo.kafka import (
+    GROUP_CHANGED,
+    CommitRefusals,
+    DeadLetterSink,
+    make_consumer,
+    make_producer,
+    now_timestamp,
+    rewind,
+)
 from offdpo.s3 import ObjectStore
 from offdpo.v1 import records_pb2
 from services.refscore import metrics
@@ -110,8 +118,9 @@ class StreamWorker:
                     self.store.ensure_bucket()
                     self._bucket_ready = True
                 if self.consumer is None:
-                    self.consumer = make_consumer(self.kafka, self.cfg.group_id, [self.kafka.pairs_topic],
-                                                  max_poll_records=self.cfg.batch_pairs)
+                    self.consumer = make_consumer(
+                        self.kafka, self.cfg.group_id, [self.kafka.pairs_topic], max_poll_records=self.cfg.batch_pairs
+                    )
                 if self.producer is None:
                     self.producer = make_producer(self.kafka, "refscore-worker")
                     self.dlq = DeadLetterSink(self.producer, self.kafka, "refscore")
@@ -153,8 +162,9 @@ class StreamWorker:
             wait_s = 0.5 if deadline is None else deadline - time.monotonic()
             if wait_s <= 0:
                 break
-            polled = self.consumer.poll(timeout_ms=int(min(wait_s, 0.5) * 1000),
-                                        max_records=self.cfg.batch_pairs - len(batch))
+            polled = self.consumer.poll(
+                timeout_ms=int(min(wait_s, 0.5) * 1000), max_records=self.cfg.batch_pairs - len(batch)
+            )
             for recs in polled.values():
                 batch.extend(recs)
                 tokens += sum(len(r.value or b"") for r in recs) // 3  # rough bytes -> tokens
@@ -213,11 +223,19 @@ class StreamWorker:
                     continue
                 c_lp, r_lp = logps[cursor], logps[cursor + 1]
                 cursor += 2
-                rows.append(records_pb2.ScoredPair(
-                    pair=pair, fingerprint=fp, prompt_token_ids=chosen.prompt_ids,
-                    chosen_token_ids=chosen.answer_ids, rejected_token_ids=rejected.answer_ids,
-                    chosen_logprobs=c_lp, rejected_logprobs=r_lp,
-                    chosen_logprob_sum=float(sum(c_lp)), rejected_logprob_sum=float(sum(r_lp))))
+                rows.append(
+                    records_pb2.ScoredPair(
+                        pair=pair,
+                        fingerprint=fp,
+                        prompt_token_ids=chosen.prompt_ids,
+                        chosen_token_ids=chosen.answer_ids,
+                        rejected_token_ids=rejected.answer_ids,
+                        chosen_logprobs=c_lp,
+                        rejected_logprobs=r_lp,
+                        chosen_logprob_sum=float(sum(c_lp)),
+                        rejected_logprob_sum=float(sum(r_lp)),
+                    )
+                )
             if rows:
                 key = records.shard_key(fp.fingerprint_id, tp.topic, tp.partition, first, last)
                 data = records.scored_pairs_to_parquet(rows, fp)
@@ -285,14 +303,23 @@ class StreamWorker:
     # -- shards and events -------------------------------------------------------------------------
     def _event(self, key, data, pair_ids, fp, tp, first, last) -> records_pb2.ShardReady:
         return records_pb2.ShardReady(
-            bucket=self.store.bucket, object_key=key, row_count=len(pair_ids), pair_ids=pair_ids, fingerprint=fp,
-            source_ranges=[records_pb2.KafkaRange(topic=tp.topic, partition=tp.partition, first_offset=first,
-                                                  last_offset=last)],
-            sha256=records.sha256_hex(data), created_at=now_timestamp())
+            bucket=self.store.bucket,
+            object_key=key,
+            row_count=len(pair_ids),
+            pair_ids=pair_ids,
+            fingerprint=fp,
+            source_ranges=[
+                records_pb2.KafkaRange(topic=tp.topic, partition=tp.partition, first_offset=first, last_offset=last)
+            ],
+            sha256=records.sha256_hex(data),
+            created_at=now_timestamp(),
+        )
 
     def _publish(self, events: list[records_pb2.ShardReady]) -> None:
-        futures = [self.producer.send(self.kafka.shards_topic, key=e.object_key.encode(), value=e.SerializeToString())
-                   for e in events]
+        futures = [
+            self.producer.send(self.kafka.shards_topic, key=e.object_key.encode(), value=e.SerializeToString())
+            for e in events
+        ]
         self.producer.flush()
         for f in futures:
             f.get(timeout=60)  # raises if the broker did not acknowledge

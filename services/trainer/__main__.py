@@ -1,4 +1,5 @@
 """`python -m services.trainer --help` (or under torchrun); see services/trainer/train.py."""
+
 import logging
 import os
 import sys

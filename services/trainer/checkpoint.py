@@ -1,13 +1,14 @@
 """Checkpoints in S3, without pickle.
 
-    runs/<run>/checkpoints/step-<N>/model/...            save_pretrained (safetensors, config, tokenizer)
-    runs/<run>/checkpoints/step-<N>/optimizer.safetensors AdamW moments and step counts
-    runs/<run>/checkpoints/step-<N>/rng.safetensors       torch CPU (and CUDA) generator states
-    runs/<run>/checkpoints/step-<N>/state.json            step, scheduler, optimizer hyper-parameters,
-                                                          python RNG, data position / consumed shards
-    runs/<run>/latest                                     {"step": N}: written last, so it only ever
-                                                          points at a complete checkpoint
+runs/<run>/checkpoints/step-<N>/model/...            save_pretrained (safetensors, config, tokenizer)
+runs/<run>/checkpoints/step-<N>/optimizer.safetensors AdamW moments and step counts
+runs/<run>/checkpoints/step-<N>/rng.safetensors       torch CPU (and CUDA) generator states
+runs/<run>/checkpoints/step-<N>/state.json            step, scheduler, optimizer hyper-parameters,
+                                                      python RNG, data position / consumed shards
+runs/<run>/latest                                     {"step": N}: written last, so it only ever
+                                                      points at a complete checkpoint
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,17 @@ def _optimizer_state(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(store, run_name: str, step: int, model, tokenizer, optimizer_state: dict, scheduler, extra: dict,
-                    model_state: dict | None = None) -> str:
+def save_checkpoint(
+    store,
+    run_name: str,
+    step: int,
+    model,
+    tokenizer,
+    optimizer_state: dict,
+    scheduler,
+    extra: dict,
+    model_state: dict | None = None,
+) -> str:
     """Upload everything for `step`, then move `latest`. `optimizer_state`: torch's index-keyed state
     dict (whole); `model_state`: a full model state dict (FSDP gathers both to rank 0)."""
     prefix = f"{run_prefix(run_name)}/checkpoints/step-{step:08d}"
@@ -72,11 +82,19 @@ def save_checkpoint(store, run_name: str, step: int, model, tokenizer, optimizer
         rng["torch_cuda"] = torch.cuda.get_rng_state()
     store.put_bytes(f"{prefix}/rng.safetensors", save(rng))
     py_state = random.getstate()
-    state = {"step": step, "scheduler": scheduler.state_dict(), "optimizer": opt_meta,
-             "python_random": [py_state[0], list(py_state[1]), py_state[2]], **extra}
+    state = {
+        "step": step,
+        "scheduler": scheduler.state_dict(),
+        "optimizer": opt_meta,
+        "python_random": [py_state[0], list(py_state[1]), py_state[2]],
+        **extra,
+    }
     store.put_bytes(f"{prefix}/state.json", json.dumps(state, sort_keys=True).encode(), content_type="application/json")
-    store.put_bytes(f"{run_prefix(run_name)}/latest", json.dumps({"step": step, "prefix": prefix}).encode(),
-                    content_type="application/json")
+    store.put_bytes(
+        f"{run_prefix(run_name)}/latest",
+        json.dumps({"step": step, "prefix": prefix}).encode(),
+        content_type="application/json",
+    )
     log.info("checkpoint step %d written to %s", step, prefix)
     return prefix
 
@@ -90,7 +108,7 @@ def latest_checkpoint(store, run_name: str) -> str | None:
 
 def download_model(store, prefix: str, dest: Path) -> Path:
     for key in store.list_keys(f"{prefix}/model/"):
-        path = dest / key[len(prefix) + len("/model/"):]
+        path = dest / key[len(prefix) + len("/model/") :]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(store.get_bytes(key))
     return dest

@@ -2,6 +2,7 @@
 
 `python -m services.trainer --help` lists them; a flag overrides its variable.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,28 +17,48 @@ class TrainerConfig(EnvConfig):
     # -- what to train, on what
     model: str = env("OFFDPO_TRAINER_MODEL", "", "Hugging Face directory of the initial policy")
     run_name: str = env("OFFDPO_TRAINER_RUN_NAME", "offdpo-run", "run id: checkpoints go to runs/<run_name>/ in S3")
-    mode: str = env("OFFDPO_TRAINER_MODE", "replay", "'replay' (an S3 prefix, N epochs) or 'continuous' (shard-ready topic)")
+    mode: str = env(
+        "OFFDPO_TRAINER_MODE", "replay", "'replay' (an S3 prefix, N epochs) or 'continuous' (shard-ready topic)"
+    )
     prefix: str = env("OFFDPO_TRAINER_PREFIX", "scores/", "replay mode: S3 prefix of the scored shards (*.parquet)")
     epochs: int = env("OFFDPO_TRAINER_EPOCHS", 1, "replay mode: passes over the prefix")
     seed: int = env("OFFDPO_TRAINER_SEED", 0, "seed of the per-epoch shuffle and of torch")
-    consumer_group: str = env("OFFDPO_TRAINER_CONSUMER_GROUP", "", "continuous mode: Kafka group (default offdpo-trainer-<run_name>)")
-    stop_when_idle_s: float = env("OFFDPO_TRAINER_STOP_WHEN_IDLE_S", 0.0,
-                                  "continuous mode: stop cleanly after this long without a new shard (0: never)")
+    consumer_group: str = env(
+        "OFFDPO_TRAINER_CONSUMER_GROUP", "", "continuous mode: Kafka group (default offdpo-trainer-<run_name>)"
+    )
+    stop_when_idle_s: float = env(
+        "OFFDPO_TRAINER_STOP_WHEN_IDLE_S",
+        0.0,
+        "continuous mode: stop cleanly after this long without a new shard (0: never)",
+    )
     max_steps: int = env("OFFDPO_TRAINER_MAX_STEPS", 0, "stop after this many optimizer steps (0: no limit)")
     # -- reference fingerprint
-    reference_model: str = env("OFFDPO_TRAINER_REFERENCE_MODEL", "",
-                               "directory of the reference the scores must come from (default: --model, the initial policy)")
-    reference_model_id: str = env("OFFDPO_TRAINER_REFERENCE_MODEL_ID", "",
-                                  "model_id in the expected fingerprint (default: the directory's name, as refscore stamps it)")
-    reference_dtype: str = env("OFFDPO_TRAINER_REFERENCE_DTYPE", "",
-                               "dtype the reference was scored in (default: the model config's dtype)")
-    allow_fingerprint: tuple = env("OFFDPO_TRAINER_ALLOW_FINGERPRINT", (),
-                                   "comma-separated fingerprint ids accepted although they differ from the reference (deliberate)")
+    reference_model: str = env(
+        "OFFDPO_TRAINER_REFERENCE_MODEL",
+        "",
+        "directory of the reference the scores must come from (default: --model, the initial policy)",
+    )
+    reference_model_id: str = env(
+        "OFFDPO_TRAINER_REFERENCE_MODEL_ID",
+        "",
+        "model_id in the expected fingerprint (default: the directory's name, as refscore stamps it)",
+    )
+    reference_dtype: str = env(
+        "OFFDPO_TRAINER_REFERENCE_DTYPE", "", "dtype the reference was scored in (default: the model config's dtype)"
+    )
+    allow_fingerprint: tuple = env(
+        "OFFDPO_TRAINER_ALLOW_FINGERPRINT",
+        (),
+        "comma-separated fingerprint ids accepted although they differ from the reference (deliberate)",
+    )
     # -- loss
     loss_type: str = env("OFFDPO_TRAINER_LOSS", "sigmoid", f"one of {', '.join(LOSS_TYPES)}")
     beta: float = env("OFFDPO_TRAINER_BETA", 0.1, "DPO beta (strength of the KL penalty to the reference)")
-    label_smoothing: float = env("OFFDPO_TRAINER_LABEL_SMOOTHING", 0.0,
-                                 "assumed label-flip rate (cDPO for sigmoid/simpo, Chowdhury et al. for robust)")
+    label_smoothing: float = env(
+        "OFFDPO_TRAINER_LABEL_SMOOTHING",
+        0.0,
+        "assumed label-flip rate (cDPO for sigmoid/simpo, Chowdhury et al. for robust)",
+    )
     simpo_gamma: float = env("OFFDPO_TRAINER_SIMPO_GAMMA", 0.5, "simpo: target reward margin gamma")
     reference_free: bool = env("OFFDPO_TRAINER_REFERENCE_FREE", False, "ignore the reference log-probs (SimPO proper)")
     sft_weight: float = env("OFFDPO_TRAINER_SFT_WEIGHT", 0.0, "weight of the NLL-on-chosen term (RPO); 0: off")
@@ -47,15 +68,26 @@ class TrainerConfig(EnvConfig):
     warmup_steps: int = env("OFFDPO_TRAINER_WARMUP_STEPS", 10, "linear warmup steps")
     min_lr_ratio: float = env("OFFDPO_TRAINER_MIN_LR_RATIO", 0.1, "cosine decays to lr * this")
     global_batch_size: int = env("OFFDPO_TRAINER_GLOBAL_BATCH", 32, "pairs per optimizer step, over all ranks")
-    micro_batch_size: int = env("OFFDPO_TRAINER_MICRO_BATCH", 4, "pairs per forward pass on one rank (accumulation fills the rest)")
+    micro_batch_size: int = env(
+        "OFFDPO_TRAINER_MICRO_BATCH", 4, "pairs per forward pass on one rank (accumulation fills the rest)"
+    )
     max_grad_norm: float = env("OFFDPO_TRAINER_MAX_GRAD_NORM", 1.0, "gradient clipping (0: off)")
     max_length: int = env("OFFDPO_TRAINER_MAX_LENGTH", 2048, "max tokens of prompt + longer answer")
-    truncation: str = env("OFFDPO_TRAINER_TRUNCATION", "refuse",
-                          "over-long records: 'refuse' (error / dead-letter) or 'truncate_answers' (keep prompt, cut answers' tails)")
-    precision: str = env("OFFDPO_TRAINER_PRECISION", "auto", "'auto' (bf16 autocast on GPU, fp32 on CPU), 'bf16' or 'fp32'")
-    gradient_checkpointing: bool = env("OFFDPO_TRAINER_GRADIENT_CHECKPOINTING", False, "recompute activations in backward")
+    truncation: str = env(
+        "OFFDPO_TRAINER_TRUNCATION",
+        "refuse",
+        "over-long records: 'refuse' (error / dead-letter) or 'truncate_answers' (keep prompt, cut answers' tails)",
+    )
+    precision: str = env(
+        "OFFDPO_TRAINER_PRECISION", "auto", "'auto' (bf16 autocast on GPU, fp32 on CPU), 'bf16' or 'fp32'"
+    )
+    gradient_checkpointing: bool = env(
+        "OFFDPO_TRAINER_GRADIENT_CHECKPOINTING", False, "recompute activations in backward"
+    )
     logprob_chunk_size: int = env("OFFDPO_TRAINER_LOGPROB_CHUNK", 1024, "answer tokens per LM-head chunk")
-    distributed: str = env("OFFDPO_TRAINER_DISTRIBUTED", "ddp", "under torchrun: 'ddp' (small models) or 'fsdp' (sharded)")
+    distributed: str = env(
+        "OFFDPO_TRAINER_DISTRIBUTED", "ddp", "under torchrun: 'ddp' (small models) or 'fsdp' (sharded)"
+    )
     # -- checkpoints and metrics
     save_every: int = env("OFFDPO_TRAINER_SAVE_EVERY", 100, "checkpoint every N optimizer steps (and at the end)")
     resume: bool = env("OFFDPO_TRAINER_RESUME", True, "resume from runs/<run_name>/latest when it exists")

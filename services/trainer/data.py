@@ -9,6 +9,7 @@ announce a shard twice after a crash), pairs by pair_id. A bad shard is dead-let
 reason and training goes on. Offsets are committed only after a checkpoint covering them is written
 (see train.py), so after a crash the events come back and the pair_id filter drops what was trained.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,8 +17,8 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from offdpo.records import RecordError, ShardReady, decode, fingerprint_mismatch, read_shard
 from offdpo.kafka import MAX_RECORD_BYTES
+from offdpo.records import RecordError, ShardReady, decode, fingerprint_mismatch, read_shard
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class Example:
     prompt: list
     chosen: list
     rejected: list
-    ref_chosen: list      # per-token reference log-probs of `chosen`
+    ref_chosen: list  # per-token reference log-probs of `chosen`
     ref_rejected: list
     shard: str
 
@@ -46,14 +47,17 @@ def check_fingerprint(shard_fp, expected_fp, allowed_ids, what: str) -> None:
         return
     diff = fingerprint_mismatch(expected_fp, shard_fp)
     if diff:
-        raise DataError(f"{what}: reference fingerprint {shard_fp.fingerprint_id} does not match this run's "
-                        f"reference {expected_fp.fingerprint_id} ({diff}). Rescore with the run's reference, point "
-                        f"--reference-model at the model that scored it, or accept it deliberately with "
-                        f"--allow-fingerprint {shard_fp.fingerprint_id}")
+        raise DataError(
+            f"{what}: reference fingerprint {shard_fp.fingerprint_id} does not match this run's "
+            f"reference {expected_fp.fingerprint_id} ({diff}). Rescore with the run's reference, point "
+            f"--reference-model at the model that scored it, or accept it deliberately with "
+            f"--allow-fingerprint {shard_fp.fingerprint_id}"
+        )
 
 
-def examples_from_shard(data: bytes, key: str, expected_fp, allowed_ids, max_length: int,
-                        truncation: str) -> tuple[list[Example], list[str]]:
+def examples_from_shard(
+    data: bytes, key: str, expected_fp, allowed_ids, max_length: int, truncation: str
+) -> tuple[list[Example], list[str]]:
     """Parse and check one shard. Returns (examples, refusals); raises DataError for shard-level faults.
 
     Truncation rule: a record is too long when len(prompt) + max(len(chosen), len(rejected)) > max_length.
@@ -66,8 +70,17 @@ def examples_from_shard(data: bytes, key: str, expected_fp, allowed_ids, max_len
     except RecordError as exc:
         raise DataError(str(exc)) from None
     check_fingerprint(shard.fingerprint, expected_fp, allowed_ids, f"shard {key}")
-    cols = {c: shard.table.column(c).to_pylist() for c in
-            ("pair_id", "prompt_token_ids", "chosen_token_ids", "rejected_token_ids", "chosen_logprobs", "rejected_logprobs")}
+    cols = {
+        c: shard.table.column(c).to_pylist()
+        for c in (
+            "pair_id",
+            "prompt_token_ids",
+            "chosen_token_ids",
+            "rejected_token_ids",
+            "chosen_logprobs",
+            "rejected_logprobs",
+        )
+    }
     examples, refusals = [], []
     for i, pid in enumerate(cols["pair_id"]):
         p, c, r = cols["prompt_token_ids"][i], cols["chosen_token_ids"][i], cols["rejected_token_ids"][i]
@@ -79,9 +92,11 @@ def examples_from_shard(data: bytes, key: str, expected_fp, allowed_ids, max_len
         if total > max_length:
             room = max_length - len(p)
             if truncation != "truncate_answers" or room < 1:
-                refusals.append(f"pair {pid} in shard {key} is {total} tokens (prompt {len(p)} + longest answer "
-                                f"{max(len(c), len(r))}), over --max-length {max_length}; raise --max-length or set "
-                                f"--truncation truncate_answers")
+                refusals.append(
+                    f"pair {pid} in shard {key} is {total} tokens (prompt {len(p)} + longest answer "
+                    f"{max(len(c), len(r))}), over --max-length {max_length}; raise --max-length or set "
+                    f"--truncation truncate_answers"
+                )
                 continue
             c, lc, r, lr = c[:room], lc[:room], r[:room], lr[:room]
         examples.append(Example(pid, p, c, r, lc, lr, key))
@@ -92,15 +107,17 @@ def examples_from_shard(data: bytes, key: str, expected_fp, allowed_ids, max_len
 class ReplaySource:
     """Fixed epochs over an S3 prefix. Position = (epoch, index into that epoch's shuffled order)."""
 
-    def __init__(self, store, prefix: str, epochs: int, seed: int, expected_fp, allowed_ids, max_length: int,
-                 truncation: str):
+    def __init__(
+        self, store, prefix: str, epochs: int, seed: int, expected_fp, allowed_ids, max_length: int, truncation: str
+    ):
         keys = [k for k in store.list_keys(prefix) if k.endswith(".parquet")]
         if not keys:
             raise DataError(f"no *.parquet shards under s3://{store.bucket}/{prefix}")
         by_id: dict[str, Example] = {}
         for key in keys:
-            examples, refusals = examples_from_shard(store.get_bytes(key), key, expected_fp, allowed_ids,
-                                                     max_length, truncation)
+            examples, refusals = examples_from_shard(
+                store.get_bytes(key), key, expected_fp, allowed_ids, max_length, truncation
+            )
             if refusals:
                 raise DataError(f"{len(refusals)} record(s) refused, nothing trained: " + "; ".join(refusals[:5]))
             for e in examples:
@@ -124,7 +141,7 @@ class ReplaySource:
         while self.epoch < self.epochs:
             order = self.order(self.epoch)
             if self.index < len(order):
-                batch = order[self.index:self.index + size]  # the last batch of an epoch may be short
+                batch = order[self.index : self.index + size]  # the last batch of an epoch may be short
                 self.index += len(batch)
                 return batch
             self.epoch, self.index = self.epoch + 1, 0
@@ -135,9 +152,11 @@ class ReplaySource:
 
     def load_state(self, state: dict) -> None:
         if state.get("shards") != self.shards:
-            raise DataError("the shards under the prefix changed since the checkpoint (was "
-                            f"{len(state.get('shards', []))}, now {len(self.shards)}); replay needs the same set to "
-                            "resume exactly once, start a new --run-name")
+            raise DataError(
+                "the shards under the prefix changed since the checkpoint (was "
+                f"{len(state.get('shards', []))}, now {len(self.shards)}); replay needs the same set to "
+                "resume exactly once, start a new --run-name"
+            )
         self.epoch, self.index = state["epoch"], state["index"]
 
     def close(self) -> None:
@@ -156,17 +175,28 @@ class _Event:
 class StreamSource:
     """Follows the shard-ready topic. Not thread-safe; lives on rank 0."""
 
-    def __init__(self, store, consumer, deadletter, expected_fp, allowed_ids, max_length: int, truncation: str,
-                 poll_timeout_ms: int, stop_when_idle_s: float, topic: str):
+    def __init__(
+        self,
+        store,
+        consumer,
+        deadletter,
+        expected_fp,
+        allowed_ids,
+        max_length: int,
+        truncation: str,
+        poll_timeout_ms: int,
+        stop_when_idle_s: float,
+        topic: str,
+    ):
         self.store, self.consumer, self.deadletter = store, consumer, deadletter
         self.expected_fp, self.allowed_ids = expected_fp, allowed_ids
         self.max_length, self.truncation = max_length, truncation
         self.poll_timeout_ms, self.stop_when_idle_s, self.topic = poll_timeout_ms, stop_when_idle_s, topic
-        self.trained: set[str] = set()       # pair ids trained in this run (the one "epoch" of a stream)
-        self.done_shards: set[str] = set()   # object keys whose every pair is trained
+        self.trained: set[str] = set()  # pair ids trained in this run (the one "epoch" of a stream)
+        self.done_shards: set[str] = set()  # object keys whose every pair is trained
         self.buffer: list[Example] = []
         self.buffered: set[str] = set()
-        self.events: list[_Event] = []       # in arrival order, until fully trained
+        self.events: list[_Event] = []  # in arrival order, until fully trained
         self.last_offset: dict[int, int] = {}
         self.last_new = time.monotonic()
         self.stop_requested = None  # a threading.Event: set, next_batch stops waiting and returns None
@@ -177,7 +207,9 @@ class StreamSource:
     def _handle(self, rec) -> None:
         self.last_offset[rec.partition] = rec.offset
         try:
-            event = decode(ShardReady, rec.value, MAX_RECORD_BYTES, f"shard-ready event {rec.topic}[{rec.partition}]@{rec.offset}")
+            event = decode(
+                ShardReady, rec.value, MAX_RECORD_BYTES, f"shard-ready event {rec.topic}[{rec.partition}]@{rec.offset}"
+            )
         except RecordError as exc:
             self.deadletter.send_record(rec, str(exc), "decode_error")
             return
@@ -188,18 +220,22 @@ class StreamSource:
         try:
             if event.fingerprint.fingerprint_id:  # cheap check before downloading
                 check_fingerprint(event.fingerprint, self.expected_fp, self.allowed_ids, f"shard {key}")
-            examples, refusals = examples_from_shard(self.store.get_bytes(key), key, self.expected_fp,
-                                                     self.allowed_ids, self.max_length, self.truncation)
+            examples, refusals = examples_from_shard(
+                self.store.get_bytes(key), key, self.expected_fp, self.allowed_ids, self.max_length, self.truncation
+            )
         except DataError as exc:
             kind = "fingerprint_mismatch" if "fingerprint" in str(exc) else "corrupt_shard"
             self.deadletter.send_record(rec, str(exc), kind)
             return
         except Exception as exc:  # noqa: BLE001 - e.g. the object is missing: dead-letter, keep training
-            self.deadletter.send_record(rec, f"shard {key} could not be read: {type(exc).__name__}: {exc}", "shard_unreadable")
+            self.deadletter.send_record(
+                rec, f"shard {key} could not be read: {type(exc).__name__}: {exc}", "shard_unreadable"
+            )
             return
         if refusals:
-            self.deadletter.send_record(rec, f"{len(refusals)} record(s) refused, the rest trained: " + "; ".join(refusals),
-                                        "record_too_long")
+            self.deadletter.send_record(
+                rec, f"{len(refusals)} record(s) refused, the rest trained: " + "; ".join(refusals), "record_too_long"
+            )
         ev = _Event(rec.partition, rec.offset, key)
         for e in examples:
             if e.pair_id in self.trained or e.pair_id in self.buffered:
@@ -248,8 +284,13 @@ class StreamSource:
         return out
 
     def state(self) -> dict:
-        return {"mode": "continuous", "trained_pair_ids": sorted(self.trained), "done_shards": sorted(self.done_shards),
-                "offsets": {str(p): o for p, o in self.commit_offsets().items()}, "topic": self.topic}
+        return {
+            "mode": "continuous",
+            "trained_pair_ids": sorted(self.trained),
+            "done_shards": sorted(self.done_shards),
+            "offsets": {str(p): o for p, o in self.commit_offsets().items()},
+            "topic": self.topic,
+        }
 
     def load_state(self, state: dict) -> None:
         self.trained = set(state.get("trained_pair_ids", []))

@@ -4,6 +4,7 @@ Conventions follow TRL's DPOTrainer, so numbers are comparable:
   logits  = (log pi(y_w|x) - log pi(y_l|x)) - (log ref(y_w|x) - log ref(y_l|x))
   rewards = beta * (log pi(y|x) - log ref(y|x))            (implicit reward, Rafailov et al. 2023)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,20 +18,23 @@ from offdpo.logprobs import gather_token_logprobs
 @dataclass
 class Batch:
     """Chosen rows first, then rejected rows: one forward pass for both (right-padded)."""
-    input_ids: torch.Tensor        # [2B, T] int64
-    attention_mask: torch.Tensor   # [2B, T]
-    hidden_index: torch.Tensor     # [N] flat index (row * T + pos) of the state that predicts each answer token
-    targets: torch.Tensor          # [N] the answer tokens
-    seq_index: torch.Tensor        # [N] which row each answer token belongs to
-    answer_lengths: torch.Tensor   # [2B] float32
-    ref_logps: torch.Tensor        # [2B] float32 sums of stored reference log-probs
+
+    input_ids: torch.Tensor  # [2B, T] int64
+    attention_mask: torch.Tensor  # [2B, T]
+    hidden_index: torch.Tensor  # [N] flat index (row * T + pos) of the state that predicts each answer token
+    targets: torch.Tensor  # [N] the answer tokens
+    seq_index: torch.Tensor  # [N] which row each answer token belongs to
+    answer_lengths: torch.Tensor  # [2B] float32
+    ref_logps: torch.Tensor  # [2B] float32 sums of stored reference log-probs
     num_pairs: int
-    num_tokens: int                # non-pad tokens (prompt + answers, both answers)
+    num_tokens: int  # non-pad tokens (prompt + answers, both answers)
 
 
 def make_batch(examples, device: torch.device | str = "cpu", pad_id: int = 0) -> Batch:
     """examples: objects with prompt, chosen, rejected (token id lists), ref_chosen, ref_rejected (per-token lists)."""
-    rows = [(e.prompt, e.chosen, e.ref_chosen) for e in examples] + [(e.prompt, e.rejected, e.ref_rejected) for e in examples]
+    rows = [(e.prompt, e.chosen, e.ref_chosen) for e in examples] + [
+        (e.prompt, e.rejected, e.ref_rejected) for e in examples
+    ]
     T = max(len(p) + len(a) for p, a, _ in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
@@ -46,12 +50,17 @@ def make_batch(examples, device: torch.device | str = "cpu", pad_id: int = 0) ->
         seq_index.append(torch.full((len(answer),), r, dtype=torch.long))
         lengths.append(len(answer))
         refs.append(float(sum(float(x) for x in ref)))  # summed in float64: stored per-token values are float32
-    return Batch(input_ids=ids.to(device), attention_mask=mask.to(device),
-                 hidden_index=torch.cat(hidden_index).to(device), targets=torch.cat(targets).to(device),
-                 seq_index=torch.cat(seq_index).to(device),
-                 answer_lengths=torch.tensor(lengths, dtype=torch.float32, device=device),
-                 ref_logps=torch.tensor(refs, dtype=torch.float32, device=device),
-                 num_pairs=len(examples), num_tokens=int(mask.sum()))
+    return Batch(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        hidden_index=torch.cat(hidden_index).to(device),
+        targets=torch.cat(targets).to(device),
+        seq_index=torch.cat(seq_index).to(device),
+        answer_lengths=torch.tensor(lengths, dtype=torch.float32, device=device),
+        ref_logps=torch.tensor(refs, dtype=torch.float32, device=device),
+        num_pairs=len(examples),
+        num_tokens=int(mask.sum()),
+    )
 
 
 class AnswerLogps(torch.nn.Module):
@@ -71,19 +80,37 @@ class AnswerLogps(torch.nn.Module):
     def forward(self, input_ids, attention_mask, hidden_index, targets, seq_index, num_rows: int):
         hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, hidden_index)
-        token_logps = gather_token_logprobs(h, self.model.get_output_embeddings(), targets,
-                                            chunk_size=self.chunk_size, checkpoint=self.checkpoint_head)
-        return torch.zeros(num_rows, dtype=torch.float32, device=token_logps.device).index_add(0, seq_index, token_logps)
+        token_logps = gather_token_logprobs(
+            h, self.model.get_output_embeddings(), targets, chunk_size=self.chunk_size, checkpoint=self.checkpoint_head
+        )
+        return torch.zeros(num_rows, dtype=torch.float32, device=token_logps.device).index_add(
+            0, seq_index, token_logps
+        )
 
 
 def answer_logps(module, batch: Batch) -> torch.Tensor:
-    return module(batch.input_ids, batch.attention_mask, batch.hidden_index, batch.targets, batch.seq_index,
-                  batch.input_ids.shape[0])
+    return module(
+        batch.input_ids,
+        batch.attention_mask,
+        batch.hidden_index,
+        batch.targets,
+        batch.seq_index,
+        batch.input_ids.shape[0],
+    )
 
 
-def preference_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, answer_lengths: torch.Tensor, *,
-                    loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
-                    simpo_gamma: float = 0.5, reference_free: bool = False, sft_weight: float = 0.0):
+def preference_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    answer_lengths: torch.Tensor,
+    *,
+    loss_type: str = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    reference_free: bool = False,
+    sft_weight: float = 0.0,
+):
     """Per-pair losses and rewards. Inputs are [2B]: chosen rows then rejected rows.
 
     Returns (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards are detached.

@@ -1,12 +1,23 @@
 """Training metrics: a progress bar, metrics.jsonl, Prometheus gauges and a PNG of the curves."""
+
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
 
-KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-        "logps/rejected", "grad_norm", "lr", "tokens_per_s")
+KEYS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "grad_norm",
+    "lr",
+    "tokens_per_s",
+)
 
 
 class MetricsLog:
@@ -45,8 +56,12 @@ class MetricsLog:
             self.gauges["step"].set(step)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracies']:.2f}",
-                                 margin=f"{values['rewards/margins']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
+            self.bar.set_postfix(
+                loss=f"{values['loss']:.4f}",
+                acc=f"{values['rewards/accuracies']:.2f}",
+                margin=f"{values['rewards/margins']:.3f}",
+                tok_s=f"{values['tokens_per_s']:.0f}",
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -61,9 +76,15 @@ class MetricsLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        panels = [("loss", ["loss"]), ("rewards", ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
-                  ("accuracy", ["rewards/accuracies"]), ("log-probs", ["logps/chosen", "logps/rejected"]),
-                  ("grad norm", ["grad_norm"]), ("learning rate", ["lr"]), ("tokens/s", ["tokens_per_s"])]
+        panels = [
+            ("loss", ["loss"]),
+            ("rewards", ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
+            ("accuracy", ["rewards/accuracies"]),
+            ("log-probs", ["logps/chosen", "logps/rejected"]),
+            ("grad norm", ["grad_norm"]),
+            ("learning rate", ["lr"]),
+            ("tokens/s", ["tokens_per_s"]),
+        ]
         cols = 4
         fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(16, 7))
         steps = [r["step"] for r in rows]
@@ -74,7 +95,7 @@ class MetricsLog:
             ax.set_xlabel("step")
             if len(keys) > 1:
                 ax.legend(fontsize=7)
-        for ax in list(axes.flat)[len(panels):]:
+        for ax in list(axes.flat)[len(panels) :]:
             ax.axis("off")
         fig.tight_layout()
         out = self.dir / "curves.png"

@@ -23,6 +23,7 @@ The loop, top to bottom: set up (distributed, model, optimizer, data source, res
 take one global batch on rank 0, broadcast it, each rank trains its contiguous slice with gradient
 accumulation, all-reduce (DDP/FSDP), clip, AdamW step, log; checkpoint every --save-every steps.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,7 +63,9 @@ def commit_offsets(source, attempts: int = 5) -> None:
 
     from offdpo.kafka import GROUP_CHANGED
 
-    offsets = {TopicPartition(source.topic, p): OffsetAndMetadata(o, "", -1) for p, o in source.commit_offsets().items()}
+    offsets = {
+        TopicPartition(source.topic, p): OffsetAndMetadata(o, "", -1) for p, o in source.commit_offsets().items()
+    }
     delay = 0.5
     for attempt in range(1, attempts + 1):
         try:
@@ -70,8 +73,9 @@ def commit_offsets(source, attempts: int = 5) -> None:
             return
         except GROUP_CHANGED as exc:
             # Only the next poll() completes a rebalance: sleeping here would hold it up.
-            log.warning("offset commit refused by a group rebalance (%s); deferred to the next checkpoint",
-                        type(exc).__name__)
+            log.warning(
+                "offset commit refused by a group rebalance (%s); deferred to the next checkpoint", type(exc).__name__
+            )
             return
         except KafkaError as exc:
             if attempt == attempts:
@@ -85,8 +89,9 @@ def commit_offsets(source, attempts: int = 5) -> None:
 # -- command line ---------------------------------------------------------------------------------
 def parse_args(argv=None) -> tuple[TrainerConfig, argparse.Namespace]:
     base = TrainerConfig.from_env()
-    p = argparse.ArgumentParser(prog="python -m services.trainer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m services.trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for f in dataclasses.fields(TrainerConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(base, f.name)
@@ -113,16 +118,21 @@ def validate(cfg: TrainerConfig) -> TrainerConfig:
         safe_key_part(cfg.run_name, "run name")
     except ValueError as exc:
         problems.append(str(exc))
-    checks = [(cfg.mode in ("replay", "continuous"), f"--mode {cfg.mode!r}: use 'replay' or 'continuous'"),
-              (cfg.loss_type in LOSS_TYPES, f"--loss-type {cfg.loss_type!r}: use one of {LOSS_TYPES}"),
-              (cfg.truncation in ("refuse", "truncate_answers"), f"--truncation {cfg.truncation!r}: use 'refuse' or 'truncate_answers'"),
-              (cfg.precision in ("auto", "bf16", "fp32"), f"--precision {cfg.precision!r}: use auto, bf16 or fp32"),
-              (cfg.distributed in ("ddp", "fsdp"), f"--distributed {cfg.distributed!r}: use ddp or fsdp"),
-              (cfg.global_batch_size > 0 and cfg.micro_batch_size > 0, "batch sizes must be positive"),
-              (cfg.beta > 0, "--beta must be positive"),
-              (0 <= cfg.label_smoothing < 0.5, "--label-smoothing must be in [0, 0.5)"),
-              (cfg.max_length > 1, "--max-length must be > 1"),
-              (cfg.save_every > 0, "--save-every must be positive")]
+    checks = [
+        (cfg.mode in ("replay", "continuous"), f"--mode {cfg.mode!r}: use 'replay' or 'continuous'"),
+        (cfg.loss_type in LOSS_TYPES, f"--loss-type {cfg.loss_type!r}: use one of {LOSS_TYPES}"),
+        (
+            cfg.truncation in ("refuse", "truncate_answers"),
+            f"--truncation {cfg.truncation!r}: use 'refuse' or 'truncate_answers'",
+        ),
+        (cfg.precision in ("auto", "bf16", "fp32"), f"--precision {cfg.precision!r}: use auto, bf16 or fp32"),
+        (cfg.distributed in ("ddp", "fsdp"), f"--distributed {cfg.distributed!r}: use ddp or fsdp"),
+        (cfg.global_batch_size > 0 and cfg.micro_batch_size > 0, "batch sizes must be positive"),
+        (cfg.beta > 0, "--beta must be positive"),
+        (0 <= cfg.label_smoothing < 0.5, "--label-smoothing must be in [0, 0.5)"),
+        (cfg.max_length > 1, "--max-length must be > 1"),
+        (cfg.save_every > 0, "--save-every must be positive"),
+    ]
     problems += [msg for ok, msg in checks if not ok]
     if problems:
         raise SystemExit("trainer configuration: " + "; ".join(problems))
@@ -159,6 +169,7 @@ def all_sum(values: list[float], world: int, device) -> list[float]:
 
 def lr_lambda(warmup: int, total: int | None, min_ratio: float):
     """Linear warmup, then cosine to min_ratio over `total` steps (constant when total is unknown)."""
+
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -166,12 +177,23 @@ def lr_lambda(warmup: int, total: int | None, min_ratio: float):
             return 1.0
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
     return f
 
 
 # -- one optimizer step ---------------------------------------------------------------------------
-def train_step(module, batch_examples: list, cfg: TrainerConfig, rank: int, world: int, device,
-               autocast, ref_module=None, objective: str = "dpo", pad_id: int = 0) -> dict:
+def train_step(
+    module,
+    batch_examples: list,
+    cfg: TrainerConfig,
+    rank: int,
+    world: int,
+    device,
+    autocast,
+    ref_module=None,
+    objective: str = "dpo",
+    pad_id: int = 0,
+) -> dict:
     """Forward/backward over this rank's slice of the global batch; returns global sums.
 
     The loss of each micro-batch is sum(per-pair loss) / global_pairs * world: DDP averages gradients
@@ -179,12 +201,12 @@ def train_step(module, batch_examples: list, cfg: TrainerConfig, rank: int, worl
     """
     n = len(batch_examples)
     per_rank = -(-n // world)
-    mine = batch_examples[rank * per_rank:(rank + 1) * per_rank]
+    mine = batch_examples[rank * per_rank : (rank + 1) * per_rank]
     m = cfg.micro_batch_size
     n_micro = -(-per_rank // m)  # the same on every rank: collectives must line up
     sums = dict(loss=0.0, chosen=0.0, rejected=0.0, correct=0.0, logps_c=0.0, logps_r=0.0, tokens=0.0)
     for i in range(n_micro):
-        micro = mine[i * m:(i + 1) * m]
+        micro = mine[i * m : (i + 1) * m]
         weight = 1.0
         if not micro:  # this rank ran out (short last batch): a zero-weight pass keeps DDP in step
             micro, weight = batch_examples[:1], 0.0
@@ -196,16 +218,23 @@ def train_step(module, batch_examples: list, cfg: TrainerConfig, rank: int, worl
             if objective == "sft":
                 losses = sft_loss(policy, batch.answer_lengths)
                 cr = rr = torch.zeros(batch.num_pairs)
-                per_pair = losses[:batch.num_pairs] + losses[batch.num_pairs:]
+                per_pair = losses[: batch.num_pairs] + losses[batch.num_pairs :]
             else:
                 ref = batch.ref_logps
                 if ref_module is not None:  # the "live reference" baseline: a frozen model's forward per step
                     with torch.no_grad(), autocast():
                         ref = answer_logps(ref_module, batch)
                 per_pair, cr, rr = preference_loss(
-                    policy, ref, batch.answer_lengths, loss_type=cfg.loss_type, beta=cfg.beta,
-                    label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
-                    reference_free=cfg.reference_free, sft_weight=cfg.sft_weight)
+                    policy,
+                    ref,
+                    batch.answer_lengths,
+                    loss_type=cfg.loss_type,
+                    beta=cfg.beta,
+                    label_smoothing=cfg.label_smoothing,
+                    simpo_gamma=cfg.simpo_gamma,
+                    reference_free=cfg.reference_free,
+                    sft_weight=cfg.sft_weight,
+                )
             (per_pair.sum() * (weight * world / n)).backward()
         if weight:
             B = batch.num_pairs
@@ -221,10 +250,19 @@ def train_step(module, batch_examples: list, cfg: TrainerConfig, rank: int, worl
 
 
 def step_metrics(sums: dict, n: int, grad_norm: float, lr: float, seconds: float) -> dict:
-    return {"loss": sums["loss"] / n, "rewards/chosen": sums["chosen"] / n, "rewards/rejected": sums["rejected"] / n,
-            "rewards/margins": (sums["chosen"] - sums["rejected"]) / n, "rewards/accuracies": sums["correct"] / n,
-            "logps/chosen": sums["logps_c"] / n, "logps/rejected": sums["logps_r"] / n, "grad_norm": grad_norm,
-            "lr": lr, "tokens_per_s": sums["tokens"] / max(seconds, 1e-9), "pairs": n}
+    return {
+        "loss": sums["loss"] / n,
+        "rewards/chosen": sums["chosen"] / n,
+        "rewards/rejected": sums["rejected"] / n,
+        "rewards/margins": (sums["chosen"] - sums["rejected"]) / n,
+        "rewards/accuracies": sums["correct"] / n,
+        "logps/chosen": sums["logps_c"] / n,
+        "logps/rejected": sums["logps_r"] / n,
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "tokens_per_s": sums["tokens"] / max(seconds, 1e-9),
+        "pairs": n,
+    }
 
 
 # -- setup helpers --------------------------------------------------------------------------------
@@ -240,8 +278,13 @@ def expected_fingerprint(cfg: TrainerConfig):
 
         conf = json.loads((ref_dir / "config.json").read_text())
         dtype = str(conf.get("dtype") or conf.get("torch_dtype") or "float32")
-    return model_fingerprint(ref_dir, dtype=dtype, engine="transformers", engine_version=transformers.__version__,
-                             model_id=cfg.reference_model_id or None)
+    return model_fingerprint(
+        ref_dir,
+        dtype=dtype,
+        engine="transformers",
+        engine_version=transformers.__version__,
+        model_id=cfg.reference_model_id or None,
+    )
 
 
 def load_policy(path, cfg: TrainerConfig, device):
@@ -285,14 +328,16 @@ def full_state_dicts(module, optimizer, cfg: TrainerConfig, world: int) -> tuple
         return None, None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    model_sd, optim_sd = get_state_dict(module, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    model_sd, optim_sd = get_state_dict(
+        module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     if dist.get_rank() != 0:
         return None, None
     index = {name: i for i, name in enumerate(_param_names(module))}
-    optim_sd = {"state": {index[name]: st for name, st in optim_sd["state"].items()},
-                "param_groups": [{**g, "params": [index[name] for name in g["params"]]}
-                                 for g in optim_sd["param_groups"]]}
+    optim_sd = {
+        "state": {index[name]: st for name, st in optim_sd["state"].items()},
+        "param_groups": [{**g, "params": [index[name] for name in g["params"]]} for g in optim_sd["param_groups"]],
+    }
     # Tied weights come back under both names; keep the names save_pretrained itself would write.
     own = {name for name, _ in module.model.named_parameters()} | {name for name, _ in module.model.named_buffers()}
     return {k.removeprefix("model."): v for k, v in model_sd.items() if k.removeprefix("model.") in own}, optim_sd
@@ -307,16 +352,19 @@ def optimizer_loader(module, optimizer, cfg: TrainerConfig, world: int):
     names = _param_names(module)
 
     def load(full: dict) -> None:
-        by_name = {"state": {names[i]: st for i, st in full["state"].items()},
-                   "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in full["param_groups"]]}
+        by_name = {
+            "state": {names[i]: st for i, st in full["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in full["param_groups"]],
+        }
         set_optimizer_state_dict(module, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
     return load
 
 
 # -- the run --------------------------------------------------------------------------------------
-def run(cfg: TrainerConfig, s3: S3Config | None = None, kafka: KafkaConfig | None = None,
-        fault_kill_after_step: int = 0) -> dict:
+def run(
+    cfg: TrainerConfig, s3: S3Config | None = None, kafka: KafkaConfig | None = None, fault_kill_after_step: int = 0
+) -> dict:
     """Train; returns a summary. Raises DataError when data is refused (replay mode).
     Stopped by SIGTERM/SIGINT, it checkpoints and returns with `stopped_by` set to the signal's name."""
     # A preempted pod resumes where it stopped instead of at the last periodic checkpoint.
@@ -324,12 +372,16 @@ def run(cfg: TrainerConfig, s3: S3Config | None = None, kafka: KafkaConfig | Non
         return _run(cfg, s3, kafka, fault_kill_after_step, stop)
 
 
-def _run(cfg: TrainerConfig, s3: S3Config | None, kafka: KafkaConfig | None, fault_kill_after_step: int,
-         stop: StopOnSignals) -> dict:
+def _run(
+    cfg: TrainerConfig, s3: S3Config | None, kafka: KafkaConfig | None, fault_kill_after_step: int, stop: StopOnSignals
+) -> dict:
     s3 = s3 or S3Config.from_env()
     kafka = kafka or KafkaConfig.from_env()
-    rank, world, device = setup_distributed() if not (dist.is_available() and dist.is_initialized()) else (
-        dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
+    rank, world, device = (
+        setup_distributed()
+        if not (dist.is_available() and dist.is_initialized())
+        else (dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
+    )
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     torch.manual_seed(cfg.seed)
@@ -351,8 +403,9 @@ def _run(cfg: TrainerConfig, s3: S3Config | None, kafka: KafkaConfig | None, fau
             expected = expected_fingerprint(cfg)
             allowed = set(cfg.allow_fingerprint)
             if cfg.mode == "replay":
-                source = ReplaySource(store, cfg.prefix, cfg.epochs, cfg.seed, expected, allowed, cfg.max_length,
-                                      cfg.truncation)
+                source = ReplaySource(
+                    store, cfg.prefix, cfg.epochs, cfg.seed, expected, allowed, cfg.max_length, cfg.truncation
+                )
                 total = cfg.epochs * source.steps_per_epoch(cfg.global_batch_size)
                 total = min(total, cfg.max_steps) if cfg.max_steps else total
             else:
@@ -361,8 +414,18 @@ def _run(cfg: TrainerConfig, s3: S3Config | None, kafka: KafkaConfig | None, fau
                 group = cfg.consumer_group or f"offdpo-trainer-{cfg.run_name}"
                 consumer = make_consumer(kafka, group, [kafka.shards_topic])
                 sink = DeadLetterSink(make_producer(kafka, f"trainer-{cfg.run_name}"), kafka, "trainer")
-                source = StreamSource(store, consumer, sink, expected, allowed, cfg.max_length, cfg.truncation,
-                                      cfg.poll_timeout_ms, cfg.stop_when_idle_s, kafka.shards_topic)
+                source = StreamSource(
+                    store,
+                    consumer,
+                    sink,
+                    expected,
+                    allowed,
+                    cfg.max_length,
+                    cfg.truncation,
+                    cfg.poll_timeout_ms,
+                    cfg.stop_when_idle_s,
+                    kafka.shards_topic,
+                )
                 source.stop_requested = stop.requested
                 total = cfg.max_steps or None
             setup = {"total": total, "fingerprint": expected.fingerprint_id}
@@ -377,14 +440,19 @@ def _run(cfg: TrainerConfig, s3: S3Config | None, kafka: KafkaConfig | None, fau
         model = load_policy(weights, cfg, device)
     module = wrap(model, cfg, world, device)
     optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, setup["total"], cfg.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.warmup_steps, setup["total"], cfg.min_lr_ratio)
+    )
     step = 0
     if resume_prefix:
-        state = ckpt.load_trainer_state(store, resume_prefix, optimizer_loader(module, optimizer, cfg, world),
-                                        scheduler)
+        state = ckpt.load_trainer_state(
+            store, resume_prefix, optimizer_loader(module, optimizer, cfg, world), scheduler
+        )
         if state["fingerprint"] != setup["fingerprint"]:
-            raise DataError(f"checkpoint {resume_prefix} was trained against reference {state['fingerprint']}, "
-                            f"this run expects {setup['fingerprint']}")
+            raise DataError(
+                f"checkpoint {resume_prefix} was trained against reference {state['fingerprint']}, "
+                f"this run expects {setup['fingerprint']}"
+            )
         step = state["step"]
         if rank == 0:
             source.load_state(state["data"])
@@ -394,16 +462,34 @@ def _run(cfg: TrainerConfig, s3: S3Config | None, kafka: KafkaConfig | None, fau
     if rank == 0:
         from services.trainer.metrics import MetricsLog
 
-        metrics = MetricsLog(Path(cfg.log_dir) / cfg.run_name, step, cfg.metrics_port,
-                             cfg.progress and sys.stderr.isatty(), setup["total"])
+        metrics = MetricsLog(
+            Path(cfg.log_dir) / cfg.run_name,
+            step,
+            cfg.metrics_port,
+            cfg.progress and sys.stderr.isatty(),
+            setup["total"],
+        )
 
     def save(step: int) -> None:
         model_sd, optim_sd = full_state_dicts(module, optimizer, cfg, world)
         if rank == 0:
-            extra = {"data": source.state(), "fingerprint": setup["fingerprint"], "config": dataclasses.asdict(cfg),
-                     "world_size": world}
-            ckpt.save_checkpoint(store, cfg.run_name, step, model, tokenizer, optim_sd or optimizer.state_dict(),
-                                 scheduler, extra, model_sd)
+            extra = {
+                "data": source.state(),
+                "fingerprint": setup["fingerprint"],
+                "config": dataclasses.asdict(cfg),
+                "world_size": world,
+            }
+            ckpt.save_checkpoint(
+                store,
+                cfg.run_name,
+                step,
+                model,
+                tokenizer,
+                optim_sd or optimizer.state_dict(),
+                scheduler,
+                extra,
+                model_sd,
+            )
             if cfg.mode == "continuous":  # only now may Kafka forget the events this checkpoint covers
                 commit_offsets(source)
         if world > 1:
@@ -442,8 +528,13 @@ def _run(cfg: TrainerConfig, s3: S3Config | None, kafka: KafkaConfig | None, fau
             if device.type == "cuda":
                 torch.cuda.synchronize()
             step += 1
-            values = step_metrics(sums, len(batch), float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
-                                  lr, time.perf_counter() - t0)
+            values = step_metrics(
+                sums,
+                len(batch),
+                float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+                lr,
+                time.perf_counter() - t0,
+            )
             if rank == 0:
                 if cfg.mode == "continuous":
                     source.mark_trained(batch)

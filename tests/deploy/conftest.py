@@ -1,4 +1,5 @@
 """Render every kustomize overlay in deploy/overlays once per session (kubectl's built-in kustomize)."""
+
 from __future__ import annotations
 
 import shutil

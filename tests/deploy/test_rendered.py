@@ -1,5 +1,6 @@
 """Checks over the objects every overlay renders to (deploy/overlays/*): schema, security, probes,
 GPUs, the environment-variable contract, Services vs workloads, Secrets, sizing, network policies."""
+
 from __future__ import annotations
 
 import base64
@@ -10,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cli.service_configs import service_config_classes, service_env_vars
 from offdpo.config import DEV_ACCESS_KEY, DEV_SECRET_KEY, KafkaConfig, S3Config
-from offdpo.services_registry import service_config_classes, service_env_vars
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 # Kubernetes versions the manifests must be valid for: the oldest supported one, and the newest
@@ -19,7 +20,7 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 MIN_K8S = "1.30.0"
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "Job", "DaemonSet", "CronJob"}
 GRPC_HEALTH_SERVICE = {"refscore": "offdpo.v1.RefScore", "labeler": "offdpo.v1.Labeler"}
-# Which env contract each container name has: a service of offdpo.services_registry, a fixed set,
+# Which env contract each container name has: a service of cli.service_configs, a fixed set,
 # or None for third-party images (Kafka, MinIO) that read no OFFDPO_* settings of ours.
 THIRD_PARTY = {"kafka", "minio", "create-topics"}
 TOOLS = {"ensure-bucket": set(S3Config.env_vars()), "build-model": set()}
@@ -120,7 +121,9 @@ def test_objects_validate_strict(rendered):
             try:
                 kubernetes_validate.validate(obj, version, strict=True)
             except kubernetes_validate.ValidationError as exc:
-                pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} invalid for Kubernetes {version}: {exc.message} at {list(exc.path)}")
+                pytest.fail(
+                    f"{obj['kind']}/{obj['metadata']['name']} invalid for Kubernetes {version}: {exc.message} at {list(exc.path)}"
+                )
 
 
 # -- pods: resources, security ----------------------------------------------------------------------
@@ -211,8 +214,11 @@ def test_refscore_drains_within_termination_grace(rendered):
     assert pod_spec(d)["terminationGracePeriodSeconds"] >= 2 * grace + 10
     assert c["startupProbe"]["grpc"]["port"] == c["readinessProbe"]["grpc"]["port"]
     assert env_value(objs, c, "OFFDPO_REFSCORE_WORKER") == "true"
-    pdbs = [p for p in by_kind(objs, "PodDisruptionBudget")
-            if p["spec"]["selector"]["matchLabels"].items() <= pod_labels(d).items()]
+    pdbs = [
+        p
+        for p in by_kind(objs, "PodDisruptionBudget")
+        if p["spec"]["selector"]["matchLabels"].items() <= pod_labels(d).items()
+    ]
     assert pdbs, "refscore has no PodDisruptionBudget"
 
 
@@ -286,8 +292,13 @@ def test_allow_list_names_only_variables_the_services_read():
 def test_containers_get_exactly_the_variables_their_service_reads(rendered):
     _, objs = rendered
     allowed = allow_list()
-    secret_vars = {n for svc in service_config_classes().values() for cls in svc
-                   for n, spec in cls.env_vars().items() if spec["secret"]}
+    secret_vars = {
+        n
+        for svc in service_config_classes().values()
+        for cls in svc
+        for n, spec in cls.env_vars().items()
+        if spec["secret"]
+    }
     checked = set()
     for w in workloads(objs):
         for c in containers(w):
@@ -362,7 +373,9 @@ def test_no_plaintext_secrets_outside_dev_placeholders(rendered):
         values = {k: base64.b64decode(v).decode() for k, v in s.get("data", {}).items()}
         values.update(s.get("stringData", {}))
         for k, v in values.items():
-            assert v in allowed or "dev-placeholder" in v, f"Secret {s['metadata']['name']}/{k} is not a dev placeholder"
+            assert v in allowed or "dev-placeholder" in v, (
+                f"Secret {s['metadata']['name']}/{k} is not a dev placeholder"
+            )
     for w in workloads(objs):
         for c in containers(w):
             for e in c.get("env", []):
@@ -380,8 +393,14 @@ def test_dev_credentials_appear_only_in_the_dev_overlay():
 # -- Kafka, MinIO, topics, scaling ---------------------------------------------------------------------
 def test_kafka_size_agrees_with_its_configuration(rendered):
     name, objs = rendered
-    cluster = configmap_data(objs, next(c["metadata"]["name"] for c in by_kind(objs, "ConfigMap")
-                                        if c["metadata"]["name"].startswith("offdpo-kafka-cluster")))
+    cluster = configmap_data(
+        objs,
+        next(
+            c["metadata"]["name"]
+            for c in by_kind(objs, "ConfigMap")
+            if c["metadata"]["name"].startswith("offdpo-kafka-cluster")
+        ),
+    )
     sts = get(objs, "StatefulSet", "offdpo-kafka")
     assert sts["spec"]["replicas"] == int(cluster["BROKERS"])
     assert sts["spec"]["volumeClaimTemplates"], "Kafka needs persistent volumes"
@@ -405,21 +424,35 @@ def test_topics_job_creates_every_topic_the_services_use(rendered):
     for var in topic_vars:
         assert f'"${var}"' in script, var
         # the job reads the topic names from the same ConfigMap as the services
-        assert env[var]["configMap"] == container_env(objs, get_container(
-            get(objs, "Deployment", "offdpo-refscore"), "refscore"))[var]["configMap"]
-    assert "--partitions \"$TOPIC_PARTITIONS\"" in script and "--if-not-exists" in script
+        assert (
+            env[var]["configMap"]
+            == container_env(objs, get_container(get(objs, "Deployment", "offdpo-refscore"), "refscore"))[var][
+                "configMap"
+            ]
+        )
+    assert '--partitions "$TOPIC_PARTITIONS"' in script and "--if-not-exists" in script
 
 
 def test_refscore_scaling_is_bounded_by_partitions(rendered):
     name, objs = rendered
-    cluster = configmap_data(objs, next(c["metadata"]["name"] for c in by_kind(objs, "ConfigMap")
-                                        if c["metadata"]["name"].startswith("offdpo-kafka-cluster")))
+    cluster = configmap_data(
+        objs,
+        next(
+            c["metadata"]["name"]
+            for c in by_kind(objs, "ConfigMap")
+            if c["metadata"]["name"].startswith("offdpo-kafka-cluster")
+        ),
+    )
     partitions = int(cluster["TOPIC_PARTITIONS"])
     d = get(objs, "Deployment", "offdpo-refscore")
     hpas = by_kind(objs, "HorizontalPodAutoscaler")
     if name == "prod":
         (hpa,) = hpas
-        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "offdpo-refscore"}
+        assert hpa["spec"]["scaleTargetRef"] == {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": "offdpo-refscore",
+        }
         assert 2 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"] <= partitions
     assert d["spec"]["replicas"] <= partitions
 
@@ -450,8 +483,9 @@ def test_trainer_job_runs_torchrun_one_pod_per_node_and_resumes(rendered):
     assert f"--nnodes={nodes}" in c["args"]
     assert pspec["restartPolicy"] == "Never" and spec["backoffLimit"] >= 1
     rules = spec["podFailurePolicy"]["rules"]
-    assert any(r["action"] == "Ignore" and r.get("onPodConditions", [{}])[0].get("type") == "DisruptionTarget"
-               for r in rules)
+    assert any(
+        r["action"] == "Ignore" and r.get("onPodConditions", [{}])[0].get("type") == "DisruptionTarget" for r in rules
+    )
     anti = pspec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
     assert anti["topologyKey"] == "kubernetes.io/hostname"
     endpoint = next(a.split("=", 1)[1] for a in c["args"] if a.startswith("--rdzv-endpoint="))
@@ -462,7 +496,10 @@ def test_trainer_job_runs_torchrun_one_pod_per_node_and_resumes(rendered):
     # the trainer expects the fingerprint refscore stamps
     rc = get_container(get(objs, "Deployment", "offdpo-refscore"), "refscore")
     assert env_value(objs, c, "OFFDPO_TRAINER_REFERENCE_MODEL_ID") == env_value(objs, rc, "OFFDPO_REFSCORE_MODEL_ID")
-    assert env_value(objs, c, "OFFDPO_TRAINER_MODEL").split("/")[-1] == env_value(objs, rc, "OFFDPO_REFSCORE_MODEL_DIR").split("/")[-1]
+    assert (
+        env_value(objs, c, "OFFDPO_TRAINER_MODEL").split("/")[-1]
+        == env_value(objs, rc, "OFFDPO_REFSCORE_MODEL_DIR").split("/")[-1]
+    )
 
 
 # -- network policies ------------------------------------------------------------------------------------
@@ -491,25 +528,39 @@ def _allowed(objs, src, dst, port, direction):
         if not _selects(pol["spec"]["podSelector"], me):
             continue
         for rule in pol["spec"].get(key, []):
-            if _port_ok(rule, port) and any("namespaceSelector" not in p and _selects(p.get("podSelector"), peer)
-                                            for p in rule.get(peers_key, [])):
+            if _port_ok(rule, port) and any(
+                "namespaceSelector" not in p and _selects(p.get("podSelector"), peer) for p in rule.get(peers_key, [])
+            ):
                 return True
     return False
 
 
 def test_network_policies_deny_by_default_and_allow_the_pipeline(rendered):
     _, objs = rendered
-    deny = [p for p in by_kind(objs, "NetworkPolicy") if p["spec"]["podSelector"] == {}
-            and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"} and not p["spec"].get("ingress")
-            and not p["spec"].get("egress")]
+    deny = [
+        p
+        for p in by_kind(objs, "NetworkPolicy")
+        if p["spec"]["podSelector"] == {}
+        and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+        and not p["spec"].get("ingress")
+        and not p["spec"].get("egress")
+    ]
     assert deny, "no default-deny policy"
     labels = {w["metadata"]["name"]: pod_labels(w) for w in workloads(objs)}
-    flows = [("offdpo-labeler", "offdpo-kafka", 9092), ("offdpo-labeler-api", "offdpo-kafka", 9092),
-             ("offdpo-refscore", "offdpo-kafka", 9092), ("offdpo-trainer", "offdpo-kafka", 9092),
-             ("offdpo-create-topics", "offdpo-kafka", 9092), ("offdpo-kafka", "offdpo-kafka", 9093),
-             ("offdpo-refscore", "offdpo-minio", 9000), ("offdpo-trainer", "offdpo-minio", 9000),
-             ("offdpo-ensure-bucket", "offdpo-minio", 9000), ("offdpo-minio", "offdpo-minio", 9000),
-             ("offdpo-labeler", "offdpo-refscore", 50051), ("offdpo-trainer", "offdpo-trainer", 29500)]
+    flows = [
+        ("offdpo-labeler", "offdpo-kafka", 9092),
+        ("offdpo-labeler-api", "offdpo-kafka", 9092),
+        ("offdpo-refscore", "offdpo-kafka", 9092),
+        ("offdpo-trainer", "offdpo-kafka", 9092),
+        ("offdpo-create-topics", "offdpo-kafka", 9092),
+        ("offdpo-kafka", "offdpo-kafka", 9093),
+        ("offdpo-refscore", "offdpo-minio", 9000),
+        ("offdpo-trainer", "offdpo-minio", 9000),
+        ("offdpo-ensure-bucket", "offdpo-minio", 9000),
+        ("offdpo-minio", "offdpo-minio", 9000),
+        ("offdpo-labeler", "offdpo-refscore", 50051),
+        ("offdpo-trainer", "offdpo-trainer", 29500),
+    ]
     for src, dst, port in flows:
         for direction in ("egress", "ingress"):
             assert _allowed(objs, labels[src], labels[dst], port, direction), f"{src} -> {dst}:{port} ({direction})"

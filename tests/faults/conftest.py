@@ -5,6 +5,7 @@ fault, and records a row (pairs in, distinct valid pairs, scored, trained, dupli
 letters by reason, what happened to the services). At the end of the session the rows are written
 to bench/results/faults.json and bench/results/faults.md (rows of cases not run this time are kept).
 """
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Writes the fault suite's results: bench/results/faults.json and a Markdown table, faults.md."""
+
 from __future__ import annotations
 
 import datetime
@@ -8,8 +9,16 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 
-ORDER = ["refscore_kill", "trainer_kill", "broker_kill", "s3_outage", "duplicate_delivery", "malformed_input",
-         "grpc_fuzz", "load"]
+ORDER = [
+    "refscore_kill",
+    "trainer_kill",
+    "broker_kill",
+    "s3_outage",
+    "duplicate_delivery",
+    "malformed_input",
+    "grpc_fuzz",
+    "load",
+]
 
 
 class ResultsWriter:
@@ -51,36 +60,49 @@ class ResultsWriter:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def render_markdown(data: dict) -> str:
-    out = ["# Fault-injection suite results", "",
-           "Written by `tests/faults` (`.venv/bin/python -m pytest -m faults tests/faults`). "
-           "Each case has its own topics, groups and run; counts are read back from Kafka, S3 and the "
-           "trainer's trained_pairs.jsonl. Invariant: pairs trained == distinct valid pairs, no pair trained "
-           "twice, every invalid record dead-lettered with a reason, services running or restarted cleanly.", "",
-           "| case | pairs in | distinct valid | scored | trained | dup. trained | invalid in / dead-lettered "
-           "| dead letters (reason: n) | services | ok | wall s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "# Fault-injection suite results",
+        "",
+        "Written by `tests/faults` (`.venv/bin/python -m pytest -m faults tests/faults`). "
+        "Each case has its own topics, groups and run; counts are read back from Kafka, S3 and the "
+        "trainer's trained_pairs.jsonl. Invariant: pairs trained == distinct valid pairs, no pair trained "
+        "twice, every invalid record dead-lettered with a reason, services running or restarted cleanly.",
+        "",
+        "| case | pairs in | distinct valid | scored | trained | dup. trained | invalid in / dead-lettered "
+        "| dead letters (reason: n) | services | ok | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in data["cases"]:
         letters = ", ".join(f"{k}: {v}" for k, v in r.get("dead_letters", {}).items()) or "none"
-        out.append(f"| {r['case']} | {r['pairs_in']} | {r['distinct_valid_pairs']} | {r['pairs_scored']} | "
-                   f"{r['pairs_trained']} | {r['duplicates_trained']} | {r['invalid_in']} / "
-                   f"{r['invalid_dead_lettered']} | {letters} | {r['services']} | "
-                   f"{'yes' if r['ok'] else 'NO'} | {r['wall_s']} |")
+        out.append(
+            f"| {r['case']} | {r['pairs_in']} | {r['distinct_valid_pairs']} | {r['pairs_scored']} | "
+            f"{r['pairs_trained']} | {r['duplicates_trained']} | {r['invalid_in']} / "
+            f"{r['invalid_dead_lettered']} | {letters} | {r['services']} | "
+            f"{'yes' if r['ok'] else 'NO'} | {r['wall_s']} |"
+        )
     fuzz = data.get("grpc_fuzz")
     if fuzz:
         out += ["", "## Decoder and gRPC fuzzing", ""]
         out += [f"- {k}: {v}" for k, v in fuzz.items() if k != "recorded_at"]
     load = data.get("load")
     if load:
-        out += ["", "## Load: concurrent gRPC clients against `refscore serve --worker` while pairs stream", "",
-                "| clients | requests | ok | errors by code | p50 ms | p95 ms | p99 ms | max ms | RSS warm MiB | "
-                "RSS after MiB | growth | stream pairs scored |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        out += [
+            "",
+            "## Load: concurrent gRPC clients against `refscore serve --worker` while pairs stream",
+            "",
+            "| clients | requests | ok | errors by code | p50 ms | p95 ms | p99 ms | max ms | RSS warm MiB | "
+            "RSS after MiB | growth | stream pairs scored |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         errs = ", ".join(f"{k}: {v}" for k, v in load["errors"].items()) or "none"
-        out.append(f"| {load['clients']} | {load['requests']} | {load['ok']} | {errs} | {load['p50_ms']} | "
-                   f"{load['p95_ms']} | {load['p99_ms']} | {load['max_ms']} | {load['rss_warm_mib']} | "
-                   f"{load['rss_after_mib']} | {load['rss_growth']}x | {load['stream_scored']} / "
-                   f"{load['stream_pairs']} |")
+        out.append(
+            f"| {load['clients']} | {load['requests']} | {load['ok']} | {errs} | {load['p50_ms']} | "
+            f"{load['p95_ms']} | {load['p99_ms']} | {load['max_ms']} | {load['rss_warm_mib']} | "
+            f"{load['rss_after_mib']} | {load['rss_growth']}x | {load['stream_scored']} / "
+            f"{load['stream_pairs']} |"
+        )
     return "\n".join(out) + "\n"

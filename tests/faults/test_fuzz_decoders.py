@@ -1,5 +1,6 @@
 """Hypothesis over every decoder of untrusted bytes the services use: random, truncated and
 bit-flipped input may only ever raise the documented RecordError (never crash another way)."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,6 @@ from offdpo import records
 from offdpo.kafka import MAX_RECORD_BYTES
 from offdpo.v1 import labeler_pb2, records_pb2
 from services.labeler import inputs
-
 from tests.pairs import make_pairs
 
 pytestmark = pytest.mark.faults
@@ -21,8 +21,13 @@ STATS: dict[str, int] = {}
 
 def _valid_samples() -> list[bytes]:
     pair = make_pairs(1, "fuzz")[0]
-    event = records_pb2.ShardReady(bucket="b", object_key="scores/x/t/p0000-000000000000-000000000003.parquet",
-                                   row_count=2, pair_ids=["a", "b"], sha256="0" * 64)
+    event = records_pb2.ShardReady(
+        bucket="b",
+        object_key="scores/x/t/p0000-000000000000-000000000003.parquet",
+        row_count=2,
+        pair_ids=["a", "b"],
+        sha256="0" * 64,
+    )
     cs = labeler_pb2.CandidateSet(set_id="s", answers=["4", "5"], reference="4")
     cs.prompt.CopyFrom(records.chat_prompt([("user", "2+2?")]))
     return [pair.SerializeToString(), event.SerializeToString(), cs.SerializeToString()]
@@ -33,7 +38,10 @@ def _mutations():
     raw = st.binary(max_size=2048)
     truncated = st.tuples(st.sampled_from(samples), st.floats(0, 1)).map(lambda t: t[0][: int(len(t[0]) * t[1])])
     flipped = st.tuples(st.sampled_from(samples), st.integers(0, 10_000), st.integers(0, 7)).map(
-        lambda t: t[0][: t[1] % len(t[0])] + bytes([t[0][t[1] % len(t[0])] ^ (1 << t[2])]) + t[0][t[1] % len(t[0]) + 1:])
+        lambda t: (
+            t[0][: t[1] % len(t[0])] + bytes([t[0][t[1] % len(t[0])] ^ (1 << t[2])]) + t[0][t[1] % len(t[0]) + 1 :]
+        )
+    )
     spliced = st.tuples(st.sampled_from(samples), raw).map(lambda t: t[0] + t[1])
     return st.one_of(raw, truncated, flipped, spliced)
 

@@ -1,13 +1,13 @@
 """Infrastructure faults on a dedicated local stack (so the session stack other tests use is never
 touched): the broker SIGKILLed mid-stream and restarted; S3 stopped for a while and started again."""
+
 from __future__ import annotations
 
 import time
 
 import pytest
 
-from offdpo.stack import LocalStack
-
+from localdev.stack import LocalStack
 from tests.pairs import make_pairs
 
 from .harness import wait_for
@@ -33,8 +33,14 @@ def _finish_trainer(case, trainer, key: str) -> bool:
         case.events.append("trainer kept running through the outage, exit 0")
         return True
     tail = trainer.tail(400000)
-    error = next((ln.split(":", 1)[0].strip() for ln in reversed(tail.splitlines())
-                  if ln.startswith("kafka.errors.") or ln.startswith("minio.") or "Error:" in ln[:60]), "see log")
+    error = next(
+        (
+            ln.split(":", 1)[0].strip()
+            for ln in reversed(tail.splitlines())
+            if ln.startswith("kafka.errors.") or ln.startswith("minio.") or "Error:" in ln[:60]
+        ),
+        "see log",
+    )
     where = " in its offset commit" if "consumer.commit" in tail else ""
     reason = f"{error.rsplit('.', 1)[-1]}{where}"
     case.events.append(f"trainer CRASHED during the outage (exit {rc}, {reason}); restarted, resumed, exit 0")
@@ -103,14 +109,15 @@ def test_s3_unavailable_for_a_while(own_stack, make_case, fault_results):
         own_stack.start_s3()
         outage_log = worker.log_path.read_bytes()[log_mark:].decode(errors="replace")
         restarted = _restore(own_stack)
-        case.events.append(f"SeaweedFS stopped {OUTAGE_S:.0f} s, restarted"
-                           + (f"; also restarted: {', '.join(restarted)}" if restarted else ""))
+        case.events.append(
+            f"SeaweedFS stopped {OUTAGE_S:.0f} s, restarted"
+            + (f"; also restarted: {', '.join(restarted)}" if restarted else "")
+        )
         case.produce_pairs(make_pairs(40, case.run_name + "-b"))
         case.wait_scored(worker, timeout_s=240)
         after = case.committed(case.refscore_group, case.kafka.pairs_topic)
         assert all(after[p] >= before.get(p, 0) for p in after), f"committed offsets went back: {before} -> {after}"
-        retried = ("retrying in" in outage_log or "batch failed" in outage_log
-                   or "retrying in" in worker.tail(200000))
+        retried = "retrying in" in outage_log or "batch failed" in outage_log or "retrying in" in worker.tail(200000)
         assert worker.alive, "the refscore worker survived the S3 outage without a restart"
         trainer_ok = _finish_trainer(case, trainer, "s3_outage")
         rc = worker.stop()
@@ -118,4 +125,3 @@ def test_s3_unavailable_for_a_while(own_stack, make_case, fault_results):
         fault_results.add(case.verify(services_ok=rc == 0 and trainer_ok, extra={"worker_retried": retried}))
     finally:
         _restore(own_stack)
-

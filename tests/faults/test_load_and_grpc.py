@@ -1,6 +1,7 @@
 """refscore `serve --worker` (transformers engine) in its own process: many concurrent gRPC clients
 with deadlines while pairs stream through the worker; then malformed, random and oversized gRPC
 requests. The server must answer with the documented codes, never crash, and keep memory bounded."""
+
 from __future__ import annotations
 
 import collections
@@ -15,12 +16,10 @@ from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from offdpo.stack import free_port
+from localdev.stack import free_port
+from offdpo.refscore_client import RefscoreClient, score_item
 from offdpo.v1 import refscore_pb2
-from services.refscore.client import RefscoreClient, score_item
-
 from tests.pairs import make_pairs
-
 
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
 
@@ -43,11 +42,19 @@ def served(stack, tiny_model, tmp_path_factory):
 
     case = Case("load", stack, tiny_model, tmp_path_factory.mktemp("load"), __import__("uuid").uuid4().hex[:10])
     port = free_port()
-    env = {**case.env, "OFFDPO_REFSCORE_MODEL_DIR": str(tiny_model), "OFFDPO_REFSCORE_ENGINE": "transformers",
-           "OFFDPO_REFSCORE_PORT": str(port), "OFFDPO_REFSCORE_METRICS_PORT": "0",
-           "OFFDPO_REFSCORE_MAX_MODEL_LEN": "512", "OFFDPO_REFSCORE_BATCH_WAIT_S": "0.3",
-           "OFFDPO_REFSCORE_BATCH_PAIRS": "16", "OFFDPO_REFSCORE_GRACE_S": "10",
-           "OFFDPO_REFSCORE_PLAINTEXT": "true", "OFFDPO_REFSCORE_ALLOW_ANONYMOUS": "true"}
+    env = {
+        **case.env,
+        "OFFDPO_REFSCORE_MODEL_DIR": str(tiny_model),
+        "OFFDPO_REFSCORE_ENGINE": "transformers",
+        "OFFDPO_REFSCORE_PORT": str(port),
+        "OFFDPO_REFSCORE_METRICS_PORT": "0",
+        "OFFDPO_REFSCORE_MAX_MODEL_LEN": "512",
+        "OFFDPO_REFSCORE_BATCH_WAIT_S": "0.3",
+        "OFFDPO_REFSCORE_BATCH_PAIRS": "16",
+        "OFFDPO_REFSCORE_GRACE_S": "10",
+        "OFFDPO_REFSCORE_PLAINTEXT": "true",
+        "OFFDPO_REFSCORE_ALLOW_ANONYMOUS": "true",
+    }
     server = case._spawn("refscore-serve", [sys.executable, "-m", "services.refscore", "serve", "--worker"], env)
     client = RefscoreClient(f"127.0.0.1:{port}")
     try:
@@ -75,8 +82,10 @@ def test_concurrent_clients_with_deadlines_while_the_stream_runs(served, fault_r
     def one_client(i: int):
         with RefscoreClient(target) as c:
             for j in range(REQUESTS_PER_CLIENT):
-                items = [score_item([("user", f"client {i} request {j}: say something")], f"answer {k} " * (1 + j % 5))
-                         for k in range(1 + (i + j) % 4)]
+                items = [
+                    score_item([("user", f"client {i} request {j}: say something")], f"answer {k} " * (1 + j % 5))
+                    for k in range(1 + (i + j) % 4)
+                ]
                 t0 = time.perf_counter()
                 try:
                     c.score(items, timeout=DEADLINE_S)
@@ -100,13 +109,24 @@ def test_concurrent_clients_with_deadlines_while_the_stream_runs(served, fault_r
     assert server.alive, server.tail()
     q = statistics.quantiles(latencies, n=100)
     errors = {k: v for k, v in codes.items() if k != "OK"}
-    figures = {"clients": CLIENTS, "requests": sum(codes.values()), "ok": codes["OK"], "errors": errors,
-               "deadline_s": DEADLINE_S, "p50_ms": round(q[49], 1), "p95_ms": round(q[94], 1),
-               "p99_ms": round(q[98], 1), "max_ms": round(max(latencies), 1), "wall_s": round(load_s, 1),
-               "rss_warm_mib": round(rss_warm, 1), "rss_after_mib": round(rss_after, 1),
-               "rss_growth": round(rss_after / rss_warm, 2), "stream_pairs": len(pairs),
-               "stream_scored": len(set(case.scored_rows()) & {p.pair_id for p in pairs}),
-               "engine": "transformers (CPU)"}
+    figures = {
+        "clients": CLIENTS,
+        "requests": sum(codes.values()),
+        "ok": codes["OK"],
+        "errors": errors,
+        "deadline_s": DEADLINE_S,
+        "p50_ms": round(q[49], 1),
+        "p95_ms": round(q[94], 1),
+        "p99_ms": round(q[98], 1),
+        "max_ms": round(max(latencies), 1),
+        "wall_s": round(load_s, 1),
+        "rss_warm_mib": round(rss_warm, 1),
+        "rss_after_mib": round(rss_after, 1),
+        "rss_growth": round(rss_after / rss_warm, 2),
+        "stream_pairs": len(pairs),
+        "stream_scored": len(set(case.scored_rows()) & {p.pair_id for p in pairs}),
+        "engine": "transformers (CPU)",
+    }
     fault_results.add_load(figures)
     assert sum(codes.values()) == CLIENTS * REQUESTS_PER_CLIENT
     assert set(errors) <= {"DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}, errors
@@ -115,8 +135,9 @@ def test_concurrent_clients_with_deadlines_while_the_stream_runs(served, fault_r
 
 
 def _raw(client, method: str, payload: bytes, timeout=30):
-    call = client.channel.unary_unary(f"/offdpo.v1.RefScore/{method}", request_serializer=None,
-                                      response_deserializer=None)
+    call = client.channel.unary_unary(
+        f"/offdpo.v1.RefScore/{method}", request_serializer=None, response_deserializer=None
+    )
     return call(payload, timeout=timeout)
 
 
@@ -143,9 +164,13 @@ def test_malformed_random_and_oversized_grpc_requests(served, fault_results):
 
     random_bytes()
 
-    item = st.builds(lambda p, a, ids, use_ids: score_item(p, list(ids) if use_ids else a),
-                     st.text(max_size=80), st.text(max_size=80),
-                     st.lists(st.integers(-2**31, 2**31 - 1), max_size=20), st.booleans())
+    item = st.builds(
+        lambda p, a, ids, use_ids: score_item(p, list(ids) if use_ids else a),
+        st.text(max_size=80),
+        st.text(max_size=80),
+        st.lists(st.integers(-(2**31), 2**31 - 1), max_size=20),
+        st.booleans(),
+    )
 
     @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(items=st.lists(item, max_size=4), fp=st.text(max_size=20))
@@ -168,11 +193,17 @@ def test_malformed_random_and_oversized_grpc_requests(served, fault_results):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "context" in msg, (code, msg)
 
     # still healthy and answering
-    assert client.health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
-        health_pb2.HealthCheckResponse.SERVING
+    assert (
+        client.health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+        == health_pb2.HealthCheckResponse.SERVING
+    )
     assert len(client.score([score_item([("user", "still there?")], "yes")], timeout=30).items) == 1
     assert server.alive, server.tail()
-    fault_results.add_fuzz({**(fault_results.fuzz or {}),
-                            "gRPC requests (random bytes + structured + oversized)": sum(codes.values()) + 4,
-                            "gRPC status codes seen": dict(sorted(codes.items())),
-                            "server after fuzzing": "SERVING, answers a valid Score"})
+    fault_results.add_fuzz(
+        {
+            **(fault_results.fuzz or {}),
+            "gRPC requests (random bytes + structured + oversized)": sum(codes.values()) + 4,
+            "gRPC status codes seen": dict(sorted(codes.items())),
+            "server after fuzzing": "SERVING, answers a valid Score",
+        }
+    )

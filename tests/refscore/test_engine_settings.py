@@ -1,4 +1,5 @@
 """Engine settings from the environment reach the engine: read back from it, not from the config."""
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,9 @@ def test_vllm_engine_runs_with_the_configured_settings(vllm_client):
 
 
 def test_transformers_engine_runs_with_the_configured_settings(tiny_model):
-    cfg = RefscoreConfig.from_env({"OFFDPO_REFSCORE_TRANSFORMERS_BATCH_TOKENS": "3000",
-                                   "OFFDPO_REFSCORE_LOGPROB_CHUNK_TOKENS": "17"})
+    cfg = RefscoreConfig.from_env(
+        {"OFFDPO_REFSCORE_TRANSFORMERS_BATCH_TOKENS": "3000", "OFFDPO_REFSCORE_LOGPROB_CHUNK_TOKENS": "17"}
+    )
     engine = TransformersEngine(str(tiny_model), "float32", 256, settings=cfg.engine_settings())
     settings = engine.effective_settings()
     assert settings["transformers_batch_tokens"] == "3000" and settings["logprob_chunk_tokens"] == "17", settings
@@ -38,12 +40,15 @@ def test_transformers_engine_runs_with_the_configured_settings(tiny_model):
     assert len(engine.score([(ids[:7], ids[7:])])[0]) == len(ids) - 7
 
 
-@pytest.mark.parametrize("name,value,needle", [
-    ("OFFDPO_REFSCORE_CPU_THREADS", "4096", "only"),
-    ("OFFDPO_REFSCORE_CPU_THREADS", "-1", ">= 0"),
-    ("OFFDPO_REFSCORE_CPU_RESERVED_CORES", str(len(os.sched_getaffinity(0))), "leaves none"),
-    ("OFFDPO_REFSCORE_LOGPROB_CHUNK_TOKENS", "0", ">= 1"),
-])
+@pytest.mark.parametrize(
+    "name,value,needle",
+    [
+        ("OFFDPO_REFSCORE_CPU_THREADS", "4096", "only"),
+        ("OFFDPO_REFSCORE_CPU_THREADS", "-1", ">= 0"),
+        ("OFFDPO_REFSCORE_CPU_RESERVED_CORES", str(len(os.sched_getaffinity(0))), "leaves none"),
+        ("OFFDPO_REFSCORE_LOGPROB_CHUNK_TOKENS", "0", ">= 1"),
+    ],
+)
 def test_bad_engine_settings_are_refused_with_the_variable_named(name, value, needle):
     cfg = RefscoreConfig.from_env({name: value})
     with pytest.raises(ConfigError) as err:

@@ -1,4 +1,5 @@
 """The gRPC API through real channels: results, every error case, health, reflection, draining."""
+
 import asyncio
 import signal
 import threading
@@ -9,10 +10,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from localdev.stack import free_port
 from offdpo import records
-from offdpo.stack import free_port
+from offdpo.refscore_client import RefscoreClient, score_item
 from offdpo.v1 import refscore_pb2
-from services.refscore.client import RefscoreClient, score_item
 from services.refscore.config import RefscoreConfig
 from services.refscore.server import RefscoreServer
 
@@ -28,14 +29,18 @@ def _code(call):
 
 
 def _raw_score(client, payload: bytes, timeout=30):
-    method = client.channel.unary_unary("/offdpo.v1.RefScore/Score", request_serializer=None,
-                                        response_deserializer=refscore_pb2.ScoreResponse.FromString)
+    method = client.channel.unary_unary(
+        "/offdpo.v1.RefScore/Score",
+        request_serializer=None,
+        response_deserializer=refscore_pb2.ScoreResponse.FromString,
+    )
     return method(payload, timeout=timeout)
 
 
 def test_score_returns_ids_logprobs_and_fingerprint(vllm_client):
-    resp = vllm_client.score([score_item([("user", "hi")], "hello there", item_id="a"),
-                              score_item("plain prompt", [5, 6, 7], item_id="b")])
+    resp = vllm_client.score(
+        [score_item([("user", "hi")], "hello there", item_id="a"), score_item("plain prompt", [5, 6, 7], item_id="b")]
+    )
     assert [i.item_id for i in resp.items] == ["a", "b"]
     assert [i.item_index for i in resp.items] == [0, 1]
     assert list(resp.items[1].answer_token_ids) == [5, 6, 7]
@@ -92,8 +97,9 @@ def test_fingerprint_precondition_and_deadline(vllm_client):
 
 
 def test_score_stream_yields_every_item_and_names_the_bad_request(vllm_client):
-    requests = [refscore_pb2.ScoreRequest(items=[score_item("q", f"answer {i} {j}") for j in range(3)])
-                for i in range(4)]
+    requests = [
+        refscore_pb2.ScoreRequest(items=[score_item("q", f"answer {i} {j}") for j in range(3)]) for i in range(4)
+    ]
     results = list(vllm_client.stub.ScoreStream(iter(requests), timeout=120))
     assert [(r.request_index, r.item.item_index) for r in results] == [(i, j) for i in range(4) for j in range(3)]
     assert results[0].fingerprint.fingerprint_id and not results[1].HasField("fingerprint")
@@ -104,8 +110,9 @@ def test_score_stream_yields_every_item_and_names_the_bad_request(vllm_client):
 
 def test_generate_returns_samples_whose_logprobs_rescore_the_same(vllm_client):
     prompt = records.chat_prompt([("user", "count from one to ten")])
-    resp = vllm_client.stub.Generate(refscore_pb2.GenerateRequest(prompt=prompt, n=2, max_tokens=12, seed=7),
-                                     timeout=120)
+    resp = vllm_client.stub.Generate(
+        refscore_pb2.GenerateRequest(prompt=prompt, n=2, max_tokens=12, seed=7), timeout=120
+    )
     assert len(resp.answers) == 2 and resp.fingerprint.engine == "vllm"
     for answer in resp.answers:
         assert 0 < len(answer.token_ids) <= 12 and len(answer.token_logprobs) == len(answer.token_ids)
@@ -113,16 +120,20 @@ def test_generate_returns_samples_whose_logprobs_rescore_the_same(vllm_client):
         # The recipe's two methods on the same tokens: sampled-token log-probs vs prompt log-probs.
         rescored = vllm_client.score([score_item(prompt, list(answer.token_ids))]).items[0]
         assert max(abs(a - b) for a, b in zip(rescored.token_logprobs, answer.token_logprobs)) < 1e-4
-    code, msg = _code(lambda: vllm_client.stub.Generate(
-        refscore_pb2.GenerateRequest(prompt=prompt, n=1000), timeout=30))
+    code, msg = _code(
+        lambda: vllm_client.stub.Generate(refscore_pb2.GenerateRequest(prompt=prompt, n=1000), timeout=30)
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "n=1000" in msg
 
 
 def test_health_serving_and_reflection(vllm_server):
     channel = grpc.insecure_channel(vllm_server.target)
     try:
-        status = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service="offdpo.v1.RefScore"), timeout=10).status
+        status = (
+            health_pb2_grpc.HealthStub(channel)
+            .Check(health_pb2.HealthCheckRequest(service="offdpo.v1.RefScore"), timeout=10)
+            .status
+        )
         assert status == health_pb2.HealthCheckResponse.SERVING
         services = ProtoReflectionDescriptorDatabase(channel).get_services()
         assert "offdpo.v1.RefScore" in services and "grpc.health.v1.Health" in services
@@ -132,21 +143,27 @@ def test_health_serving_and_reflection(vllm_server):
 
 def test_not_serving_and_unavailable_before_the_engine_loads(tiny_model):
     async def scenario():
-        cfg = RefscoreConfig(model_dir=str(tiny_model), port=free_port(), metrics_port=0, plaintext=True,
-                             allow_anonymous=True)
+        cfg = RefscoreConfig(
+            model_dir=str(tiny_model), port=free_port(), metrics_port=0, plaintext=True, allow_anonymous=True
+        )
         server = RefscoreServer(cfg)
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-                status = (await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service=""), timeout=10)).status
+                status = (
+                    await health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(service=""), timeout=10
+                    )
+                ).status
                 assert status == health_pb2.HealthCheckResponse.NOT_SERVING
                 stub = refscore_pb2.DESCRIPTOR.services_by_name["RefScore"]
                 assert stub is not None
                 from offdpo.v1 import refscore_pb2_grpc
+
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await refscore_pb2_grpc.RefScoreStub(channel).Score(
-                        refscore_pb2.ScoreRequest(items=[score_item("q", "a")]), timeout=10)
+                        refscore_pb2.ScoreRequest(items=[score_item("q", "a")]), timeout=10
+                    )
                 assert info.value.code() == grpc.StatusCode.UNAVAILABLE
                 assert "not ready" in info.value.details()
         finally:
@@ -156,8 +173,12 @@ def test_not_serving_and_unavailable_before_the_engine_loads(tiny_model):
 
 
 def test_sigterm_drains_in_flight_requests(tiny_model, tmp_path):
-    server = start_refscore(tiny_model, tmp_path / "drain.log", engine="transformers",
-                            extra_env={"OFFDPO_REFSCORE_ENGINE_BATCH_TOKENS": "4096"})
+    server = start_refscore(
+        tiny_model,
+        tmp_path / "drain.log",
+        engine="transformers",
+        extra_env={"OFFDPO_REFSCORE_ENGINE_BATCH_TOKENS": "4096"},
+    )
     try:
         with RefscoreClient(server.target) as client:
             client.wait_serving(timeout_s=120)

@@ -1,11 +1,12 @@
 """Parity and batch invariance of both engines against a plain transformers float32 forward."""
+
 import random
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.refscore.client import score_item
+from offdpo.refscore_client import score_item
 from services.refscore.config import RefscoreConfig
 from services.refscore.scorer import Scorer
 
@@ -16,7 +17,22 @@ BATCH_TOL = 1e-6
 
 def _items(n: int, seed: int = 0):
     rng = random.Random(seed)
-    words = "the model answer question reason step compute value number list python code reward policy".split()
+    words = [
+        "the",
+        "model",
+        "answer",
+        "question",
+        "reason",
+        "step",
+        "compute",
+        "value",
+        "number",
+        "list",
+        "python",
+        "code",
+        "reward",
+        "policy",
+    ]
     items = []
     for i in range(n):
         prompt = [("user", " ".join(rng.choice(words) for _ in range(rng.randint(2, 40))))]

@@ -4,6 +4,7 @@
 In-process servers on the transformers engine (one engine shared by every server of this module);
 the sync gRPC clients of the tests talk to them from the test thread.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,24 +20,25 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from localdev.stack import free_port
 from offdpo.config import ConfigError
-from offdpo.stack import free_port
+from offdpo.refscore_client import RefscoreClient, channel_credentials, score_item
 from offdpo.v1 import refscore_pb2
 from services.refscore import security
-from services.refscore.client import RefscoreClient, channel_credentials, score_item
 from services.refscore.config import RefscoreConfig
 from services.refscore.scorer import STREAM_WORKER, FairQueue, Scorer, _Job
 from services.refscore.server import RefscoreServer
-
 from tests.pki import make_cert
 
 WAIT_S = 60  # bound on every RPC of this module (a hang fails with DEADLINE_EXCEEDED, not a stuck run)
-TOKENS = {name: f"tok-{name}-{secrets.token_urlsafe(24)}" for name in ("alpha", "beta", "gamma", "busy", "metered", "calm")}
+TOKENS = {
+    name: f"tok-{name}-{secrets.token_urlsafe(24)}" for name in ("alpha", "beta", "gamma", "busy", "metered", "calm")
+}
 WRONG_TOKEN = f"tok-wrong-{secrets.token_urlsafe(24)}"
 TEAMS = {
     "alpha": {},
-    "beta": {"methods": ["GetModelInfo"]},                  # may not Score
-    "gamma": {"models": ["some-other-model"]},              # may not use this server's model
+    "beta": {"methods": ["GetModelInfo"]},  # may not Score
+    "gamma": {"models": ["some-other-model"]},  # may not use this server's model
     "busy": {"max_concurrent": 2},
     "metered": {"tokens_per_minute": 300},
     "calm": {},
@@ -52,8 +54,16 @@ def pki(tmp_path_factory) -> dict[str, Path]:
     _, _, client_pem, client_key = make_cert("labeler", client_ca, client_ca_key)
     rogue_ca, rogue_ca_key, _, _ = make_cert("rogue CA", ca=True)
     _, _, rogue_pem, rogue_key = make_cert("intruder", rogue_ca, rogue_ca_key)
-    files = {"ca": ca_pem, "server.crt": server_pem, "server.key": server_key, "client-ca": client_ca_pem,
-             "client.crt": client_pem, "client.key": client_key, "rogue.crt": rogue_pem, "rogue.key": rogue_key}
+    files = {
+        "ca": ca_pem,
+        "server.crt": server_pem,
+        "server.key": server_key,
+        "client-ca": client_ca_pem,
+        "client.crt": client_pem,
+        "client.key": client_key,
+        "rogue.crt": rogue_pem,
+        "rogue.key": rogue_key,
+    }
     for name, data in files.items():
         (d / name).write_bytes(data)
     return {name: d / name for name in files}
@@ -101,8 +111,14 @@ class ThreadServer:
 
 
 def _cfg(model_dir, **kw) -> RefscoreConfig:
-    base = dict(model_dir=str(model_dir), engine="transformers", max_model_len=512, port=free_port(),
-                host="127.0.0.1", metrics_port=0)
+    base = dict(
+        model_dir=str(model_dir),
+        engine="transformers",
+        max_model_len=512,
+        port=free_port(),
+        host="127.0.0.1",
+        metrics_port=0,
+    )
     return RefscoreConfig(**{**base, **kw})
 
 
@@ -116,16 +132,32 @@ def scorer(tiny_model):
 
 @pytest.fixture(scope="module")
 def tls_server(tiny_model, scorer, pki, auth_file):
-    server = ThreadServer(_cfg(tiny_model, tls_cert=str(pki["server.crt"]), tls_key=str(pki["server.key"]),
-                               auth_file=str(auth_file), health_port=free_port()), scorer)
+    server = ThreadServer(
+        _cfg(
+            tiny_model,
+            tls_cert=str(pki["server.crt"]),
+            tls_key=str(pki["server.key"]),
+            auth_file=str(auth_file),
+            health_port=free_port(),
+        ),
+        scorer,
+    )
     yield server
     server.close()
 
 
 @pytest.fixture(scope="module")
 def mtls_server(tiny_model, scorer, pki):
-    server = ThreadServer(_cfg(tiny_model, tls_cert=str(pki["server.crt"]), tls_key=str(pki["server.key"]),
-                               tls_client_ca=str(pki["client-ca"]), allow_anonymous=True), scorer)
+    server = ThreadServer(
+        _cfg(
+            tiny_model,
+            tls_cert=str(pki["server.crt"]),
+            tls_key=str(pki["server.key"]),
+            tls_client_ca=str(pki["client-ca"]),
+            allow_anonymous=True,
+        ),
+        scorer,
+    )
     yield server
     server.close()
 
@@ -135,7 +167,9 @@ def _client(server, pki, token=None, **tls) -> RefscoreClient:
 
 
 def _items(n=1, words=3):
-    return [score_item([("user", "what is two plus two")], " ".join(["four"] * words), item_id=str(i)) for i in range(n)]
+    return [
+        score_item([("user", "what is two plus two")], " ".join(["four"] * words), item_id=str(i)) for i in range(n)
+    ]
 
 
 def _error(call) -> grpc.RpcError:
@@ -175,8 +209,11 @@ def test_tokens_over_tls_none_wrong_other_team_valid(tls_server, pki, caplog):
 def test_health_and_reflection_need_no_token(tls_server, pki):
     channel = grpc.secure_channel(tls_server.target, channel_credentials(str(pki["ca"])))
     try:
-        status = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service="offdpo.v1.RefScore"), timeout=WAIT_S).status
+        status = (
+            health_pb2_grpc.HealthStub(channel)
+            .Check(health_pb2.HealthCheckRequest(service="offdpo.v1.RefScore"), timeout=WAIT_S)
+            .status
+        )
         assert status == health_pb2.HealthCheckResponse.SERVING
         assert "offdpo.v1.RefScore" in ProtoReflectionDescriptorDatabase(channel).get_services()
     finally:
@@ -184,7 +221,9 @@ def test_health_and_reflection_need_no_token(tls_server, pki):
     # The kubelet's probe port: plaintext, health only.
     plain = grpc.insecure_channel(f"127.0.0.1:{tls_server.server.health_port}")
     try:
-        status = health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(service=""), timeout=WAIT_S).status
+        status = (
+            health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(service=""), timeout=WAIT_S).status
+        )
         assert status == health_pb2.HealthCheckResponse.SERVING
         score = plain.unary_unary("/offdpo.v1.RefScore/Score", request_serializer=None, response_deserializer=None)
         assert _error(lambda: score(b"", timeout=WAIT_S)).code() == grpc.StatusCode.UNIMPLEMENTED
@@ -256,8 +295,10 @@ def security_in_flight(server, team: str) -> int:
 
 
 def test_tokens_per_minute_quota_rejects_with_retry_hint_while_others_succeed(tls_server, pki):
-    with _client(tls_server, pki, token=TOKENS["metered"]) as metered, \
-            _client(tls_server, pki, token=TOKENS["calm"]) as calm:
+    with (
+        _client(tls_server, pki, token=TOKENS["metered"]) as metered,
+        _client(tls_server, pki, token=TOKENS["calm"]) as calm,
+    ):
         served, err = 0, None
         for _ in range(100):  # 300 tokens per minute; each request is tens of tokens
             try:
@@ -278,6 +319,7 @@ def test_tokens_per_minute_quota_rejects_with_retry_hint_while_others_succeed(tl
 
 class _GatedEngine:
     """A fake engine that records which jobs it ran, and blocks its first call until released."""
+
     name, version, max_model_len = "fake", "0", 512
 
     def __init__(self):

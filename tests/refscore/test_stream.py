@@ -1,4 +1,5 @@
 """The stream worker on the local stack: pairs in Kafka -> shards in S3 -> shard-ready events."""
+
 import contextlib
 import dataclasses
 import threading
@@ -13,7 +14,6 @@ from offdpo import records
 from offdpo.kafka import GROUP_REFUSALS_BEFORE_NEW_CONSUMER, ensure_topics, make_producer, next_offsets, read_topic
 from offdpo.s3 import ObjectStore
 from offdpo.v1 import records_pb2
-
 from tests.pairs import make_pairs
 from tests.stuck_consumer import FirstConsumerStuck
 
@@ -50,17 +50,27 @@ def _worker_thread(stack, tiny_model, unique: str, tag: str, pairs):
     from services.refscore.config import RefscoreConfig
     from services.refscore.scorer import Scorer
 
-    kafka = dataclasses.replace(stack.kafka, pairs_topic=f"{tag}.pairs.{unique}", shards_topic=f"{tag}.shards.{unique}",
-                                deadletter_topic=f"{tag}.dead.{unique}")
+    kafka = dataclasses.replace(
+        stack.kafka,
+        pairs_topic=f"{tag}.pairs.{unique}",
+        shards_topic=f"{tag}.shards.{unique}",
+        deadletter_topic=f"{tag}.dead.{unique}",
+    )
     ensure_topics(stack.kafka, [kafka.pairs_topic, kafka.shards_topic, kafka.deadletter_topic], partitions=1)
     _produce(kafka, kafka.pairs_topic, pairs)
-    cfg = RefscoreConfig(model_dir=str(tiny_model), engine="transformers", max_model_len=512, batch_wait_s=0.3,
-                         group_id=f"{tag}-{unique}")
+    cfg = RefscoreConfig(
+        model_dir=str(tiny_model),
+        engine="transformers",
+        max_model_len=512,
+        batch_wait_s=0.3,
+        group_id=f"{tag}-{unique}",
+    )
     scorer = Scorer(cfg)
     scorer.load()
     stop = threading.Event()
-    thread = threading.Thread(target=worker_mod.StreamWorker(scorer, cfg, kafka, stack.s3).run, args=(stop,),
-                              daemon=True)
+    thread = threading.Thread(
+        target=worker_mod.StreamWorker(scorer, cfg, kafka, stack.s3).run, args=(stop,), daemon=True
+    )
     thread.start()
     try:
         yield kafka, cfg.group_id, thread
@@ -105,15 +115,23 @@ def test_stream_scores_every_pair_once_and_dead_letters_bad_records(stack, vllm_
     bad = _bad_records()
     _produce(stack.kafka, topic, pairs, bad)
     store = ObjectStore(stack.s3)
-    _wait(lambda: len(_rows_in_s3(store, fp.fingerprint_id, topic)[1]) >= 40
-          and _committed_all(stack.kafka, vllm_topics["OFFDPO_REFSCORE_GROUP"], topic), 180,
-          "scoring all 40 pairs and committing", vllm_server.log_tail)
+    _wait(
+        lambda: (
+            len(_rows_in_s3(store, fp.fingerprint_id, topic)[1]) >= 40
+            and _committed_all(stack.kafka, vllm_topics["OFFDPO_REFSCORE_GROUP"], topic)
+        ),
+        180,
+        "scoring all 40 pairs and committing",
+        vllm_server.log_tail,
+    )
 
     keys, rows = _rows_in_s3(store, fp.fingerprint_id, topic)
     assert sorted(rows) == sorted(p.pair_id for p in pairs), "each pair exactly once"
     # Readable with plain pyarrow, and the rows carry what the trainer needs.
     table = pq.read_table(__import__("io").BytesIO(store.get_bytes(keys[0])))
-    assert {"prompt_token_ids", "chosen_token_ids", "chosen_logprobs", "rejected_logprob_sum"} <= set(table.column_names)
+    assert {"prompt_token_ids", "chosen_token_ids", "chosen_logprobs", "rejected_logprob_sum"} <= set(
+        table.column_names
+    )
     shard = records.read_shard(store.get_bytes(keys[0]))
     assert shard.fingerprint.fingerprint_id == fp.fingerprint_id
     row = next(iter(shard.rows()))
@@ -125,8 +143,10 @@ def test_stream_scores_every_pair_once_and_dead_letters_bad_records(stack, vllm_
         assert e.row_count == len(e.pair_ids) and e.fingerprint.fingerprint_id == fp.fingerprint_id
         assert e.sha256 == records.sha256_hex(store.get_bytes(e.object_key))
 
-    letters = [records_pb2.DeadLetter.FromString(r.value)
-               for r in read_topic(stack.kafka, vllm_topics["OFFDPO_TOPIC_DEADLETTER"])]
+    letters = [
+        records_pb2.DeadLetter.FromString(r.value)
+        for r in read_topic(stack.kafka, vllm_topics["OFFDPO_TOPIC_DEADLETTER"])
+    ]
     assert sorted(dl.original_key for dl in letters) == sorted(k for k, _, _ in bad)
     for dl in letters:
         expected_type = next(t for k, _, t in bad if k == dl.original_key)
@@ -135,15 +155,26 @@ def test_stream_scores_every_pair_once_and_dead_letters_bad_records(stack, vllm_
 
 def test_worker_killed_between_shard_write_and_commit_loses_and_duplicates_nothing(stack, tiny_model, tmp_path):
     suffix = uuid.uuid4().hex[:8]
-    topics = {"OFFDPO_TOPIC_PAIRS": f"kill.pairs.{suffix}", "OFFDPO_TOPIC_SHARDS": f"kill.shards.{suffix}",
-              "OFFDPO_TOPIC_DEADLETTER": f"kill.dead.{suffix}", "OFFDPO_REFSCORE_GROUP": f"kill-{suffix}",
-              "OFFDPO_REFSCORE_BATCH_PAIRS": "16", "OFFDPO_KAFKA_SESSION_TIMEOUT_MS": "6000"}
+    topics = {
+        "OFFDPO_TOPIC_PAIRS": f"kill.pairs.{suffix}",
+        "OFFDPO_TOPIC_SHARDS": f"kill.shards.{suffix}",
+        "OFFDPO_TOPIC_DEADLETTER": f"kill.dead.{suffix}",
+        "OFFDPO_REFSCORE_GROUP": f"kill-{suffix}",
+        "OFFDPO_REFSCORE_BATCH_PAIRS": "16",
+        "OFFDPO_KAFKA_SESSION_TIMEOUT_MS": "6000",
+    }
     ensure_topics(stack.kafka, [v for k, v in topics.items() if k.startswith("OFFDPO_TOPIC")], partitions=3)
     pairs = make_pairs(60, suffix)
     _produce(stack.kafka, topics["OFFDPO_TOPIC_PAIRS"], pairs, _bad_records()[:2])
 
-    crashing = start_refscore(tiny_model, tmp_path / "crash.log", engine="transformers", stack=stack, mode="worker",
-                              extra_env={**topics, "OFFDPO_REFSCORE_FAILPOINT": "after_shard_write"})
+    crashing = start_refscore(
+        tiny_model,
+        tmp_path / "crash.log",
+        engine="transformers",
+        stack=stack,
+        mode="worker",
+        extra_env={**topics, "OFFDPO_REFSCORE_FAILPOINT": "after_shard_write"},
+    )
     try:
         code = crashing.proc.wait(timeout=180)
     finally:
@@ -155,18 +186,24 @@ def test_worker_killed_between_shard_write_and_commit_loses_and_duplicates_nothi
     assert len(written) == 1, "exactly one shard was written before the crash"
     assert not _committed_all(stack.kafka, topics["OFFDPO_REFSCORE_GROUP"], topics["OFFDPO_TOPIC_PAIRS"])
 
-    restarted = start_refscore(tiny_model, tmp_path / "restart.log", engine="transformers", stack=stack,
-                               mode="worker", extra_env=topics)
+    restarted = start_refscore(
+        tiny_model, tmp_path / "restart.log", engine="transformers", stack=stack, mode="worker", extra_env=topics
+    )
     try:
         fp_id = written[0].split("/")[1]
-        _wait(lambda: _committed_all(stack.kafka, topics["OFFDPO_REFSCORE_GROUP"], topics["OFFDPO_TOPIC_PAIRS"]), 180,
-              "the restarted worker committing everything", restarted.log_tail)
+        _wait(
+            lambda: _committed_all(stack.kafka, topics["OFFDPO_REFSCORE_GROUP"], topics["OFFDPO_TOPIC_PAIRS"]),
+            180,
+            "the restarted worker committing everything",
+            restarted.log_tail,
+        )
         keys, rows = _rows_in_s3(store, fp_id, topics["OFFDPO_TOPIC_PAIRS"])
         assert len(rows) == len(set(rows)) == 60, f"{len(rows)} rows, {len(set(rows))} distinct"
         assert set(rows) == {p.pair_id for p in pairs}
         assert written[0] in keys, "the pre-crash shard is kept, not rewritten under another key"
-        events = [records_pb2.ShardReady.FromString(r.value)
-                  for r in read_topic(stack.kafka, topics["OFFDPO_TOPIC_SHARDS"])]
+        events = [
+            records_pb2.ShardReady.FromString(r.value) for r in read_topic(stack.kafka, topics["OFFDPO_TOPIC_SHARDS"])
+        ]
         assert {e.object_key for e in events} == set(keys), "every shard announced (the first one after the restart)"
         letters = read_topic(stack.kafka, topics["OFFDPO_TOPIC_DEADLETTER"])
         # A redo may dead-letter a record again; keyed by origin, the distinct bad records are exactly 2.
@@ -207,8 +244,11 @@ def test_worker_replaces_a_producer_that_hit_a_fatal_error(stack, tiny_model, un
     monkeypatch.setattr(worker_mod, "make_producer", make)
     pairs = make_pairs(6, unique)
     with _worker_thread(stack, tiny_model, unique, "fatal", pairs) as (kafka, group, _):
+
         def announced():
-            events = [records_pb2.ShardReady.FromString(r.value) for r in read_topic(kafka, kafka.shards_topic, idle_s=0.5)]
+            events = [
+                records_pb2.ShardReady.FromString(r.value) for r in read_topic(kafka, kafka.shards_topic, idle_s=0.5)
+            ]
             return sorted({pid for e in events for pid in e.pair_ids}) == sorted(p.pair_id for p in pairs)
 
         _wait(announced, 120, "the worker announcing every pair after replacing its producer")
@@ -216,8 +256,9 @@ def test_worker_replaces_a_producer_that_hit_a_fatal_error(stack, tiny_model, un
         assert _committed_all(kafka, group, kafka.pairs_topic)
 
 
-def test_worker_redoes_a_batch_at_once_when_a_rebalance_refuses_its_commit(stack, tiny_model, unique, monkeypatch,
-                                                                             caplog):
+def test_worker_redoes_a_batch_at_once_when_a_rebalance_refuses_its_commit(
+    stack, tiny_model, unique, monkeypatch, caplog
+):
     """A commit refused by a group rebalance is not an outage: no backoff, the batch is redone at once
     (its shards are already written). A consumer whose every commit is refused (kafka-python stuck in
     its client-side rebalancing state, seen in CI after an S3 outage) is replaced by a new one after
@@ -231,8 +272,11 @@ def test_worker_redoes_a_batch_at_once_when_a_rebalance_refuses_its_commit(stack
     caplog.set_level(logging.INFO, logger="services.refscore.worker")
     pairs = make_pairs(6, unique)
     with _worker_thread(stack, tiny_model, unique, "rebal", pairs) as (kafka, group, _):
-        _wait(lambda: _committed_all(kafka, group, kafka.pairs_topic), 120,
-              "the worker committing every pair after its first consumer refused every commit")
+        _wait(
+            lambda: _committed_all(kafka, group, kafka.pairs_topic),
+            120,
+            "the worker committing every pair after its first consumer refused every commit",
+        )
     messages = [r.getMessage() for r in caplog.records]
     assert make.refusals == GROUP_REFUSALS_BEFORE_NEW_CONSUMER
     assert len(make.consumers) == 2, "the stuck consumer was not replaced exactly once"
@@ -261,8 +305,11 @@ def test_worker_keeps_trying_when_kafka_is_unreachable_at_start(stack, tiny_mode
 
     monkeypatch.setattr(worker_mod, "make_consumer", make)
     with _worker_thread(stack, tiny_model, unique, "late", make_pairs(4, unique)) as (kafka, group, thread):
-        _wait(lambda: _committed_all(kafka, group, kafka.pairs_topic), 120,
-              "the worker scoring every pair after two failed starts")
+        _wait(
+            lambda: _committed_all(kafka, group, kafka.pairs_topic),
+            120,
+            "the worker scoring every pair after two failed starts",
+        )
         assert thread.is_alive()
     assert len(attempts) == 3
 
@@ -285,7 +332,16 @@ def test_serve_exits_1_when_its_stream_worker_thread_dies(tiny_model, monkeypatc
             raise RuntimeError("injected: the stream worker crashed")
 
     monkeypatch.setattr(entry, "StreamWorker", DyingWorker)
-    cfg = RefscoreConfig(model_dir=str(tiny_model), engine="transformers", host="127.0.0.1", port=0, metrics_port=0,
-                         max_model_len=512, plaintext=True, allow_anonymous=True, grace_s=2)
+    cfg = RefscoreConfig(
+        model_dir=str(tiny_model),
+        engine="transformers",
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        max_model_len=512,
+        plaintext=True,
+        allow_anonymous=True,
+        grace_s=2,
+    )
     assert asyncio.run(asyncio.wait_for(entry._serve(cfg, with_worker=True), 60)) == 1
     assert any("stream worker stopped unexpectedly" in r.getMessage() for r in caplog.records)

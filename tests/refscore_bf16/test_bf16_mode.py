@@ -1,6 +1,7 @@
 """The bfloat16 precision mode stays within its stated difference to float32 (PRECISION_BOUNDS), for
 both engines, on the test model. Its own package: the vLLM bf16 server starts after tests/refscore's
 float32 server has stopped (one vLLM engine at a time)."""
+
 from __future__ import annotations
 
 import random
@@ -9,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from offdpo.testmodel import corpus
-from services.refscore.client import RefscoreClient, score_item
+from localdev.testmodel import corpus
+from offdpo.refscore_client import RefscoreClient, score_item
 from services.refscore.engines import PRECISION_BOUNDS, TransformersEngine
 from tests.refscore.conftest import start_refscore
 
@@ -26,7 +27,7 @@ def items(tiny_model):
     for _ in range(24):
         prompt = [("user", " ".join(rng.sample(lines, 2)))]
         words = " ".join(rng.choice(lines) for _ in range(60))
-        answer = tok.decode(tok(words, add_special_tokens=False).input_ids[:rng.randint(20, 300)]).strip()
+        answer = tok.decode(tok(words, add_special_tokens=False).input_ids[: rng.randint(20, 300)]).strip()
         out.append((prompt, answer))
     return out
 
@@ -38,7 +39,7 @@ def float32_reference(model_dir, scored) -> list[list[float]]:
         ids = torch.tensor([list(prompt_ids) + list(answer_ids)])
         with torch.no_grad():
             logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-        out.append(logps.gather(-1, ids[0, 1:, None])[len(prompt_ids) - 1:, 0].tolist())
+        out.append(logps.gather(-1, ids[0, 1:, None])[len(prompt_ids) - 1 :, 0].tolist())
     return out
 
 
@@ -54,8 +55,12 @@ def assert_within_bounds(got: list[list[float]], reference: list[list[float]]) -
 
 
 def test_vllm_bf16_within_stated_difference(tiny_model, items, tmp_path):
-    server = start_refscore(tiny_model, tmp_path / "bf16.log", engine="vllm",
-                            extra_env={"OFFDPO_REFSCORE_DTYPE": "bfloat16", "OFFDPO_REFSCORE_MAX_MODEL_LEN": "1024"})
+    server = start_refscore(
+        tiny_model,
+        tmp_path / "bf16.log",
+        engine="vllm",
+        extra_env={"OFFDPO_REFSCORE_DTYPE": "bfloat16", "OFFDPO_REFSCORE_MAX_MODEL_LEN": "1024"},
+    )
     try:
         with RefscoreClient(server.target) as client:
             try:
@@ -73,8 +78,8 @@ def test_vllm_bf16_within_stated_difference(tiny_model, items, tmp_path):
 
 
 def test_transformers_bf16_within_stated_difference(tiny_model, items):
-    from services.refscore.tokenization import BoundaryTokenizer
     from offdpo.records import chat_prompt
+    from services.refscore.tokenization import BoundaryTokenizer
 
     boundary = BoundaryTokenizer(AutoTokenizer.from_pretrained(tiny_model))
     scored = []

@@ -1,5 +1,6 @@
 """Helpers for the trainer tests: synthetic scored shards whose reference log-probs come from an
 independent transformers float32 forward of the initial policy (the tiny test model)."""
+
 from __future__ import annotations
 
 import random
@@ -14,8 +15,9 @@ from offdpo.records import ScoredPair, make_pair, scored_pairs_to_parquet, shard
 def reference_fingerprint(model_dir, **kw):
     import transformers
 
-    return model_fingerprint(model_dir, dtype="float32", engine="transformers",
-                             engine_version=transformers.__version__, **kw)
+    return model_fingerprint(
+        model_dir, dtype="float32", engine="transformers", engine_version=transformers.__version__, **kw
+    )
 
 
 def synthetic_tokens(n: int, seed: int = 0, min_len: int = 3, max_len: int = 9):
@@ -46,8 +48,15 @@ def scored_pairs(model_dir, tokens, fingerprint):
     for name, prompt, chosen, rejected in tokens:
         pair = make_pair(text_prompt(f"prompt {name}"), f"chosen {name}", f"rejected {name}")
         lc, lr = reference_logprobs(model, prompt, chosen), reference_logprobs(model, prompt, rejected)
-        row = ScoredPair(prompt_token_ids=prompt, chosen_token_ids=chosen, rejected_token_ids=rejected,
-                         chosen_logprobs=lc, rejected_logprobs=lr, chosen_logprob_sum=sum(lc), rejected_logprob_sum=sum(lr))
+        row = ScoredPair(
+            prompt_token_ids=prompt,
+            chosen_token_ids=chosen,
+            rejected_token_ids=rejected,
+            chosen_logprobs=lc,
+            rejected_logprobs=lr,
+            chosen_logprob_sum=sum(lc),
+            rejected_logprob_sum=sum(lr),
+        )
         row.pair.CopyFrom(pair)
         row.fingerprint.CopyFrom(fingerprint)
         rows.append(row)
@@ -56,8 +65,8 @@ def scored_pairs(model_dir, tokens, fingerprint):
 
 def upload_shards(store, rows, fingerprint, topic: str, per_shard: int) -> list[str]:
     keys = []
-    for n, start in enumerate(range(0, len(rows), per_shard)):
-        chunk = rows[start:start + per_shard]
+    for _n, start in enumerate(range(0, len(rows), per_shard)):
+        chunk = rows[start : start + per_shard]
         key = shard_key(fingerprint.fingerprint_id, topic, 0, start, start + len(chunk) - 1)
         store.put_bytes(key, scored_pairs_to_parquet(chunk, fingerprint))
         keys.append(key)

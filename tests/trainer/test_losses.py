@@ -1,5 +1,6 @@
 """Loss equivalence: stored reference log-probs give the same loss, rewards and gradients as a live
 reference model (the frozen initial policy), for every loss type, in float32."""
+
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +35,11 @@ def _grads_and_sums(module, examples, cfg, ref_module=None):
 
 
 @pytest.mark.parametrize("perturb", [False, True], ids=["step0", "moved-policy"])
-@pytest.mark.parametrize("loss_type,extra", [(t, {}) for t in LOSS_TYPES] + [
-    ("sigmoid", {"label_smoothing": 0.1, "sft_weight": 0.5}), ("robust", {"label_smoothing": 0.2})])
+@pytest.mark.parametrize(
+    "loss_type,extra",
+    [(t, {}) for t in LOSS_TYPES]
+    + [("sigmoid", {"label_smoothing": 0.1, "sft_weight": 0.5}), ("robust", {"label_smoothing": 0.2})],
+)
 def test_precomputed_reference_equals_live_reference(tiny_model, examples, loss_type, extra, perturb):
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)

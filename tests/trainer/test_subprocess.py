@@ -1,4 +1,5 @@
 """The trainer as a process: kill -9 and resume exactly once; 2 gloo ranks == 1 process."""
+
 from __future__ import annotations
 
 import json
@@ -21,13 +22,41 @@ TIMEOUT_S = 240
 
 def _trainer(stack, tiny_model, tmp_path, run_name, prefix, *extra, nproc: int = 1, check: bool = True):
     env = {**os.environ, **stack.env(), "OMP_NUM_THREADS": "1", "OFFDPO_TRAINER_PROGRESS": "false"}
-    launcher = [sys.executable, "-m", "services.trainer"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "services.trainer"]
-    cmd = launcher + ["--model", str(tiny_model), "--run-name", run_name, "--prefix", prefix,
-                      "--log-dir", str(tmp_path / "runs"), "--warmup-steps", "2", "--lr", "1e-3",
-                      "--global-batch-size", "4", "--micro-batch-size", "2", *extra]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    launcher = (
+        [sys.executable, "-m", "services.trainer"]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "services.trainer",
+        ]
+    )
+    cmd = launcher + [
+        "--model",
+        str(tiny_model),
+        "--run-name",
+        run_name,
+        "--prefix",
+        prefix,
+        "--log-dir",
+        str(tmp_path / "runs"),
+        "--warmup-steps",
+        "2",
+        "--lr",
+        "1e-3",
+        "--global-batch-size",
+        "4",
+        "--micro-batch-size",
+        "2",
+        *extra,
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -61,7 +90,9 @@ def test_kill9_and_resume_trains_each_pair_exactly_once(stack, store, tiny_model
 
     crashed = f"crashed-{unique}"
     # SIGKILL (kill -9) itself right after step 7: mid-epoch 2, one step after the step-6 checkpoint.
-    rc, out = _trainer(stack, tiny_model, tmp_path, crashed, prefix, *common, "--fault-kill-after-step", "7", check=False)
+    rc, out = _trainer(
+        stack, tiny_model, tmp_path, crashed, prefix, *common, "--fault-kill-after-step", "7", check=False
+    )
     assert rc == -signal.SIGKILL, f"expected the trainer to die of SIGKILL, got {rc}:\n{out[-3000:]}"
     assert json.loads(store.get_bytes(f"runs/{crashed}/latest"))["step"] == 6
     _trainer(stack, tiny_model, tmp_path, crashed, prefix, *common)  # the same command resumes
@@ -93,12 +124,15 @@ def test_two_gloo_ranks_match_one_process(stack, store, tiny_model, ref_fp, tmp_
     for a, b in zip(one, two):
         for k in ("loss", "rewards/margins", "rewards/chosen", "logps/chosen", "grad_norm", "lr"):
             assert abs(a[k] - b[k]) < 1e-5, (a["step"], k, a[k], b[k])
-    state = json.loads(store.get_bytes(json.loads(store.get_bytes(f"runs/two-{unique}/latest"))["prefix"] + "/state.json"))
+    state = json.loads(
+        store.get_bytes(json.loads(store.get_bytes(f"runs/two-{unique}/latest"))["prefix"] + "/state.json")
+    )
     assert state["world_size"] == 2
 
 
-def test_fsdp_two_gloo_ranks_match_one_process_across_a_kill_and_resume(stack, store, tiny_model, ref_fp, tmp_path,
-                                                                         unique):
+def test_fsdp_two_gloo_ranks_match_one_process_across_a_kill_and_resume(
+    stack, store, tiny_model, ref_fp, tmp_path, unique
+):
     """FSDP2 shards weights, gradients and AdamW state; its checkpoints gather them to rank 0 in the same
     layout as one process's, and a resume shards them again. Two ranks killed after step 3 and resumed
     from the step-2 checkpoint end where one uninterrupted process does."""
@@ -108,8 +142,20 @@ def test_fsdp_two_gloo_ranks_match_one_process_across_a_kill_and_resume(stack, s
     common = ["--epochs", "1", "--save-every", "2"]  # 4 steps
     _trainer(stack, tiny_model, tmp_path, f"one-{unique}", prefix, *common)
     sharded = f"fsdp-{unique}"
-    rc, out = _trainer(stack, tiny_model, tmp_path, sharded, prefix, *common, "--distributed", "fsdp",
-                       "--fault-kill-after-step", "3", nproc=2, check=False)
+    rc, out = _trainer(
+        stack,
+        tiny_model,
+        tmp_path,
+        sharded,
+        prefix,
+        *common,
+        "--distributed",
+        "fsdp",
+        "--fault-kill-after-step",
+        "3",
+        nproc=2,
+        check=False,
+    )
     assert rc != 0 and json.loads(store.get_bytes(f"runs/{sharded}/latest"))["step"] == 2, out[-3000:]
     _, out = _trainer(stack, tiny_model, tmp_path, sharded, prefix, *common, "--distributed", "fsdp", nproc=2)
     assert "resumed from" in out

@@ -1,11 +1,12 @@
 """The training loop end to end on the local stack: learning, refusals, continuous mode."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from offdpo.kafka import make_producer, read_topic, ensure_topics
+from offdpo.kafka import ensure_topics, make_producer, read_topic
 from offdpo.records import DeadLetter, ShardReady, scored_pairs_to_parquet, shard_key
 from services.trainer.config import TrainerConfig
 from services.trainer.data import DataError
@@ -17,8 +18,15 @@ pytestmark = pytest.mark.stack
 
 
 def _cfg(tiny_model, tmp_path, **kw) -> TrainerConfig:
-    base = dict(model=str(tiny_model), log_dir=str(tmp_path / "runs"), progress=False, warmup_steps=0,
-                min_lr_ratio=1.0, global_batch_size=8, micro_batch_size=4)
+    base = dict(
+        model=str(tiny_model),
+        log_dir=str(tmp_path / "runs"),
+        progress=False,
+        warmup_steps=0,
+        min_lr_ratio=1.0,
+        global_batch_size=8,
+        micro_batch_size=4,
+    )
     base.update(kw)
     return TrainerConfig(**base)
 
@@ -31,8 +39,16 @@ def _metrics(tmp_path, run_name):
 def test_learns_synthetic_preferences(stack, store, tiny_model, ref_fp, tmp_path, unique):
     rows = scored_pairs(tiny_model, synthetic_tokens(32, seed=1), ref_fp)
     upload_shards(store, rows, ref_fp, f"learn-{unique}", per_shard=16)
-    cfg = _cfg(tiny_model, tmp_path, run_name=f"learn-{unique}", prefix=f"scores/{ref_fp.fingerprint_id}/learn-{unique}/",
-               epochs=10, lr=3e-3, beta=0.1, save_every=1000)
+    cfg = _cfg(
+        tiny_model,
+        tmp_path,
+        run_name=f"learn-{unique}",
+        prefix=f"scores/{ref_fp.fingerprint_id}/learn-{unique}/",
+        epochs=10,
+        lr=3e-3,
+        beta=0.1,
+        save_every=1000,
+    )
     summary = run(cfg, stack.s3, stack.kafka)
     rows = _metrics(tmp_path, cfg.run_name)
     assert summary["step"] == len(rows) == 40
@@ -41,10 +57,21 @@ def test_learns_synthetic_preferences(stack, store, tiny_model, ref_fp, tmp_path
     assert best > 0.9, [round(r["rewards/accuracies"], 2) for r in rows]
     assert rows[-1]["rewards/accuracies"] > 0.9 and rows[-1]["rewards/margins"] > 0
     assert rows[-1]["loss"] < rows[0]["loss"]
-    for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "grad_norm", "lr", "tokens_per_s"):
+    for key in (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "logps/chosen",
+        "logps/rejected",
+        "grad_norm",
+        "lr",
+        "tokens_per_s",
+    ):
         assert key in rows[-1]
     # Each pair exactly once per epoch; checkpoint, plot and logs are in S3.
-    trained = [json.loads(l) for l in (tmp_path / "runs" / cfg.run_name / "trained_pairs.jsonl").read_text().splitlines()]
+    trained = [
+        json.loads(line) for line in (tmp_path / "runs" / cfg.run_name / "trained_pairs.jsonl").read_text().splitlines()
+    ]
     ids = [p for t in trained for p in t["pair_ids"]]
     assert len(ids) == 320 and len(set(ids)) == 32
     assert (tmp_path / "runs" / cfg.run_name / "curves.png").stat().st_size > 1000
@@ -64,6 +91,7 @@ def test_refuses_mismatched_fingerprint(stack, store, tiny_model, tmp_path, uniq
     other = reference_fingerprint(tiny_model, model_id="some-other-model")
     other.dtype = "bfloat16"
     from offdpo.records import with_fingerprint_id
+
     other = with_fingerprint_id(other)
     rows = scored_pairs(tiny_model, synthetic_tokens(4, seed=2), other)
     keys = upload_shards(store, rows, other, f"fp-{unique}", per_shard=4)
@@ -74,8 +102,14 @@ def test_refuses_mismatched_fingerprint(stack, store, tiny_model, tmp_path, uniq
     assert keys[0] in msg and "model_id" in msg and "dtype" in msg and "--allow-fingerprint" in msg, msg
     _no_checkpoint(store, cfg.run_name)
     # The deliberate override trains on it.
-    cfg2 = _cfg(tiny_model, tmp_path, run_name=f"fp-ok-{unique}", prefix=cfg.prefix,
-                allow_fingerprint=(other.fingerprint_id,), save_every=1000)
+    cfg2 = _cfg(
+        tiny_model,
+        tmp_path,
+        run_name=f"fp-ok-{unique}",
+        prefix=cfg.prefix,
+        allow_fingerprint=(other.fingerprint_id,),
+        save_every=1000,
+    )
     assert run(cfg2, stack.s3, stack.kafka)["step"] == 1
 
 
@@ -92,8 +126,15 @@ def test_refuses_over_long_record_unless_truncation_configured(stack, store, tin
     msg = str(err.value)
     assert rows[2].pair.pair_id in msg and keys[0] in msg and "--max-length 32" in msg, msg
     _no_checkpoint(store, cfg.run_name)
-    cfg2 = _cfg(tiny_model, tmp_path, run_name=f"long-ok-{unique}", prefix=prefix, max_length=32,
-                truncation="truncate_answers", save_every=1000)
+    cfg2 = _cfg(
+        tiny_model,
+        tmp_path,
+        run_name=f"long-ok-{unique}",
+        prefix=prefix,
+        max_length=32,
+        truncation="truncate_answers",
+        save_every=1000,
+    )
     assert run(cfg2, stack.s3, stack.kafka)["step"] == 1
 
 
@@ -135,15 +176,24 @@ def test_continuous_mode_dedups_deadletters_and_commits(stack, store, tiny_model
     _announce(producer, kafka.shards_topic, store.bucket, good[1], rows[6:], ref_fp)
     producer.send(kafka.shards_topic, value=b"\xff garbage")
     producer.flush()
-    cfg = _cfg(tiny_model, tmp_path, run_name=f"cont-{unique}", mode="continuous", stop_when_idle_s=3.0,
-               global_batch_size=4, poll_timeout_ms=300)
+    cfg = _cfg(
+        tiny_model,
+        tmp_path,
+        run_name=f"cont-{unique}",
+        mode="continuous",
+        stop_when_idle_s=3.0,
+        global_batch_size=4,
+        poll_timeout_ms=300,
+    )
     summary = run(cfg, stack.s3, kafka)
-    trained = [json.loads(l) for l in (tmp_path / "runs" / cfg.run_name / "trained_pairs.jsonl").read_text().splitlines()]
+    trained = [
+        json.loads(line) for line in (tmp_path / "runs" / cfg.run_name / "trained_pairs.jsonl").read_text().splitlines()
+    ]
     ids = [p for t in trained for p in t["pair_ids"]]
     assert sorted(ids) == sorted(r.pair.pair_id for r in rows), "each good pair exactly once, nothing else"
     assert summary["step"] == 3
     letters = [DeadLetter.FromString(r.value) for r in read_topic(kafka, kafka.deadletter_topic, timeout_s=30)]
-    reasons = {l.error_type: l.reason for l in letters}
+    reasons = {letter.error_type: letter.reason for letter in letters}
     assert set(reasons) == {"fingerprint_mismatch", "corrupt_shard", "decode_error"}, reasons
     assert mismatched in reasons["fingerprint_mismatch"] and "model_id" in reasons["fingerprint_mismatch"]
     assert corrupt in reasons["corrupt_shard"]

@@ -3,6 +3,7 @@
 Used by `offdpo config` and by the deploy tests, which check that the environment variables each
 container gets are exactly the ones its service reads.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,8 +1,9 @@
 """A small client for refscore (other teams, the labeler's on-policy path, tests and benchmarks)."""
+
 from __future__ import annotations
 
 import time
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,18 +33,24 @@ def _read(path: str | None) -> bytes | None:
         return f.read(1 << 20)
 
 
-def channel_credentials(ca_file: str | None = None, cert_file: str | None = None,
-                        key_file: str | None = None) -> grpc.ChannelCredentials:
+def channel_credentials(
+    ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None
+) -> grpc.ChannelCredentials:
     """TLS to refscore: `ca_file` verifies the server (default: the system roots); `cert_file` and
     `key_file` are this client's certificate for mutual TLS."""
     if bool(cert_file) != bool(key_file):
         raise ValueError("mutual TLS needs both a client certificate file and its key file")
-    return grpc.ssl_channel_credentials(root_certificates=_read(ca_file), private_key=_read(key_file),
-                                        certificate_chain=_read(cert_file))
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca_file), private_key=_read(key_file), certificate_chain=_read(cert_file)
+    )
 
 
-class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor,
-                   grpc.UnaryStreamClientInterceptor, grpc.StreamUnaryClientInterceptor):
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+):
     """Adds `authorization: Bearer <token>` to every call (on TLS and, for local development, plaintext)."""
 
     def __init__(self, token: str):
@@ -81,14 +88,17 @@ class RefscoreClient:
     """`credentials`: grpc.ChannelCredentials (see channel_credentials) for TLS, None for plaintext;
     `token`: this team's bearer token (sent as `authorization` metadata on every call)."""
 
-    def __init__(self, target: str, max_message_bytes: int = 64 * 1024 * 1024, credentials=None,
-                 token: str | None = None):
-        options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
-        self._raw_channel = (grpc.secure_channel(target, credentials, options) if credentials
-                             else grpc.insecure_channel(target, options))
-        self.channel = (grpc.intercept_channel(self._raw_channel, _BearerToken(token)) if token
-                        else self._raw_channel)
+    def __init__(
+        self, target: str, max_message_bytes: int = 64 * 1024 * 1024, credentials=None, token: str | None = None
+    ):
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        self._raw_channel = (
+            grpc.secure_channel(target, credentials, options) if credentials else grpc.insecure_channel(target, options)
+        )
+        self.channel = grpc.intercept_channel(self._raw_channel, _BearerToken(token)) if token else self._raw_channel
         self.stub = refscore_pb2_grpc.RefScoreStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -106,11 +116,13 @@ class RefscoreClient:
             time.sleep(0.5)
         raise TimeoutError(f"refscore did not become SERVING within {timeout_s:.0f} s (last health: {last})")
 
-    def score(self, items: Iterable[refscore_pb2.ScoreItem], timeout: float | None = 300.0,
-              expected_fingerprint_id: str = "") -> refscore_pb2.ScoreResponse:
-        return self.stub.Score(refscore_pb2.ScoreRequest(items=list(items),
-                                                         expected_fingerprint_id=expected_fingerprint_id),
-                               timeout=timeout)
+    def score(
+        self, items: Iterable[refscore_pb2.ScoreItem], timeout: float | None = 300.0, expected_fingerprint_id: str = ""
+    ) -> refscore_pb2.ScoreResponse:
+        return self.stub.Score(
+            refscore_pb2.ScoreRequest(items=list(items), expected_fingerprint_id=expected_fingerprint_id),
+            timeout=timeout,
+        )
 
     def model_info(self, timeout: float = 30.0) -> refscore_pb2.ModelInfo:
         return self.stub.GetModelInfo(refscore_pb2.GetModelInfoRequest(), timeout=timeout)

@@ -10,6 +10,7 @@ server is started as `python -m vllm.entrypoints.openai.api_server`; on the CPU 
 The server runs in its own process group, listens on loopback only, and is always stopped (SIGTERM to
 the group, then SIGKILL after a grace period), also when start-up fails.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from offdpo.stack import free_port
+from localdev.stack import free_port
 
 DEFAULT_START_TIMEOUT_S = 240.0
 
@@ -48,11 +49,21 @@ class OpenAIServer:
     child's environment. Use as a context manager, or call start()/stop() (stop is idempotent).
     """
 
-    def __init__(self, model_dir: str | Path, port: int | None = None, extra_args: Sequence[str] = (), *,
-                 served_model_name: str | None = None, gpu_memory_utilization: float = 0.15,
-                 max_model_len: int | None = 2048, dtype: str | None = "float32",
-                 start_timeout_s: float = DEFAULT_START_TIMEOUT_S, log_path: str | Path | None = None,
-                 env: dict[str, str] | None = None, python: str | None = None):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        *,
+        served_model_name: str | None = None,
+        gpu_memory_utilization: float = 0.15,
+        max_model_len: int | None = 2048,
+        dtype: str | None = "float32",
+        start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+        log_path: str | Path | None = None,
+        env: dict[str, str] | None = None,
+        python: str | None = None,
+    ):
         self.model_dir = str(model_dir)
         self.port = port or free_port()
         self.model_name = served_model_name or Path(self.model_dir).name
@@ -74,9 +85,21 @@ class OpenAIServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def command(self) -> list[str]:
-        cmd = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir,
-               "--served-model-name", self.model_name, "--host", "127.0.0.1", "--port", str(self.port),
-               "--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+        cmd = [
+            self.python,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            self.model_dir,
+            "--served-model-name",
+            self.model_name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--gpu-memory-utilization",
+            str(self.gpu_memory_utilization),
+        ]
         if self.max_model_len:
             cmd += ["--max-model-len", str(self.max_model_len)]
         if self.dtype:
@@ -86,13 +109,19 @@ class OpenAIServer:
     def log_tail(self, lines: int = 40) -> str:
         return _tail(self.log_path, lines)
 
-    def start(self) -> "OpenAIServer":
+    def start(self) -> OpenAIServer:
         if self.proc is not None:
             raise OpenAIServerError("server already started")
         child_env = dict(os.environ, TOKENIZERS_PARALLELISM="false", **self.env)
         self._log_file = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.command(), stdout=self._log_file, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=child_env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=child_env,
+            start_new_session=True,
+        )
         try:
             self._wait_ready()
         except BaseException:
@@ -107,8 +136,10 @@ class OpenAIServer:
         while time.monotonic() < deadline:
             code = self.proc.poll()
             if code is not None:
-                raise OpenAIServerError(f"vLLM OpenAI server exited with code {code} during start-up "
-                                        f"(command: {' '.join(self.command())}); log tail:\n{self.log_tail()}")
+                raise OpenAIServerError(
+                    f"vLLM OpenAI server exited with code {code} during start-up "
+                    f"(command: {' '.join(self.command())}); log tail:\n{self.log_tail()}"
+                )
             try:
                 with urllib.request.urlopen(url, timeout=2) as resp:
                     models = [m.get("id") for m in json.load(resp).get("data", [])]
@@ -118,9 +149,11 @@ class OpenAIServer:
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 last_error = str(exc)
             time.sleep(0.5)
-        raise OpenAIServerError(f"vLLM OpenAI server on port {self.port} did not answer {url} within "
-                                f"{self.start_timeout_s:.0f} s (last error: {last_error}); log {self.log_path} tail:\n"
-                                f"{self.log_tail()}")
+        raise OpenAIServerError(
+            f"vLLM OpenAI server on port {self.port} did not answer {url} within "
+            f"{self.start_timeout_s:.0f} s (last error: {last_error}); log {self.log_path} tail:\n"
+            f"{self.log_tail()}"
+        )
 
     def stop(self, grace_s: float = 20.0) -> None:
         proc, self.proc = self.proc, None
@@ -145,7 +178,7 @@ class OpenAIServer:
             self._log_file.close()
             self._log_file = None
 
-    def __enter__(self) -> "OpenAIServer":
+    def __enter__(self) -> OpenAIServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

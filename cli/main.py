@@ -1,11 +1,12 @@
 """`offdpo`: the project's command line.
 
-    offdpo stack up|down|status      the local Kafka (Tansu) + S3 (SeaweedFS) stack
-    offdpo model build ...           deterministic local test models
-    offdpo config                    every environment variable, with its default
-    offdpo demo                      the main job end to end on the local stack
-    offdpo export-trl SOURCE OUT     scored shards -> a TRL-ready dataset (needs the `trl` extra)
+offdpo stack up|down|status      the local Kafka (Tansu) + S3 (SeaweedFS) stack
+offdpo model build ...           deterministic local test models
+offdpo config                    every environment variable, with its default
+offdpo demo                      the main job end to end on the local stack
+offdpo export-trl SOURCE OUT     scored shards -> a TRL-ready dataset (needs the `trl` extra)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,7 @@ import sys
 
 
 def _stack_cmd(args) -> int:
-    from offdpo.stack import LocalStack
+    from localdev.stack import LocalStack
 
     stack = LocalStack()
     if args.action == "up":
@@ -33,7 +34,7 @@ def _stack_cmd(args) -> int:
 
 
 def _model_cmd(args) -> int:
-    from offdpo.testmodel import build_test_model, tree_digest
+    from localdev.testmodel import build_test_model, tree_digest
 
     out = build_test_model(args.out, size=args.size, kind=args.kind, seed=args.seed)
     digest = tree_digest(out)
@@ -42,25 +43,25 @@ def _model_cmd(args) -> int:
 
 
 def _config_cmd(args) -> int:
+    from cli.service_configs import service_config_classes
+    from localdev.stack import StackConfig
     from offdpo.config import KafkaConfig, S3Config, describe
-    from offdpo.stack import StackConfig
-    from offdpo.services_registry import service_config_classes
 
     classes = [S3Config, KafkaConfig, StackConfig]
-    for service, service_classes in service_config_classes().items():
+    for _service, service_classes in service_config_classes().items():
         classes += [c for c in service_classes if c not in classes]
     print(describe(*classes))
     return 0
 
 
 def _demo_cmd(args) -> int:
-    from offdpo.demo import main as demo_main
+    from cli.demo import main as demo_main
 
     return demo_main(args)
 
 
 def _export_trl_cmd(args) -> int:
-    from offdpo.trl_export import ExportError, export_trl
+    from integrations.trl_export import ExportError, export_trl
 
     try:
         result = export_trl(args.source, args.out, format=args.format, overwrite=args.overwrite)
@@ -70,18 +71,29 @@ def _export_trl_cmd(args) -> int:
     except ImportError as exc:
         print(f"export-trl needs the `trl` extra (pip install -e '.[trl]'): {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({"path": str(result.path), "format": result.format, "shards": result.shards,
-                      "pairs": result.pairs, "duplicates_dropped": result.duplicates,
-                      "fingerprint_id": result.fingerprint.fingerprint_id}, indent=2))
+    print(
+        json.dumps(
+            {
+                "path": str(result.path),
+                "format": result.format,
+                "shards": result.shards,
+                "pairs": result.pairs,
+                "duplicates_dropped": result.duplicates,
+                "fingerprint_id": result.fingerprint.fingerprint_id,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from offdpo.testmodel import SIZES
+    from localdev.testmodel import SIZES
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="offdpo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="offdpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("stack", help="start, stop or check the local stack")
@@ -104,15 +116,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-stack", action="store_true", help="leave the local stack running afterwards")
     p.set_defaults(fn=_demo_cmd)
 
-    p = sub.add_parser("export-trl", help="export scored shards as a dataset for TRL's DPOTrainer",
-                       description="Stream the scored shards under SOURCE (s3://BUCKET/PREFIX, credentials from "
-                                   "OFFDPO_S3_*, or a local folder) into a Hugging Face dataset with TRL's columns "
-                                   "prompt_ids, chosen_ids, rejected_ids, ref_chosen_logps, ref_rejected_logps; "
-                                   "train on it with offdpo.trl_dpo.OfflineRefDPOTrainer.")
+    p = sub.add_parser(
+        "export-trl",
+        help="export scored shards as a dataset for TRL's DPOTrainer",
+        description="Stream the scored shards under SOURCE (s3://BUCKET/PREFIX, credentials from "
+        "OFFDPO_S3_*, or a local folder) into a Hugging Face dataset with TRL's columns "
+        "prompt_ids, chosen_ids, rejected_ids, ref_chosen_logps, ref_rejected_logps; "
+        "train on it with integrations.trl_dpo.OfflineRefDPOTrainer.",
+    )
     p.add_argument("source", help="s3://BUCKET/scores/<fingerprint_id>/ or a local folder of *.parquet shards")
     p.add_argument("out", help="output folder")
-    p.add_argument("--format", default="disk", choices=["disk", "parquet"],
-                   help="disk: datasets.save_to_disk layout; parquet: one Parquet file (default: disk)")
+    p.add_argument(
+        "--format",
+        default="disk",
+        choices=["disk", "parquet"],
+        help="disk: datasets.save_to_disk layout; parquet: one Parquet file (default: disk)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(fn=_export_trl_cmd)
 

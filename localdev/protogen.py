@@ -1,11 +1,12 @@
 """Generate the Python modules for protos/ (records, refscore and labeler APIs), with .pyi stubs.
 
-    python -m offdpo.protogen            # regenerate into the repository (make protos)
-    python -m offdpo.protogen --check    # exit 1 if the checked-in modules are stale
+    python -m localdev.protogen            # regenerate into the repository (make protos)
+    python -m localdev.protogen --check    # exit 1 if the checked-in modules are stale
 
 The generated modules are checked in (offdpo/v1/*_pb2*.py) so an install needs no grpcio-tools;
 tests/test_protos.py fails when they no longer match protos/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,15 @@ def generate(out_dir: Path) -> list[Path]:
     well_known = str(importlib.resources.files("grpc_tools") / "_proto")
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [str(p.relative_to(PROTO_ROOT)) for p in proto_files()]
-    args = ["protoc", f"-I{PROTO_ROOT}", f"-I{well_known}", f"--python_out={out_dir}", f"--pyi_out={out_dir}",
-            f"--grpc_python_out={out_dir}", *files]
+    args = [
+        "protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{well_known}",
+        f"--python_out={out_dir}",
+        f"--pyi_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        *files,
+    ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
     return sorted(p.relative_to(out_dir) for p in (out_dir / "offdpo").rglob("*_pb2*.py*"))
@@ -42,8 +50,11 @@ def stale_files() -> list[str]:
     """Generated files that differ from (or are missing in) the repository, and checked-in ones no proto makes."""
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate(Path(tmp))
-        problems = [str(rel) for rel in fresh
-                    if not (REPO / rel).exists() or not filecmp.cmp(Path(tmp) / rel, REPO / rel, shallow=False)]
+        problems = [
+            str(rel)
+            for rel in fresh
+            if not (REPO / rel).exists() or not filecmp.cmp(Path(tmp) / rel, REPO / rel, shallow=False)
+        ]
         checked_in = {p.relative_to(REPO) for p in (REPO / "offdpo").rglob("*_pb2*.py*")}
         problems += [f"{rel} (no proto generates it)" for rel in sorted(checked_in - set(fresh))]
         return problems

@@ -10,6 +10,7 @@ with a BOS token, so the tokenisation rules around BOS and the multi-token end o
 ("<|im_end|>" + "\\n") are exercised. Weights are random from a fixed seed. Two builds give
 byte-identical files, and both vLLM and transformers load the result.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -53,14 +54,111 @@ SIZES = {
     "gpu": ModelSize(1536, 4096, 20, 24, 4, 4096, 4096),
 }
 
-_WORDS = (
-    "the a an model answer question reason step because therefore first second then finally compute value "
-    "number list sort python code function return true false data train reward policy reference prefer chosen "
-    "rejected good bad same better worse helpful harmless honest explain why how what when where which who "
-    "pi circle radius area length sum product prime even odd add subtract multiply divide result check test "
-    "hello world please thanks sure here is example output input json key value error fix bug quick brown fox "
-    "jumps over lazy dog red green blue one two three four five six seven eight nine ten zero"
-).split()
+_WORDS = [
+    "the",
+    "a",
+    "an",
+    "model",
+    "answer",
+    "question",
+    "reason",
+    "step",
+    "because",
+    "therefore",
+    "first",
+    "second",
+    "then",
+    "finally",
+    "compute",
+    "value",
+    "number",
+    "list",
+    "sort",
+    "python",
+    "code",
+    "function",
+    "return",
+    "true",
+    "false",
+    "data",
+    "train",
+    "reward",
+    "policy",
+    "reference",
+    "prefer",
+    "chosen",
+    "rejected",
+    "good",
+    "bad",
+    "same",
+    "better",
+    "worse",
+    "helpful",
+    "harmless",
+    "honest",
+    "explain",
+    "why",
+    "how",
+    "what",
+    "when",
+    "where",
+    "which",
+    "who",
+    "pi",
+    "circle",
+    "radius",
+    "area",
+    "length",
+    "sum",
+    "product",
+    "prime",
+    "even",
+    "odd",
+    "add",
+    "subtract",
+    "multiply",
+    "divide",
+    "result",
+    "check",
+    "test",
+    "hello",
+    "world",
+    "please",
+    "thanks",
+    "sure",
+    "here",
+    "is",
+    "example",
+    "output",
+    "input",
+    "json",
+    "key",
+    "value",
+    "error",
+    "fix",
+    "bug",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "red",
+    "green",
+    "blue",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "zero",
+]
 
 
 def corpus(lines: int = 4000, seed: int = 1234) -> list[str]:
@@ -89,28 +187,47 @@ def build_tokenizer(vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus(), trainer=trainer)
     bos_id = tok.token_to_id(BOS)
     # add_special_tokens=True prepends BOS (as Llama-style tokenizers do); the chat template also
     # starts with BOS, so tokenising a rendered template with special tokens would give two.
-    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
-                                                       special_tokens=[(BOS, bos_id)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   chat_template=CHAT_TEMPLATE, model_max_length=1 << 30)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=1 << 30,
+    )
 
 
 def _config(spec: ModelSize, tokenizer):
     from transformers import Qwen2Config
 
     return Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads, max_position_embeddings=spec.max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, initializer_range=0.05,
-        dtype="float32", num_labels=1,
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        initializer_range=0.05,
+        dtype="float32",
+        num_labels=1,
     )
 
 
@@ -146,18 +263,25 @@ def build_test_model(out_dir: str | Path, size: str = "tiny", kind: str = "causa
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     if kind == "causal":
-        GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=[tokenizer.eos_token_id],
-                         pad_token_id=tokenizer.pad_token_id).save_pretrained(out)
-    (out / "offdpo_model.json").write_text(json.dumps({"builder": "offdpo.testmodel", "size": size, "kind": kind,
-                                                       "seed": seed}, sort_keys=True) + "\n")
+        GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=[tokenizer.eos_token_id],
+            pad_token_id=tokenizer.pad_token_id,
+        ).save_pretrained(out)
+    (out / "offdpo_model.json").write_text(
+        json.dumps({"builder": "localdev.testmodel", "size": size, "kind": kind, "seed": seed}, sort_keys=True) + "\n"
+    )
     return out
 
 
 def tree_digest(path: str | Path) -> dict[str, str]:
     """sha256 of every file under path, for determinism checks."""
     root = Path(path)
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def ensure_test_model(out_dir: str | Path, size: str = "tiny", kind: str = "causal") -> Path:

