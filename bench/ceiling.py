@@ -48,7 +48,10 @@ def measure(size: int = 2048, device: str = "cpu") -> dict:
         kernels = {"aten": _gflops(linear, flop)}
         if not on_gpu and torch.backends.mkldnn.is_available():
             xm, wm = x.to_mkldnn(), w.to_mkldnn()
-            kernels["onednn"] = _gflops(lambda xm=xm, wm=wm: torch._C._nn.mkldnn_linear(xm, wm, None), flop)
+            try:
+                kernels["onednn"] = _gflops(lambda xm=xm, wm=wm: torch._C._nn.mkldnn_linear(xm, wm, None), flop)
+            except RuntimeError as exc:  # oneDNN refuses bf16 on CPUs without the instructions it needs
+                result.setdefault("unavailable", {})[f"onednn_{name}"] = str(exc).splitlines()[0]
         result["kernels"][name] = kernels
         result[name] = max(kernels.values())
     return result

@@ -30,3 +30,16 @@ def tiny_model(tmp_path_factory):
 def unique():
     """A short unique suffix for topics, groups and object keys, so tests never see each other's data."""
     return uuid.uuid4().hex[:10]
+
+
+# Fixtures that start a real broker, S3 server or engine. A test that needs one (directly or
+# through another fixture), or carries the `stack`/`vllm`/`faults` marker, is an integration test;
+# everything else is the fast tier (`make test-fast`: `pytest -m "not integration"`).
+_REAL_PARTS = {"stack", "vllm_server", "vllm_client", "vllm_topics", "kcfg"}
+_REAL_MARKERS = {"stack", "vllm", "faults", "browser"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _REAL_PARTS & set(getattr(item, "fixturenames", ())) or _REAL_MARKERS & {m.name for m in item.iter_markers()}:
+            item.add_marker(pytest.mark.integration)

@@ -54,6 +54,7 @@ def assert_within_bounds(got: list[list[float]], reference: list[list[float]]) -
     return worst_token, worst_sum
 
 
+@pytest.mark.vllm
 def test_vllm_bf16_within_stated_difference(tiny_model, items, tmp_path):
     server = start_refscore(
         tiny_model,
