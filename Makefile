@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test protos check-protos stack-up stack-down bench-refscore bench-trainer clean
+.PHONY: setup demo test test-fast lint format faults protos check-protos stack-up stack-down bench-refscore bench-trainer clean
 
 setup:
 	@bash scripts/setup.sh
@@ -13,6 +13,25 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Every test that needs no broker, S3 server or engine (tests/conftest.py marks the others `integration`).
+test-fast: setup
+	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+# Lint, format check, types and import layers (pyproject.toml holds every tool's configuration).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# The fault-injection suite, publishing its tables to bench/results/faults.{json,md}.
+faults: setup
+	OFFDPO_RESULTS_DIR=bench/results $(PY) -m pytest -m faults tests/faults $(PYTEST_ARGS)
 
 protos: setup
 	$(PY) -m localdev.protogen

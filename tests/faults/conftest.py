@@ -3,7 +3,7 @@
 Each test builds a `harness.Case` with its own topics, consumer groups and run name, injects one
 fault, and records a row (pairs in, distinct valid pairs, scored, trained, duplicates trained, dead
 letters by reason, what happened to the services). At the end of the session the rows are written
-to bench/results/faults.json and bench/results/faults.md (rows of cases not run this time are kept).
+to faults.json and faults.md, whole (see results.py for where).
 """
 
 from __future__ import annotations

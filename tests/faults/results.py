@@ -1,13 +1,21 @@
-"""Writes the fault suite's results: bench/results/faults.json and a Markdown table, faults.md."""
+"""Writes the fault suite's results: faults.json and a Markdown table, faults.md.
+
+A test run writes them under the ignored `.cache/results/` so `make test` never rewrites checked-in
+files; `make faults` publishes to bench/results/ (OFFDPO_RESULTS_DIR). Each run rewrites both files
+whole, with the commit, the date and the machine on top: a table never mixes rows of two commits.
+"""
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
+import subprocess
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = Path(os.environ.get("OFFDPO_RESULTS_DIR") or REPO / ".cache" / "results")
 
 ORDER = [
     "refscore_kill",
@@ -42,21 +50,38 @@ class ResultsWriter:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / "faults.json"
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, ValueError):
-            old = {}
-        cases = {r["case"]: r for r in old.get("cases", [])}
-        cases.update(self.rows)
         data = {
             "suite": "tests/faults (pytest -m faults tests/faults)",
-            "machine": f"{platform.machine()} {platform.node()}, python {platform.python_version()}",
-            "cases": sorted(cases.values(), key=lambda r: ORDER.index(r["case"]) if r["case"] in ORDER else 99),
-            "grpc_fuzz": self.fuzz or old.get("grpc_fuzz"),
-            "load": self.load or old.get("load"),
+            "commit": _commit(),
+            "date": _now(),
+            "machine": _machine(),
+            "cases": sorted(self.rows.values(), key=lambda r: ORDER.index(r["case"]) if r["case"] in ORDER else 99),
+            "grpc_fuzz": self.fuzz,
+            "load": self.load,
         }
         path.write_text(json.dumps(data, indent=2) + "\n")
         (self.dir / "faults.md").write_text(render_markdown(data))
+
+
+def _commit() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + ("+uncommitted" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
+
+
+def _machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores visible, {platform.machine()}, python {platform.python_version()}"
 
 
 def _now() -> str:
@@ -67,7 +92,9 @@ def render_markdown(data: dict) -> str:
     out = [
         "# Fault-injection suite results",
         "",
-        "Written by `tests/faults` (`.venv/bin/python -m pytest -m faults tests/faults`). "
+        f"Commit {data['commit']}, {data['date']}, on {data['machine']}.",
+        "",
+        "Written by `tests/faults` (`make faults` publishes here; `make test` writes to .cache/results/). "
         "Each case has its own topics, groups and run; counts are read back from Kafka, S3 and the "
         "trainer's trained_pairs.jsonl. Invariant: pairs trained == distinct valid pairs, no pair trained "
         "twice, every invalid record dead-lettered with a reason, services running or restarted cleanly.",
