@@ -200,7 +200,7 @@ def read_topic(cfg: KafkaConfig, topic: str, timeout_s: float = 30.0, idle_s: fl
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
-        records = []
+        records: list = []
         deadline = time.monotonic() + timeout_s
         last_new = time.monotonic()
         while time.monotonic() - last_new < idle_s:

@@ -22,7 +22,7 @@ def _chunk_logprobs(
 
 def gather_token_logprobs(
     hidden: torch.Tensor,
-    lm_head: torch.nn.Module,
+    lm_head: torch.nn.Linear,
     targets: torch.Tensor,
     chunk_size: int = 1024,
     checkpoint: bool = False,

@@ -12,6 +12,7 @@ import io
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,6 +23,8 @@ from google.protobuf.message import DecodeError, Message
 from offdpo import errors
 from offdpo.s3 import safe_key_part
 from offdpo.v1 import records_pb2
+
+M = TypeVar("M", bound=Message)
 
 PreferencePair = records_pb2.PreferencePair
 ScoredPair = records_pb2.ScoredPair
@@ -110,7 +113,7 @@ def validate_pair(pair: records_pb2.PreferencePair) -> None:
         )
 
 
-def decode(message_type: type[Message], data: bytes | None, max_bytes: int, what: str) -> Message:
+def decode(message_type: type[M], data: bytes | None, max_bytes: int, what: str) -> M:
     """Parse untrusted bytes into `message_type`, refusing empty, oversized, malformed or unknown-field input."""
     if not data:
         raise errors.DecodeError(f"{what} is empty")
@@ -133,8 +136,8 @@ def decode(message_type: type[Message], data: bytes | None, max_bytes: int, what
 
 def decode_pair(data: bytes | None, max_bytes: int = 4 * 1024 * 1024) -> records_pb2.PreferencePair:
     pair = decode(records_pb2.PreferencePair, data, max_bytes, "preference pair")
-    validate_pair(pair)  # type: ignore[arg-type]
-    return pair  # type: ignore[return-value]
+    validate_pair(pair)
+    return pair
 
 
 # -- fingerprints ---------------------------------------------------------------------------

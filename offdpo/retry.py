@@ -34,9 +34,13 @@ def policy(
     retries at the next step (the last exception is re-raised). Use as `policy(...)(fn)` or with
     `for attempt in policy(...): with attempt: ...`.
     """
-    stops = [tenacity.stop_never if max_s is None else tenacity.stop_after_delay(max_s)]
+    stops: list[tenacity.stop.stop_base] = [tenacity.stop_never if max_s is None else tenacity.stop_after_delay(max_s)]
+    sleep: Callable[[float], None] = tenacity.nap.sleep
     if stop is not None:
-        stops.append(lambda _state: stop.is_set())
+        stops.append(tenacity.stop_when_event_set(stop))
+
+        def sleep(seconds: float) -> None:  # wakes as soon as `stop` is set
+            stop.wait(seconds)
 
     def log_step(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -51,10 +55,10 @@ def policy(
 
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception(retry_if),
-        wait=tenacity.wait_exponential_jitter(initial=initial_s, max=max_delay_s, jitter=initial_s),
+        wait=tenacity.wait_exponential_jitter(multiplier=initial_s, max=max_delay_s, jitter=initial_s),
         stop=tenacity.stop_any(*stops),
         before_sleep=log_step,
-        sleep=stop.wait if stop is not None else tenacity.nap.sleep,
+        sleep=sleep,
         reraise=True,
     )
 

@@ -74,7 +74,7 @@ class ObjectStore:
         key: str,
         data: bytes,
         content_type: str = "application/octet-stream",
-        metadata: dict[str, str] | None = None,
+        metadata: dict[str, str | list[str] | tuple[str]] | None = None,
     ) -> None:
         self._retry(
             f"put {key}",
@@ -86,7 +86,7 @@ class ObjectStore:
     def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
         def get():
             if max_bytes is not None:
-                size = self.client.stat_object(self.bucket, key).size
+                size = self.client.stat_object(self.bucket, key).size or 0
                 if size > max_bytes:
                     raise ValueError(f"object {key} is {size} bytes, over the limit of {max_bytes}")
             resp = self.client.get_object(self.bucket, key)

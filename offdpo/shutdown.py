@@ -44,7 +44,6 @@ class StopOnSignals:
         self.requested.set()
         self.announce(f"{signal.Signals(signum).name}: {self.what_happens} (send it again to kill)")
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
-        return False
