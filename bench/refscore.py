@@ -201,7 +201,7 @@ def timed(fn, min_total_s: float = 3.0, max_runs: int = 3):
 
 # -- (a) and (a'): refscore -------------------------------------------------------------------------
 def bench_refscore(model_dir: Path, pairs, dtype: str, stack, log_dir: Path) -> dict:
-    from localdev.stack import free_port, stop_process
+    from localdev.process import free_port, stop_process
     from offdpo.kafka import ensure_topics, make_producer
     from offdpo.records import ShardReady, chat_prompt, make_pair
     from offdpo.refscore_client import RefscoreClient, score_item

@@ -21,7 +21,8 @@ import time
 import uuid
 from pathlib import Path
 
-from localdev.stack import LocalStack, free_port, stop_process
+from localdev.process import free_port, stop_process, wait_until
+from localdev.stack import LocalStack
 from localdev.testmodel import ensure_test_model
 from offdpo import records
 from offdpo.kafka import ensure_topics, read_topic
@@ -34,18 +35,6 @@ SAMPLES = REPO / "services" / "labeler" / "samples"
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
-
-
-def _wait(predicate, timeout_s: float, what: str, every_s: float = 2.0, progress=None):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if progress:
-            progress()
-        time.sleep(every_s)
-    raise TimeoutError(f"{what} did not happen within {timeout_s:.0f} s")
 
 
 def _start(args: list[str], env: dict, log_path: Path) -> subprocess.Popen:
@@ -164,13 +153,14 @@ def main(args) -> int:
                 if dl.service == "refscore"
             ]
 
-        _wait(
+        wait_until(
             lambda: (
                 len(set(scored_ids())) + len({(d.partition, d.offset) for d in refscore_dead_letters()})
                 >= len(pair_records)
             ),
             600,
             "scoring every pair",
+            every_s=2.0,
             progress=lambda: _check_alive(refscore, workdir / "refscore.log"),
         )
         scored = scored_ids()

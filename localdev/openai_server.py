@@ -19,13 +19,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from localdev.stack import free_port
+from localdev.process import free_port, wait_until
 
 DEFAULT_START_TIMEOUT_S = 240.0
 
@@ -130,30 +129,27 @@ class OpenAIServer:
         return self
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.start_timeout_s
         url = f"{self.base_url}/models"
-        last_error = "no answer yet"
-        while time.monotonic() < deadline:
-            code = self.proc.poll()
-            if code is not None:
-                raise OpenAIServerError(
-                    f"vLLM OpenAI server exited with code {code} during start-up "
-                    f"(command: {' '.join(self.command())}); log tail:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    models = [m.get("id") for m in json.load(resp).get("data", [])]
-                if self.model_name in models:
-                    return
-                last_error = f"/v1/models lists {models}, not {self.model_name!r}"
-            except (urllib.error.URLError, OSError, ValueError) as exc:
-                last_error = str(exc)
-            time.sleep(0.5)
-        raise OpenAIServerError(
-            f"vLLM OpenAI server on port {self.port} did not answer {url} within "
-            f"{self.start_timeout_s:.0f} s (last error: {last_error}); log {self.log_path} tail:\n"
-            f"{self.log_tail()}"
-        )
+
+        def serves_the_model() -> bool:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                models = [m.get("id") for m in json.load(resp).get("data", [])]
+            if self.model_name not in models:
+                raise LookupError(f"/v1/models lists {models}, not {self.model_name!r}")
+            return True
+
+        try:
+            wait_until(serves_the_model, self.start_timeout_s, f"an answer from {url}", every_s=0.5, proc=self.proc)
+        except RuntimeError as exc:
+            raise OpenAIServerError(
+                f"vLLM OpenAI server exited with code {self.proc.poll() if self.proc else None} during start-up "
+                f"(command: {' '.join(self.command())}); log tail:\n{self.log_tail()}"
+            ) from exc
+        except TimeoutError as exc:
+            raise OpenAIServerError(
+                f"vLLM OpenAI server on port {self.port} did not answer {url} within "
+                f"{self.start_timeout_s:.0f} s ({exc}); log {self.log_path} tail:\n{self.log_tail()}"
+            ) from None
 
     def stop(self, grace_s: float = 20.0) -> None:
         proc, self.proc = self.proc, None

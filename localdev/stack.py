@@ -17,12 +17,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from localdev.process import free_port, free_port_block, wait_until
 from offdpo.config import EnvConfig, KafkaConfig, S3Config, env
 
 TANSU_BUCKET = "tansu"
@@ -38,33 +38,6 @@ class StackConfig(EnvConfig):
     )
     partitions: int = env("OFFDPO_STACK_PARTITIONS", 3, "partitions of each topic the stack creates")
     start_timeout_s: float = env("OFFDPO_STACK_START_TIMEOUT_S", 90.0, "how long `stack up` waits for S3 and Kafka")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def free_port_block(count: int) -> int:
-    """First port of `count` consecutive ports that are free right now."""
-    for _ in range(200):
-        base = free_port()
-        if base + count >= 65535:
-            continue
-        try:
-            socks = []
-            for port in range(base, base + count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError(f"no block of {count} free ports found on 127.0.0.1")
 
 
 def weed_binary() -> str:
@@ -90,35 +63,6 @@ def tansu_binary() -> str:
     if not os.access(path, os.X_OK):
         path.chmod(0o755)
     return str(path)
-
-
-def _wait(what: str, check, timeout_s: float, proc: subprocess.Popen | None = None, log: Path | None = None):
-    deadline = time.monotonic() + timeout_s
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
-            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting; log tail:\n{tail}")
-        try:
-            return check()
-        except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
-            last_error = exc
-            time.sleep(0.25)
-    raise TimeoutError(f"{what} did not answer within {timeout_s:.0f} s (last error: {last_error!r}); see {log}")
-
-
-def stop_process(proc: subprocess.Popen | None, grace_s: float = 60) -> int | None:
-    """SIGTERM a child we started, wait up to `grace_s`, then SIGKILL; returns its exit code."""
-    if proc is None:
-        return None
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-    return proc.returncode
 
 
 def _stop_pid(pid: int, grace_s: float = 10.0) -> None:
@@ -258,15 +202,16 @@ class LocalStack:
         )
         self._procs["s3"] = proc
         self._write_state(s3=proc.pid)
-        _wait("SeaweedFS S3", self._s3_ready, self.stack.start_timeout_s, proc, log)
+        wait_until(self._s3_ready, self.stack.start_timeout_s, "SeaweedFS S3", proc=proc, log=log)
 
-    def _s3_ready(self) -> None:
+    def _s3_ready(self) -> bool:
         from offdpo.s3 import make_minio_client
 
         client = make_minio_client(self.s3)
         for bucket in (self.s3.bucket, TANSU_BUCKET):
             if not client.bucket_exists(bucket):
                 client.make_bucket(bucket)
+        return True
 
     def stop_s3(self) -> None:
         self._stop("s3")
@@ -303,12 +248,13 @@ class LocalStack:
         )
         self._procs["kafka"] = proc
         self._write_state(kafka=proc.pid)
-        _wait("Tansu broker", self._kafka_ready, self.stack.start_timeout_s, proc, log)
+        wait_until(self._kafka_ready, self.stack.start_timeout_s, "Tansu broker", proc=proc, log=log)
 
-    def _kafka_ready(self) -> None:
+    def _kafka_ready(self) -> bool:
         from offdpo.kafka import ensure_topics
 
         ensure_topics(self.kafka, self.kafka.all_topics(), self.stack.partitions)
+        return True
 
     def kill_broker(self) -> None:
         """SIGKILL the broker: what a crash looks like to clients."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent import futures
 
 import grpc
@@ -18,20 +19,21 @@ log = logging.getLogger(__name__)
 
 
 class LoopHealth(health_pb2_grpc.HealthServicer):
-    def __init__(self, service_name: str, stale_after_s: float):
+    def __init__(self, service_name: str, stale_after_s: float, clock: Callable[[], float] = time.monotonic):
         self.service_name = service_name
         self.stale_after_s = stale_after_s
-        self._last_beat = time.monotonic()
+        self._clock = clock  # injectable so tests decide what "stale" is without sleeping
+        self._last_beat = clock()
         self._stopping = False
 
     def beat(self) -> None:
-        self._last_beat = time.monotonic()
+        self._last_beat = self._clock()
 
     def stopping(self) -> None:
         self._stopping = True
 
     def status(self) -> int:
-        stale = time.monotonic() - self._last_beat > self.stale_after_s
+        stale = self._clock() - self._last_beat > self.stale_after_s
         if self._stopping or stale:
             return health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse.SERVING

@@ -14,10 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from localdev.stack import LocalStack, StackConfig, free_port, free_port_block
+from localdev.process import free_port, free_port_block
+from localdev.stack import LocalStack, StackConfig
+from offdpo import records
 from offdpo.config import KafkaConfig, S3Config
 from offdpo.kafka import read_topic
 from offdpo.s3 import ObjectStore
+from offdpo.v1.records_pb2 import DeadLetter
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,13 +59,33 @@ def test_demo_runs_the_whole_pipeline_reports_consistent_counts_and_leaks_no_sec
         reports = list((tmp_path / "demo").glob("demo-*/report.json"))
         assert len(reports) == 1
         report = json.loads(reports[0].read_text())
-        labelled = report["labelled"]["distinct_pairs_on_topic"]
-        assert labelled > 10
-        assert report["scored"]["distinct"] == report["scored"]["rows"] == labelled
-        assert report["trained"]["distinct"] == report["trained"]["pairs"] == labelled
-        assert all(report["consistency"].values()), report["consistency"]
+        run = report["run_name"]
+
+        # The counts, read back by this test from Kafka, S3 and the trainer's log, not from the report.
+        pair_ids = [records.PreferencePair.FromString(r.value).pair_id for r in read_topic(stack.kafka, f"{run}.pairs")]
+        letters = [DeadLetter.FromString(r.value) for r in read_topic(stack.kafka, f"{run}.deadletter")]
+        refscore_refused = {
+            records.PreferencePair.FromString(dl.original_value).pair_id
+            for dl in letters
+            if dl.service == "refscore" and dl.original_value
+        }
+        store = ObjectStore(stack.s3)
+        scored_ids = [
+            pid
+            for key in store.list_keys("scores/")
+            if f"/{run}.pairs/" in key
+            for pid in records.read_shard(store.get_bytes(key)).table.column("pair_id").to_pylist()
+        ]
+        trainer_log = reports[0].parent / "trainer" / run / "trained_pairs.jsonl"
+        trained_ids = [pid for line in trainer_log.read_text().splitlines() for pid in json.loads(line)["pair_ids"]]
+        assert len(set(pair_ids)) > 10
+        assert sorted(scored_ids) == sorted(set(pair_ids) - refscore_refused), "every valid pair scored once"
+        assert sorted(trained_ids) == sorted(scored_ids), "every scored pair trained once"
         # The shipped sample has malformed lines: they are dead-lettered with reasons, not dropped.
-        assert report["dead_letters"].get("labeler/decode_error", 0) > 0
+        assert any(dl.service == "labeler" and dl.error_type == "decode_error" and dl.reason for dl in letters)
+        # The report says what the test found.
+        assert report["labelled"]["distinct_pairs_on_topic"] == len(set(pair_ids))
+        assert report["scored"]["rows"] == len(scored_ids) and report["trained"]["pairs"] == len(trained_ids)
         assert report["checkpoint_loaded_by_transformers"] == "Qwen2ForCausalLM"
         assert Path(report["plot"]).stat().st_size > 10_000
 
@@ -71,12 +94,10 @@ def test_demo_runs_the_whole_pipeline_reports_consistent_counts_and_leaks_no_sec
         for path in tmp_path.rglob("*"):
             if path.is_file() and "seaweedfs/" not in str(path.relative_to(tmp_path)):  # S3's own data files
                 haystacks[str(path)] = path.read_bytes()
-        store = ObjectStore(stack.s3)
         for bucket in ("offdpo", "tansu"):
             bucket_store = ObjectStore(stack.s3, bucket)
             for key in bucket_store.list_keys(""):
                 haystacks[f"s3://{bucket}/{key}"] = bucket_store.get_bytes(key)
-        run = report["run_name"]
         for topic in (f"{run}.pairs", f"{run}.shards", f"{run}.deadletter"):
             for rec in read_topic(stack.kafka, topic):
                 haystacks[f"{topic}@{rec.partition}/{rec.offset}"] = (rec.key or b"") + (rec.value or b"")

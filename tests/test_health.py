@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,11 +19,14 @@ def _check(port: int, service: str = "") -> int:
 
 
 def test_serving_while_the_loop_beats_and_not_once_it_stalls_or_stops():
-    health = LoopHealth("labeler-consume", stale_after_s=0.5)
+    now = [1000.0]  # a clock the test moves, so a loaded machine cannot make the loop look stale
+    health = LoopHealth("labeler-consume", stale_after_s=30, clock=lambda: now[0])
     with LoopHealthServer(health, "127.0.0.1", 0, "OFFDPO_LABELER_HEALTH_PORT") as server:
         assert _check(server.port) == SERVING
         assert _check(server.port, "labeler-consume") == SERVING
-        time.sleep(0.8)  # no beat for longer than stale_after_s: a stuck loop
+        now[0] += 29.9
+        assert _check(server.port) == SERVING
+        now[0] += 0.2  # no beat for longer than stale_after_s: a stuck loop
         assert _check(server.port) == NOT_SERVING
         health.beat()
         assert _check(server.port) == SERVING

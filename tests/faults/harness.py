@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kafka import KafkaConsumer
 
-from localdev.stack import stop_process
+from localdev.process import stop_process, wait_until
 from offdpo import records
 from offdpo.kafka import ensure_topics, make_producer, next_offsets, read_topic
 from offdpo.s3 import ObjectStore
@@ -26,14 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def wait_for(predicate, timeout_s: float, what: str, diag=lambda: "", every_s: float = 0.5):
     """Poll `predicate` until truthy; TimeoutError naming `what` (and diagnostics) otherwise."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not happen within {timeout_s:.0f} s\n{diag()}")
-        time.sleep(every_s)
+    return wait_until(predicate, timeout_s, what, every_s=every_s, diag=diag)
 
 
 @dataclasses.dataclass
