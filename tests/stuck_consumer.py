@@ -1,5 +1,5 @@
-"""A make_consumer stand-in whose first consumer is stuck the way kafka-python 3.0.12 was seen in CI
-after an S3 outage: every commit refused by a rebalance that never completes. Later consumers are real."""
+"""A make_consumer stand-in whose first consumer is stuck in kafka-python's client-side rebalancing
+state: every commit refused by a rebalance that never completes. Later consumers are real."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ def test_transformers_loads_it_with_a_real_chat_template(tiny_model):
 @pytest.mark.vllm
 def test_vllm_loads_it_and_agrees_with_transformers(tiny_model):
     # In its own process, as refscore runs it: the engine spawns workers, and its exit code must be 0
-    # (the abort-at-exit of LOCAL-STACK.md was vLLM's unjoined output thread; see VLLMEngine.shutdown).
+    # (an abort at interpreter exit comes from vLLM's unjoined output thread; see VLLMEngine.shutdown).
     script = textwrap.dedent(f"""
         import json
         from services.refscore.engines import VLLMEngine
