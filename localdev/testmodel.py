@@ -285,11 +285,20 @@ def tree_digest(path: str | Path) -> dict[str, str]:
 
 
 def ensure_test_model(out_dir: str | Path, size: str = "tiny", kind: str = "causal") -> Path:
-    """Build the model unless an identical build is already there."""
+    """Build the model unless an identical build is already there.
+
+    Only a folder this builder owns (empty, absent, or holding its marker file) is ever written: a
+    folder with anything else in it may be a user's real model, and is refused, never overwritten.
+    """
     out = Path(out_dir)
     marker = out / "offdpo_model.json"
     if marker.exists():
         meta = json.loads(marker.read_text())
         if meta.get("size") == size and meta.get("kind") == kind:
             return out
+    elif out.exists() and any(out.iterdir()):
+        raise FileExistsError(
+            f"{out} is not empty and was not built by `offdpo model build` (no {marker.name}): refusing to "
+            f"build a test model over it. Pass an empty or new folder, or use the model that is there as it is."
+        )
     return build_test_model(out, size=size, kind=kind)

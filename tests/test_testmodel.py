@@ -72,3 +72,16 @@ def test_sizes_have_the_parameter_counts_the_benchmarks_name():
 
     assert 20e6 < parameter_count("bench") < 30e6  # bench: ~25M (issue: 8 layers, hidden 512, head_dim 64)
     assert 0.4e9 < parameter_count("gpu") < 0.6e9  # gpu: ~0.5B for GPU runs
+
+
+def test_a_folder_the_builder_does_not_own_is_never_overwritten(tmp_path):
+    from localdev.testmodel import ensure_test_model
+
+    user_model = tmp_path / "my-qwen"
+    user_model.mkdir()
+    (user_model / "config.json").write_text('{"model_type": "qwen2", "vocab_size": 151936}')
+    (user_model / "model.safetensors").write_bytes(b"real weights")
+    before = {p.name: p.read_bytes() for p in user_model.iterdir()}
+    with pytest.raises(FileExistsError, match="not built by `offdpo model build`"):
+        ensure_test_model(user_model, size="tiny")
+    assert {p.name: p.read_bytes() for p in user_model.iterdir()} == before
