@@ -6,6 +6,7 @@ after what they produced from it is durably written (at-least-once + idempotent 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Iterable
@@ -21,6 +22,7 @@ from kafka.errors import (
     UnknownMemberIdError,
 )
 
+from offdpo import errors
 from offdpo.config import KafkaConfig
 from offdpo.v1 import records_pb2
 
@@ -135,13 +137,27 @@ def now_timestamp() -> timestamp_pb2.Timestamp:
     return ts
 
 
-class DeadLetterSink:
-    """Sends records that cannot be processed to the dead-letter topic, with the reason."""
+# A dead letter carries its original record whole up to this size; a bigger one is carried by
+# reference (topic, partition, offset, size, sha256 and its first KiB), so a record the broker took
+# but whose dead letter the producer would refuse cannot stall its partition.
+DEAD_LETTER_INLINE_BYTES = MAX_RECORD_BYTES - 64 * 1024
+DEAD_LETTER_PREFIX_BYTES = 1024
 
-    def __init__(self, producer: KafkaProducer, cfg: KafkaConfig, service: str):
+
+class DeadLetterSink:
+    """Sends records that cannot be processed to the dead-letter topic, with the reason.
+
+    Durable: `send` returns only once the broker has acknowledged the dead letter (acks=all), so a
+    caller that commits the offset afterwards can never lose the record from both topics. A dead
+    letter the broker does not acknowledge within `ack_timeout_s` raises `errors.Unavailable`: the
+    caller must not commit, and redoes the input later.
+    """
+
+    def __init__(self, producer: KafkaProducer, cfg: KafkaConfig, service: str, ack_timeout_s: float = 60.0):
         self.producer = producer
         self.topic = cfg.deadletter_topic
         self.service = service
+        self.ack_timeout_s = ack_timeout_s
         self.count = 0
 
     def send(
@@ -155,8 +171,9 @@ class DeadLetterSink:
         reason: str,
         error_type: str,
     ) -> None:
+        value = value or b""
         letter = records_pb2.DeadLetter(
-            original_value=value or b"",
+            original_value=value,
             original_key=key or b"",
             topic=topic,
             partition=partition,
@@ -166,10 +183,23 @@ class DeadLetterSink:
             service=self.service,
             failed_at=now_timestamp(),
         )
-        log.warning("dead-letter %s[%d]@%d: %s", topic, partition, offset, reason)
+        if len(value) + len(key or b"") > DEAD_LETTER_INLINE_BYTES:
+            letter.original_value = value[:DEAD_LETTER_PREFIX_BYTES]
+            letter.original_key = (key or b"")[:DEAD_LETTER_PREFIX_BYTES]
+            letter.original_truncated = True
+            letter.original_size = len(value)
+            letter.original_sha256 = hashlib.sha256(value).hexdigest()
+        log.warning("dead-letter %s[%d]@%d (%s): %s", topic, partition, offset, error_type, reason)
         # Key by origin so a redo after a crash lands next to the first attempt.
         dl_key = f"{topic}/{partition}/{offset}".encode()
-        self.producer.send(self.topic, key=dl_key, value=letter.SerializeToString())
+        future = self.producer.send(self.topic, key=dl_key, value=letter.SerializeToString())
+        try:
+            future.get(timeout=self.ack_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - any failure to get an ack means "not durable yet"
+            raise errors.Unavailable(
+                f"the dead letter for {topic}[{partition}]@{offset} was not acknowledged by the broker "
+                f"({type(exc).__name__}: {exc}); not committing past it"
+            ) from exc
         self.count += 1
 
     def send_record(self, record, reason: str, error_type: str) -> None:

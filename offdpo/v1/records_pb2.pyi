@@ -189,7 +189,7 @@ class ShardReady(_message.Message):
     def __init__(self, bucket: _Optional[str] = ..., object_key: _Optional[str] = ..., row_count: _Optional[int] = ..., pair_ids: _Optional[_Iterable[str]] = ..., fingerprint: _Optional[_Union[ReferenceFingerprint, _Mapping]] = ..., source_ranges: _Optional[_Iterable[_Union[KafkaRange, _Mapping]]] = ..., sha256: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class DeadLetter(_message.Message):
-    __slots__ = ("original_value", "original_key", "topic", "partition", "offset", "reason", "error_type", "service", "failed_at")
+    __slots__ = ("original_value", "original_key", "topic", "partition", "offset", "reason", "error_type", "service", "failed_at", "original_truncated", "original_size", "original_sha256")
     ORIGINAL_VALUE_FIELD_NUMBER: _ClassVar[int]
     ORIGINAL_KEY_FIELD_NUMBER: _ClassVar[int]
     TOPIC_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +199,9 @@ class DeadLetter(_message.Message):
     ERROR_TYPE_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     FAILED_AT_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_SHA256_FIELD_NUMBER: _ClassVar[int]
     original_value: bytes
     original_key: bytes
     topic: str
@@ -208,4 +211,7 @@ class DeadLetter(_message.Message):
     error_type: str
     service: str
     failed_at: _timestamp_pb2.Timestamp
-    def __init__(self, original_value: _Optional[bytes] = ..., original_key: _Optional[bytes] = ..., topic: _Optional[str] = ..., partition: _Optional[int] = ..., offset: _Optional[int] = ..., reason: _Optional[str] = ..., error_type: _Optional[str] = ..., service: _Optional[str] = ..., failed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    original_truncated: bool
+    original_size: int
+    original_sha256: str
+    def __init__(self, original_value: _Optional[bytes] = ..., original_key: _Optional[bytes] = ..., topic: _Optional[str] = ..., partition: _Optional[int] = ..., offset: _Optional[int] = ..., reason: _Optional[str] = ..., error_type: _Optional[str] = ..., service: _Optional[str] = ..., failed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., original_truncated: _Optional[bool] = ..., original_size: _Optional[int] = ..., original_sha256: _Optional[str] = ...) -> None: ...
