@@ -41,5 +41,7 @@ _REAL_MARKERS = {"stack", "vllm", "faults", "browser"}
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if _REAL_PARTS & set(getattr(item, "fixturenames", ())) or _REAL_MARKERS & {m.name for m in item.iter_markers()}:
+        if _REAL_PARTS & set(getattr(item, "fixturenames", ())) or _REAL_MARKERS & {
+            m.name for m in item.iter_markers()
+        }:
             item.add_marker(pytest.mark.integration)

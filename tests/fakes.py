@@ -96,7 +96,9 @@ class FakeBroker:
     def create_topic(self, topic: str, partitions: int | None = None) -> None:
         self.topics.setdefault(topic, [[] for _ in range(partitions or self.default_partitions)])
 
-    def append(self, topic: str, value: bytes | None, key: bytes | None = None, partition: int | None = None) -> FakeRecord:
+    def append(
+        self, topic: str, value: bytes | None, key: bytes | None = None, partition: int | None = None
+    ) -> FakeRecord:
         self.create_topic(topic)
         parts = self.topics[topic]
         if partition is None:
