@@ -25,9 +25,13 @@ from offdpo.config import KafkaConfig, describe
 from offdpo.health import LoopHealth, LoopHealthServer
 from offdpo.shutdown import StopOnSignals
 from services.labeler.config import CONFIG_CLASSES, JudgeConfig, LabelerConfig
+from services.labeler.names import CANDIDATE_STRATEGIES, INPUT_KINDS, JUDGE_MODES, PAIR_MODES, InputKind
+from services.labeler.pipeline import Labeler
+from services.labeler.runner import build_labeler, close_labeler, run_file, run_kafka
+from services.labeler.server import serve
 
 
-def _configs(args) -> tuple[LabelerConfig, KafkaConfig, JudgeConfig]:
+def _configs(args: argparse.Namespace) -> tuple[LabelerConfig, KafkaConfig, JudgeConfig]:
     cfg, kafka, judge = LabelerConfig.from_env(), KafkaConfig.from_env(), JudgeConfig.from_env()
     over = {
         k: v
@@ -58,12 +62,13 @@ def _progress(msg: str) -> None:
     print(f"[labeler] {msg}", file=sys.stderr, flush=True)
 
 
-def _print_summary(summary: dict, labeler) -> None:
+def _print_summary(summary: dict[str, dict[str, int]], labeler: Labeler) -> None:
     print(labeler.summary.table())
-    print(json.dumps({"summary": summary, "dead_letters": labeler.deadletters.count}, sort_keys=True))
+    dead_letters = labeler.deadletters.count if labeler.deadletters else 0
+    print(json.dumps({"summary": summary, "dead_letters": dead_letters}, sort_keys=True))
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m services.labeler", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -71,29 +76,52 @@ def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--rules", help="rules YAML (OFFDPO_LABELER_RULES)")
     common.add_argument("--reward-model", help="sequence-classification model dir (OFFDPO_LABELER_REWARD_MODEL)")
-    common.add_argument("--pair-mode", choices=["best_worst", "all"])
+    common.add_argument("--pair-mode", choices=PAIR_MODES)
     common.add_argument("--margin", type=float)
     common.add_argument("--state-dir", help="verdict cache and published-ids ledger (OFFDPO_LABELER_STATE_DIR)")
     common.add_argument("--no-ledger", action="store_true", help="do not skip pairs published by earlier runs")
     common.add_argument("--judge-base-url")
     common.add_argument("--judge-model")
-    common.add_argument("--judge-mode", choices=["gsb", "reference"])
+    common.add_argument("--judge-mode", choices=JUDGE_MODES)
     common.add_argument("--bootstrap", help="Kafka bootstrap servers (OFFDPO_KAFKA_BOOTSTRAP)")
     common.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("label", parents=[common], help="label one file and print the summary")
     p.add_argument("file")
-    p.add_argument("--kind", choices=["candidates", "annotations", "preferences"], default="candidates")
-    p.add_argument("--strategy", choices=["rules", "reward_model", "llm_judge"])
+    p.add_argument("--kind", choices=INPUT_KINDS, default=InputKind.CANDIDATES.value)
+    p.add_argument("--strategy", choices=CANDIDATE_STRATEGIES)
     p = sub.add_parser("consume", parents=[common], help="label candidate sets from the candidates topic")
-    p.add_argument("--strategy", choices=["rules", "reward_model", "llm_judge"])
+    p.add_argument("--strategy", choices=CANDIDATE_STRATEGIES)
     p.add_argument("--idle-exit-s", type=float, help="exit after this long without records")
     p = sub.add_parser("serve", parents=[common], help="serve the gRPC API")
-    p.add_argument("--strategy", choices=["rules", "reward_model", "llm_judge"])
+    p.add_argument("--strategy", choices=CANDIDATE_STRATEGIES)
     p.add_argument("--port", type=int)
     sub.add_parser("config", help="list the environment variables with their defaults")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def _consume(labeler: Labeler, cfg: LabelerConfig, kafka: KafkaConfig, idle_exit_s: float | None) -> None:
+    health = LoopHealth("labeler-consume", cfg.stall_s)
+    with (
+        StopOnSignals("finishing the batch in hand, then stopping", announce=_progress) as stop,
+        LoopHealthServer(health, cfg.grpc_host, cfg.health_port, "OFFDPO_LABELER_HEALTH_PORT")
+        if cfg.health_port
+        else contextlib.nullcontext(),
+    ):
+        summary = run_kafka(
+            labeler,
+            kafka,
+            cfg.strategy,
+            stop=stop.requested,
+            idle_exit_s=idle_exit_s,
+            progress=_progress,
+            heartbeat=health.beat,
+        )
+    _print_summary(summary, labeler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.cmd == "config":
         print(describe(*CONFIG_CLASSES))
         return 0
@@ -102,48 +130,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("kafka").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    from services.labeler.runner import build_labeler, close_labeler, run_file, run_kafka
+    logging.getLogger("openai").setLevel(logging.WARNING)  # the judge client logs its own retries
 
     cfg, kafka, judge = _configs(args)
-    if args.cmd == "label":
-        labeler = build_labeler(cfg, kafka, judge)
-        try:
-            _progress(f"labelling {args.file} ({args.kind}) -> {kafka.pairs_topic} on {kafka.bootstrap_servers}")
-            summary = run_file(labeler, args.file, args.kind, cfg.strategy, progress=_progress)
-            _print_summary(summary, labeler)
-        finally:
-            close_labeler(labeler)
-        return 0
-    if args.cmd == "consume":
-        labeler = build_labeler(cfg, kafka, judge)
-        health = LoopHealth("labeler-consume", cfg.stall_s)
-        try:
-            with (
-                StopOnSignals("finishing the batch in hand, then stopping", announce=_progress) as stop,
-                LoopHealthServer(health, cfg.grpc_host, cfg.health_port, "OFFDPO_LABELER_HEALTH_PORT")
-                if cfg.health_port
-                else contextlib.nullcontext(),
-            ):
-                summary = run_kafka(
-                    labeler,
-                    kafka,
-                    cfg.strategy,
-                    stop=stop.requested,
-                    idle_exit_s=args.idle_exit_s,
-                    progress=_progress,
-                    heartbeat=health.beat,
-                )
-            _print_summary(summary, labeler)
-        finally:
-            close_labeler(labeler)
-        return 0
-    from services.labeler.server import serve
-
     labeler = build_labeler(cfg, kafka, judge)
     try:
-        asyncio.run(serve(labeler, cfg.grpc_host, args.port or cfg.grpc_port))
+        if args.cmd == "label":
+            _progress(f"labelling {args.file} ({args.kind}) -> {kafka.pairs_topic} on {kafka.bootstrap_servers}")
+            _print_summary(run_file(labeler, args.file, args.kind, cfg.strategy, progress=_progress), labeler)
+        elif args.cmd == "consume":
+            _consume(labeler, cfg, kafka, args.idle_exit_s)
+        else:
+            asyncio.run(serve(labeler, cfg.grpc_host, args.port or cfg.grpc_port))
     except KeyboardInterrupt:
-        pass
+        if args.cmd != "serve":
+            raise
     finally:
         close_labeler(labeler)
     return 0

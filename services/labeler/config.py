@@ -5,16 +5,26 @@ from __future__ import annotations
 import dataclasses
 
 from offdpo.config import EnvConfig, KafkaConfig, env
-
-STRATEGIES = ("human", "rules", "reward_model", "llm_judge", "imported")
+from offdpo.errors import ConfigError
+from services.labeler.names import (
+    CANDIDATE_STRATEGIES,
+    JUDGE_MODES,
+    PAIR_MODES,
+    JudgeMode,
+    PairMode,
+    StrategyName,
+    candidate_strategy_problem,
+    one_of,
+    problem,
+)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class LabelerConfig(EnvConfig):
     strategy: str = env(
         "OFFDPO_LABELER_STRATEGY",
-        "rules",
-        "default strategy for candidate sets that name none: rules, reward_model or llm_judge",
+        StrategyName.RULES.value,
+        f"default strategy for candidate sets that name none: {one_of(CANDIDATE_STRATEGIES)}",
     )
     group_id: str = env("OFFDPO_LABELER_GROUP", "offdpo-labeler", "consumer group for the candidates topic")
     state_dir: str = env(
@@ -26,7 +36,7 @@ class LabelerConfig(EnvConfig):
     rules_file: str = env("OFFDPO_LABELER_RULES", "", "YAML rules file for the rules strategy")
     pair_mode: str = env(
         "OFFDPO_LABELER_PAIR_MODE",
-        "best_worst",
+        PairMode.BEST_WORST.value,
         "best_worst: one pair per set; all: every pair whose score gap exceeds the margin",
     )
     margin: float = env("OFFDPO_LABELER_MARGIN", 0.0, "minimum score gap for a pair (rules, reward model, judge)")
@@ -73,6 +83,15 @@ class LabelerConfig(EnvConfig):
     grpc_max_sets: int = env("OFFDPO_LABELER_GRPC_MAX_SETS", 256, "most candidate sets per SubmitCandidates call")
     ack_timeout_s: float = env("OFFDPO_LABELER_ACK_TIMEOUT_S", 60.0, "wait this long for Kafka to acknowledge pairs")
 
+    def __post_init__(self) -> None:
+        # Refused at start: a wrong default would otherwise reject every set that names no strategy.
+        wrong = candidate_strategy_problem(self.strategy)
+        if wrong:
+            raise ConfigError(f"OFFDPO_LABELER_STRATEGY: {wrong}")
+        wrong = problem(self.pair_mode, PAIR_MODES, "OFFDPO_LABELER_PAIR_MODE")
+        if wrong:
+            raise ConfigError(wrong)
+
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class JudgeConfig(EnvConfig):
@@ -80,7 +99,9 @@ class JudgeConfig(EnvConfig):
     model: str = env("OFFDPO_JUDGE_MODEL", "", "judge model name as the endpoint knows it")
     api_key: str = env("OFFDPO_JUDGE_API_KEY", "unused", "API key of the judge endpoint", secret=True)
     mode: str = env(
-        "OFFDPO_JUDGE_MODE", "gsb", "gsb: compare two answers both ways; reference: score each vs the reference"
+        "OFFDPO_JUDGE_MODE",
+        JudgeMode.GSB.value,
+        f"{one_of(JUDGE_MODES)}; gsb: compare two answers both ways, reference: score each vs the reference",
     )
     gsb_template: str = env("OFFDPO_JUDGE_GSB_TEMPLATE", "", "file replacing the GSB prompt template")
     reference_template: str = env("OFFDPO_JUDGE_REFERENCE_TEMPLATE", "", "file replacing the reference-mode template")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from offdpo import records
 from offdpo.kafka import now_timestamp
 from offdpo.v1 import labeler_pb2, records_pb2
+from services.labeler.names import StrategyName
 
 
 def judgement_to_pair(j: labeler_pb2.HumanJudgement, source: str) -> records_pb2.PreferencePair | None:
@@ -14,7 +15,7 @@ def judgement_to_pair(j: labeler_pb2.HumanJudgement, source: str) -> records_pb2
     a_first = j.verdict == "Good"
     chosen, rejected = (j.answer_a, j.answer_b) if a_first else (j.answer_b, j.answer_a)
     prov = records_pb2.Provenance(
-        strategy=records_pb2.LABEL_STRATEGY_HUMAN,
+        strategy=StrategyName.HUMAN.label_strategy,
         source=j.source or source,
         annotator=j.annotator,
         labeled_at=now_timestamp(),

@@ -13,24 +13,52 @@ import sqlite3
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from offdpo.config import KafkaConfig
+from offdpo.errors import ConfigError, OffdpoError
 from offdpo.kafka import DeadLetterSink
-from offdpo.records import RecordError
 from offdpo.v1 import labeler_pb2, records_pb2
-from services.labeler.base import Outcome
+from services.labeler.base import Strategy
 from services.labeler.config import JudgeConfig, LabelerConfig
+from services.labeler.errors import (
+    GenerateFailed,
+    GenerateNotConfigured,
+    InvalidCandidateSet,
+    PublishError,
+    StrategyUnavailable,
+    TooFewAnswers,
+)
 from services.labeler.inputs import Item, validate_candidate_set
+from services.labeler.names import StrategyName, candidate_strategy_problem
+
+__all__ = ["Labeler", "Ledger", "PairPublisher", "PublishError", "SetReport", "Strategies", "Summary"]
 
 log = logging.getLogger(__name__)
 SERVICE = "labeler"
 
 
-class PublishError(RuntimeError):
-    """Kafka did not acknowledge some pairs; nothing was committed."""
+class SendFuture(Protocol):
+    def get(self, timeout: float | None = None) -> Any: ...
+
+
+class Producer(Protocol):
+    """The part of kafka-python's KafkaProducer the publisher uses (tests pass an in-memory fake)."""
+
+    def send(self, topic: str, value: bytes | None = None, key: bytes | None = None) -> SendFuture: ...
+
+    def flush(self, timeout: float | None = None) -> None: ...
+
+    def close(self, timeout: float | None = None) -> None: ...
+
+
+class Generator(Protocol):
+    """On-policy answers for a prompt (refscore's Generate in production)."""
+
+    def generate(self, prompt: records_pb2.Prompt, n: int) -> list[str]: ...
 
 
 class Ledger:
@@ -65,14 +93,16 @@ class Ledger:
 class PairPublisher:
     """Sends pairs keyed by pair_id, each id once; `confirm()` waits for Kafka's acknowledgements."""
 
-    def __init__(self, producer, kafka: KafkaConfig, ledger: Ledger | None = None, ack_timeout_s: float = 60.0):
+    def __init__(
+        self, producer: Producer, kafka: KafkaConfig, ledger: Ledger | None = None, ack_timeout_s: float = 60.0
+    ):
         self.producer = producer
         self.topic = kafka.pairs_topic
         self.scope = f"{kafka.bootstrap_servers}/{kafka.pairs_topic}"
         self.ledger = ledger
         self.ack_timeout_s = ack_timeout_s
         self._seen: set[str] = set()
-        self._pending: list[tuple[str, object]] = []
+        self._pending: list[tuple[str, SendFuture]] = []
         self._lock = threading.Lock()
 
     def publish(self, pair: records_pb2.PreferencePair) -> bool:
@@ -92,7 +122,7 @@ class PairPublisher:
         if not pending:
             return []
         self.producer.flush(timeout=self.ack_timeout_s)
-        failed = []
+        failed: list[str] = []
         for pid, fut in pending:
             try:
                 fut.get(timeout=self.ack_timeout_s)
@@ -110,25 +140,25 @@ class PairPublisher:
 
 @dataclass
 class Summary:
-    counts: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    counts: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     FIELDS = ("inputs", "pairs", "duplicates", "ties", "inconsistent", "unparseable", "rejects")
 
     def add(self, strategy: str, **counts: int) -> None:
         self.counts[strategy].update({k: v for k, v in counts.items() if v})
 
-    def total(self) -> Counter:
-        out: Counter = Counter()
+    def total(self) -> Counter[str]:
+        out: Counter[str] = Counter()
         for c in self.counts.values():
             out.update(c)
         return out
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, dict[str, int]]:
         return {s: {f: c.get(f, 0) for f in self.FIELDS} for s, c in sorted(self.counts.items())} | {
             "total": {f: self.total().get(f, 0) for f in self.FIELDS}
         }
 
     def table(self) -> str:
-        rows = [("strategy",) + self.FIELDS]
+        rows: list[tuple[str, ...]] = [("strategy", *self.FIELDS)]
         for s, c in self.as_dict().items():
             rows.append((s,) + tuple(str(c[f]) for f in self.FIELDS))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -149,39 +179,55 @@ class SetReport:
 class Strategies:
     """Builds each strategy on first use (a reward model or judge client is only loaded if needed)."""
 
-    def __init__(self, cfg: LabelerConfig, judge_cfg: JudgeConfig | None = None, overrides: dict | None = None):
+    def __init__(
+        self, cfg: LabelerConfig, judge_cfg: JudgeConfig | None = None, overrides: Mapping[str, Strategy] | None = None
+    ):
         self.cfg, self.judge_cfg = cfg, judge_cfg or JudgeConfig.from_env()
-        self._built: dict[str, object] = dict(overrides or {})
+        self._built: dict[str, Strategy] = dict(overrides or {})
         self._lock = threading.Lock()
 
-    def get(self, name: str):
+    def get(self, name: str) -> Strategy:
+        """The strategy `name`; StrategyUnavailable saying why it cannot be built."""
         with self._lock:
             if name not in self._built:
-                self._built[name] = self._build(name)
+                try:
+                    self._built[name] = self._build(name)
+                except Exception as exc:  # noqa: BLE001 - any failure to build means unavailable, with its reason
+                    raise StrategyUnavailable(f"strategy {name!r} unavailable: {exc}") from exc
             return self._built[name]
 
-    def _build(self, name: str):
+    def _build(self, name: str) -> Strategy:
         cfg = self.cfg
-        if name == "rules":
+        wrong = candidate_strategy_problem(name)
+        if wrong:
+            raise ConfigError(wrong)
+        if name == StrategyName.RULES:
             from services.labeler.rules import RuleSet, RulesStrategy
 
             if not cfg.rules_file:
-                raise ValueError("the rules strategy needs a rules file: set OFFDPO_LABELER_RULES or --rules")
+                raise ConfigError("the rules strategy needs a rules file: set OFFDPO_LABELER_RULES or --rules")
             return RulesStrategy(RuleSet.load(cfg.rules_file))
-        if name == "reward_model":
+        if name == StrategyName.REWARD_MODEL:
             from services.labeler.reward import RewardModel, RewardModelStrategy
 
             if not cfg.reward_model:
-                raise ValueError("the reward_model strategy needs OFFDPO_LABELER_REWARD_MODEL (or --reward-model)")
+                raise ConfigError("the reward_model strategy needs OFFDPO_LABELER_REWARD_MODEL (or --reward-model)")
             return RewardModelStrategy(
                 RewardModel(cfg.reward_model, cfg.reward_batch_size, cfg.reward_max_length), cfg.pair_mode, cfg.margin
             )
-        if name == "llm_judge":
-            from services.labeler.judge import LLMJudgeStrategy, OpenAIJudgeClient, VerdictCache
+        from services.labeler.judge import LLMJudgeStrategy, OpenAIJudgeClient, VerdictCache
 
-            cache = VerdictCache(Path(cfg.state_dir) / "verdicts.sqlite") if self.judge_cfg.cache else None
-            return LLMJudgeStrategy(OpenAIJudgeClient(self.judge_cfg), self.judge_cfg, cache, cfg.pair_mode, cfg.margin)
-        raise ValueError(f"unknown strategy {name!r}: use rules, reward_model or llm_judge")
+        cache = VerdictCache(Path(cfg.state_dir) / "verdicts.sqlite") if self.judge_cfg.cache else None
+        return LLMJudgeStrategy(OpenAIJudgeClient(self.judge_cfg), self.judge_cfg, cache, cfg.pair_mode, cfg.margin)
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """A candidate set that passed validation (and generation), waiting for its strategy."""
+
+    item: Item[labeler_pb2.CandidateSet]
+    report: SetReport
+    cs: labeler_pb2.CandidateSet
 
 
 class Labeler:
@@ -193,7 +239,7 @@ class Labeler:
         publisher: PairPublisher,
         deadletters: DeadLetterSink | None,
         strategies: Strategies,
-        generator=None,
+        generator: Generator | None = None,
         progress: Callable[[str], None] | None = None,
     ):
         self.cfg = cfg
@@ -206,7 +252,7 @@ class Labeler:
         self._lock = threading.Lock()
 
     # -- dead letters -----------------------------------------------------------------------
-    def reject(self, item: Item, strategy: str, reason: str, error_type: str) -> None:
+    def reject(self, item: Item[Any], strategy: str, reason: str, error_type: str) -> None:
         self.summary.add(strategy, rejects=1)
         if self.deadletters is None:
             log.warning("rejected %s@%s: %s", item.source, item.offset, reason)
@@ -220,6 +266,16 @@ class Labeler:
             reason=reason,
             error_type=error_type,
         )
+
+    def _fail(self, item: Item[Any], report: SetReport, exc: OffdpoError, where: str = "") -> None:
+        """Dead-letter `item` with `exc`'s reason and its class's error_type."""
+        report.error = f"{where}{exc}"
+        self.reject(item, report.strategy, report.error, exc.error_type)
+
+    @staticmethod
+    def _where(item: Item[Any]) -> str:
+        """File inputs name their line in the reason; Kafka records carry their position in the dead letter."""
+        return f"{item.source}:{item.offset}: " if item.offset >= 0 and item.partition < 0 else ""
 
     def _publish(self, strategy: str, pairs: Sequence[records_pb2.PreferencePair], report: SetReport) -> None:
         for pair in pairs:
@@ -236,97 +292,80 @@ class Labeler:
             self.deadletters.flush(self.cfg.ack_timeout_s)
 
     # -- candidate sets ---------------------------------------------------------------------
-    def label_candidates(self, items: Sequence[Item], default_strategy: str = "") -> list[SetReport]:
+    def label_candidates(
+        self, items: Sequence[Item[labeler_pb2.CandidateSet]], default_strategy: str = ""
+    ) -> list[SetReport]:
         """Label candidate-set items (malformed ones are dead-lettered) and publish the pairs.
         Call confirm() afterwards (the gRPC server and the runners do)."""
         with self._lock:
-            return self._label_candidates(items, default_strategy or self.cfg.strategy)
-
-    def _label_candidates(self, items: Sequence[Item], default: str) -> list[SetReport]:
-        reports: list[SetReport | None] = [None] * len(items)
-        groups: dict[str, list[int]] = defaultdict(list)
-        for idx, item in enumerate(items):
-            strategy = item.value.strategy if item.value is not None and item.value.strategy else default
-            reports[idx] = SetReport(strategy=strategy)
-            self.summary.add(strategy, inputs=1)
-            if item.error:
-                self._fail(item, reports[idx], item.error, item.error_type)
-                continue
-            cs: labeler_pb2.CandidateSet = item.value
-            try:
-                validate_candidate_set(cs, self.cfg.max_answers)
-            except RecordError as exc:
-                self._fail(item, reports[idx], f"{self._where(item)}{exc}", "invalid_candidate_set")
-                continue
-            n = cs.generate_n or self.cfg.generate_n
-            if n > 0:
-                if self.generator is None:
-                    self._fail(
-                        item,
-                        reports[idx],
-                        f"{self._where(item)}generate_n={n} but on-policy generation is "
-                        f"not configured (start with --generate / a refscore address)",
-                        "generate_unavailable",
-                    )
-                    continue
+            default = default_strategy or self.cfg.strategy
+            reports: list[SetReport] = []
+            groups: dict[str, list[_Ready]] = defaultdict(list)
+            for item in items:
+                report = SetReport(strategy=item.value.strategy if item.value and item.value.strategy else default)
+                reports.append(report)
+                self.summary.add(report.strategy, inputs=1)
                 try:
-                    new = self.generator.generate(cs.prompt, n)
-                except Exception as exc:  # noqa: BLE001 - reported as a dead letter
-                    self._fail(
-                        item, reports[idx], f"{self._where(item)}on-policy generation failed: {exc}", "generate_failed"
-                    )
+                    cs = self._prepare(item)
+                except OffdpoError as exc:  # a reader's error already names the position
+                    self._fail(item, report, exc, "" if exc is item.error else self._where(item))
                     continue
-                seen = set(cs.answers)
-                for text in new:
-                    if text.strip() and text not in seen:
-                        cs.answers.append(text)
-                        seen.add(text)
-                if len(cs.answers) < 2:
-                    self._fail(
-                        item,
-                        reports[idx],
-                        f"{self._where(item)}fewer than 2 distinct non-empty answers after generating {n} samples",
-                        "too_few_answers",
-                    )
-                    continue
-            groups[strategy].append(idx)
+                groups[report.strategy].append(_Ready(item, report, cs))
+            for strategy, ready in groups.items():
+                self._label_group(strategy, ready)
+            return reports
 
-        for strategy, idxs in groups.items():
-            try:
-                impl = self.strategies.get(strategy)
-            except Exception as exc:  # noqa: BLE001 - configuration problem: every set says why
-                for idx in idxs:
-                    self._fail(
-                        items[idx], reports[idx], f"strategy {strategy!r} unavailable: {exc}", "strategy_unavailable"
-                    )
+    def _prepare(self, item: Item[labeler_pb2.CandidateSet]) -> labeler_pb2.CandidateSet:
+        """The set to label, validated and with its on-policy answers; raises the OffdpoError that rejects it."""
+        if item.error is not None or item.value is None:
+            raise item.error or InvalidCandidateSet("no candidate set")
+        cs = item.value
+        validate_candidate_set(cs, self.cfg.max_answers)
+        n = cs.generate_n or self.cfg.generate_n
+        if n <= 0:
+            return cs
+        if self.generator is None:
+            raise GenerateNotConfigured(
+                f"generate_n={n} but on-policy generation is not configured (start with --generate / a refscore address)"
+            )
+        try:
+            new = self.generator.generate(cs.prompt, n)
+        except Exception as exc:  # noqa: BLE001 - whatever the generator raised rejects this set, with its reason
+            raise GenerateFailed(f"on-policy generation failed: {exc}") from exc
+        seen = set(cs.answers)
+        for text in new:
+            if text.strip() and text not in seen:
+                cs.answers.append(text)
+                seen.add(text)
+        if len(cs.answers) < 2:
+            raise TooFewAnswers(f"fewer than 2 distinct non-empty answers after generating {n} samples")
+        return cs
+
+    def _label_group(self, strategy: str, ready: Sequence[_Ready]) -> None:
+        """Label the sets of one strategy in one batch and publish their pairs."""
+        try:
+            impl = self.strategies.get(strategy)
+        except StrategyUnavailable as exc:  # a configuration problem: every set says why
+            for r in ready:
+                self._fail(r.item, r.report, exc)
+            return
+        t0 = time.monotonic()
+        results = impl.label_batch([r.cs for r in ready], ready[0].item.source)
+        for r, result in zip(ready, results):
+            if isinstance(result, OffdpoError):
+                self._fail(r.item, r.report, result, self._where(r.item))
                 continue
-            t0 = time.monotonic()
-            results = impl.label_batch([items[i].value for i in idxs], items[idxs[0]].source)
-            for idx, result in zip(idxs, results):
-                report = reports[idx]
-                if isinstance(result, Exception):
-                    etype = "judge_unavailable" if type(result).__name__ == "JudgeError" else "label_error"
-                    self._fail(items[idx], report, f"{self._where(items[idx])}{result}", etype)
-                    continue
-                assert isinstance(result, Outcome)
-                report.ties = result.ties
-                self.summary.add(
-                    strategy, ties=result.ties, inconsistent=result.inconsistent, unparseable=result.unparseable
-                )
-                self._publish(strategy, result.pairs, report)
-            log.debug("%s labelled %d sets in %.2f s", strategy, len(idxs), time.monotonic() - t0)
-        return reports  # type: ignore[return-value]
-
-    @staticmethod
-    def _where(item: Item) -> str:
-        return f"{item.source}:{item.offset}: " if item.offset >= 0 and item.partition < 0 else ""
-
-    def _fail(self, item: Item, report: SetReport, reason: str, error_type: str) -> None:
-        report.error = reason
-        self.reject(item, report.strategy, reason, error_type)
+            r.report.ties = result.ties
+            self.summary.add(
+                strategy, ties=result.ties, inconsistent=result.inconsistent, unparseable=result.unparseable
+            )
+            self._publish(strategy, result.pairs, r.report)
+        log.debug("%s labelled %d sets in %.2f s", strategy, len(ready), time.monotonic() - t0)
 
     # -- ready-made pairs: human annotations and imported data --------------------------------
-    def publish_pairs(self, items: Sequence[Item], strategy: str) -> list[SetReport]:
+    def publish_pairs(
+        self, items: Sequence[Item[records_pb2.PreferencePair] | Item[labeler_pb2.HumanJudgement]], strategy: str
+    ) -> list[SetReport]:
         """Items whose value is a PreferencePair (imported), a HumanJudgement, or an error."""
         from services.labeler.human import judgement_to_pair
 
@@ -336,8 +375,8 @@ class Labeler:
                 report = SetReport(strategy=strategy)
                 out.append(report)
                 self.summary.add(strategy, inputs=1)
-                if item.error:
-                    self._fail(item, report, item.error, item.error_type)
+                if item.error is not None:
+                    self._fail(item, report, item.error)
                     continue
                 value = item.value
                 if isinstance(value, labeler_pb2.HumanJudgement):
@@ -346,5 +385,6 @@ class Labeler:
                         report.ties = 1
                         self.summary.add(strategy, ties=1)
                         continue
-                self._publish(strategy, [value], report)
+                if value is not None:
+                    self._publish(strategy, [value], report)
         return out

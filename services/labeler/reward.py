@@ -8,9 +8,11 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from offdpo.records import RecordError
 from offdpo.v1 import labeler_pb2, records_pb2
-from services.labeler.base import Outcome, base_provenance, pairs_from_scores
+from services.labeler.base import Result, base_provenance, pairs_from_scores
+from services.labeler.errors import LabelError
+from services.labeler.inputs import readable_kind
+from services.labeler.names import PairMode, StrategyName
 
 
 def model_identity(model_dir: str | Path) -> str:
@@ -50,16 +52,16 @@ class RewardModel:
         self.device = device
 
     def render(self, prompt: records_pb2.Prompt, answer: str) -> str:
-        kind = prompt.WhichOneof("kind")
-        if kind == "chat" and self.tokenizer.chat_template:
-            msgs = [{"role": m.role, "content": m.content} for m in prompt.chat.messages]
-            msgs.append({"role": "assistant", "content": answer})
-            return self.tokenizer.apply_chat_template(msgs, tokenize=False)
-        if kind == "chat":
-            return "\n".join(f"{m.role}: {m.content}" for m in prompt.chat.messages) + f"\nassistant: {answer}"
-        if kind == "text":
+        """The text the model scores; LabelError for a prompt of token ids."""
+        if readable_kind(prompt, "the reward model") == "text":
             return prompt.text + answer
-        raise RecordError("the reward model needs a text or chat prompt, not token ids")
+        if not self.tokenizer.chat_template:
+            return "\n".join(f"{m.role}: {m.content}" for m in prompt.chat.messages) + f"\nassistant: {answer}"
+        msgs = [{"role": m.role, "content": m.content} for m in prompt.chat.messages]
+        msgs.append({"role": "assistant", "content": answer})
+        text = self.tokenizer.apply_chat_template(msgs, tokenize=False)
+        assert isinstance(text, str), "apply_chat_template(tokenize=False) returns the rendered text"
+        return text
 
     def score_texts(self, texts: Sequence[str]) -> list[float]:
         out: list[float] = []
@@ -81,34 +83,34 @@ class RewardModel:
 
 
 class RewardModelStrategy:
-    name = "reward_model"
+    name = StrategyName.REWARD_MODEL.value
 
-    def __init__(self, model: RewardModel, pair_mode: str = "best_worst", margin: float = 0.0):
+    def __init__(self, model: RewardModel, pair_mode: str = PairMode.BEST_WORST, margin: float = 0.0):
         self.model = model
         self.pair_mode = pair_mode
         self.margin = margin
 
-    def label_batch(self, sets: Sequence[labeler_pb2.CandidateSet], source: str) -> list[Outcome | Exception]:
+    def label_batch(self, sets: Sequence[labeler_pb2.CandidateSet], source: str) -> list[Result]:
         texts: list[str] = []
-        spans: list[tuple[int, int] | Exception] = []
+        spans: list[range | LabelError] = []  # each set's answers' positions in `texts`, or why it has none
         for cs in sets:
             try:
                 rendered = [self.model.render(cs.prompt, a) for a in cs.answers]
-            except RecordError as exc:
+            except LabelError as exc:
                 spans.append(exc)
                 continue
-            spans.append((len(texts), len(texts) + len(rendered)))
+            spans.append(range(len(texts), len(texts) + len(rendered)))
             texts.extend(rendered)
         scores = self.model.score_texts(texts)  # every answer of the batch, batch_size at a time
-        results: list[Outcome | Exception] = []
+        results: list[Result] = []
         for cs, span in zip(sets, spans):
-            if isinstance(span, Exception):
+            if isinstance(span, LabelError):
                 results.append(span)
                 continue
-            s = scores[span[0] : span[1]]
+            s = scores[span.start : span.stop]
 
             def prov(c: int, r: int, cs=cs, s=s) -> records_pb2.Provenance:
-                p = base_provenance(records_pb2.LABEL_STRATEGY_REWARD_MODEL, cs, source)
+                p = base_provenance(StrategyName.REWARD_MODEL, cs, source)
                 p.chosen_score, p.rejected_score = s[c], s[r]
                 p.reward_model = self.model.identity
                 p.metadata["reward_scores"] = json.dumps([round(x, 6) for x in s])

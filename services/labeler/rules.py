@@ -29,19 +29,19 @@ from typing import Any
 
 import yaml
 
-from offdpo.records import RecordError
 from offdpo.v1 import labeler_pb2, records_pb2
-from services.labeler.base import Outcome, base_provenance, pairs_from_scores
+from services.labeler.base import Result, base_provenance, pairs_from_scores
+from services.labeler.errors import LabelError, RulesError
+from services.labeler.names import PAIR_MODES, PairMode, StrategyName, problem
+
+__all__ = ["RuleSet", "RulesError", "RulesStrategy", "register_check"]
 
 CheckFn = Callable[[str, labeler_pb2.CandidateSet], "bool | float"]
+RuleFn = Callable[[str, labeler_pb2.CandidateSet], "float | None"]  # fraction passed in [0, 1]; None = skipped
 _REGISTRY: dict[str, CheckFn] = {}
 
 
-class RulesError(ValueError):
-    """The rules file is invalid; the message names the rule and what to fix."""
-
-
-def register_check(name: str):
+def register_check(name: str) -> Callable[[CheckFn], CheckFn]:
     """Decorator: make a Python callable usable as `type: python, callable: NAME` in a rules file."""
 
     def deco(fn: CheckFn) -> CheckFn:
@@ -52,7 +52,7 @@ def register_check(name: str):
 
 
 @register_check("no_empty_lines")
-def _no_empty_lines(answer: str, cs) -> bool:
+def _no_empty_lines(answer: str, cs: labeler_pb2.CandidateSet) -> bool:
     return "\n\n\n" not in answer
 
 
@@ -83,10 +83,98 @@ class Rule:
     name: str
     type: str
     weight: float
-    fn: Callable[[str, labeler_pb2.CandidateSet], float | None]  # fraction passed in [0,1]; None = skipped
+    fn: RuleFn
 
 
-_TYPES = ("regex_must", "regex_must_not", "length", "valid_json", "equals_reference", "contains_reference", "python")
+# -- one builder per rule type: (spec, where) -> the check ------------------------------------
+_FLAGS = {"i": re.I, "m": re.M, "s": re.S, "x": re.X}
+
+
+def _regex(must: bool) -> Callable[[dict[str, Any], str], RuleFn]:
+    def build(spec: dict[str, Any], where: str) -> RuleFn:
+        flags = 0
+        for flag in str(spec.get("flags", "")):
+            if flag not in _FLAGS:
+                raise RulesError(f"{where}: flag {flag!r} is not one of i, m, s, x")
+            flags |= _FLAGS[flag]
+        try:
+            rx = re.compile(str(spec["pattern"]), flags)
+        except KeyError:
+            raise RulesError(f"{where}: needs 'pattern'") from None
+        except re.error as exc:
+            raise RulesError(f"{where}: bad regular expression: {exc}") from None
+        return lambda a, cs: float(bool(rx.search(a)) == must)
+
+    return build
+
+
+def _length(spec: dict[str, Any], where: str) -> RuleFn:
+    lo, hi = spec.get("min", 0), spec.get("max")
+    unit = spec.get("unit", "chars")
+    if unit not in ("chars", "words"):
+        raise RulesError(f"{where}: unit must be chars or words")
+    if not isinstance(lo, int) or (hi is not None and not isinstance(hi, int)) or (hi is not None and hi < lo):
+        raise RulesError(f"{where}: min and max must be integers with min <= max")
+
+    def count(a: str) -> int:
+        return len(a) if unit == "chars" else len(a.split())
+
+    return lambda a, cs: float(lo <= count(a) and (hi is None or count(a) <= hi))
+
+
+def _valid_json(spec: dict[str, Any], where: str) -> RuleFn:
+    def check(a: str, cs: labeler_pb2.CandidateSet) -> float:
+        try:
+            json.loads(a)
+            return 1.0
+        except ValueError:
+            return 0.0
+
+    return check
+
+
+def _reference(equals: bool) -> Callable[[dict[str, Any], str], RuleFn]:
+    def build(spec: dict[str, Any], where: str) -> RuleFn:
+        normalize = bool(spec.get("normalize", True))
+
+        def check(a: str, cs: labeler_pb2.CandidateSet) -> float | None:
+            if not cs.HasField("reference"):
+                return None
+            ref, ans = _norm(cs.reference, normalize), _norm(a, normalize)
+            return float(ans == ref if equals else ref in ans)
+
+        return check
+
+    return build
+
+
+def _python(spec: dict[str, Any], where: str) -> RuleFn:
+    target = _resolve_callable(str(spec.get("callable", "")), where)
+
+    def check(a: str, cs: labeler_pb2.CandidateSet) -> float:
+        try:
+            value = target(a, cs)
+        except Exception as exc:  # noqa: BLE001 - a user's check failing rejects the set, not the run
+            raise LabelError(f"{where}: callable raised {type(exc).__name__}: {exc}") from None
+        if isinstance(value, bool):
+            return float(value)
+        if isinstance(value, (int, float)) and 0.0 <= float(value) <= 1.0:
+            return float(value)
+        raise LabelError(f"{where}: callable returned {value!r}; return a bool or a number in [0, 1]")
+
+    return check
+
+
+# type -> (its own keys, builder)
+_TYPES: dict[str, tuple[set[str], Callable[[dict[str, Any], str], RuleFn]]] = {
+    "regex_must": ({"pattern", "flags"}, _regex(must=True)),
+    "regex_must_not": ({"pattern", "flags"}, _regex(must=False)),
+    "length": ({"min", "max", "unit"}, _length),
+    "valid_json": (set(), _valid_json),
+    "equals_reference": ({"normalize"}, _reference(equals=True)),
+    "contains_reference": ({"normalize"}, _reference(equals=False)),
+    "python": ({"callable"}, _python),
+}
 
 
 def _build_rule(spec: Any, index: int) -> Rule:
@@ -102,80 +190,18 @@ def _build_rule(spec: Any, index: int) -> Rule:
         weight = float(spec.get("weight", 1.0))
     except (TypeError, ValueError):
         raise RulesError(f"{where}: weight must be a number") from None
-    allowed = {"name", "type", "weight"} | {
-        "regex_must": {"pattern", "flags"},
-        "regex_must_not": {"pattern", "flags"},
-        "length": {"min", "max", "unit"},
-        "valid_json": set(),
-        "equals_reference": {"normalize"},
-        "contains_reference": {"normalize"},
-        "python": {"callable"},
-    }[kind]
+    keys, build = _TYPES[kind]
+    allowed = {"name", "type", "weight"} | keys
     unknown = set(spec) - allowed
     if unknown:
         raise RulesError(f"{where}: unknown keys {sorted(unknown)} for type {kind} (allowed: {sorted(allowed)})")
-    fn: Callable[[str, labeler_pb2.CandidateSet], float | None]
-    if kind in ("regex_must", "regex_must_not"):
-        flags = 0
-        for flag in str(spec.get("flags", "")):
-            if flag not in "imsx":
-                raise RulesError(f"{where}: flag {flag!r} is not one of i, m, s, x")
-            flags |= {"i": re.I, "m": re.M, "s": re.S, "x": re.X}[flag]
-        try:
-            rx = re.compile(str(spec["pattern"]), flags)
-        except KeyError:
-            raise RulesError(f"{where}: needs 'pattern'") from None
-        except re.error as exc:
-            raise RulesError(f"{where}: bad regular expression: {exc}") from None
-        must = kind == "regex_must"
-        fn = lambda a, cs: float(bool(rx.search(a)) == must)  # noqa: E731
-    elif kind == "length":
-        lo, hi = spec.get("min", 0), spec.get("max", None)
-        unit = spec.get("unit", "chars")
-        if unit not in ("chars", "words"):
-            raise RulesError(f"{where}: unit must be chars or words")
-        if not isinstance(lo, int) or (hi is not None and not isinstance(hi, int)) or (hi is not None and hi < lo):
-            raise RulesError(f"{where}: min and max must be integers with min <= max")
-        count = (lambda a: len(a)) if unit == "chars" else (lambda a: len(a.split()))
-        fn = lambda a, cs: float(lo <= count(a) and (hi is None or count(a) <= hi))  # noqa: E731
-    elif kind == "valid_json":
-
-        def fn(a, cs):
-            try:
-                json.loads(a)
-                return 1.0
-            except ValueError:
-                return 0.0
-    elif kind in ("equals_reference", "contains_reference"):
-        normalize = bool(spec.get("normalize", True))
-        equals = kind == "equals_reference"
-
-        def fn(a, cs, normalize=normalize, equals=equals):
-            if not cs.HasField("reference"):
-                return None
-            ref, ans = _norm(cs.reference, normalize), _norm(a, normalize)
-            return float(ans == ref if equals else ref in ans)
-    else:
-        target = _resolve_callable(str(spec.get("callable", "")), where)
-
-        def fn(a, cs, target=target, where=where):
-            try:
-                value = target(a, cs)
-            except Exception as exc:  # noqa: BLE001 - a user's check failing is reported, not fatal
-                raise RulesError(f"{where}: callable raised {type(exc).__name__}: {exc}") from None
-            if isinstance(value, bool):
-                return float(value)
-            if isinstance(value, (int, float)) and 0.0 <= float(value) <= 1.0:
-                return float(value)
-            raise RulesError(f"{where}: callable returned {value!r}; return a bool or a number in [0, 1]")
-
-    return Rule(name=name, type=kind, weight=weight, fn=fn)
+    return Rule(name=name, type=kind, weight=weight, fn=build(spec, where))
 
 
 @dataclass
 class RuleSet:
     rules: list[Rule]
-    pair_mode: str = "best_worst"
+    pair_mode: str = PairMode.BEST_WORST
     margin: float = 0.0
     source: str = ""
 
@@ -190,9 +216,10 @@ class RuleSet:
         names = [r.name for r in rules]
         if len(set(names)) != len(names):
             raise RulesError(f"{source}: rule names must be unique, got {names}")
-        mode = data.get("pair_mode", "best_worst")
-        if mode not in ("best_worst", "all"):
-            raise RulesError(f"{source}: pair_mode must be best_worst or all")
+        mode = data.get("pair_mode", PairMode.BEST_WORST)
+        wrong = problem(mode, PAIR_MODES, "pair_mode")
+        if wrong:
+            raise RulesError(f"{source}: {wrong}")
         return cls(rules=rules, pair_mode=mode, margin=float(data.get("margin", 0.0)), source=source)
 
     @classmethod
@@ -214,23 +241,23 @@ class RuleSet:
 
 
 class RulesStrategy:
-    name = "rules"
+    name = StrategyName.RULES.value
 
     def __init__(self, rules: RuleSet):
         self.rules = rules
 
-    def label_batch(self, sets: Sequence[labeler_pb2.CandidateSet], source: str) -> list[Outcome | Exception]:
-        results: list[Outcome | Exception] = []
+    def label_batch(self, sets: Sequence[labeler_pb2.CandidateSet], source: str) -> list[Result]:
+        results: list[Result] = []
         for cs in sets:
             try:
                 scored = [self.rules.score(a, cs) for a in cs.answers]
-            except RulesError as exc:
-                results.append(RecordError(str(exc)))
+            except LabelError as exc:
+                results.append(exc)
                 continue
             scores = [s for s, _ in scored]
 
             def prov(c: int, r: int, cs=cs, scored=scored) -> records_pb2.Provenance:
-                p = base_provenance(records_pb2.LABEL_STRATEGY_RULES, cs, source)
+                p = base_provenance(StrategyName.RULES, cs, source)
                 p.chosen_score, p.rejected_score = scored[c][0], scored[r][0]
                 p.chosen_rule_hits.extend(scored[c][1])
                 p.rejected_rule_hits.extend(scored[r][1])

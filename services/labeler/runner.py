@@ -6,15 +6,18 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
 from offdpo.config import KafkaConfig
 from offdpo.kafka import GROUP_CHANGED, CommitRefusals, DeadLetterSink, make_consumer, make_producer
-from offdpo.records import RecordError
+from offdpo.v1 import records_pb2
 from services.labeler import inputs
+from services.labeler.base import Strategy
 from services.labeler.config import JudgeConfig, LabelerConfig
-from services.labeler.pipeline import SERVICE, Labeler, Ledger, PairPublisher, Strategies
+from services.labeler.names import InputKind, StrategyName
+from services.labeler.pipeline import SERVICE, Generator, Labeler, Ledger, PairPublisher, Producer, Strategies
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ class RefScoreGenerator:
         self.max_tokens, self.temperature = cfg.generate_max_tokens, cfg.generate_temperature
         self.timeout_s = cfg.generate_timeout_s
 
-    def generate(self, prompt, n: int) -> list[str]:
+    def generate(self, prompt: records_pb2.Prompt, n: int) -> list[str]:
         req = self._pb.GenerateRequest(n=n, max_tokens=self.max_tokens, temperature=self.temperature)
         req.prompt.CopyFrom(prompt)
         resp = self.client.stub.Generate(req, timeout=self.timeout_s)
@@ -50,11 +53,14 @@ def build_labeler(
     cfg: LabelerConfig,
     kafka: KafkaConfig,
     judge: JudgeConfig | None = None,
-    strategy_overrides: dict | None = None,
-    generator=None,
+    strategy_overrides: Mapping[str, Strategy] | None = None,
+    generator: Generator | None = None,
     progress: Callable[[str], None] | None = None,
+    producer: Producer | None = None,
 ) -> Labeler:
-    producer = make_producer(kafka, f"{SERVICE}", enable_idempotence=True)
+    """A labeler publishing to `kafka` (through `producer` when given: tests pass an in-memory one)."""
+    if producer is None:
+        producer = make_producer(kafka, SERVICE, enable_idempotence=True)
     ledger = Ledger(Path(cfg.state_dir) / "published.sqlite") if cfg.ledger else None
     if generator is None and cfg.generate_n > 0:
         generator = RefScoreGenerator(cfg)
@@ -74,35 +80,51 @@ def close_labeler(labeler: Labeler) -> None:
         labeler.publisher.ledger.close()
 
 
-def _batches(it: Iterable, size: int) -> Iterator[list]:
+T = TypeVar("T")
+
+
+def _batches(it: Iterable[T], size: int) -> Iterator[list[T]]:
     it = iter(it)
     while batch := list(itertools.islice(it, size)):
         yield batch
 
 
-READERS = {
-    "candidates": inputs.read_candidates_file,
-    "annotations": inputs.read_annotations,
-    "preferences": inputs.read_preferences,
-}
-
-
 def run_file(
     labeler: Labeler,
     path: str | Path,
-    kind: str = "candidates",
+    kind: str = InputKind.CANDIDATES,
     strategy: str = "",
     progress: Callable[[str], None] | None = None,
-) -> dict:
+) -> dict[str, dict[str, int]]:
     """Label one file; returns the summary dict. kind: candidates | annotations | preferences."""
-    reader = READERS[kind]
+    limit = labeler.cfg.max_input_bytes
+    match InputKind(kind):
+        case InputKind.CANDIDATES:
+            candidates = inputs.read_candidates_file(path, limit)
+            _run_batches(labeler, path, candidates, lambda b: labeler.label_candidates(b, strategy), progress)
+        case InputKind.ANNOTATIONS:
+            human = StrategyName.HUMAN.value
+            annotations = inputs.read_annotations(path, limit)
+            _run_batches(labeler, path, annotations, lambda b: labeler.publish_pairs(b, human), progress)
+        case InputKind.PREFERENCES:
+            imported = StrategyName.IMPORTED.value
+            preferences = inputs.read_preferences(path, limit)
+            _run_batches(labeler, path, preferences, lambda b: labeler.publish_pairs(b, imported), progress)
+    return labeler.summary.as_dict()
+
+
+def _run_batches(
+    labeler: Labeler,
+    path: str | Path,
+    items: Iterable[T],
+    handle: Callable[[list[T]], object],
+    progress: Callable[[str], None] | None,
+) -> None:
+    """`handle` each batch of items, then wait for Kafka's acknowledgements before reading on."""
     done = 0
     t0 = time.monotonic()
-    for batch in _batches(reader(path, labeler.cfg.max_input_bytes), labeler.cfg.batch_size):
-        if kind == "candidates":
-            labeler.label_candidates(batch, strategy)
-        else:
-            labeler.publish_pairs(batch, "human" if kind == "annotations" else "imported")
+    for batch in _batches(items, labeler.cfg.batch_size):
+        handle(batch)
         labeler.confirm()
         done += len(batch)
         if progress:
@@ -111,7 +133,6 @@ def run_file(
                 f"{path}: {done} inputs, {t['pairs']} pairs, {t['duplicates']} duplicates, "
                 f"{t['rejects']} rejects ({time.monotonic() - t0:.1f} s)"
             )
-    return labeler.summary.as_dict()
 
 
 def run_kafka(
@@ -122,13 +143,13 @@ def run_kafka(
     idle_exit_s: float | None = None,
     progress: Callable[[str], None] | None = None,
     heartbeat: Callable[[], None] = lambda: None,
-) -> dict:
+) -> dict[str, dict[str, int]]:
     """Consume candidate sets from the candidates topic in a consumer group. Offsets are committed only
     after the batch's pairs and dead letters are acknowledged. Returns when `stop` is set or, with
     `idle_exit_s`, after that long without records. `heartbeat` is called every time round the loop."""
     cfg = labeler.cfg
 
-    def new_consumer():
+    def new_consumer() -> Any:
         return make_consumer(kafka, cfg.group_id, [kafka.candidates_topic], max_poll_records=cfg.batch_size)
 
     consumer = new_consumer()
@@ -145,17 +166,7 @@ def run_kafka(
                     break
                 continue
             last_record = time.monotonic()
-            items = []
-            for rec in recs:
-                item = inputs.Item(
-                    source=rec.topic, offset=rec.offset, raw=rec.value or b"", partition=rec.partition, key=rec.key
-                )
-                try:
-                    item.value = inputs.candidate_set_from_record(rec.value, cfg.max_input_bytes)
-                except RecordError as exc:
-                    item.error = f"{rec.topic}[{rec.partition}]@{rec.offset}: {exc}"
-                items.append(item)
-            labeler.label_candidates(items, strategy)
+            labeler.label_candidates([inputs.candidate_item(rec, cfg.max_input_bytes) for rec in recs], strategy)
             labeler.confirm()  # raises PublishError: nothing is committed, the batch is redelivered
             try:
                 consumer.commit()

@@ -15,10 +15,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from offdpo.records import RecordError
+from offdpo.errors import BadInput
 from offdpo.v1 import labeler_pb2, labeler_pb2_grpc
+from services.labeler.errors import PublishError
 from services.labeler.inputs import Item, validate_candidate_set, validate_judgement
-from services.labeler.pipeline import Labeler, PublishError
+from services.labeler.names import StrategyName, candidate_strategy_problem
+from services.labeler.pipeline import Labeler, SetReport
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = labeler_pb2.DESCRIPTOR.services_by_name["Labeler"].full_name
@@ -28,7 +30,9 @@ class LabelerServicer(labeler_pb2_grpc.LabelerServicer):
     def __init__(self, labeler: Labeler):
         self.labeler = labeler
 
-    async def SubmitCandidates(self, request, context):
+    async def SubmitCandidates(
+        self, request: labeler_pb2.SubmitCandidatesRequest, context: grpc.aio.ServicerContext
+    ) -> labeler_pb2.SubmitCandidatesResponse:
         cfg = self.labeler.cfg
         if not request.sets:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no candidate sets: add at least one to 'sets'")
@@ -37,17 +41,15 @@ class LabelerServicer(labeler_pb2_grpc.LabelerServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{len(request.sets)} candidate sets, over the limit of {cfg.grpc_max_sets}: split the request",
             )
-        if request.strategy and request.strategy not in ("rules", "reward_model", "llm_judge"):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"unknown strategy {request.strategy!r}: use rules, reward_model or llm_judge",
-            )
+        wrong = candidate_strategy_problem(request.strategy) if request.strategy else None
+        if wrong:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, wrong)
         for i, cs in enumerate(request.sets):
             try:
                 validate_candidate_set(cs, cfg.max_answers)
-            except RecordError as exc:
+            except BadInput as exc:
                 name = f" ({cs.set_id!r})" if cs.set_id else ""
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sets[{i}]{name}: {exc}")
+                await context.abort(exc.grpc_status, f"sets[{i}]{name}: {exc}")
         peer = context.peer() or "unknown"
         items = [
             Item(source=f"grpc:{peer}", offset=i, raw=cs.SerializeToString(), value=cs)
@@ -56,7 +58,7 @@ class LabelerServicer(labeler_pb2_grpc.LabelerServicer):
         try:
             reports = await asyncio.to_thread(self._label, items, request.strategy)
         except PublishError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"pairs not acknowledged by Kafka, retry: {exc}")
+            await context.abort(exc.grpc_status, f"pairs not acknowledged by Kafka, retry: {exc}")
         resp = labeler_pb2.SubmitCandidatesResponse()
         for i, (cs, rep) in enumerate(zip(request.sets, reports)):
             resp.results.add(
@@ -70,29 +72,31 @@ class LabelerServicer(labeler_pb2_grpc.LabelerServicer):
             )
         return resp
 
-    def _label(self, items, strategy):
+    def _label(self, items: list[Item[labeler_pb2.CandidateSet]], strategy: str) -> list[SetReport]:
         reports = self.labeler.label_candidates(items, strategy)
         self.labeler.confirm()
         return reports
 
-    async def SubmitJudgement(self, request, context):
+    async def SubmitJudgement(
+        self, request: labeler_pb2.HumanJudgement, context: grpc.aio.ServicerContext
+    ) -> labeler_pb2.SubmitJudgementResponse:
         try:
             validate_judgement(request)
-        except RecordError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"judgement: {exc}")
+        except BadInput as exc:
+            await context.abort(exc.grpc_status, f"judgement: {exc}")
         item = Item(
             source=f"grpc:{context.peer() or 'unknown'}", offset=0, raw=request.SerializeToString(), value=request
         )
 
-        def run():
-            reports = self.labeler.publish_pairs([item], "human")
+        def run() -> SetReport:
+            reports = self.labeler.publish_pairs([item], StrategyName.HUMAN.value)
             self.labeler.confirm()
             return reports[0]
 
         try:
             rep = await asyncio.to_thread(run)
         except PublishError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"pair not acknowledged by Kafka, retry: {exc}")
+            await context.abort(exc.grpc_status, f"pair not acknowledged by Kafka, retry: {exc}")
         ids = rep.pair_ids or rep.duplicate_ids
         return labeler_pb2.SubmitJudgementResponse(
             pair_id=ids[0] if ids else "", published=bool(rep.pair_ids), duplicate=bool(rep.duplicate_ids)

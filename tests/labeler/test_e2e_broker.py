@@ -315,8 +315,8 @@ def test_kafka_input_mode_commits_after_publishing(kcfg, lcfg):
 
 def test_kafka_input_mode_replaces_a_consumer_whose_commits_a_rebalance_keeps_refusing(kcfg, lcfg, monkeypatch, caplog):
     """A commit refused by a group rebalance neither ends the run nor loses the batch: it is redone
-    (the ledger keeps each pair published once), and a consumer stuck refusing (kafka-python after an
-    outage, seen in CI) is replaced after GROUP_REFUSALS_BEFORE_NEW_CONSUMER refusals in a row."""
+    (the ledger keeps each pair published once), and a consumer stuck refusing (kafka-python can stay
+    in its client-side rebalancing state) is replaced after GROUP_REFUSALS_BEFORE_NEW_CONSUMER refusals in a row."""
     import logging
 
     from offdpo.kafka import GROUP_REFUSALS_BEFORE_NEW_CONSUMER
