@@ -8,9 +8,9 @@ from services.trainer.train import main
 
 code = main()
 if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-    # Under torchrun, skip the interpreter's teardown: gloo's worker threads, destroyed there, aborted
-    # a rank that had finished cleanly ("terminate called without an active exception", SIGABRT,
-    # seen in CI after the run's last checkpoint) and torchrun then reported the whole run failed.
+    # Under torchrun, skip the interpreter's teardown: gloo's worker threads, destroyed there, can abort
+    # a rank that finished cleanly ("terminate called without an active exception", SIGABRT), and
+    # torchrun then reports the whole run failed.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -5,8 +5,11 @@ runs/<run>/checkpoints/step-<N>/optimizer.safetensors AdamW moments and step cou
 runs/<run>/checkpoints/step-<N>/rng.safetensors       torch CPU (and CUDA) generator states
 runs/<run>/checkpoints/step-<N>/state.json            step, scheduler, optimizer hyper-parameters,
                                                       python RNG, data position / consumed shards
-runs/<run>/latest                                     {"step": N}: written last, so it only ever
-                                                      points at a complete checkpoint
+runs/<run>/latest                                     {"step": N, "prefix": ...}: written last, so it
+                                                      only ever points at a complete checkpoint
+
+The layout is the one-process layout whatever the run's world size or DDP/FSDP mode: FSDP gathers
+weights and optimizer state to rank 0 before they are written, and shards them again on resume.
 """
 
 from __future__ import annotations
@@ -15,21 +18,53 @@ import json
 import logging
 import random
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from safetensors.torch import load, save
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch.optim.lr_scheduler import LRScheduler
 
 from offdpo.s3 import safe_key_part
+from services.trainer.config import TrainerConfig
+from services.trainer.distributed import Node, full_state_dicts, optimizer_loader
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
+
+
+class Store(Protocol):
+    """The object-store methods checkpoints use (offdpo.s3.ObjectStore)."""
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = ...) -> None: ...
+
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def list_keys(self, prefix: str) -> list[str]: ...
+
+
+@dataclass
+class Policy:
+    """The model being trained, in the forms the loop and the checkpoints need."""
+
+    model: PreTrainedModel  # save_pretrained writes it
+    module: torch.nn.Module  # what trains: its answer log-probs, wrapped for DDP or FSDP
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
 
 
 def run_prefix(run_name: str) -> str:
     return f"runs/{safe_key_part(run_name, 'run name')}"
 
 
-def _optimizer_tensors(sd: dict) -> tuple[dict, dict]:
+def _optimizer_tensors(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """torch's index-keyed optimizer state dict -> (safetensors tensors, JSON-able metadata)."""
     tensors = {}
     for pid, st in sd["state"].items():
@@ -45,8 +80,8 @@ def _optimizer_tensors(sd: dict) -> tuple[dict, dict]:
 _ADAMW_STATE_ORDER = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
-def _optimizer_state(tensors: dict, meta: dict) -> dict:
-    state: dict = {}
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, torch.Tensor]] = {}
     rank = {name: i for i, name in enumerate(_ADAMW_STATE_ORDER)}
     for k in sorted(tensors, key=lambda k: (int(k.split(".", 1)[0]), rank.get(k.split(".", 1)[1], len(rank)), k)):
         pid, name = k.split(".", 1)
@@ -55,15 +90,15 @@ def _optimizer_state(tensors: dict, meta: dict) -> dict:
 
 
 def save_checkpoint(
-    store,
+    store: Store,
     run_name: str,
     step: int,
-    model,
-    tokenizer,
-    optimizer_state: dict,
-    scheduler,
-    extra: dict,
-    model_state: dict | None = None,
+    model: PreTrainedModel,
+    tokenizer: Any,
+    optimizer_state: dict[str, Any],
+    scheduler: LRScheduler,
+    extra: dict[str, Any],
+    model_state: dict[str, Any] | None = None,
 ) -> str:
     """Upload everything for `step`, then move `latest`. `optimizer_state`: torch's index-keyed state
     dict (whole); `model_state`: a full model state dict (FSDP gathers both to rank 0)."""
@@ -76,11 +111,11 @@ def save_checkpoint(
             if path.is_file():
                 store.put_bytes(f"{prefix}/model/{path.relative_to(Path(tmp) / 'model')}", path.read_bytes())
     opt_tensors, opt_meta = _optimizer_tensors(optimizer_state)
-    store.put_bytes(f"{prefix}/optimizer.safetensors", save(opt_tensors))
-    rng = {"torch_cpu": torch.get_rng_state()}
+    store.put_bytes(f"{prefix}/optimizer.safetensors", save_tensors(opt_tensors))
+    rng: dict[str, torch.Tensor] = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["torch_cuda"] = torch.cuda.get_rng_state()
-    store.put_bytes(f"{prefix}/rng.safetensors", save(rng))
+    store.put_bytes(f"{prefix}/rng.safetensors", save_tensors(rng))
     py_state = random.getstate()
     state = {
         "step": step,
@@ -99,14 +134,46 @@ def save_checkpoint(
     return prefix
 
 
-def latest_checkpoint(store, run_name: str) -> str | None:
+def save(
+    store: Store,
+    cfg: TrainerConfig,
+    node: Node,
+    step: int,
+    policy: Policy,
+    tokenizer: Any,
+    extra: dict[str, Any] | None,
+) -> None:
+    """Checkpoint `step`. Every rank calls it (FSDP gathers the state to rank 0); rank 0 writes, with
+    `extra` (the data position, the reference fingerprint: rank 0's, None on the others) in state.json."""
+    model_state, optim_state = full_state_dicts(policy.module, policy.optimizer, cfg, node.world)
+    if node.is_main:
+        assert extra is not None, "rank 0 writes the data position with every checkpoint"
+        optim_state = optim_state or policy.optimizer.state_dict()
+        save_checkpoint(
+            store, cfg.run_name, step, policy.model, tokenizer, optim_state, policy.scheduler, extra, model_state
+        )
+
+
+def latest_checkpoint(store: Store, run_name: str) -> str | None:
     key = f"{run_prefix(run_name)}/latest"
     if not store.exists(key):
         return None
     return json.loads(store.get_bytes(key))["prefix"]
 
 
-def download_model(store, prefix: str, dest: Path) -> Path:
+def read_state(store: Store, prefix: str) -> dict[str, Any]:
+    """state.json of a checkpoint: step, data position, fingerprint, config, ..."""
+    return json.loads(store.get_bytes(f"{prefix}/state.json"))
+
+
+def restore(store: Store, prefix: str, cfg: TrainerConfig, node: Node, policy: Policy) -> int:
+    """Optimizer, scheduler and RNG state of the checkpoint at `prefix` (the weights were loaded with
+    the model); returns its step. Every rank calls it: FSDP shards the optimizer state again."""
+    load_optimizer = optimizer_loader(policy.module, policy.optimizer, cfg, node.world)
+    return load_trainer_state(store, prefix, load_optimizer, policy.scheduler)["step"]
+
+
+def download_model(store: Store, prefix: str, dest: Path) -> Path:
     for key in store.list_keys(f"{prefix}/model/"):
         path = dest / key[len(prefix) + len("/model/") :]
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,13 +181,17 @@ def download_model(store, prefix: str, dest: Path) -> Path:
     return dest
 
 
-def load_trainer_state(store, prefix: str, load_optimizer, scheduler) -> dict:
+def load_trainer_state(
+    store: Store, prefix: str, load_optimizer: Callable[[dict[str, Any]], None], scheduler: LRScheduler
+) -> dict[str, Any]:
     """`load_optimizer` takes torch's index-keyed optimizer state dict (optimizer.load_state_dict, or
     FSDP's sharding loader)."""
-    state = json.loads(store.get_bytes(f"{prefix}/state.json"))
-    load_optimizer(_optimizer_state(load(store.get_bytes(f"{prefix}/optimizer.safetensors")), state["optimizer"]))
+    state = read_state(store, prefix)
+    load_optimizer(
+        _optimizer_state(load_tensors(store.get_bytes(f"{prefix}/optimizer.safetensors")), state["optimizer"])
+    )
     scheduler.load_state_dict(state["scheduler"])
-    rng = load(store.get_bytes(f"{prefix}/rng.safetensors"))
+    rng = load_tensors(store.get_bytes(f"{prefix}/rng.safetensors"))
     torch.set_rng_state(rng["torch_cpu"])
     if "torch_cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["torch_cuda"])

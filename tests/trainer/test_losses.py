@@ -1,10 +1,11 @@
-"""Loss equivalence: stored reference log-probs give the same loss, rewards and gradients as a live
-reference model (the frozen initial policy), for every loss type, in float32."""
+"""The losses: hand-computed values for a 2-token pair, and stored reference log-probs giving the same
+loss, rewards and gradients as a live reference model (the frozen initial policy), for every loss type."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from offdpo.records import scored_pairs_to_parquet
 from services.trainer.config import LOSS_TYPES, TrainerConfig
 from services.trainer.data import examples_from_shard
-from services.trainer.losses import AnswerLogps, preference_loss
+from services.trainer.losses import AnswerLogps, make_batch, preference_loss
 from services.trainer.train import train_step
 
 from .conftest import scored_pairs, synthetic_tokens
@@ -62,31 +63,49 @@ def test_precomputed_reference_equals_live_reference(tiny_model, examples, loss_
     assert any(g.abs().sum() > 0 for g in g_off.values())
 
 
-def test_loss_formulas_match_the_papers():
-    # One pair, chosen/rejected policy and reference log-probs, answer lengths 2 and 4.
-    pi = torch.tensor([-3.0, -5.0])
-    ref = torch.tensor([-4.0, -4.5])
-    lengths = torch.tensor([2.0, 4.0])
-    beta = 0.2
-    h = (pi[0] - pi[1]) - (ref[0] - ref[1])  # 2.5
-    sig = torch.nn.functional.logsigmoid
-    expect = {
-        "sigmoid": -sig(beta * h),
-        "hinge": torch.relu(1 - beta * h),
-        "ipo": ((pi[0] / 2 - pi[1] / 4) - (ref[0] / 2 - ref[1] / 4) - 1 / (2 * beta)) ** 2,
-        "simpo": -sig(beta * ((pi[0] / 2 - pi[1] / 4) - (ref[0] / 2 - ref[1] / 4)) - 0.5),
-    }
-    for lt, want in expect.items():
-        got, cr, rr = preference_loss(pi, ref, lengths, loss_type=lt, beta=beta)
-        assert torch.allclose(got, want.reshape(1)), lt
-    got, cr, rr = preference_loss(pi, ref, lengths, loss_type="sigmoid", beta=beta)
-    assert torch.allclose(cr, torch.tensor([beta * 1.0])) and torch.allclose(rr, torch.tensor([beta * -0.5]))
-    # Robust DPO with eps=0 is DPO; cDPO mixes the flipped label.
-    eps = 0.1
-    got, *_ = preference_loss(pi, ref, lengths, loss_type="robust", beta=beta, label_smoothing=eps)
-    assert torch.allclose(got, ((-sig(beta * h) * (1 - eps) + sig(-beta * h) * eps) / (1 - 2 * eps)).reshape(1))
-    got, *_ = preference_loss(pi, ref, lengths, loss_type="sigmoid", beta=beta, label_smoothing=eps)
-    assert torch.allclose(got, (-sig(beta * h) * (1 - eps) - sig(-beta * h) * eps).reshape(1))
-    # SimPO proper is reference-free; the SFT (RPO) term adds alpha * NLL per chosen token.
-    got, *_ = preference_loss(pi, ref, lengths, loss_type="simpo", beta=beta, reference_free=True, sft_weight=0.3)
-    assert torch.allclose(got, (-sig(beta * (pi[0] / 2 - pi[1] / 4) - 0.5) + 0.3 * 3.0 / 2).reshape(1))
+@dataclass
+class _Pair:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    ref_chosen: list[float]
+    ref_rejected: list[float]
+
+
+# One pair with 2-token answers. Per-token log-probs and their sums (the losses see sums):
+#   policy     chosen -1.0 + -0.5 = -1.5    rejected -2.0 + -1.0 = -3.0
+#   reference  chosen -1.0 + -1.0 = -2.0    rejected -1.5 + -1.0 = -2.5
+# beta 0.5. logits = (pi_c - pi_r) - (ref_c - ref_r) = 1.5 - 0.5 = 1.0, so beta * logits = 0.5.
+# Rewards: chosen 0.5 * (-1.5 + 2.0) = 0.25, rejected 0.5 * (-3.0 + 2.5) = -0.25.
+# -log sigmoid(0.5) = log(1 + e^-0.5) = log(1.6065307) = 0.4740770; -log sigmoid(-0.5) = 0.4740770 + 0.5 = 0.9740770.
+PAIR = _Pair(prompt=[1, 7], chosen=[11, 12], rejected=[21, 22], ref_chosen=[-1.0, -1.0], ref_rejected=[-1.5, -1.0])
+POLICY = torch.tensor([-1.5, -3.0])  # chosen row, then rejected row
+BETA = 0.5
+
+
+@pytest.mark.parametrize(
+    "loss_type,extra,want",
+    [
+        ("sigmoid", {}, 0.4740770),  # DPO: -log sigmoid(0.5)
+        # cDPO, eps 0.1: 0.9 * 0.4740770 + 0.1 * 0.9740770 = 0.4266693 + 0.0974077
+        ("sigmoid", {"label_smoothing": 0.1}, 0.5240770),
+        # robust DPO, eps 0.1: (0.9 * 0.4740770 - 0.1 * 0.9740770) / (1 - 0.2) = 0.3292616 / 0.8
+        ("robust", {"label_smoothing": 0.1}, 0.4115770),
+        ("hinge", {}, 0.5),  # relu(1 - 0.5)
+        # IPO on per-token means: logits = (-0.75 + 1.5) - (-1.0 + 1.25) = 0.5; (0.5 - 1 / (2 * 0.5))^2
+        ("ipo", {}, 0.25),
+        # SimPO, reference-free, gamma 0.5: z = 0.5 * (-0.75 + 1.5) - 0.5 = -0.125; log(1 + e^0.125) = log(2.1331485)
+        ("simpo", {"reference_free": True}, 0.7575990),
+        # DPO + SFT term 0.3 * NLL per chosen token: 0.4740770 + 0.3 * 1.5 / 2
+        ("sigmoid", {"sft_weight": 0.3}, 0.6990770),
+    ],
+)
+def test_hand_computed_losses_for_a_two_token_pair(loss_type, extra, want):
+    batch = make_batch([PAIR])
+    assert batch.ref_logps.tolist() == [-2.0, -2.5] and batch.answer_lengths.tolist() == [2.0, 2.0]
+    loss, chosen, rejected = preference_loss(
+        POLICY, batch.ref_logps, batch.answer_lengths, loss_type=loss_type, beta=BETA, **extra
+    )
+    assert loss.tolist() == pytest.approx([want], abs=1e-6)
+    if not extra.get("reference_free") and loss_type != "ipo":
+        assert chosen.tolist() == pytest.approx([0.25]) and rejected.tolist() == pytest.approx([-0.25])

@@ -1,0 +1,112 @@
+"""One optimizer step's forward and backward passes, and the metrics logged for it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+
+from services.trainer.config import TrainerConfig
+from services.trainer.distributed import all_sum
+from services.trainer.losses import Batch, answer_logps, make_batch, preference_loss, sft_loss
+
+Autocast = Callable[[], AbstractContextManager[Any]]
+SUM_KEYS = ("loss", "chosen", "rejected", "correct", "logps_c", "logps_r", "tokens")
+
+
+def _losses(
+    module: torch.nn.Module,
+    batch: Batch,
+    cfg: TrainerConfig,
+    autocast: Autocast,
+    ref_module: torch.nn.Module | None,
+    objective: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(policy answer log-probs [2B], per-pair loss [B], chosen rewards [B], rejected rewards [B])."""
+    with autocast():
+        policy = answer_logps(module, batch)
+    if objective == "sft":
+        losses = sft_loss(policy, batch.answer_lengths)
+        zeros = torch.zeros(batch.num_pairs)
+        return policy, losses[: batch.num_pairs] + losses[batch.num_pairs :], zeros, zeros
+    ref = batch.ref_logps
+    if ref_module is not None:  # the "live reference" baseline: a frozen model's forward per step
+        with torch.no_grad(), autocast():
+            ref = answer_logps(ref_module, batch)
+    per_pair, chosen, rejected = preference_loss(
+        policy,
+        ref,
+        batch.answer_lengths,
+        loss_type=cfg.loss_type,
+        beta=cfg.beta,
+        label_smoothing=cfg.label_smoothing,
+        simpo_gamma=cfg.simpo_gamma,
+        reference_free=cfg.reference_free,
+        sft_weight=cfg.sft_weight,
+    )
+    return policy, per_pair, chosen, rejected
+
+
+def train_step(
+    module: torch.nn.Module,
+    batch_examples: Sequence[Any],
+    cfg: TrainerConfig,
+    rank: int,
+    world: int,
+    device: torch.device | str,
+    autocast: Autocast,
+    ref_module: torch.nn.Module | None = None,
+    objective: str = "dpo",
+    pad_id: int = 0,
+) -> dict[str, float]:
+    """Forward/backward over this rank's slice of the global batch; returns global sums.
+
+    The loss of each micro-batch is sum(per-pair loss) / global_pairs * world: DDP averages gradients
+    over ranks, so the update equals one process's mean over the same global batch.
+    """
+    n = len(batch_examples)
+    per_rank = -(-n // world)
+    mine = batch_examples[rank * per_rank : (rank + 1) * per_rank]
+    m = cfg.micro_batch_size
+    n_micro = -(-per_rank // m)  # the same on every rank: collectives must line up
+    sums = dict.fromkeys(SUM_KEYS, 0.0)
+    for i in range(n_micro):
+        micro = mine[i * m : (i + 1) * m]
+        weight = 1.0
+        if not micro:  # this rank ran out (short last batch): a zero-weight pass keeps DDP in step
+            micro, weight = batch_examples[:1], 0.0
+        batch = make_batch(micro, device, pad_id)
+        last = i == n_micro - 1
+        no_sync = getattr(module, "no_sync", None)  # DDP: all-reduce gradients only after the last micro-batch
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            policy, per_pair, chosen, rejected = _losses(module, batch, cfg, autocast, ref_module, objective)
+            (per_pair.sum() * (weight * world / n)).backward()
+        if weight:
+            B = batch.num_pairs
+            sums["loss"] += per_pair.detach().sum().item()
+            sums["chosen"] += chosen.sum().item()
+            sums["rejected"] += rejected.sum().item()
+            sums["correct"] += (chosen > rejected).float().sum().item()
+            sums["logps_c"] += policy[:B].detach().sum().item()
+            sums["logps_r"] += policy[B:].detach().sum().item()
+            sums["tokens"] += batch.num_tokens
+    return dict(zip(SUM_KEYS, all_sum([sums[k] for k in SUM_KEYS], world, device)))
+
+
+def step_metrics(sums: dict[str, float], n: int, grad_norm: float, lr: float, seconds: float) -> dict[str, float]:
+    return {
+        "loss": sums["loss"] / n,
+        "rewards/chosen": sums["chosen"] / n,
+        "rewards/rejected": sums["rejected"] / n,
+        "rewards/margins": (sums["chosen"] - sums["rejected"]) / n,
+        "rewards/accuracies": sums["correct"] / n,
+        "logps/chosen": sums["logps_c"] / n,
+        "logps/rejected": sums["logps_r"] / n,
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "tokens_per_s": sums["tokens"] / max(seconds, 1e-9),
+        "pairs": n,
+    }

@@ -1,0 +1,271 @@
+"""The trainer's data sources over in-memory fakes: no broker, no S3, no model.
+
+Shards are built with offdpo.records from hand-made token ids and log-probs; ShardReady events go
+through a FakeBroker to a FakeConsumer; dead letters land on a FakeProducer's topic."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from kafka.errors import KafkaTimeoutError, RebalanceInProgressError
+from kafka.structs import TopicPartition
+
+from offdpo import errors
+from offdpo.config import KafkaConfig
+from offdpo.kafka import DeadLetterSink
+from offdpo.records import (
+    DeadLetter,
+    ReferenceFingerprint,
+    ScoredPair,
+    ShardReady,
+    make_pair,
+    scored_pairs_to_parquet,
+    shard_key,
+    text_prompt,
+    with_fingerprint_id,
+)
+from services.trainer.data import DataError, Example, ReplaySource, StreamSource, examples_from_shard
+from tests.fakes import FakeBroker, FakeConsumer, FakeObjectStore, FakeProducer
+
+SHARDS, DEADLETTERS = "shards", "deadletters"
+FP = with_fingerprint_id(ReferenceFingerprint(model_id="tiny", weights_hash="w1", tokenizer_hash="t", dtype="float32"))
+OTHER_FP = with_fingerprint_id(
+    ReferenceFingerprint(model_id="tiny", weights_hash="w2", tokenizer_hash="t", dtype="float32")
+)
+
+
+def row(name: str, fp: ReferenceFingerprint = FP, chosen_len: int = 2) -> ScoredPair:
+    chosen, rejected = [100 + i for i in range(chosen_len)], [300, 301]
+    lc, lr = [-1.0] * chosen_len, [-2.0, -2.0]
+    out = ScoredPair(
+        prompt_token_ids=[1, 500],
+        chosen_token_ids=chosen,
+        rejected_token_ids=rejected,
+        chosen_logprobs=lc,
+        rejected_logprobs=lr,
+        chosen_logprob_sum=sum(lc),
+        rejected_logprob_sum=sum(lr),
+    )
+    out.pair.CopyFrom(make_pair(text_prompt(f"prompt {name}"), f"chosen {name}", f"rejected {name}"))
+    out.fingerprint.CopyFrom(fp)
+    return out
+
+
+def put_shard(store: FakeObjectStore, rows: list[ScoredPair], first: int, fp: ReferenceFingerprint = FP) -> str:
+    key = shard_key(fp.fingerprint_id, "pairs", 0, first, first + len(rows) - 1)
+    store.put_bytes(key, scored_pairs_to_parquet(rows, fp))
+    return key
+
+
+def ids(examples: list[Example] | None) -> list[str]:
+    assert examples is not None
+    return [e.pair_id for e in examples]
+
+
+# -- shards --------------------------------------------------------------------------------------
+def test_examples_carry_the_stored_tokens_and_logprobs():
+    r = row("a")
+    examples, refusals = examples_from_shard(scored_pairs_to_parquet([r], FP), "k", FP, set(), 64, "refuse")
+    assert refusals == []
+    (e,) = examples
+    assert (e.pair_id, e.prompt, e.chosen, e.rejected) == (r.pair.pair_id, [1, 500], [100, 101], [300, 301])
+    assert (e.ref_chosen, e.ref_rejected, e.shard) == ([-1.0, -1.0], [-2.0, -2.0], "k")
+
+
+def test_shard_faults_raise_typed_errors_that_carry_their_deadletter_type():
+    data = scored_pairs_to_parquet([row("a", OTHER_FP)], OTHER_FP)
+    with pytest.raises(errors.FingerprintMismatch) as err:
+        examples_from_shard(data, "k", FP, set(), 64, "refuse")
+    assert err.value.error_type == "fingerprint_mismatch" and "weights_hash" in str(err.value)
+    examples, _ = examples_from_shard(data, "k", FP, {OTHER_FP.fingerprint_id}, 64, "refuse")  # allowed deliberately
+    assert len(examples) == 1
+    with pytest.raises(errors.CorruptShard) as err2:
+        examples_from_shard(data[:-50], "k", FP, set(), 64, "refuse")
+    assert err2.value.error_type == "corrupt_shard"
+
+
+def test_over_long_records_are_refused_or_their_answers_cut():
+    long = row("long", chosen_len=6)  # prompt 2 + longest answer 6 = 8 tokens
+    data = scored_pairs_to_parquet([long, row("short")], FP)
+    examples, refusals = examples_from_shard(data, "k", FP, set(), 5, "refuse")
+    assert ids(examples) == [row("short").pair.pair_id]
+    assert len(refusals) == 1 and long.pair.pair_id in refusals[0] and "--max-length 5" in refusals[0]
+    examples, refusals = examples_from_shard(data, "k", FP, set(), 5, "truncate_answers")
+    assert refusals == [] and examples[0].chosen == [100, 101, 102] and examples[0].ref_chosen == [-1.0] * 3
+
+
+# -- replay --------------------------------------------------------------------------------------
+def test_replay_trains_each_unique_pair_once_per_epoch_and_resumes_at_its_position():
+    store = FakeObjectStore()
+    rows = [row(str(i)) for i in range(5)]
+    put_shard(store, rows[:3], 0)
+    put_shard(store, rows[2:], 3)  # rows[2] is in both shards: identity by pair_id
+    source = ReplaySource(store, "scores/", 2, 7, FP, set(), 64, "refuse")
+    assert source.total_steps(2, 0) == 6 and source.total_steps(2, 4) == 4
+    taken = [source.next_batch(2) for _ in range(6)]
+    assert [len(ids(b)) for b in taken] == [2, 2, 1, 2, 2, 1]  # an epoch's last batch may be short
+    unique = sorted(r.pair.pair_id for r in rows)
+    assert sorted(ids(taken[0]) + ids(taken[1]) + ids(taken[2])) == unique
+    assert sorted(ids(taken[3]) + ids(taken[4]) + ids(taken[5])) == unique
+    assert source.next_batch(2) is None
+
+    again = ReplaySource(store, "scores/", 2, 7, FP, set(), 64, "refuse")
+    resumed = ReplaySource(store, "scores/", 2, 7, FP, set(), 64, "refuse")
+    for _ in range(4):
+        again.next_batch(2)
+    resumed.load_state(again.state())
+    assert [ids(resumed.next_batch(2)) for _ in range(2)] == [ids(taken[4]), ids(taken[5])]
+
+
+def test_replay_refuses_before_training():
+    store = FakeObjectStore()
+    with pytest.raises(DataError, match="no \\*.parquet shards"):
+        ReplaySource(store, "scores/", 1, 0, FP, set(), 64, "refuse")
+    put_shard(store, [row("long", chosen_len=9)], 0)
+    with pytest.raises(DataError, match="1 record\\(s\\) refused, nothing trained"):
+        ReplaySource(store, "scores/", 1, 0, FP, set(), 5, "refuse")
+    assert issubclass(DataError, errors.BadInput)
+    other = FakeObjectStore()
+    bad = put_shard(other, [row("a")], 0)
+    other.objects[bad] = other.objects[bad][:-50]
+    with pytest.raises(errors.CorruptShard, match=bad):
+        ReplaySource(other, "scores/", 1, 0, FP, set(), 64, "refuse")
+    source = ReplaySource(store, "scores/", 1, 0, FP, set(), 64, "truncate_answers")
+    put_shard(store, [row("b")], 1)
+    with pytest.raises(DataError, match="shards under the prefix changed"):
+        ReplaySource(store, "scores/", 1, 0, FP, set(), 64, "truncate_answers").load_state(source.state())
+
+
+# -- continuous ----------------------------------------------------------------------------------
+class Stream:
+    """A StreamSource over a FakeBroker, with its consumer, store and dead-letter topic at hand."""
+
+    def __init__(self, group: str = "trainer"):
+        self.broker, self.store = FakeBroker(), FakeObjectStore()
+        self.broker.create_topic(SHARDS)
+        self.group = group
+        self.source = self.open()
+
+    def open(self) -> StreamSource:
+        self.consumer = FakeConsumer(self.broker, SHARDS, group=self.group)
+        sink = DeadLetterSink(FakeProducer(self.broker), KafkaConfig(deadletter_topic=DEADLETTERS), "trainer")
+        return StreamSource(self.store, self.consumer, sink, FP, set(), 64, "refuse", 0, 0.05, SHARDS)
+
+    def announce(self, key: str, rows: list[ScoredPair], fp: ReferenceFingerprint = FP) -> None:
+        event = ShardReady(bucket=self.store.bucket, object_key=key, row_count=len(rows))
+        event.pair_ids.extend(r.pair.pair_id for r in rows)
+        event.fingerprint.CopyFrom(fp)
+        self.broker.append(SHARDS, event.SerializeToString(), key.encode(), partition=0)
+
+    def deadletters(self) -> dict[str, DeadLetter]:
+        letters = [DeadLetter.FromString(v or b"") for v in self.broker.values(DEADLETTERS)]
+        return {letter.error_type: letter for letter in letters}
+
+    def committed(self) -> int | None:
+        return self.broker.committed.get((self.group, TopicPartition(SHARDS, 0)))
+
+
+def test_stream_takes_each_pair_once_and_deadletters_what_it_cannot_train():
+    s = Stream()
+    rows = [row(str(i)) for i in range(6)]
+    good1, good2 = put_shard(s.store, rows[:4], 0), put_shard(s.store, rows[2:], 4)  # 2 pairs in both
+    mismatched = put_shard(s.store, [row("x", OTHER_FP)], 0, OTHER_FP)
+    corrupt = shard_key(FP.fingerprint_id, "pairs", 1, 0, 1)
+    s.store.put_bytes(corrupt, b"not a parquet file")
+    s.announce(good1, rows[:4])  # offset 0
+    s.announce(mismatched, [row("x", OTHER_FP)], OTHER_FP)  # 1
+    s.announce(good1, rows[:4])  # 2: announced twice
+    s.broker.append(SHARDS, b"\xff garbage", partition=0)  # 3
+    s.announce(corrupt, rows[:1])  # 4
+    s.announce("scores/none/missing.parquet", rows[:1])  # 5
+    s.announce(good2, rows[2:])  # 6
+
+    taken = [s.source.next_batch(4), s.source.next_batch(4)]
+    assert s.source.next_batch(4) is None  # idle: nothing left
+    assert sorted(ids(taken[0]) + ids(taken[1])) == sorted(r.pair.pair_id for r in rows)
+    letters = s.deadletters()
+    assert set(letters) == {"fingerprint_mismatch", "decode_error", "corrupt_shard", "shard_unreadable"}
+    assert (
+        mismatched in letters["fingerprint_mismatch"].reason
+        and "weights_hash" in letters["fingerprint_mismatch"].reason
+    )
+    assert corrupt in letters["corrupt_shard"].reason
+    assert letters["decode_error"].offset == 3 and letters["decode_error"].original_value == b"\xff garbage"
+    assert "missing.parquet" in letters["shard_unreadable"].reason
+    assert all(letter.service == "trainer" and letter.topic == SHARDS for letter in letters.values())
+
+
+def test_stream_deadletters_over_long_records_and_trains_the_rest():
+    s = Stream()
+    rows = [row("ok"), row("long", chosen_len=70)]
+    s.announce(put_shard(s.store, rows, 0), rows)
+    assert ids(s.source.next_batch(4)) == [rows[0].pair.pair_id]
+    letter = s.deadletters()["record_too_long"]
+    assert rows[1].pair.pair_id in letter.reason and "the rest trained" in letter.reason
+
+
+def test_stream_commit_covers_only_what_the_checkpoint_holds():
+    s = Stream()
+    rows = [row(str(i)) for i in range(6)]
+    first, second = put_shard(s.store, rows[:4], 0), put_shard(s.store, rows[4:], 4)
+    s.announce(first, rows[:4])  # offset 0
+    s.announce(second, rows[4:])  # offset 1
+    batch = s.source.next_batch(4)
+    s.source.mark_trained(batch or [])
+    s.source.commit()  # the first event's pairs are all trained; the second's are not
+    assert s.committed() == 1
+    assert s.source.state()["done_shards"] == [first] and s.source.state()["offsets"] == {"0": 1}
+
+    # A restart from that checkpoint gets the second event again and trains only its pairs.
+    state = s.source.state()
+    s.source.close()
+    assert s.consumer.closed
+    restarted = s.open()
+    restarted.load_state(state)
+    rest = restarted.next_batch(4)
+    assert ids(rest) == [r.pair.pair_id for r in rows[4:]]
+    restarted.mark_trained(rest or [])
+    restarted.commit()
+    assert s.committed() == 2
+
+
+def test_stream_pairs_announced_again_after_a_restart_are_not_trained_twice():
+    s = Stream()
+    rows = [row(str(i)) for i in range(4)]
+    key = put_shard(s.store, rows, 0)
+    s.announce(key, rows[:2])
+    s.source.mark_trained(s.source.next_batch(4) or [])  # trained, but the checkpoint was not committed
+    state = s.source.state()
+    restarted = s.open()  # the group never committed: the event comes back
+    restarted.load_state(state)
+    assert restarted.next_batch(4) is None
+
+
+def test_a_commit_that_keeps_failing_is_deferred_and_a_group_change_is_not_retried(caplog):
+    s = Stream()
+    s.source.COMMIT_ATTEMPTS = 2
+    s.announce(put_shard(s.store, [row("a")], 0), [row("a")])
+    s.source.mark_trained(s.source.next_batch(1) or [])
+    s.consumer.fail_commits(1, KafkaTimeoutError("broker unreachable"))
+    s.source.commit()  # retried once, then committed
+    assert s.committed() == 1 and any("retrying in" in r.getMessage() for r in caplog.records)
+
+    s.consumer.fail_commits(1, RebalanceInProgressError("rebalancing"))
+    s.consumer.commits.clear()
+    s.source.commit()
+    assert s.consumer.commits == [], "a group change is answered by the next poll, not by a retry"
+    assert any("deferred to the next checkpoint" in r.getMessage() for r in caplog.records)
+
+    s.consumer.fail_commits(2, KafkaTimeoutError("broker unreachable"))
+    s.source.commit()  # two attempts, both fail: deferred, no exception
+    assert s.consumer.commits == []
+
+
+def test_stream_stops_waiting_when_asked():
+    s = Stream()
+    stop = threading.Event()
+    s.source.stop_when_idle_s = 0  # would wait for ever
+    s.source.stop = stop
+    stop.set()
+    assert s.source.next_batch(4) is None
