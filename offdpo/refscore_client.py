@@ -45,60 +45,52 @@ def channel_credentials(
     )
 
 
-class _BearerToken(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-):
-    """Adds `authorization: Bearer <token>` to every call (on TLS and, for local development, plaintext)."""
+class _PlaintextBearer(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """`authorization: Bearer <token>` on a plaintext channel, which grpc's call credentials are
+    never sent over (local development, or a cluster that serves refscore without TLS)."""
 
     def __init__(self, token: str):
-        self._header = ("authorization", f"Bearer {token}")
+        self._metadata = (("authorization", f"Bearer {token}"),)
 
     def __repr__(self) -> str:
-        return "_BearerToken(***)"
+        return "_PlaintextBearer(***)"
 
-    def _details(self, details):
-        metadata = [m for m in (details.metadata or ()) if m[0] != "authorization"] + [self._header]
-        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
+    def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return details._replace(metadata=[*(details.metadata or ()), *self._metadata])
 
     def intercept_unary_unary(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-    def intercept_unary_stream(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-    def intercept_stream_unary(self, continuation, details, request_iterator):
-        return continuation(self._details(details), request_iterator)
+        return continuation(self._with_token(details), request)
 
     def intercept_stream_stream(self, continuation, details, request_iterator):
-        return continuation(self._details(details), request_iterator)
-
-
-class _Details(grpc.ClientCallDetails):
-    def __init__(self, base, metadata):
-        self.method, self.timeout, self.credentials = base.method, base.timeout, base.credentials
-        self.wait_for_ready = getattr(base, "wait_for_ready", None)
-        self.compression = getattr(base, "compression", None)
-        self.metadata = metadata
+        return continuation(self._with_token(details), request_iterator)
 
 
 class RefscoreClient:
     """`credentials`: grpc.ChannelCredentials (see channel_credentials) for TLS, None for plaintext;
-    `token`: this team's bearer token (sent as `authorization` metadata on every call)."""
+    `token`: this team's bearer token, sent as `authorization` metadata on every call (grpc's
+    access-token call credentials over TLS)."""
 
     def __init__(
-        self, target: str, max_message_bytes: int = 64 * 1024 * 1024, credentials=None, token: str | None = None
+        self,
+        target: str,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ):
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
-        self._raw_channel = (
-            grpc.secure_channel(target, credentials, options) if credentials else grpc.insecure_channel(target, options)
-        )
-        self.channel = grpc.intercept_channel(self._raw_channel, _BearerToken(token)) if token else self._raw_channel
+        if credentials is not None:
+            if token:
+                credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
+            self._raw_channel = grpc.secure_channel(target, credentials, options)
+            self.channel = self._raw_channel
+        else:
+            self._raw_channel = grpc.insecure_channel(target, options)
+            self.channel = (
+                grpc.intercept_channel(self._raw_channel, _PlaintextBearer(token)) if token else self._raw_channel
+            )
         self.stub = refscore_pb2_grpc.RefScoreStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -130,8 +122,8 @@ class RefscoreClient:
     def close(self) -> None:
         self._raw_channel.close()
 
-    def __enter__(self):
+    def __enter__(self) -> RefscoreClient:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -18,6 +18,7 @@ import logging
 import signal
 import sys
 import threading
+from typing import Any, Literal
 
 from offdpo.config import ConfigError, KafkaConfig, S3Config
 from offdpo.shutdown import StopOnSignals
@@ -43,36 +44,41 @@ async def _serve(cfg: RefscoreConfig, with_worker: bool) -> int:
         worker = StreamWorker(server.scorer, cfg, KafkaConfig.from_env(), S3Config.from_env())
         worker_thread = threading.Thread(target=worker.run, args=(worker_stop,), name="refscore-worker", daemon=True)
         worker_thread.start()
+    ending = await _what_ends_serving(load, stop, worker_thread, cfg.grace_s)
+    worker_stop.set()
+    if ending == "load failed":
+        await server.stop(0)
+        return 1
+    if worker_thread is not None:
+        await asyncio.to_thread(worker_thread.join, cfg.grace_s)
+    await server.stop()
+    log.info("stopped cleanly" if ending == "signal" else "stopped")
+    return 0 if ending == "signal" else 1
+
+
+async def _what_ends_serving(
+    load: asyncio.Task[None], stop: asyncio.Event, worker_thread: threading.Thread | None, grace_s: float
+) -> Literal["load failed", "signal", "worker died"]:
     waiter = asyncio.create_task(stop.wait())
     # A worker thread that dies (its traceback is logged) must not leave a pod serving gRPC with its
     # stream dead: stop with exit 1 so Kubernetes restarts the container.
     worker_done = asyncio.create_task(asyncio.to_thread(worker_thread.join)) if worker_thread else None
-    watched = {load, waiter} | ({worker_done} if worker_done else set())
-    exit_code = 0
+    watched: set[asyncio.Task[Any]] = {load, waiter} | ({worker_done} if worker_done else set())
     while True:
         done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
         if load in done and load.exception() is not None:
             log.error("engine failed to load: %s", load.exception())
-            worker_stop.set()
-            await server.stop(0)
-            return 1
+            return "load failed"
         if waiter in done:
-            log.info("signal received: draining (grace %.0f s)", cfg.grace_s)
-            break
+            log.info("signal received: draining (grace %.0f s)", grace_s)
+            return "signal"
         if worker_done in done:
             log.error(
                 "the stream worker stopped unexpectedly (traceback above); stopping with exit 1 so the "
                 "container is restarted"
             )
-            exit_code = 1
-            break
+            return "worker died"
         watched -= done
-    worker_stop.set()
-    if worker_thread is not None:
-        await asyncio.to_thread(worker_thread.join, cfg.grace_s)
-    await server.stop()
-    log.info("stopped cleanly" if exit_code == 0 else "stopped")
-    return exit_code
 
 
 def _worker_only(cfg: RefscoreConfig) -> int:

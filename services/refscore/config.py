@@ -62,7 +62,7 @@ class RefscoreConfig(EnvConfig):
         1024,
         "transformers engine: positions per log-softmax chunk (bounds the [positions x vocab] float32 buffer)",
     )
-    # Security (services/refscore/security.py). Serving needs TLS or an explicit PLAINTEXT=true, and
+    # Security (services/refscore/security/). Serving needs TLS or an explicit PLAINTEXT=true, and
     # an auth file or an explicit ALLOW_ANONYMOUS=true: neither is ever off by accident.
     tls_cert: str = env("OFFDPO_REFSCORE_TLS_CERT", "", "PEM server certificate (chain) file: gRPC over TLS")
     tls_key: str = env("OFFDPO_REFSCORE_TLS_KEY", "", "PEM private key file of the server certificate")

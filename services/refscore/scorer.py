@@ -14,60 +14,76 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import functools
 import json
 import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from offdpo.fingerprint import model_fingerprint
+from offdpo.v1 import records_pb2, refscore_pb2
 from services.refscore import metrics
 from services.refscore.config import RefscoreConfig
 from services.refscore.engines import Engine, Generated, load_engine
-from services.refscore.tokenization import BoundaryTokenizer, TokenizationError
+from services.refscore.errors import DeadlineExceeded, InvalidArgument, NotReady, TokenizationError, TooLarge, TooLong
+from services.refscore.tokenization import BoundaryTokenizer, EncodedPrompt
 
 log = logging.getLogger(__name__)
 
-
-class RefscoreError(Exception):
-    """Domain error; the server's interceptor maps each subclass to one gRPC status code."""
-
-
-class InvalidArgument(RefscoreError):
-    pass
-
-
-class TooLarge(RefscoreError):
-    pass
-
-
-class NotReady(RefscoreError):
-    pass
-
-
-class FingerprintMismatch(RefscoreError):
-    pass
-
-
-class DeadlineExceeded(RefscoreError):
-    pass
-
-
 STREAM_WORKER = "stream-worker"  # the caller name of jobs submitted without one (the Kafka stream worker)
+
+R = TypeVar("R")
+
+
+# -- jobs on the engine queue ----------------------------------------------------------------------
+@dataclass(kw_only=True, eq=False)
+class _Queued(Generic[R]):
+    tokens: int
+    deadline: float | None  # time.monotonic() deadline
+    caller: str = STREAM_WORKER
+    future: concurrent.futures.Future[R] = field(default_factory=concurrent.futures.Future)
+
+
+@dataclass(kw_only=True, eq=False)
+class ScoreJob(_Queued[list[list[float]]]):
+    """Score sequences; the result is one list of answer-token log-probs per sequence, in order."""
+
+    sequences: list[tuple[list[int], list[int]]]  # (prompt_ids, answer_ids)
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    n: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+
+
+@dataclass(kw_only=True, eq=False)
+class GenerateJob(_Queued[list[Generated]]):
+    """Sample answers to one prompt."""
+
+    prompt_ids: list[int]
+    params: GenerateParams
+
+
+Job = ScoreJob | GenerateJob
 
 
 class FairQueue:
     """A blocking queue with one FIFO per caller, served round-robin. `None` (stop) jumps the line."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._fifos: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
+        self._fifos: collections.OrderedDict[str, collections.deque[Job]] = collections.OrderedDict()
         self._stop = False
 
-    def put(self, job: _Job | None) -> None:
+    def put(self, job: Job | None) -> None:
         with self._cond:
             if job is None:
                 self._stop = True
@@ -76,7 +92,7 @@ class FairQueue:
                 metrics.CALLER_QUEUED.labels(job.caller).set(len(self._fifos[job.caller]))
             self._cond.notify()
 
-    def _take(self) -> _Job | None:
+    def _take(self) -> Job | None:
         if self._stop:
             self._stop = False  # consumed; put(None) again to stop again
             return None
@@ -88,13 +104,13 @@ class FairQueue:
         metrics.CALLER_QUEUED.labels(caller).set(len(fifo))
         return job
 
-    def get(self) -> _Job | None:
+    def get(self) -> Job | None:
         with self._cond:
             while not self._fifos and not self._stop:
                 self._cond.wait()
             return self._take()
 
-    def get_nowait(self) -> _Job | None:
+    def get_nowait(self) -> Job | None:
         with self._cond:
             if not self._fifos and not self._stop:
                 raise queue.Empty
@@ -105,22 +121,54 @@ class FairQueue:
             return sum(len(f) for f in self._fifos.values())
 
 
-@dataclass
-class _Job:
-    kind: str  # "score" | "generate"
-    payload: object
-    tokens: int
-    deadline: float | None  # time.monotonic() deadline
-    caller: str = STREAM_WORKER
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-
-
+# -- what goes in and comes out ----------------------------------------------------------------------
 @dataclass
 class Prepared:
-    """An item ready for the engine."""
+    """A gRPC ScoreItem ready for the engine."""
 
     prompt_ids: list[int]
     answer_ids: list[int]
+
+
+@dataclass(frozen=True)
+class PreparedPair:
+    """A preference pair tokenised for the engine: one prompt, two answers."""
+
+    pair: records_pb2.PreferencePair
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+@dataclass(frozen=True)
+class ScoredRow:
+    """A scored pair: its token ids and the reference log-prob of each answer token."""
+
+    prepared: PreparedPair
+    chosen_logprobs: list[float]
+    rejected_logprobs: list[float]
+
+    def to_record(self, fingerprint: records_pb2.ReferenceFingerprint) -> records_pb2.ScoredPair:
+        p = self.prepared
+        return records_pb2.ScoredPair(
+            pair=p.pair,
+            fingerprint=fingerprint,
+            prompt_token_ids=p.prompt_ids,
+            chosen_token_ids=p.chosen_ids,
+            rejected_token_ids=p.rejected_ids,
+            chosen_logprobs=self.chosen_logprobs,
+            rejected_logprobs=self.rejected_logprobs,
+            chosen_logprob_sum=float(sum(self.chosen_logprobs)),
+            rejected_logprob_sum=float(sum(self.rejected_logprobs)),
+        )
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What `Scorer.load` made, besides the engine (which only the engine thread touches)."""
+
+    boundary: BoundaryTokenizer
+    fingerprint: records_pb2.ReferenceFingerprint
 
 
 class Scorer:
@@ -129,46 +177,57 @@ class Scorer:
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self.engine: Engine | None = None
-        self.boundary: BoundaryTokenizer | None = None
-        self.fingerprint = None
+        self._model: LoadedModel | None = None
         self.engine_settings: dict[str, str] = {}
         self.max_model_len = cfg.max_model_len
         self._queue = FairQueue()
         self._thread: threading.Thread | None = None
         self._stopping = False
 
+    @property
+    def fingerprint(self) -> records_pb2.ReferenceFingerprint | None:
+        return self._model.fingerprint if self._model else None
+
+    @property
+    def boundary(self) -> BoundaryTokenizer | None:
+        return self._model.boundary if self._model else None
+
     # -- lifecycle ---------------------------------------------------------------------------
-    def load(self) -> None:
-        """Load tokenizer and engine (blocking: tens of seconds). Safe to call from a thread."""
+    def load(self, engine: Engine | None = None) -> None:
+        """Load tokenizer and engine (blocking: tens of seconds). Safe to call from a thread.
+        `engine`: one already made (tests), instead of the configured one."""
         try:
             from transformers import AutoTokenizer
 
             model_dir = Path(self.cfg.model_dir)
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            self.boundary = BoundaryTokenizer(tokenizer, _stop_token_ids(model_dir))
-            self.engine = load_engine(
-                self.cfg.engine,
-                str(model_dir),
-                self.cfg.dtype,
-                self.cfg.max_model_len,
-                self.cfg.gpu_memory_utilization,
-                self.cfg.engine_settings(),
-            )
-            self.max_model_len = self.engine.max_model_len
+            boundary = BoundaryTokenizer(tokenizer, _stop_token_ids(model_dir))
+            if engine is None:
+                engine = load_engine(
+                    self.cfg.engine,
+                    str(model_dir),
+                    self.cfg.dtype,
+                    self.cfg.max_model_len,
+                    self.cfg.gpu_memory_utilization,
+                    self.cfg.engine_settings(),
+                )
+            self.engine = engine
+            self.max_model_len = engine.max_model_len
             # Read once, before the engine thread owns the engine (engines are single-threaded).
-            self.engine_settings = self.engine.effective_settings()
+            self.engine_settings = engine.effective_settings()
             log.info("engine settings: %s", self.engine_settings)
-            self.fingerprint = model_fingerprint(
+            fingerprint = model_fingerprint(
                 model_dir,
                 dtype=self.cfg.dtype,
-                engine=self.engine.name,
-                engine_version=self.engine.version,
+                engine=engine.name,
+                engine_version=engine.version,
                 model_id=self.cfg.model_id or None,
-                chat_template=self.boundary.chat_template,
+                chat_template=boundary.chat_template,
             )
+            self._model = LoadedModel(boundary, fingerprint)
             self._thread = threading.Thread(target=self._engine_loop, name="refscore-engine", daemon=True)
             self._thread.start()
-            log.info("engine %s %s ready: %s", self.engine.name, self.engine.version, self.fingerprint)
+            log.info("engine %s %s ready: %s", engine.name, engine.version, fingerprint)
             self.ready.set()
         except BaseException as exc:
             self.load_error = exc
@@ -189,10 +248,17 @@ class Scorer:
         if not self.ready.is_set() or self._stopping:
             raise NotReady("the engine is not ready (loading or shutting down); retry later")
 
-    # -- preparation (validation + tokenisation) ------------------------------------------------
-    def prepare_items(self, items) -> list[Prepared]:
-        """Tokenise ScoreItems; InvalidArgument / TooLarge name the offending item."""
+    def model(self) -> LoadedModel:
+        """The tokenizer and fingerprint; NotReady while loading, after a failed load or while stopping."""
         self.check_ready()
+        if self._model is None:
+            raise NotReady("the engine is not ready (loading or shutting down); retry later")
+        return self._model
+
+    # -- preparation (validation + tokenisation) ------------------------------------------------
+    def prepare_items(self, items: Sequence[refscore_pb2.ScoreItem]) -> list[Prepared]:
+        """Tokenise ScoreItems; InvalidArgument / TooLarge / TokenizationError name the offending item."""
+        boundary = self.model().boundary
         if len(items) == 0:
             raise InvalidArgument("the request has no items: send at least one (prompt, answer) item")
         if len(items) > self.cfg.max_items_per_request:
@@ -200,9 +266,13 @@ class Scorer:
                 f"the request has {len(items)} items; the limit is {self.cfg.max_items_per_request} "
                 f"per request (split it, or use ScoreStream)"
             )
-        prepared, total = [], 0
+        prepared: list[Prepared] = []
+        total = 0
         for i, item in enumerate(items):
-            prepared.append(self.prepare_one(item.prompt, item.WhichOneof("answer"), item, where=f"items[{i}]"))
+            try:
+                prepared.append(self._prepare_item(boundary, item))
+            except TokenizationError as exc:
+                raise exc.at(f"items[{i}]") from None
             total += len(prepared[-1].prompt_ids) + len(prepared[-1].answer_ids)
             if total > self.cfg.max_tokens_per_request:
                 raise TooLarge(
@@ -211,83 +281,128 @@ class Scorer:
                 )
         return prepared
 
-    def prepare_one(self, prompt, answer_kind: str | None, item, where: str) -> Prepared:
-        assert self.boundary is not None
-        try:
-            enc = self.boundary.encode_prompt(prompt)
-            if answer_kind == "answer_text":
-                answer = self.boundary.encode_answer_text(item.answer_text, enc.is_chat)
-            elif answer_kind == "answer_token_ids":
-                answer = self.boundary.encode_answer_ids(item.answer_token_ids.ids)
-            else:
-                raise TokenizationError("the answer is missing: set answer_text or answer_token_ids")
-        except TokenizationError as exc:
-            raise InvalidArgument(f"{where}: {exc}") from None
-        return self.check_length(Prepared(enc.ids, answer), where)
+    def _prepare_item(self, boundary: BoundaryTokenizer, item: refscore_pb2.ScoreItem) -> Prepared:
+        prompt = boundary.encode_prompt(item.prompt)
+        kind = item.WhichOneof("answer")
+        if kind == "answer_text":
+            answer = boundary.encode_answer_text(item.answer_text, prompt.is_chat)
+        elif kind == "answer_token_ids":
+            answer = boundary.encode_answer_ids(item.answer_token_ids.ids)
+        else:
+            raise TokenizationError("the answer is missing: set answer_text or answer_token_ids")
+        self._check_length(prompt.ids, answer)
+        return Prepared(prompt.ids, answer)
 
-    def check_length(self, p: Prepared, where: str) -> Prepared:
-        total = len(p.prompt_ids) + len(p.answer_ids)
+    def prepare_pair(self, pair: records_pb2.PreferencePair) -> PreparedPair:
+        """Tokenise a preference pair (the prompt once); TokenizationError / TooLong name the pair and answer."""
+        boundary = self.model().boundary
+        where = f"pair {pair.pair_id}"
+        try:
+            prompt = boundary.encode_prompt(pair.prompt)
+        except TokenizationError as exc:
+            raise exc.at(where) from None
+        return PreparedPair(
+            pair,
+            prompt.ids,
+            self._prepare_answer(boundary, prompt, pair.chosen, f"{where} chosen"),
+            self._prepare_answer(boundary, prompt, pair.rejected, f"{where} rejected"),
+        )
+
+    def _prepare_answer(self, boundary: BoundaryTokenizer, prompt: EncodedPrompt, text: str, where: str) -> list[int]:
+        try:
+            answer = boundary.encode_answer_text(text, prompt.is_chat)
+            self._check_length(prompt.ids, answer)
+        except TokenizationError as exc:
+            raise exc.at(where) from None
+        return answer
+
+    def _check_length(self, prompt_ids: list[int], answer_ids: list[int]) -> None:
+        total = len(prompt_ids) + len(answer_ids)
         # vLLM scores a prompt by generating one token after it, so one position must stay free.
         if total > self.max_model_len - 1:
-            raise InvalidArgument(
-                f"{where}: prompt ({len(p.prompt_ids)} tokens) + answer ({len(p.answer_ids)} tokens)"
+            raise TooLong(
+                f"prompt ({len(prompt_ids)} tokens) + answer ({len(answer_ids)} tokens)"
                 f" = {total} tokens exceeds the model's context of {self.max_model_len - 1} tokens"
             )
-        return p
 
     # -- execution -----------------------------------------------------------------------------
-    def submit_score(
-        self, prepared: list[Prepared], deadline: float | None = None, caller: str | None = None
-    ) -> concurrent.futures.Future:
-        """Queue a scoring job; `caller` (default: the stream worker) picks its fair-queue FIFO."""
+    def _submit(self, job: Job) -> None:
         self.check_ready()
-        tokens = sum(len(p.prompt_ids) + len(p.answer_ids) for p in prepared)
-        job = _Job("score", [(p.prompt_ids, p.answer_ids) for p in prepared], tokens, deadline, caller or STREAM_WORKER)
-        metrics.CALLER_TOKENS.labels(job.caller).inc(tokens)
+        metrics.CALLER_TOKENS.labels(job.caller).inc(job.tokens)
         self._queue.put(job)
+
+    def submit_score(
+        self, prepared: Sequence[Prepared], deadline: float | None = None, caller: str | None = None
+    ) -> concurrent.futures.Future[list[list[float]]]:
+        """Queue a scoring job; `caller` (default: the stream worker) picks its fair-queue FIFO."""
+        sequences = [(p.prompt_ids, p.answer_ids) for p in prepared]
+        job = ScoreJob(
+            sequences=sequences,
+            tokens=sum(len(s) + len(a) for s, a in sequences),
+            deadline=deadline,
+            caller=caller or STREAM_WORKER,
+        )
+        self._submit(job)
         return job.future
 
     def submit_generate(
-        self, prompt_ids: list[int], deadline: float | None = None, caller: str | None = None, **params
-    ) -> concurrent.futures.Future:
-        self.check_ready()
-        job = _Job("generate", (prompt_ids, params), len(prompt_ids), deadline, caller or STREAM_WORKER)
-        metrics.CALLER_TOKENS.labels(job.caller).inc(len(prompt_ids))
-        self._queue.put(job)
+        self, prompt_ids: list[int], params: GenerateParams, deadline: float | None = None, caller: str | None = None
+    ) -> concurrent.futures.Future[list[Generated]]:
+        job = GenerateJob(
+            prompt_ids=prompt_ids,
+            params=params,
+            tokens=len(prompt_ids),
+            deadline=deadline,
+            caller=caller or STREAM_WORKER,
+        )
+        self._submit(job)
         return job.future
 
-    def score(self, prepared: list[Prepared], timeout: float | None = None) -> list[list[float]]:
-        """Blocking scoring (the stream worker's path)."""
+    def score(self, prepared: Sequence[Prepared], timeout: float | None = None) -> list[list[float]]:
+        """Blocking scoring of gRPC-shaped items."""
         return self.submit_score(prepared).result(timeout=timeout)
 
+    def score_pairs(self, pairs: Sequence[PreparedPair], timeout: float | None = None) -> list[ScoredRow]:
+        """Blocking scoring of preference pairs (the stream worker's path): both answers of every
+        pair in one engine job; one row per pair, in order."""
+        items = [Prepared(p.prompt_ids, answer) for p in pairs for answer in (p.chosen_ids, p.rejected_ids)]
+        logps = self.score(items, timeout)
+        return [ScoredRow(p, logps[2 * i], logps[2 * i + 1]) for i, p in enumerate(pairs)]
+
     def _engine_loop(self) -> None:
-        assert self.engine is not None
-        pending: _Job | None = None
+        engine = self.engine
+        assert engine is not None, "load() sets the engine before it starts this thread"
+        pending: Job | None = None
         while True:
             job = pending or self._queue.get()
-            pending = None
             if job is None:
                 return
-            if job.kind == "generate":
-                self._run(job, functools.partial(self._generate, job))
+            if isinstance(job, GenerateJob):
+                pending = None
+                self._run_generate(engine, job)
                 continue
-            batch, tokens = [job], job.tokens
-            while tokens < self.cfg.engine_batch_tokens:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:  # stop after this batch
-                    self._queue.put(None)
-                    break
-                if nxt.kind != "score":
-                    pending = nxt
-                    break
-                batch.append(nxt)
-                tokens += nxt.tokens
-            self._run_score_batch(batch)
+            batch, pending = self._gather(job)
+            self._run_score_batch(engine, batch)
 
-    def _expired(self, job: _Job) -> bool:
+    def _gather(self, first: ScoreJob) -> tuple[list[ScoreJob], GenerateJob | None]:
+        """`first` and the score jobs queued behind it, up to `engine_batch_tokens`; a generate job
+        met on the way is handed back to run next."""
+        batch, tokens = [first], first.tokens
+        while tokens < self.cfg.engine_batch_tokens:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:  # stop after this batch
+                self._queue.put(None)
+                break
+            if isinstance(nxt, GenerateJob):
+                return batch, nxt
+            batch.append(nxt)
+            tokens += nxt.tokens
+        return batch, None
+
+    def _expired(self, job: Job) -> bool:
         if job.future.cancelled():
             return True
         if job.deadline is not None and time.monotonic() > job.deadline:
@@ -295,15 +410,15 @@ class Scorer:
             return True
         return False
 
-    def _run_score_batch(self, batch: list[_Job]) -> None:
+    def _run_score_batch(self, engine: Engine, batch: list[ScoreJob]) -> None:
         live = [j for j in batch if not self._expired(j) and j.future.set_running_or_notify_cancel()]
         if not live:
             return
-        seqs = [s for j in live for s in j.payload]  # type: ignore[union-attr]
+        seqs = [s for j in live for s in j.sequences]
         started = time.perf_counter()
         try:
-            results = self.engine.score(seqs)  # type: ignore[union-attr]
-        except Exception as exc:  # noqa: BLE001
+            results = engine.score(seqs)
+        except Exception as exc:  # noqa: BLE001 - the callers get the engine's error
             log.exception("engine failed on a batch of %d sequences", len(seqs))
             for j in live:
                 j.future.set_exception(exc)
@@ -314,21 +429,29 @@ class Scorer:
         metrics.ENGINE_SECONDS.inc(elapsed)
         offset = 0
         for j in live:
-            n = len(j.payload)  # type: ignore[arg-type]
-            j.future.set_result(results[offset : offset + n])
-            offset += n
+            j.future.set_result(results[offset : offset + len(j.sequences)])
+            offset += len(j.sequences)
 
-    def _run(self, job: _Job, fn) -> None:
+    def _run_generate(self, engine: Engine, job: GenerateJob) -> None:
         if self._expired(job) or not job.future.set_running_or_notify_cancel():
             return
+        model = self._model
+        assert model is not None, "generate jobs are only queued once loaded"
+        p = job.params
         try:
-            job.future.set_result(fn())
-        except Exception as exc:  # noqa: BLE001
+            answers = engine.generate(
+                job.prompt_ids,
+                n=p.n,
+                max_tokens=p.max_tokens,
+                temperature=p.temperature,
+                top_p=p.top_p,
+                seed=p.seed,
+                stop_token_ids=model.boundary.stop_token_ids,
+            )
+        except Exception as exc:  # noqa: BLE001 - the caller gets the engine's error
             job.future.set_exception(exc)
-
-    def _generate(self, job: _Job) -> list[Generated]:
-        prompt_ids, params = job.payload  # type: ignore[misc]
-        return self.engine.generate(prompt_ids, stop_token_ids=self.boundary.stop_token_ids, **params)  # type: ignore
+            return
+        job.future.set_result(answers)
 
 
 def _stop_token_ids(model_dir: Path) -> list[int]:

@@ -4,10 +4,10 @@
 - Reflection lists offdpo.v1.RefScore, so grpcurl-style clients need no stubs.
 - Requests are decoded here, not by grpc: malformed bytes and unknown fields become
   INVALID_ARGUMENT with a message, instead of grpc's generic INTERNAL.
-- Domain errors (scorer.RefscoreError subclasses) are mapped to status codes in one interceptor.
+- Domain errors (`offdpo.errors` classes) answer with their own status code, in one interceptor.
 - Message sizes are limited explicitly; oversized messages get RESOURCE_EXHAUSTED from grpc itself.
 - SIGTERM: health goes NOT_SERVING, in-flight RPCs get `grace_s` to finish, then the engine stops.
-- Security (security.py): TLS/mTLS or explicit plaintext; every RefScore RPC is authenticated and
+- Security (the `security` package): TLS/mTLS or explicit plaintext; every RefScore RPC is authenticated and
   authorised by one interceptor (health and reflection stay open); per-team concurrency and
   tokens-per-minute quotas; an optional plaintext health-only port for kubelet probes.
 """
@@ -15,106 +15,83 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from offdpo.records import RecordError, decode
+from offdpo.errors import OffdpoError
+from offdpo.records import decode
 from offdpo.v1 import refscore_pb2
 from services.refscore import metrics, security
 from services.refscore.config import RefscoreConfig
-from services.refscore.scorer import (
-    DeadlineExceeded,
-    FingerprintMismatch,
-    InvalidArgument,
-    NotReady,
-    RefscoreError,
-    Scorer,
-    TooLarge,
-)
+from services.refscore.errors import FingerprintMismatch, InvalidArgument, RefscoreError, TokenizationError, TooLong
+from services.refscore.handlers import method_name, wrap_handler
+from services.refscore.scorer import GenerateParams, Scorer
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 SERVICE_NAME = refscore_pb2.DESCRIPTOR.services_by_name["RefScore"].full_name
-
-_STATUS = {
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    NotReady: grpc.StatusCode.UNAVAILABLE,
-    FingerprintMismatch: grpc.StatusCode.FAILED_PRECONDITION,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    security.QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
-
-
-def status_for(exc: RefscoreError) -> grpc.StatusCode:
-    for cls, code in _STATUS.items():
-        if isinstance(exc, cls):
-            return code
-    return grpc.StatusCode.INTERNAL
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Turns domain errors into status codes with their message, for every method, in one place."""
+    """Answers a domain error (`offdpo.errors.OffdpoError`) with its own status code and message."""
 
-    async def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method.rsplit("/", 1)[-1]
+        method = method_name(handler_call_details)
 
-        async def abort(context, exc: RefscoreError):
-            code = status_for(exc)
-            metrics.RPC_ERRORS.labels(method, code.name).inc()
-            caller = security.current_caller()
-            metrics.CALLER_ERRORS.labels(caller.name if caller else security.UNAUTHENTICATED_CALLER, code.name).inc()
-            trailing = exc.trailing_metadata() if isinstance(exc, security.QuotaExceeded) else ()
-            await context.abort(code, str(exc), trailing)
+        @contextlib.asynccontextmanager
+        async def mapped(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+            try:
+                yield
+            except OffdpoError as exc:
+                code = exc.grpc_status
+                metrics.RPC_ERRORS.labels(method, code.name).inc()
+                caller = security.current_caller()
+                metrics.CALLER_ERRORS.labels(
+                    caller.name if caller else security.UNAUTHENTICATED_CALLER, code.name
+                ).inc()
+                trailing = exc.trailing_metadata() if isinstance(exc, RefscoreError) else ()
+                await context.abort(code, str(exc), trailing)
 
-        if handler.unary_unary:
-            inner = handler.unary_unary
-
-            async def unary_unary(request, context):
-                try:
-                    return await inner(request, context)
-                except RefscoreError as exc:
-                    await abort(context, exc)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.stream_stream:
-            inner_stream = handler.stream_stream
-
-            async def stream_stream(request_iterator, context):
-                try:
-                    async for response in inner_stream(request_iterator, context):
-                        yield response
-                except RefscoreError as exc:
-                    await abort(context, exc)
-
-            return grpc.stream_stream_rpc_method_handler(
-                stream_stream, handler.request_deserializer, handler.response_serializer
-            )
-        return handler
+        return wrap_handler(handler, mapped) or handler
 
 
-def _decode(message_type, data: bytes, max_bytes: int, what: str):
+def _decode(message_type: type[M], data: bytes, max_bytes: int, what: str) -> M:
     if not data:
         return message_type()  # an empty message is valid protobuf; the fields are checked later
-    try:
-        return decode(message_type, data, max_bytes, what)
-    except RecordError as exc:
-        raise InvalidArgument(str(exc)) from None
+    return decode(message_type, data, max_bytes, what)  # a DecodeError is INVALID_ARGUMENT by its type
 
 
-def _deadline(context) -> float | None:
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
+
+
+async def _result(future: concurrent.futures.Future[T]) -> T:
+    """The engine job's result; a caller that goes away cancels its job (no computing for nobody)."""
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
 
 
 class RefScoreService:
@@ -129,46 +106,40 @@ class RefScoreService:
         self.quotas.charge(caller, tokens)
         return caller.name
 
-    def _fingerprint_check(self, request) -> None:
+    async def _score(
+        self, request: refscore_pb2.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> list[refscore_pb2.ScoredItem]:
+        fingerprint = self.scorer.model().fingerprint
         want = request.expected_fingerprint_id
-        if want and want != self.scorer.fingerprint.fingerprint_id:
+        if want and want != fingerprint.fingerprint_id:
             raise FingerprintMismatch(
                 f"expected_fingerprint_id {want!r} does not match this server's "
-                f"{self.scorer.fingerprint.fingerprint_id!r} ({self.scorer.fingerprint.model_id})"
+                f"{fingerprint.fingerprint_id!r} ({fingerprint.model_id})"
             )
-
-    async def _score(self, request, context) -> list[refscore_pb2.ScoredItem]:
-        self.scorer.check_ready()
-        self._fingerprint_check(request)
         prepared = self.scorer.prepare_items(request.items)
         caller = self._charge(sum(len(p.prompt_ids) + len(p.answer_ids) for p in prepared))
-        future = self.scorer.submit_score(prepared, _deadline(context), caller=caller)
-        try:
-            results = await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            future.cancel()  # the caller went away: do not compute for nobody
-            raise
-        out = []
-        for i, (item, prep, logps) in enumerate(zip(request.items, prepared, results)):
-            out.append(
-                refscore_pb2.ScoredItem(
-                    item_index=i,
-                    item_id=item.item_id,
-                    prompt_token_ids=prep.prompt_ids,
-                    answer_token_ids=prep.answer_ids,
-                    token_logprobs=logps,
-                    logprob_sum=float(sum(logps)),
-                )
+        results = await _result(self.scorer.submit_score(prepared, _deadline(context), caller=caller))
+        return [
+            refscore_pb2.ScoredItem(
+                item_index=i,
+                item_id=item.item_id,
+                prompt_token_ids=prep.prompt_ids,
+                answer_token_ids=prep.answer_ids,
+                token_logprobs=logps,
+                logprob_sum=float(sum(logps)),
             )
-        return out
+            for i, (item, prep, logps) in enumerate(zip(request.items, prepared, results))
+        ]
 
-    async def Score(self, raw: bytes, context):
+    async def Score(self, raw: bytes, context: grpc.aio.ServicerContext) -> refscore_pb2.ScoreResponse:
         request = _decode(refscore_pb2.ScoreRequest, raw, self.cfg.max_message_bytes, "ScoreRequest")
         items = await self._score(request, context)
         metrics.RPC_ITEMS.labels("Score").inc(len(items))
-        return refscore_pb2.ScoreResponse(items=items, fingerprint=self.scorer.fingerprint)
+        return refscore_pb2.ScoreResponse(items=items, fingerprint=self.scorer.model().fingerprint)
 
-    async def ScoreStream(self, raw_iterator, context):
+    async def ScoreStream(
+        self, raw_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[refscore_pb2.ScoreStreamResult]:
         index = 0
         async for raw in raw_iterator:
             request = _decode(
@@ -177,57 +148,50 @@ class RefScoreService:
             try:
                 items = await self._score(request, context)
             except RefscoreError as exc:
-                # Same error, but say which request on the stream it was.
-                raise type(exc)(f"request {index}: {exc}") from None
+                raise exc.at(f"request {index}") from None  # say which request on the stream it was
             for n, item in enumerate(items):
                 result = refscore_pb2.ScoreStreamResult(request_index=index, item=item)
                 if index == 0 and n == 0:
-                    result.fingerprint.CopyFrom(self.scorer.fingerprint)
+                    result.fingerprint.CopyFrom(self.scorer.model().fingerprint)
                 yield result
             metrics.RPC_ITEMS.labels("ScoreStream").inc(len(items))
             index += 1
 
-    async def Generate(self, raw: bytes, context):
-        request = _decode(refscore_pb2.GenerateRequest, raw, self.cfg.max_message_bytes, "GenerateRequest")
-        self.scorer.check_ready()
-        boundary = self.scorer.boundary
-        try:
-            prompt = boundary.encode_prompt(request.prompt)
-        except ValueError as exc:
-            raise InvalidArgument(f"prompt: {exc}") from None
+    def _generate_params(self, request: refscore_pb2.GenerateRequest, prompt_tokens: int) -> GenerateParams:
         n = request.n or 1
         max_tokens = request.max_tokens or 256
         if n < 1 or n > self.cfg.max_generate_n:
             raise InvalidArgument(f"n={n} must be between 1 and {self.cfg.max_generate_n}")
         if max_tokens < 1 or max_tokens > self.cfg.max_generate_tokens:
             raise InvalidArgument(f"max_tokens={max_tokens} must be between 1 and {self.cfg.max_generate_tokens}")
-        if len(prompt.ids) + max_tokens > self.scorer.max_model_len:
-            raise InvalidArgument(
-                f"prompt ({len(prompt.ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+        if prompt_tokens + max_tokens > self.scorer.max_model_len:
+            raise TooLong(
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the "
                 f"model's context of {self.scorer.max_model_len} tokens"
             )
         temperature = request.temperature if request.HasField("temperature") else 1.0
         top_p = request.top_p if request.HasField("top_p") else 1.0
         if temperature < 0 or not (0 < top_p <= 1):
             raise InvalidArgument(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
-        caller = self._charge(len(prompt.ids) + n * max_tokens)  # the most it can cost
-        future = self.scorer.submit_generate(
-            prompt.ids,
-            _deadline(context),
-            caller=caller,
-            n=n,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=request.seed if request.HasField("seed") else None,
-        )
-        answers = await asyncio.wrap_future(future)
+        seed = request.seed if request.HasField("seed") else None
+        return GenerateParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+
+    async def Generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> refscore_pb2.GenerateResponse:
+        request = _decode(refscore_pb2.GenerateRequest, raw, self.cfg.max_message_bytes, "GenerateRequest")
+        model = self.scorer.model()
+        try:
+            prompt = model.boundary.encode_prompt(request.prompt)
+        except TokenizationError as exc:
+            raise exc.at("prompt") from None
+        params = self._generate_params(request, len(prompt.ids))
+        caller = self._charge(len(prompt.ids) + params.n * params.max_tokens)  # the most it can cost
+        answers = await _result(self.scorer.submit_generate(prompt.ids, params, _deadline(context), caller=caller))
         return refscore_pb2.GenerateResponse(
             prompt_token_ids=prompt.ids,
-            fingerprint=self.scorer.fingerprint,
+            fingerprint=model.fingerprint,
             answers=[
                 refscore_pb2.GeneratedAnswer(
-                    text=boundary.decode(a.token_ids),
+                    text=model.boundary.decode(a.token_ids),
                     token_ids=a.token_ids,
                     token_logprobs=a.logprobs,
                     logprob_sum=float(sum(a.logprobs)),
@@ -237,12 +201,12 @@ class RefScoreService:
             ],
         )
 
-    async def GetModelInfo(self, raw: bytes, context):
+    async def GetModelInfo(self, raw: bytes, context: grpc.aio.ServicerContext) -> refscore_pb2.ModelInfo:
         _decode(refscore_pb2.GetModelInfoRequest, raw, 1024, "GetModelInfoRequest")
-        self.scorer.check_ready()
-        tok = self.scorer.boundary.tok
+        model = self.scorer.model()
+        tok = model.boundary.tok
         return refscore_pb2.ModelInfo(
-            fingerprint=self.scorer.fingerprint,
+            fingerprint=model.fingerprint,
             max_model_len=self.scorer.max_model_len,
             max_items_per_request=self.cfg.max_items_per_request,
             max_tokens_per_request=self.cfg.max_tokens_per_request,
@@ -313,13 +277,7 @@ class RefscoreServer:
         if not self.port:
             raise OSError(f"cannot listen on {address}")
         if self.cfg.health_port:
-            # kubelet's gRPC probes speak neither TLS nor tokens: health (and nothing else) in plaintext.
-            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-            self.health_port = self.health_server.add_insecure_port(f"{self.cfg.host}:{self.cfg.health_port}")
-            if not self.health_port:
-                raise OSError(f"cannot listen on {self.cfg.host}:{self.cfg.health_port} (OFFDPO_REFSCORE_HEALTH_PORT)")
-            await self.health_server.start()
+            await self._start_health_port()
         await self.server.start()
         log.info(
             "refscore listening on %s:%d (%s%s; engine loading)%s",
@@ -330,6 +288,15 @@ class RefscoreServer:
             f"; health-only plaintext port {self.health_port}" if self.health_port else "",
         )
         return self.port
+
+    async def _start_health_port(self) -> None:
+        """kubelet's gRPC probes speak neither TLS nor tokens: health (and nothing else) in plaintext."""
+        self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        self.health_port = self.health_server.add_insecure_port(f"{self.cfg.host}:{self.cfg.health_port}")
+        if not self.health_port:
+            raise OSError(f"cannot listen on {self.cfg.host}:{self.cfg.health_port} (OFFDPO_REFSCORE_HEALTH_PORT)")
+        await self.health_server.start()
 
     async def load_engine(self) -> None:
         if not self.scorer.ready.is_set():

@@ -24,12 +24,11 @@ import functools
 from dataclasses import dataclass
 
 from offdpo.v1 import records_pb2
+from services.refscore.errors import TokenizationError
+
+__all__ = ["BoundaryTokenizer", "EncodedPrompt", "TokenizationError"]
 
 _PROBE = "\u2063offdpo-probe-answer\u2063"
-
-
-class TokenizationError(ValueError):
-    """The input cannot be tokenised as asked; the message says why."""
 
 
 @dataclass

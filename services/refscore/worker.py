@@ -20,13 +20,16 @@ import signal
 import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Protocol
 
-from kafka import TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from offdpo import records
+from offdpo import records, retry
 from offdpo.config import KafkaConfig, S3Config
+from offdpo.errors import BadInput, OffdpoError, Unavailable
 from offdpo.kafka import (
     GROUP_CHANGED,
     CommitRefusals,
@@ -40,19 +43,50 @@ from offdpo.s3 import ObjectStore
 from offdpo.v1 import records_pb2
 from services.refscore import metrics
 from services.refscore.config import RefscoreConfig
-from services.refscore.scorer import InvalidArgument, Prepared, Scorer
+from services.refscore.scorer import PreparedPair, ScoredRow, Scorer
 
 log = logging.getLogger(__name__)
 
+# A pair that is not a valid PreferencePair record (undecodable, wrong type, inconsistent).
+INVALID_PAIR = "invalid_pair"
+
+
+class Record(Protocol):
+    """The fields of kafka-python's ConsumerRecord that the worker reads."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A record whose pair is tokenised and waits for the engine."""
+
+    record: Record
+    pair: PreparedPair
+
+    @property
+    def tp(self) -> TopicPartition:
+        return TopicPartition(self.record.topic, self.record.partition)
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, OffdpoError) and exc.retryable
+
 
 class StreamWorker:
-    def __init__(self, scorer: Scorer, cfg: RefscoreConfig, kafka: KafkaConfig, s3: S3Config):
+    def __init__(
+        self, scorer: Scorer, cfg: RefscoreConfig, kafka: KafkaConfig, s3: S3Config, store: ObjectStore | None = None
+    ):
         self.scorer = scorer
         self.cfg = cfg
         self.kafka = kafka
-        self.store = ObjectStore(s3)
-        self.consumer = None
-        self.producer = None
+        self.store = store or ObjectStore(s3)
+        self.consumer: KafkaConsumer | None = None
+        self.producer: KafkaProducer | None = None
         self.dlq: DeadLetterSink | None = None
         self._bucket_ready = False
         self.pairs_scored = 0
@@ -65,71 +99,90 @@ class StreamWorker:
             if stop.is_set() or self.scorer.load_error:
                 return
         log.info("stream worker consuming %s as group %s", self.kafka.pairs_topic, self.cfg.group_id)
-        backoff, refusals = 0.5, CommitRefusals()
+        refusals = CommitRefusals()
         try:
             while not stop.is_set():
-                if not self._connect(stop):  # (re)creates whatever client was dropped below
+                try:
+                    # Any failure (S3 or Kafka down, the engine failing) is an outage: the batch is
+                    # redone from the committed offsets after a backoff, for as long as it takes.
+                    retry.call(
+                        "stream worker batch",
+                        lambda: self._step(stop, refusals),
+                        retry_if=lambda exc: isinstance(exc, Exception),
+                        initial_s=0.5,
+                        max_delay_s=30.0,
+                        stop=stop,
+                        logger=log,
+                    )
+                except Exception:  # noqa: BLE001 - `stop` ended the backoff; the failure is logged
                     break
-                try:
-                    batch = self._collect(stop)
-                except KafkaError:
-                    # A consumer whose poll raises (its heartbeat or join failed for good) is replaced;
-                    # nothing was processed, so nothing is redone.
-                    log.exception("polling %s failed; a new consumer in %.1f s", self.kafka.pairs_topic, backoff)
-                    self._drop_consumer()
-                    stop.wait(backoff)
-                    backoff = min(backoff * 2, 30.0)
-                    continue
-                if not batch:
-                    continue
-                try:
-                    self.process(batch)
-                    backoff = 0.5
-                    refusals.committed()
-                except GROUP_CHANGED as exc:
-                    # Not an outage: the group is rebalancing, and only poll() completes that. The
-                    # batch's shards are written and announced, so the redo is cheap; waiting out the
-                    # outage backoff (up to 30 s, without polling) kept the group rebalancing forever
-                    # after an S3 outage (fault suite, s3_outage).
-                    if refusals.refused(self.consumer, batch, exc):
-                        self._drop_consumer()
-                except Exception as exc:  # noqa: BLE001 - S3/Kafka outage or engine failure: redo the batch later
-                    log.exception("batch failed; will redo it from the committed offsets in %.1f s", backoff)
-                    rewind(self.consumer, batch)
-                    if isinstance(exc, KafkaError):
-                        # An idempotent producer that hit a fatal error (seen after the broker lost its
-                        # storage) refuses every later send: start a new one.
-                        self._drop_producer()
-                    stop.wait(backoff)
-                    backoff = min(backoff * 2, 30.0)
-                self._report_lag()
         finally:
             self.close()
 
-    def _connect(self, stop: threading.Event) -> bool:
-        """The bucket (once) and whichever Kafka client is missing, retried until they work: S3 or
-        Kafka may start after us (a pod scheduled before MinIO is up) or be down when a client is
-        replaced, and a worker thread that gave up would leave refscore serving gRPC with its stream
-        dead. False when `stop` came first."""
-        backoff = 1.0
-        while not stop.is_set():
-            try:
-                if not self._bucket_ready:
-                    self.store.ensure_bucket()
-                    self._bucket_ready = True
-                if self.consumer is None:
-                    self.consumer = make_consumer(
-                        self.kafka, self.cfg.group_id, [self.kafka.pairs_topic], max_poll_records=self.cfg.batch_pairs
-                    )
-                if self.producer is None:
-                    self.producer = make_producer(self.kafka, "refscore-worker")
-                    self.dlq = DeadLetterSink(self.producer, self.kafka, "refscore")
-                return True
-            except Exception:  # noqa: BLE001 - S3 or Kafka not reachable (yet)
-                log.exception("stream worker cannot reach S3 or Kafka; retrying in %.0f s", backoff)
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
-        return False
+    def _step(self, stop: threading.Event, refusals: CommitRefusals) -> None:
+        """Connect what is missing, then poll, score, write, announce and commit one micro-batch.
+        A failure is raised after undoing what must be undone (rewind the batch, drop a broken client)."""
+        if stop.is_set():
+            return
+        self._connect()
+        consumer = self._consumer
+        try:
+            batch = self._collect(consumer, stop)
+        except KafkaError:
+            # A consumer whose poll raises (its heartbeat or join failed for good) is replaced;
+            # nothing was processed, so nothing is redone.
+            self._drop_consumer()
+            raise
+        if not batch:
+            return
+        try:
+            self.process(batch)
+            refusals.committed()
+        except GROUP_CHANGED as exc:
+            # Not an outage: the group is rebalancing, and only poll() completes that, so the batch
+            # is redone at once rather than after a backoff spent not polling. Its shards are
+            # written and announced already, so the redo only re-announces them.
+            if refusals.refused(consumer, batch, exc):
+                self._drop_consumer()
+        except Exception as exc:
+            log.exception("batch failed; redoing it from the committed offsets")
+            rewind(consumer, batch)
+            if isinstance(exc, KafkaError):
+                # An idempotent producer that hit a fatal error refuses every later send: start a new one.
+                self._drop_producer()
+            raise
+        self._report_lag(consumer)
+
+    def _connect(self) -> None:
+        """The bucket (once) and whichever Kafka client is missing. S3 or Kafka may start after us (a
+        pod scheduled before MinIO is up) or be down when a client is replaced; a failure here is
+        retried like any other, so the worker never gives up and leaves refscore serving gRPC with
+        its stream dead."""
+        if not self._bucket_ready:
+            self.store.ensure_bucket()
+            self._bucket_ready = True
+        if self.consumer is None:
+            self.consumer = make_consumer(
+                self.kafka, self.cfg.group_id, [self.kafka.pairs_topic], max_poll_records=self.cfg.batch_pairs
+            )
+        if self.producer is None:
+            self.producer = make_producer(self.kafka, "refscore-worker")
+            self.dlq = DeadLetterSink(self.producer, self.kafka, "refscore")
+
+    @property
+    def _consumer(self) -> KafkaConsumer:
+        assert self.consumer is not None, "connected at the start of each step"
+        return self.consumer
+
+    @property
+    def _producer(self) -> KafkaProducer:
+        assert self.producer is not None, "connected at the start of each step"
+        return self.producer
+
+    @property
+    def _dlq(self) -> DeadLetterSink:
+        assert self.dlq is not None, "connected at the start of each step"
+        return self.dlq
 
     def _drop_consumer(self) -> None:
         consumer, self.consumer = self.consumer, None
@@ -156,13 +209,15 @@ class StreamWorker:
                     log.exception("closing a Kafka client failed")
         self.producer = self.consumer = None
 
-    def _collect(self, stop: threading.Event) -> list:
-        batch, tokens, deadline = [], 0, None
+    def _collect(self, consumer: KafkaConsumer, stop: threading.Event) -> list[Record]:
+        batch: list[Record] = []
+        tokens = 0
+        deadline: float | None = None
         while not stop.is_set() and len(batch) < self.cfg.batch_pairs and tokens < self.cfg.batch_tokens:
             wait_s = 0.5 if deadline is None else deadline - time.monotonic()
             if wait_s <= 0:
                 break
-            polled = self.consumer.poll(
+            polled = consumer.poll(
                 timeout_ms=int(min(wait_s, 0.5) * 1000), max_records=self.cfg.batch_pairs - len(batch)
             )
             for recs in polled.values():
@@ -174,134 +229,125 @@ class StreamWorker:
                 return []  # idle: let the caller check `stop`
         return batch
 
-    def _report_lag(self) -> None:
+    def _report_lag(self, consumer: KafkaConsumer) -> None:
         if time.monotonic() - self._last_lag < 10:
             return
         self._last_lag = time.monotonic()
         try:
-            assigned = list(self.consumer.assignment())
-            ends = self.consumer.end_offsets(assigned)
+            assigned = list(consumer.assignment())
+            ends = consumer.end_offsets(assigned)
             for tp in assigned:
                 # Apache Kafka reports last offset + 1; the local Tansu broker reports less, so clamp.
-                metrics.WORKER_LAG.labels(str(tp.partition)).set(max(0, ends[tp] - self.consumer.position(tp)))
+                metrics.WORKER_LAG.labels(str(tp.partition)).set(max(0, ends[tp] - consumer.position(tp)))
         except Exception:  # noqa: BLE001 - metrics must never stop the worker
             log.debug("lag report failed", exc_info=True)
 
     # -- one micro-batch ---------------------------------------------------------------------------
-    def process(self, batch) -> None:
-        fp = self.scorer.fingerprint
-        by_tp: dict[TopicPartition, list] = defaultdict(list)
+    def process(self, batch: list[Record]) -> None:
+        fp = self.scorer.model().fingerprint
+        by_tp: dict[TopicPartition, list[Record]] = defaultdict(list)
         for rec in sorted(batch, key=lambda r: (r.topic, r.partition, r.offset)):
             by_tp[TopicPartition(rec.topic, rec.partition)].append(rec)
         commits: dict[TopicPartition, int] = {}
         for tp in list(by_tp):
             by_tp[tp] = self._skip_existing_shards(tp, by_tp[tp], fp, commits)
 
-        # 1. decode + tokenise; bad records to the dead-letter topic
-        good: dict[TopicPartition, list[tuple[object, records_pb2.PreferencePair, Prepared, Prepared]]] = {}
-        for tp, recs in by_tp.items():
-            good[tp] = []
-            for rec in recs:
-                item = self._prepare(rec)
-                if item is not None:
-                    good[tp].append(item)
-
-        # 2. score everything in one engine call
-        flat = [p for items in good.values() for (_, _, c, r) in items for p in (c, r)]
-        logps = self._score(flat, good) if flat else []
-        self.dlq.flush()
-
+        # 1. decode + tokenise; what cannot be scored goes to the dead-letter topic
+        pending = [p for recs in by_tp.values() for p in self._prepare(recs)]
+        # 2. score every pair of the batch in one engine job
+        rows = self._score(pending)
+        self._dlq.flush()
         # 3 + 4. one shard per partition, then its event
-        cursor, events = 0, []
+        events = []
         for tp, recs in by_tp.items():
             if not recs:
                 continue
-            first, last = recs[0].offset, recs[-1].offset
-            rows = []
-            for rec, pair, chosen, rejected in good[tp]:
-                if rec is None:  # dead-lettered by the engine fallback
-                    continue
-                c_lp, r_lp = logps[cursor], logps[cursor + 1]
-                cursor += 2
-                rows.append(
-                    records_pb2.ScoredPair(
-                        pair=pair,
-                        fingerprint=fp,
-                        prompt_token_ids=chosen.prompt_ids,
-                        chosen_token_ids=chosen.answer_ids,
-                        rejected_token_ids=rejected.answer_ids,
-                        chosen_logprobs=c_lp,
-                        rejected_logprobs=r_lp,
-                        chosen_logprob_sum=float(sum(c_lp)),
-                        rejected_logprob_sum=float(sum(r_lp)),
-                    )
-                )
-            if rows:
-                key = records.shard_key(fp.fingerprint_id, tp.topic, tp.partition, first, last)
-                data = records.scored_pairs_to_parquet(rows, fp)
-                self.store.put_bytes(key, data, content_type="application/vnd.apache.parquet")
-                log.info("wrote %s (%d pairs)", key, len(rows))
-                self._failpoint("after_shard_write")
-                events.append(self._event(key, data, [r.pair.pair_id for r in rows], fp, tp, first, last))
-                self.shards_written += 1
-                self.pairs_scored += len(rows)
-                metrics.WORKER_SHARDS.inc()
-                metrics.WORKER_PAIRS.inc(len(rows))
-            commits[tp] = last + 1
+            if tp_rows := rows.get(tp):
+                events.append(self._write_shard(tp, recs[0].offset, recs[-1].offset, tp_rows, fp))
+            commits[tp] = recs[-1].offset + 1
         self._publish(events)
         self._failpoint("before_commit")
-
         # 5. commit only what is durably written and announced
         if commits:
-            self.consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in commits.items()})
+            self._consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in commits.items()})
             log.info("committed %s", {f"{tp.topic}[{tp.partition}]": off for tp, off in commits.items()})
         metrics.WORKER_BATCH_PAIRS.observe(len(batch))
 
-    def _prepare(self, rec):
-        try:
-            pair = records.decode_pair(rec.value)
-        except records.RecordError as exc:
-            self._dead_letter(rec, f"{exc}", "invalid_pair")
-            return None
-        where = f"pair {pair.pair_id}"
-        try:
-            chosen = self.scorer.prepare_one(pair.prompt, "answer_text", _Answer(pair.chosen), f"{where} chosen")
-            rejected = self.scorer.prepare_one(pair.prompt, "answer_text", _Answer(pair.rejected), f"{where} rejected")
-        except InvalidArgument as exc:
-            kind = "too_long" if "exceeds the model's context" in str(exc) else "tokenization_error"
-            self._dead_letter(rec, str(exc), kind)
-            return None
-        return (rec, pair, chosen, rejected)
+    def _prepare(self, recs: list[Record]) -> list[_Pending]:
+        pending = []
+        for rec in recs:
+            try:
+                pair = records.decode_pair(rec.value)
+            except records.RecordError as exc:
+                self._dead_letter(rec, str(exc), INVALID_PAIR)
+                continue
+            try:
+                pending.append(_Pending(rec, self.scorer.prepare_pair(pair)))
+            except BadInput as exc:  # too long, or not tokenisable as asked
+                self._dead_letter(rec, str(exc), exc.error_type)
+        return pending
 
-    def _score(self, flat: list[Prepared], good) -> list[list[float]]:
+    def _score(self, pending: list[_Pending]) -> dict[TopicPartition, list[ScoredRow]]:
+        """Scored rows by partition, in record order. If the engine fails on the batch, pairs are
+        scored one by one and those it fails on are dead-lettered."""
         try:
-            return self.scorer.score(flat)
-        except Exception as exc:  # noqa: BLE001
+            scored: list[ScoredRow | None] = list(self.scorer.score_pairs([p.pair for p in pending])) if pending else []
+        except Exception as exc:  # noqa: BLE001 - isolate the pair that breaks the engine
+            if _retryable(exc):
+                raise
             log.warning("engine failed on the batch (%s); scoring pairs one by one to isolate the cause", exc)
-        out: list[list[float]] = []
-        failures = 0
-        for tp, items in good.items():
-            kept = []
-            for rec, pair, chosen, rejected in items:
-                try:
-                    c_lp, r_lp = self.scorer.score([chosen, rejected])
-                except Exception as exc:  # noqa: BLE001
-                    failures += 1
-                    self._dead_letter(rec, f"the engine failed on pair {pair.pair_id}: {exc}", "engine_error")
-                    continue
-                out += [c_lp, r_lp]
-                kept.append((rec, pair, chosen, rejected))
-            good[tp] = kept
-        if failures and not out:
-            raise RuntimeError("the engine failed on every pair of the batch; treating it as an outage")
-        return out
+            scored = [self._score_alone(p) for p in pending]
+            if all(row is None for row in scored):
+                raise Unavailable("the engine failed on every pair of the batch; treating it as an outage") from exc
+        rows: dict[TopicPartition, list[ScoredRow]] = defaultdict(list)
+        for p, row in zip(pending, scored):
+            if row is not None:
+                rows[p.tp].append(row)
+        return rows
 
-    def _dead_letter(self, rec, reason: str, error_type: str) -> None:
-        self.dlq.send_record(rec, reason, error_type)
+    def _score_alone(self, p: _Pending) -> ScoredRow | None:
+        try:
+            return self.scorer.score_pairs([p.pair])[0]
+        except Exception as exc:  # noqa: BLE001 - this pair breaks the engine: dead-letter it
+            if _retryable(exc):
+                raise
+            self._dead_letter(p.record, f"the engine failed on pair {p.pair.pair.pair_id}: {exc}", "engine_error")
+            return None
+
+    def _dead_letter(self, rec: Record, reason: str, error_type: str) -> None:
+        self._dlq.send_record(rec, reason, error_type)
         metrics.WORKER_DEADLETTERS.labels(error_type).inc()
 
     # -- shards and events -------------------------------------------------------------------------
-    def _event(self, key, data, pair_ids, fp, tp, first, last) -> records_pb2.ShardReady:
+    def _write_shard(
+        self,
+        tp: TopicPartition,
+        first: int,
+        last: int,
+        rows: list[ScoredRow],
+        fp: records_pb2.ReferenceFingerprint,
+    ) -> records_pb2.ShardReady:
+        key = records.shard_key(fp.fingerprint_id, tp.topic, tp.partition, first, last)
+        data = records.scored_pairs_to_parquet([r.to_record(fp) for r in rows], fp)
+        self.store.put_bytes(key, data, content_type="application/vnd.apache.parquet")
+        log.info("wrote %s (%d pairs)", key, len(rows))
+        self._failpoint("after_shard_write")
+        self.shards_written += 1
+        self.pairs_scored += len(rows)
+        metrics.WORKER_SHARDS.inc()
+        metrics.WORKER_PAIRS.inc(len(rows))
+        return self._event(key, data, [r.prepared.pair.pair_id for r in rows], fp, tp, first, last)
+
+    def _event(
+        self,
+        key: str,
+        data: bytes,
+        pair_ids: list[str],
+        fp: records_pb2.ReferenceFingerprint,
+        tp: TopicPartition,
+        first: int,
+        last: int,
+    ) -> records_pb2.ShardReady:
         return records_pb2.ShardReady(
             bucket=self.store.bucket,
             object_key=key,
@@ -316,15 +362,22 @@ class StreamWorker:
         )
 
     def _publish(self, events: list[records_pb2.ShardReady]) -> None:
+        producer = self._producer
         futures = [
-            self.producer.send(self.kafka.shards_topic, key=e.object_key.encode(), value=e.SerializeToString())
+            producer.send(self.kafka.shards_topic, key=e.object_key.encode(), value=e.SerializeToString())
             for e in events
         ]
-        self.producer.flush()
+        producer.flush()
         for f in futures:
             f.get(timeout=60)  # raises if the broker did not acknowledge
 
-    def _skip_existing_shards(self, tp: TopicPartition, recs: list, fp, commits: dict) -> list:
+    def _skip_existing_shards(
+        self,
+        tp: TopicPartition,
+        recs: list[Record],
+        fp: records_pb2.ReferenceFingerprint,
+        commits: dict[TopicPartition, int],
+    ) -> list[Record]:
         """Records at offsets a previous attempt already wrote a shard for: re-announce, skip, commit."""
         while recs:
             first = recs[0].offset
@@ -340,7 +393,7 @@ class StreamWorker:
             commits[tp] = last + 1
             if last >= recs[-1].offset:
                 if last > recs[-1].offset:
-                    self.consumer.seek(tp, last + 1)
+                    self._consumer.seek(tp, last + 1)
                 return []
             recs = [r for r in recs if r.offset > last]
         return recs
@@ -349,10 +402,3 @@ class StreamWorker:
         if self.cfg.failpoint == name:
             log.error("failpoint %s: killing this process (fault-injection test)", name)
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-class _Answer:
-    """Adapter so a pair's answer goes through the same preparation path as a gRPC ScoreItem."""
-
-    def __init__(self, text: str):
-        self.answer_text = text

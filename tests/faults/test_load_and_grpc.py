@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from localdev.stack import free_port
+from localdev.process import free_port
 from offdpo.refscore_client import RefscoreClient, score_item
 from offdpo.v1 import refscore_pb2
 from tests.pairs import make_pairs

@@ -1,8 +1,9 @@
 """refscore fixtures: one vLLM-backed refscore server per test session, in its own process.
 
 The server process also runs the stream worker on topics of its own, so the stream tests share
-the one engine. Keeping vLLM out of the pytest process avoids the abort-at-exit seen when vLLM
-and transformers share a process (LOCAL-STACK.md).
+the one engine. vLLM runs outside the pytest process, which loads transformers models too: a process
+holding both can abort at interpreter exit (see VLLMEngine.shutdown), and the server's exit code is
+part of what the tests check.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from localdev.stack import free_port, stop_process
+from localdev.process import free_port, stop_process
 from offdpo.kafka import ensure_topics
 from offdpo.refscore_client import RefscoreClient
 

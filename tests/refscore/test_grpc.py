@@ -3,17 +3,18 @@
 import asyncio
 import signal
 import threading
-import time
+import urllib.request
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from prometheus_client.parser import text_string_to_metric_families
 
-from localdev.stack import free_port
+from localdev.process import free_port, wait_until
 from offdpo import records
 from offdpo.refscore_client import RefscoreClient, score_item
-from offdpo.v1 import refscore_pb2
+from offdpo.v1 import refscore_pb2, refscore_pb2_grpc
 from services.refscore.config import RefscoreConfig
 from services.refscore.server import RefscoreServer
 
@@ -141,6 +142,11 @@ def test_health_serving_and_reflection(vllm_server):
         channel.close()
 
 
+def _reflected_services(port: int) -> list[str]:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return list(ProtoReflectionDescriptorDatabase(channel).get_services())
+
+
 def test_not_serving_and_unavailable_before_the_engine_loads(tiny_model):
     async def scenario():
         cfg = RefscoreConfig(
@@ -156,10 +162,9 @@ def test_not_serving_and_unavailable_before_the_engine_loads(tiny_model):
                     )
                 ).status
                 assert status == health_pb2.HealthCheckResponse.NOT_SERVING
-                stub = refscore_pb2.DESCRIPTOR.services_by_name["RefScore"]
-                assert stub is not None
-                from offdpo.v1 import refscore_pb2_grpc
-
+                # The RefScore service is registered (reflection lists it) while the engine loads...
+                assert "offdpo.v1.RefScore" in await asyncio.to_thread(_reflected_services, server.port)
+                # ...and its methods answer UNAVAILABLE, not UNIMPLEMENTED.
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await refscore_pb2_grpc.RefScoreStub(channel).Score(
                         refscore_pb2.ScoreRequest(items=[score_item("q", "a")]), timeout=10
@@ -172,12 +177,24 @@ def test_not_serving_and_unavailable_before_the_engine_loads(tiny_model):
     asyncio.run(scenario())
 
 
+def _queued_tokens(metrics_port: int, caller: str) -> float:
+    """refscore_caller_tokens_total of `caller`, read from the server's metrics endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "refscore_caller_tokens_total" and sample.labels.get("caller") == caller:
+                return sample.value
+    return 0.0
+
+
 def test_sigterm_drains_in_flight_requests(tiny_model, tmp_path):
+    metrics_port = free_port()
     server = start_refscore(
         tiny_model,
         tmp_path / "drain.log",
         engine="transformers",
-        extra_env={"OFFDPO_REFSCORE_ENGINE_BATCH_TOKENS": "4096"},
+        extra_env={"OFFDPO_REFSCORE_ENGINE_BATCH_TOKENS": "4096", "OFFDPO_REFSCORE_METRICS_PORT": str(metrics_port)},
     )
     try:
         with RefscoreClient(server.target) as client:
@@ -193,7 +210,9 @@ def test_sigterm_drains_in_flight_requests(tiny_model, tmp_path):
 
             thread = threading.Thread(target=call)
             thread.start()
-            time.sleep(1.0)  # the request is in flight
+            # In flight: the server has tokenised the request and queued it for the engine.
+            wait_until(lambda: _queued_tokens(metrics_port, "anonymous") > 0, 60, "the request reaching the engine")
+            assert not result, "the request finished before SIGTERM: nothing was left to drain"
             server.proc.send_signal(signal.SIGTERM)
             thread.join(timeout=120)
             assert "error" not in result, f"in-flight request failed during drain: {result.get('error')}"

@@ -20,13 +20,13 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from localdev.stack import free_port
+from localdev.process import free_port
 from offdpo.config import ConfigError
 from offdpo.refscore_client import RefscoreClient, channel_credentials, score_item
 from offdpo.v1 import refscore_pb2
 from services.refscore import security
 from services.refscore.config import RefscoreConfig
-from services.refscore.scorer import STREAM_WORKER, FairQueue, Scorer, _Job
+from services.refscore.scorer import STREAM_WORKER, FairQueue, ScoreJob, Scorer
 from services.refscore.server import RefscoreServer
 from tests.pki import make_cert
 
@@ -366,11 +366,14 @@ def test_a_flood_does_not_starve_the_stream_worker_or_other_callers(tiny_model):
 
 def test_fair_queue_round_robin_and_stop():
     q = FairQueue()
-    jobs = [_Job("score", None, 1, None, caller) for caller in ["a", "a", "a", "b", STREAM_WORKER, "a"]]
+    jobs = [
+        ScoreJob(sequences=[], tokens=1, deadline=None, caller=caller)
+        for caller in ["a", "a", "a", "b", STREAM_WORKER, "a"]
+    ]
     for j in jobs:
         q.put(j)
     assert [q.get().caller for _ in range(6)] == ["a", "b", STREAM_WORKER, "a", "a", "a"]
-    q.put(_Job("score", None, 1, None, "a"))
+    q.put(ScoreJob(sequences=[], tokens=1, deadline=None, caller="a"))
     q.put(None)
     assert q.get() is None  # stop jumps the line
 

@@ -3,13 +3,13 @@
 import contextlib
 import dataclasses
 import threading
-import time
 import uuid
 
 import pyarrow.parquet as pq
 import pytest
 from kafka import KafkaConsumer
 
+from localdev.process import wait_until
 from offdpo import records
 from offdpo.kafka import GROUP_REFUSALS_BEFORE_NEW_CONSUMER, ensure_topics, make_producer, next_offsets, read_topic
 from offdpo.s3 import ObjectStore
@@ -80,13 +80,8 @@ def _worker_thread(stack, tiny_model, unique: str, tag: str, pairs):
         scorer.shutdown()
 
 
-def _wait(predicate, timeout_s, what, log_tail=lambda: ""):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(1.0)
-    raise TimeoutError(f"{what} did not happen within {timeout_s} s\n{log_tail()}")
+def _wait(predicate, timeout_s, what, log_tail=None):
+    wait_until(predicate, timeout_s, what, every_s=1.0, diag=log_tail)
 
 
 def _rows_in_s3(store, fp_id, topic):
@@ -214,7 +209,7 @@ def test_worker_killed_between_shard_write_and_commit_loses_and_duplicates_nothi
 
 def test_worker_replaces_a_producer_that_hit_a_fatal_error(stack, tiny_model, unique, monkeypatch):
     """After the broker loses its storage, an idempotent producer can fail fatally and refuse every
-    later send (seen in the S3-outage fault case). The worker must start a new producer and go on."""
+    later send. The worker must start a new producer and go on."""
     from kafka.errors import UnknownError
 
     from services.refscore import worker as worker_mod
@@ -261,7 +256,7 @@ def test_worker_redoes_a_batch_at_once_when_a_rebalance_refuses_its_commit(
 ):
     """A commit refused by a group rebalance is not an outage: no backoff, the batch is redone at once
     (its shards are already written). A consumer whose every commit is refused (kafka-python stuck in
-    its client-side rebalancing state, seen in CI after an S3 outage) is replaced by a new one after
+    its client-side rebalancing state) is replaced by a new one after
     GROUP_REFUSALS_BEFORE_NEW_CONSUMER refusals in a row, and the new member commits."""
     import logging
 
