@@ -16,7 +16,7 @@ test: setup
 
 # Every test that needs no broker, S3 server or engine (tests/conftest.py marks the others `integration`).
 test-fast: setup
-	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not integration" -n 2 $(PYTEST_ARGS)
 
 # Lint, format check, types and import layers (pyproject.toml holds every tool's configuration).
 lint: setup

@@ -36,7 +36,7 @@ def unique():
 # through another fixture), or carries the `stack`/`vllm`/`faults` marker, is an integration test;
 # everything else is the fast tier (`make test-fast`: `pytest -m "not integration"`).
 _REAL_PARTS = {"stack", "vllm_server", "vllm_client", "vllm_topics", "kcfg"}
-_REAL_MARKERS = {"stack", "vllm", "faults", "browser"}
+_REAL_MARKERS = {"stack", "vllm", "engine", "faults", "browser"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from transformers import AutoTokenizer
 
 from bench.refscore import ANSWER_TOKENS, PROMPT_TOKENS, make_pairs, model_flops, targets
@@ -64,6 +65,7 @@ def test_target_verdicts():
     }
 
 
+@pytest.mark.engine
 def test_gpu_script_runs_on_any_device(tiny_model, tmp_path):
     out = tmp_path / "gpu.json"
     subprocess.run(

@@ -78,6 +78,7 @@ def test_vllm_bf16_within_stated_difference(tiny_model, items, tmp_path):
     assert_within_bounds([list(it.token_logprobs) for it in response.items], float32_reference(tiny_model, scored))
 
 
+@pytest.mark.engine
 def test_transformers_bf16_within_stated_difference(tiny_model, items):
     from offdpo.records import chat_prompt
     from services.refscore.tokenization import BoundaryTokenizer
