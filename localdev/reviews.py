@@ -3,25 +3,30 @@ in miniature): small enough that a ~0.5M-parameter model learns it in minutes on
 that "make the continuation positive" is a real preference to learn.
 
 The language
-- About 300 words: 30 positive and 30 negative adjectives (the only words that carry sentiment),
-  film nouns, intensifying adverbs, neutral fillers (names, places, days, genres) and function words.
-  Every token of a review is a lowercase word or one of the punctuation marks "." and ",", separated by
-  single spaces.
+- About 300 words: 30 positive and 30 negative adjectives, film nouns, intensifying adverbs, neutral
+  adjectives, neutral fillers (names, places, days, genres), a few sentiment verbs and verdicts
+  ("loved", "hated", "skip it") and function words. Every token of a review is a lowercase word or
+  one of the punctuation marks "." and ",", separated by single spaces.
 - A review has a hidden polarity (positive or negative, equally likely) and 2-5 sentences. The first
   sentence is always neutral (no polar adjective): it is the *opening*, which becomes the prompt, so a
   continuation's sentiment is open and a reference model that learned the language writes positive
   continuations about half of the time. The rest (the *continuation*, the answer the model writes)
   holds at least one sentence with polar adjectives; each polar adjective agrees with the review's
   polarity with probability `AGREE_PROB` (0.9) and is drawn from the other polarity otherwise.
+  `MARKED_SHARE` of the polar sentences also hold a sentiment verb or verdict that always agrees
+  (why they are needed: the comment above POSITIVE_VERBS).
 
 The ground truth
 - `reward(text)` = (positive adjectives - negative adjectives) / words, where words are the runs of
-  letters (punctuation is not a word). This is the exact rule evaluation uses.
-- `is_positive(text)`: reward > 0 (more positive than negative adjectives).
-- `sentiment_consistent(text)`: at least one polar adjective and all polar adjectives share one
-  polarity. The corpus's own figure (`corpus_consistency`) is about 0.7 with `AGREE_PROB` 0.9; a model
-  that places adjectives without tracking the review's polarity scores far lower (about 0.2-0.3), so
-  the figure tells whether a model learned the language's long-range agreement.
+  letters (punctuation is not a word). Only the 60 polar adjectives count, as in a lexicon scorer.
+  This is the exact rule evaluation uses.
+- `is_positive(text)`: reward > 0 (more positive than negative adjectives; a tie is not positive).
+- `sentiment_consistent(text)`: at least one polar adjective and all polar adjectives of one polarity.
+  The corpus's own figure (`corpus_consistency`) is about 0.78 with `AGREE_PROB` 0.9 (a review with n
+  polar adjectives is consistent with probability 0.9^n + 0.1^n); a model that places adjectives
+  without tracking the review's polarity scores about 0.43 on the same adjective counts (0.5^(n-1)),
+  so the figure tells whether a model learned the language's long-range agreement.
+- The corpus's positive share is about 0.47 (0.91 of the positive reviews, 0.03 of the negative ones).
 
 Everything is deterministic given a seed (`random.Random(seed)`, no global state).
 """
@@ -37,6 +42,8 @@ from typing import Literal
 
 AGREE_PROB = 0.9  # probability that a polar adjective agrees with its review's hidden polarity
 HELD_OUT_PERCENT = 20  # share of openings (by hash) reserved for evaluation prompts
+NEUTRAL_IN_CONTINUATION = 0.1  # chance that a continuation sentence (other than the one polar) is neutral
+MARKED_SHARE = 0.4  # chance that a polar sentence also carries a sentiment verb or verdict
 
 POSITIVE = [
     "great",
@@ -260,6 +267,16 @@ DURATIONS = ["ninety minutes", "two hours", "three hours", "an hour and a half",
 ORDINALS = ["first", "second", "third", "fourth", "fifth", "latest", "newest", "last"]
 TIMES = ["last week", "yesterday", "last night", "on a plane", "at home", "in the cinema", "twice", "last month"]
 
+# Sentiment outside the adjectives, always agreeing with the hidden polarity. The ground-truth rule
+# ignores them (it counts adjectives only, like a lexicon scorer), but they matter for learning: in
+# their absence positive and negative adjectives are exchangeable in every local context, and a small
+# model trained for minutes stays at the symmetric solution (measured: no agreement at all after 1,600
+# steps). With them, the adjectives' polarity is visible locally and the long-range agreement follows.
+POSITIVE_VERBS = ["loved", "enjoyed", "liked", "adored", "admired"]
+NEGATIVE_VERBS = ["hated", "disliked", "endured", "regretted", "resented"]
+POSITIVE_VERDICTS = ["i recommend it", "see it", "i would watch it again", "worth every minute"]
+NEGATIVE_VERDICTS = ["avoid it", "skip it", "i want my money back", "a waste of time"]
+
 POSITIVE_SET = frozenset(POSITIVE)
 NEGATIVE_SET = frozenset(NEGATIVE)
 _WORD = re.compile(r"[a-z]+")
@@ -296,6 +313,14 @@ _POLAR_TEMPLATES = (
     "a {adj} {noun} and {adj} {plural} .",
     "the {nadj} {noun} was {adj} .",
 )
+# Polar sentences that also carry a sentiment verb or verdict ({verb}, {verdict}: see above).
+_MARKED_TEMPLATES = (
+    "i {verb} the {noun} , it was {adj} .",
+    "i {verb} the {plural} , they were {adj} .",
+    "{adv} {adj} {noun} , {verdict} .",
+    "a {adj} {genre} , {verdict} .",
+    "i {verb} this {adj} {genre} .",
+)
 
 
 @dataclass(frozen=True)
@@ -312,6 +337,8 @@ class Review:
 
 
 def _fill(template: str, rng: random.Random, positive: bool) -> str:
+    """Fill a template's slots left to right, one draw each (two {adj} slots get two draws)."""
+
     def adjective() -> str:
         agree = rng.random() < AGREE_PROB
         return rng.choice(POSITIVE if agree == positive else NEGATIVE)
@@ -331,8 +358,9 @@ def _fill(template: str, rng: random.Random, positive: bool) -> str:
         "ordinal": lambda: rng.choice(ORDINALS),
         "nadj": lambda: rng.choice(NEUTRAL_ADJ),
         "time": lambda: rng.choice(TIMES),
+        "verb": lambda: rng.choice(POSITIVE_VERBS if positive else NEGATIVE_VERBS),
+        "verdict": lambda: rng.choice(POSITIVE_VERDICTS if positive else NEGATIVE_VERDICTS),
     }
-    # Slots are filled left to right, one draw each, so a template with two {adj} gets two draws.
     sentence = re.sub(r"\{(\w+)\}", lambda m: fillers[m.group(1)](), template)
     return _ARTICLE_BEFORE_VOWEL.sub(r"an \1", sentence)
 
@@ -347,8 +375,11 @@ def _continuation(rng: random.Random, positive: bool) -> str:
     polar_at = rng.randrange(count)  # guarantees one polar sentence
     sentences = []
     for i in range(count):
-        neutral = i != polar_at and rng.random() < 0.25
-        template = rng.choice(_NEUTRAL_TEMPLATES if neutral else _POLAR_TEMPLATES)
+        neutral = i != polar_at and rng.random() < NEUTRAL_IN_CONTINUATION
+        if neutral:
+            template = rng.choice(_NEUTRAL_TEMPLATES)
+        else:
+            template = rng.choice(_MARKED_TEMPLATES if rng.random() < MARKED_SHARE else _POLAR_TEMPLATES)
         sentences.append(_fill(template, rng, positive))
     return " ".join(sentences)
 
@@ -465,11 +496,39 @@ def labelled_examples(n: int, seed: int = 0, single_sentence_share: float = 0.5)
 def vocabulary() -> list[str]:
     """Every word the language can write (for the tokenizer's sanity and the docs)."""
     words: set[str] = set()
-    for group in (POSITIVE, NEGATIVE, NEUTRAL_ADJ, NOUNS, PLURAL_NOUNS, ADVERBS, GENRES, DAYS, RELATIONS):
+    for group in (
+        POSITIVE,
+        NEGATIVE,
+        NEUTRAL_ADJ,
+        NOUNS,
+        PLURAL_NOUNS,
+        ADVERBS,
+        GENRES,
+        DAYS,
+        RELATIONS,
+        POSITIVE_VERBS,
+        NEGATIVE_VERBS,
+    ):
         words.update(group)
-    for group in (CHARACTERS, NAMES, ORDINALS, PLACE_LIST, DURATIONS, TIMES):
+    for group in (CHARACTERS, NAMES, ORDINALS, PLACE_LIST, DURATIONS, TIMES, POSITIVE_VERDICTS, NEGATIVE_VERDICTS):
         for phrase in group:
             words.update(phrase.split())
-    for template in _NEUTRAL_TEMPLATES + _POLAR_TEMPLATES:
+    for template in _NEUTRAL_TEMPLATES + _POLAR_TEMPLATES + _MARKED_TEMPLATES:
         words.update(w for w in template.split() if not w.startswith("{"))
     return sorted(words)
+
+
+def sentiment_check(answer: str, candidate_set: object = None) -> float:
+    """The ground-truth rule as a labeler rules check (`type: python`): reward mapped from [-1, 1]
+    onto [0, 1], so a more positive answer scores higher and equal rewards tie (no pair)."""
+    return (reward(answer) + 1.0) / 2.0
+
+
+# A rules file for services/labeler's rules strategy that labels by the ground-truth rule.
+RULES_YAML = """\
+# Labels review continuations by the ground-truth sentiment rule (localdev.reviews.reward).
+pair_mode: best_worst
+margin: 0
+rules:
+  - {name: sentiment, type: python, callable: "localdev.reviews:sentiment_check", weight: 1}
+"""
