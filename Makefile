@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast lint format faults protos check-protos stack-up stack-down bench-refscore bench-trainer clean
+.PHONY: setup demo test test-fast lint format faults protos check-protos stack-up stack-down bench-refscore bench-trainer bench-learning clean
 
 setup:
 	@bash scripts/setup.sh
@@ -50,6 +50,10 @@ bench-refscore: setup
 
 bench-trainer: setup
 	$(PY) -m bench.trainer
+
+# The DPO paper's controlled-sentiment experiment in miniature, through the real pipeline.
+bench-learning: setup
+	$(PY) -m bench.learning
 
 clean:
 	-$(PY) -m cli.main stack down
