@@ -5,6 +5,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The browser tests (pytest -m browser) drive Debian's chromium through Playwright; nothing is
+# downloaded from elsewhere (never `playwright install`). A CJK font so Chinese text renders in it.
+# Installed only when missing and only as root; before the venv stamp so a cached venv still gets it.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+   && { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ] || [ ! -f /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc ]; }; then
+  echo "== installing chromium, chromium-driver and a CJK font (apt-get)"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver fonts-wqy-zenhei
+fi
+
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 VENV=${VENV:-.venv}

@@ -5,6 +5,8 @@
     python -m services.labeler label ultrafeedback.parquet --kind preferences     # TRL-format import
     python -m services.labeler consume [--idle-exit-s 30]                          # Kafka candidates topic
     python -m services.labeler serve [--port 50061]                                # gRPC
+    python -m services.labeler annotate [--file CANDIDATES.jsonl] [--port 8088]   # annotation web app
+    python -m services.labeler calibrate [--sample 200]                           # LLM judge vs the humans
     python -m services.labeler config                                              # every variable
 
 Settings come from the environment (`config` lists them); the flags override the most common ones.
@@ -24,7 +26,7 @@ import sys
 from offdpo.config import KafkaConfig, describe
 from offdpo.health import LoopHealth, LoopHealthServer
 from offdpo.shutdown import StopOnSignals
-from services.labeler.config import CONFIG_CLASSES, JudgeConfig, LabelerConfig
+from services.labeler.config import CONFIG_CLASSES, AnnotateConfig, JudgeConfig, LabelerConfig
 from services.labeler.names import CANDIDATE_STRATEGIES, INPUT_KINDS, JUDGE_MODES, PAIR_MODES, InputKind
 from services.labeler.pipeline import Labeler
 from services.labeler.runner import build_labeler, close_labeler, run_file, run_kafka
@@ -96,6 +98,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common], help="serve the gRPC API")
     p.add_argument("--strategy", choices=CANDIDATE_STRATEGIES)
     p.add_argument("--port", type=int)
+    p = sub.add_parser("annotate", parents=[common], help="serve the annotation web app (pairs from people)")
+    p.add_argument("--file", help="queue the candidate sets of this JSONL file instead of reading the topic")
+    p.add_argument("--port", type=int, help="OFFDPO_ANNOTATE_PORT")
+    p.add_argument("--overlap", type=int, help="annotators per item (OFFDPO_ANNOTATE_OVERLAP)")
+    p = sub.add_parser("calibrate", parents=[common], help="the LLM judge against the human-labelled items")
+    p.add_argument("--sample", type=int, default=200, help="most human-labelled items to judge")
+    p.add_argument("--seed", type=int, default=0)
     sub.add_parser("config", help="list the environment variables with their defaults")
     return parser
 
@@ -120,10 +129,45 @@ def _consume(labeler: Labeler, cfg: LabelerConfig, kafka: KafkaConfig, idle_exit
     _print_summary(summary, labeler)
 
 
+def _annotate(labeler: Labeler, kafka: KafkaConfig, args: argparse.Namespace) -> None:
+    from services.labeler.annotate import AnnotateServer
+
+    over = {k: v for k, v in dict(port=args.port, overlap=args.overlap).items() if v is not None}
+    acfg = dataclasses.replace(AnnotateConfig.from_env(), **over)
+    _progress(f"annotation app on http://{acfg.host}:{acfg.port} -> {kafka.pairs_topic} on {kafka.bootstrap_servers}")
+    AnnotateServer(acfg, labeler, kafka, from_file=args.file or "").serve()
+
+
+def _calibrate(cfg: LabelerConfig, judge: JudgeConfig, args: argparse.Namespace) -> None:
+    """The judge against the annotation app's decided items (its SQLite state); needs no broker."""
+    from pathlib import Path
+
+    from offdpo.errors import ConfigError
+    from services.labeler.annotate.queue import Queue
+    from services.labeler.calibrate import calibrate_queue
+    from services.labeler.names import JudgeMode, StrategyName
+    from services.labeler.pipeline import Strategies
+
+    if judge.mode != JudgeMode.GSB:
+        raise ConfigError("calibrate asks the judge in both orders: set OFFDPO_JUDGE_MODE=gsb (or --judge-mode gsb)")
+    db = Path(cfg.state_dir) / "annotate.sqlite"
+    if not db.exists():
+        raise ConfigError(f"no annotation state at {db}: run `annotate` with the same OFFDPO_LABELER_STATE_DIR first")
+    queue = Queue(db)
+    try:
+        report = calibrate_queue(
+            queue, Strategies(cfg, judge).get(StrategyName.LLM_JUDGE), judge.model, args.sample, args.seed
+        )
+    finally:
+        queue.close()
+    print(report.table())
+    print(json.dumps(report.as_dict(), sort_keys=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "config":
-        print(describe(*CONFIG_CLASSES))
+        print(describe(*CONFIG_CLASSES, AnnotateConfig))
         return 0
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -133,11 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("openai").setLevel(logging.WARNING)  # the judge client logs its own retries
 
     cfg, kafka, judge = _configs(args)
+    if args.cmd == "calibrate":
+        _calibrate(cfg, judge, args)
+        return 0
     labeler = build_labeler(cfg, kafka, judge)
     try:
         if args.cmd == "label":
             _progress(f"labelling {args.file} ({args.kind}) -> {kafka.pairs_topic} on {kafka.bootstrap_servers}")
             _print_summary(run_file(labeler, args.file, args.kind, cfg.strategy, progress=_progress), labeler)
+        elif args.cmd == "annotate":
+            _annotate(labeler, kafka, args)
         elif args.cmd == "consume":
             _consume(labeler, cfg, kafka, args.idle_exit_s)
         else:

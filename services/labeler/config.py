@@ -123,3 +123,50 @@ class JudgeConfig(EnvConfig):
 
 
 CONFIG_CLASSES = (KafkaConfig, LabelerConfig, JudgeConfig)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class AnnotateConfig(EnvConfig):
+    """The annotation web app (`python -m services.labeler annotate`). Not in CONFIG_CLASSES yet: the
+    deploy manifests do not run the app, and the env-contract test checks every listed variable there."""
+
+    host: str = env("OFFDPO_ANNOTATE_HOST", "0.0.0.0", "bind address of the annotation app")
+    port: int = env("OFFDPO_ANNOTATE_PORT", 8088, "port of the annotation app (HTTP)")
+    tokens_file: str = env(
+        "OFFDPO_ANNOTATE_TOKENS",
+        "",
+        "file of `annotator_id:sha256(token)` lines (mounted from a Secret); required",
+    )
+    insecure_cookies: bool = env(
+        "OFFDPO_ANNOTATE_INSECURE_COOKIES",
+        False,
+        "local development only: session cookies without `Secure`, so plain http://localhost works",
+    )
+    group_id: str = env("OFFDPO_ANNOTATE_GROUP", "offdpo-annotate", "consumer group reading the candidates topic")
+    overlap: int = env("OFFDPO_ANNOTATE_OVERLAP", 2, "annotators who judge each item (never the same one twice)")
+    lease_s: float = env(
+        "OFFDPO_ANNOTATE_LEASE_S", 900.0, "a claimed item returns to the queue after this long without a judgement"
+    )
+    undo_s: float = env(
+        "OFFDPO_ANNOTATE_UNDO_S", 10.0, "grace period in which a judgement can be undone; it is final after it"
+    )
+    rationale_max_chars: int = env("OFFDPO_ANNOTATE_RATIONALE_MAX", 1000, "longest rationale accepted (characters)")
+    guidelines_file: str = env(
+        "OFFDPO_ANNOTATE_GUIDELINES", "", "guidelines shown to annotators (empty: the shipped ones)"
+    )
+    guidelines_version: str = env(
+        "OFFDPO_ANNOTATE_GUIDELINES_VERSION",
+        "",
+        "version recorded with every judgement (empty: the first 12 hex of the guidelines' sha256)",
+    )
+    session_s: float = env("OFFDPO_ANNOTATE_SESSION_S", 12 * 3600.0, "sign-in lifetime")
+    stats_batch: int = env("OFFDPO_ANNOTATE_STATS_BATCH", 50, "items per batch in the agreement statistics")
+    publish_interval_s: float = env(
+        "OFFDPO_ANNOTATE_PUBLISH_INTERVAL_S", 1.0, "how often items whose judgements are final are published"
+    )
+
+    def __post_init__(self) -> None:
+        if self.overlap < 1:
+            raise ConfigError("OFFDPO_ANNOTATE_OVERLAP must be at least 1")
+        if self.lease_s <= 0 or self.undo_s < 0:
+            raise ConfigError("OFFDPO_ANNOTATE_LEASE_S must be positive and OFFDPO_ANNOTATE_UNDO_S not negative")

@@ -1,0 +1,212 @@
+"""What the annotation app does besides serving pages: it fills the queue (candidates topic or a file;
+malformed sets dead-lettered as the other strategies do) and publishes decided items as pairs through
+the labeler's own publisher (acks=all, pair_id-keyed, ledger), then marks them decided.
+
+Order of durability: a Kafka offset is committed only after its item is in SQLite (or its dead letter
+acknowledged); an item is marked decided only after Kafka acknowledged its pair. A crash in between
+redoes the step, and the content-hashed pair_id makes the repeat harmless (ledger, idempotent consumers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from offdpo import records
+from offdpo.config import KafkaConfig
+from offdpo.errors import OffdpoError
+from offdpo.kafka import GROUP_CHANGED, make_consumer, now_timestamp
+from offdpo.v1 import labeler_pb2, records_pb2
+from services.labeler import inputs
+from services.labeler.annotate.agreement import cohen_kappa, krippendorff_alpha_nominal
+from services.labeler.annotate.queue import NO_MAJORITY, A, B, Item, Judgement, Queue, majority
+from services.labeler.errors import InvalidCandidateSet
+from services.labeler.names import StrategyName
+from services.labeler.pipeline import Labeler
+
+log = logging.getLogger(__name__)
+HUMAN = StrategyName.HUMAN.value
+
+
+def _shown(j: Judgement, chosen_is_a: bool | None) -> str:
+    """Which answer the annotator saw on the left, in the pair's terms."""
+    if chosen_is_a is None:
+        return "a_left" if j.a_left else "b_left"
+    return "chosen_left" if j.a_left == chosen_is_a else "rejected_left"
+
+
+def _verdict_name(verdict: str, chosen_is_a: bool | None) -> str:
+    if verdict in (A, B) and chosen_is_a is not None:
+        return "chosen" if (verdict == A) == chosen_is_a else "rejected"
+    return verdict
+
+
+def pair_for(item: Item, judgements: list[Judgement], outcome: str) -> records_pb2.PreferencePair | None:
+    """The pair a decided item gives (None for a tie, both bad or no majority), every judgement in its
+    provenance: annotator, what they chose, which answer they saw first, guideline version, time, rationale."""
+    if outcome not in (A, B):
+        return None
+    chosen_is_a = outcome == A
+    chosen, rejected = (item.answer_a, item.answer_b) if chosen_is_a else (item.answer_b, item.answer_a)
+    prov = records_pb2.Provenance(
+        strategy=StrategyName.HUMAN.label_strategy,
+        source=item.source,
+        annotator=",".join(j.annotator for j in judgements),
+        labeled_at=now_timestamp(),
+    )
+    for k, v in item.metadata.items():
+        prov.metadata[k] = v
+    if item.set_id:
+        prov.metadata.setdefault("set_id", item.set_id)
+    for j in judgements:
+        # As in the GSB judge: which answer came first, and the verdict on the pair as it was shown.
+        chosen_first = j.a_left == chosen_is_a
+        shown_verdict = {A: "Good" if j.a_left else "Bad", B: "Bad" if j.a_left else "Good"}.get(j.verdict, j.verdict)
+        prov.verdicts.add(order="chosen_first" if chosen_first else "rejected_first", verdict=shown_verdict)
+    prov.metadata["item_id"] = item.item_id
+    prov.metadata["displayed_order"] = ",".join(f"{j.annotator}:{_shown(j, chosen_is_a)}" for j in judgements)
+    prov.metadata["guideline_version"] = ",".join(sorted({j.guideline_version for j in judgements}))
+    prov.metadata["judgements"] = json.dumps(
+        [
+            dict(
+                annotator=j.annotator,
+                verdict=_verdict_name(j.verdict, chosen_is_a),
+                displayed_order=_shown(j, chosen_is_a),
+                guideline_version=j.guideline_version,
+                time_spent_s=j.time_spent_s,
+                rationale=j.rationale,
+                judged_at=j.judged_at,
+            )
+            for j in judgements
+        ],
+        ensure_ascii=False,
+        sort_keys=True,
+    )
+    return records.make_pair(item.prompt, chosen, rejected, prov)
+
+
+class Annotation:
+    """The queue plus the labeler's publisher and dead-letter sink."""
+
+    def __init__(self, queue: Queue, labeler: Labeler):
+        self.queue, self.labeler = queue, labeler
+        self.published = 0
+        self._publish_lock = threading.Lock()
+
+    # -- filling the queue --------------------------------------------------------------------
+    def ingest(self, items: Iterable[inputs.Item[labeler_pb2.CandidateSet]]) -> int:
+        """Queue the valid sets, dead-letter the rest (acknowledged before this returns). New items count."""
+        added = 0
+        for item in items:
+            try:
+                if item.error is not None or item.value is None:
+                    raise item.error or InvalidCandidateSet("no candidate set")
+                cs = item.value
+                inputs.validate_candidate_set(cs, self.labeler.cfg.max_answers, generating=True)
+                if len(cs.answers) < 2:  # no generation here: a person compares what the set holds
+                    raise InvalidCandidateSet(f"needs at least 2 answers to compare, got {len(cs.answers)}")
+                inputs.readable_kind(cs.prompt, "annotation")
+            except OffdpoError as exc:
+                self.labeler.reject(item, HUMAN, str(exc), exc.error_type)
+                continue
+            added += self.queue.add(cs, item.source)
+        # Nothing to confirm: DeadLetterSink.send returns once the broker acknowledged the letter. Not
+        # labeler.confirm(): that would take the publisher thread's pending pairs and let it mark an
+        # item decided before its pair is acknowledged.
+        return added
+
+    def ingest_file(self, path: str) -> int:
+        return self.ingest(inputs.read_candidates_file(path, self.labeler.cfg.max_input_bytes))
+
+    # -- publishing ---------------------------------------------------------------------------
+    def publish_due(self, now: float | None = None) -> int:
+        """Decide and publish every item whose judgements are final. Returns the pairs published."""
+        with self._publish_lock:
+            sent = 0
+            for item_id in self.queue.due(now):
+                item = self.queue.item(item_id)
+                if item is None:
+                    continue
+                judgements = self.queue.judgements(item_id)
+                outcome = majority([j.verdict for j in judgements])
+                pair = pair_for(item, judgements, outcome)
+                if pair is not None:
+                    self.labeler.publisher.publish(pair)
+                    self.labeler.publisher.confirm()  # PublishError: not marked, retried next round
+                    sent += 1
+                self.queue.decided(item_id, outcome, pair.pair_id if pair else "")
+            self.published += sent
+            return sent
+
+
+def consume(annotation: Annotation, kafka: KafkaConfig, group_id: str, stop: threading.Event) -> None:
+    """Fill the queue from the candidates topic until `stop`; commit only what is queued or dead-lettered."""
+    cfg = annotation.labeler.cfg
+    consumer = make_consumer(kafka, group_id, [kafka.candidates_topic], max_poll_records=cfg.batch_size)
+    try:
+        while not stop.is_set():
+            polled = consumer.poll(timeout_ms=500)
+            recs = [r for batch in polled.values() for r in batch]
+            if not recs:
+                continue
+            try:
+                annotation.ingest(inputs.candidate_item(r, cfg.max_input_bytes) for r in recs)
+            except OffdpoError as exc:  # a dead letter not acknowledged: nothing committed, redelivered
+                log.warning("candidates not queued, will be redelivered: %s", exc)
+                consumer.close(autocommit=False)
+                consumer = make_consumer(kafka, group_id, [kafka.candidates_topic], max_poll_records=cfg.batch_size)
+                continue
+            try:
+                consumer.commit()
+            except GROUP_CHANGED as exc:  # redelivered after the rebalance; the queue ignores repeats
+                log.info("commit refused (%s); the records will be read again and ignored", exc)
+    finally:
+        consumer.close(autocommit=False)
+
+
+def publish_loop(annotation: Annotation, interval_s: float, stop: threading.Event) -> None:
+    while not stop.wait(interval_s):
+        try:
+            annotation.publish_due()
+        except OffdpoError as exc:  # Kafka down: the items stay due and are tried again
+            log.warning("publishing decided items failed, retrying: %s", exc)
+
+
+# -- statistics -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BatchStats:
+    name: str
+    items: int  # items with at least two judgements
+    kappa: float | None  # Cohen's kappa between each item's first and second judgement
+    alpha: float | None  # Krippendorff's alpha (nominal) over all judgements
+    judge_kappa: float | None  # the LLM judge against the human majority
+    judge_items: int
+
+
+def _stats(
+    name: str, rows: list[tuple[str, int, list[str]]], judge: dict[str, str], human: dict[str, str]
+) -> BatchStats:
+    multi = [verdicts for _, _, verdicts in rows if len(verdicts) >= 2]
+    pairs = [(v[0], v[1]) for v in multi]
+    both = [(human[iid], judge[iid]) for iid, _, _ in rows if iid in judge and human.get(iid) in (A, B, "tie")]
+    return BatchStats(
+        name, len(multi), cohen_kappa(pairs), krippendorff_alpha_nominal(multi), cohen_kappa(both), len(both)
+    )
+
+
+def agreement(queue: Queue, batch_size: int) -> tuple[BatchStats, list[BatchStats]]:
+    """Overall and per-batch agreement; a batch is `batch_size` consecutive items in queue order."""
+    rows = queue.ratings()
+    judge = queue.judge_verdicts()
+    human = {it.item_id: outcome for it, outcome in queue.decided_items() if outcome != NO_MAJORITY}
+    batches: dict[int, list[tuple[str, int, list[str]]]] = {}
+    for row in rows:
+        batches.setdefault((row[1] - 1) // batch_size, []).append(row)
+    per = [
+        _stats(f"items {b * batch_size + 1}-{(b + 1) * batch_size}", rs, judge, human)
+        for b, rs in sorted(batches.items())
+    ]
+    return _stats("overall", rows, judge, human), per
