@@ -168,7 +168,7 @@ def test_rules_file_labels_by_the_ground_truth():
     from offdpo.v1 import labeler_pb2
     from services.labeler.rules import RuleSet
 
-    rules = RuleSet.from_dict(yaml.safe_load(reviews.RULES_YAML), source="RULES_YAML")
+    rules = RuleSet.from_dict(yaml.safe_load(reviews.RULES_YAML), source="RULES_YAML", callable_packages=("localdev",))
     cs = labeler_pb2.CandidateSet()
     good, _ = rules.score("the film was great .", cs)
     bad, _ = rules.score("the film was awful .", cs)

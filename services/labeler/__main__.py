@@ -164,6 +164,15 @@ def _calibrate(cfg: LabelerConfig, judge: JudgeConfig, args: argparse.Namespace)
     print(json.dumps(report.as_dict(), sort_keys=True))
 
 
+def _serve_security():
+    """`serve`'s TLS credentials and token store (services/labeler/server_config.py), checked before
+    anything connects; a ConfigError names the variable to set."""
+    from offdpo.grpc_auth import build
+    from services.labeler.server_config import LabelerServerConfig
+
+    return build(LabelerServerConfig.from_env().security())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "config":
@@ -180,6 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "calibrate":
         _calibrate(cfg, judge, args)
         return 0
+    security = None
+    if args.cmd == "serve":
+        from offdpo.errors import ConfigError
+
+        try:
+            security = _serve_security()
+        except ConfigError as exc:
+            logging.getLogger("labeler").error("configuration error: %s", exc)
+            return 2
     labeler = build_labeler(cfg, kafka, judge)
     try:
         if args.cmd == "label":
@@ -190,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "consume":
             _consume(labeler, cfg, kafka, args.idle_exit_s)
         else:
-            asyncio.run(serve(labeler, cfg.grpc_host, args.port or cfg.grpc_port))
+            asyncio.run(serve(labeler, cfg.grpc_host, args.port or cfg.grpc_port, security))
     except KeyboardInterrupt:
         if args.cmd != "serve":
             raise

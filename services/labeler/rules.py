@@ -12,6 +12,12 @@
       - {name: polite, type: python, callable: polite, weight: 1}           # registered with @register_check
       - {name: custom, type: python, callable: "mypkg.checks:is_ok", weight: 1}  # or imported by path
 
+Import paths are refused unless the module is in a package listed in
+OFFDPO_LABELER_RULES_CALLABLE_PACKAGES (comma-separated; empty by default) and the function is defined
+in that module (not a name it imported, such as `shutil.rmtree`): a rules file must not make the
+labeler import, and call with an answer's text, whatever it names. A path naming a registered check
+is the same as its name, and allowed.
+
 A check passes (adds its weight, and its name to the rule hits) or fails. A `python` callable gets
 (answer, candidate_set) and returns a bool, or a number in [0, 1] that scales the weight. Checks
 against the reference answer are skipped for sets without one.
@@ -20,8 +26,10 @@ against the reference answer are skipped for sets without one.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +41,7 @@ from offdpo.v1 import labeler_pb2, records_pb2
 from services.labeler.base import Result, base_provenance, pairs_from_scores
 from services.labeler.errors import LabelError, RulesError
 from services.labeler.names import PAIR_MODES, PairMode, StrategyName, problem
+from services.labeler.server_config import RulesConfig
 
 __all__ = ["RuleSet", "RulesError", "RulesStrategy", "register_check"]
 
@@ -56,18 +65,48 @@ def _no_empty_lines(answer: str, cs: labeler_pb2.CandidateSet) -> bool:
     return "\n\n\n" not in answer
 
 
-def _resolve_callable(spec: str, where: str) -> CheckFn:
+_MODULE_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_ATTR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _registered(module: str, attr: str) -> CheckFn | None:
+    """The registered check a path names, looked up in an already-imported module (nothing imported)."""
+    loaded = sys.modules.get(module)
+    fn = getattr(loaded, attr, None) if loaded is not None else None
+    return fn if fn is not None and any(fn is f for f in _REGISTRY.values()) else None
+
+
+def _allowed(module: str, packages: Sequence[str]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages if p)
+
+
+def _import_callable(spec: str, where: str, packages: Sequence[str]) -> CheckFn:
+    module, _, attr = spec.partition(":")
+    if not _MODULE_PATH.match(module) or not _ATTR.match(attr):
+        raise RulesError(f"{where}: callable {spec!r} must be 'package.module:function'")
+    registered = _registered(module, attr)
+    if registered is not None:
+        return registered
+    if not _allowed(module, packages):
+        raise RulesError(
+            f"{where}: callable {spec!r} is not in an allowed package: list its package in "
+            f"OFFDPO_LABELER_RULES_CALLABLE_PACKAGES (now {','.join(packages) or 'empty'}), or register the "
+            f"check with services.labeler.rules.register_check and name it"
+        )
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise RulesError(f"{where}: cannot import callable {spec!r}: {exc}") from None
+    if not inspect.isfunction(fn) or fn.__module__ != module:
+        raise RulesError(f"{where}: {spec!r} is not a function defined in {module}")
+    return fn
+
+
+def _resolve_callable(spec: str, where: str, packages: Sequence[str]) -> CheckFn:
     if spec in _REGISTRY:
         return _REGISTRY[spec]
     if ":" in spec:
-        module, _, attr = spec.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:
-            raise RulesError(f"{where}: cannot import callable {spec!r}: {exc}") from None
-        if not callable(fn):
-            raise RulesError(f"{where}: {spec!r} is not callable")
-        return fn
+        return _import_callable(spec, where, packages)
     raise RulesError(
         f"{where}: no check registered as {spec!r} (registered: {sorted(_REGISTRY)}); "
         f"register it with services.labeler.rules.register_check or use 'module:function'"
@@ -148,8 +187,8 @@ def _reference(equals: bool) -> Callable[[dict[str, Any], str], RuleFn]:
     return build
 
 
-def _python(spec: dict[str, Any], where: str) -> RuleFn:
-    target = _resolve_callable(str(spec.get("callable", "")), where)
+def _python(spec: dict[str, Any], where: str, packages: Sequence[str] = ()) -> RuleFn:
+    target = _resolve_callable(str(spec.get("callable", "")), where, packages)
 
     def check(a: str, cs: labeler_pb2.CandidateSet) -> float:
         try:
@@ -177,7 +216,7 @@ _TYPES: dict[str, tuple[set[str], Callable[[dict[str, Any], str], RuleFn]]] = {
 }
 
 
-def _build_rule(spec: Any, index: int) -> Rule:
+def _build_rule(spec: Any, index: int, packages: Sequence[str]) -> Rule:
     where = f"rules[{index}]"
     if not isinstance(spec, dict):
         raise RulesError(f"{where} must be a mapping with at least 'type'")
@@ -195,7 +234,8 @@ def _build_rule(spec: Any, index: int) -> Rule:
     unknown = set(spec) - allowed
     if unknown:
         raise RulesError(f"{where}: unknown keys {sorted(unknown)} for type {kind} (allowed: {sorted(allowed)})")
-    return Rule(name=name, type=kind, weight=weight, fn=build(spec, where))
+    fn = _python(spec, where, packages) if kind == "python" else build(spec, where)
+    return Rule(name=name, type=kind, weight=weight, fn=fn)
 
 
 @dataclass
@@ -206,13 +246,16 @@ class RuleSet:
     source: str = ""
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "") -> RuleSet:
+    def from_dict(cls, data: Any, source: str = "", callable_packages: Sequence[str] | None = None) -> RuleSet:
+        """`callable_packages`: where `callable: module:function` may import from (default:
+        OFFDPO_LABELER_RULES_CALLABLE_PACKAGES, empty unless set)."""
+        packages = RulesConfig.from_env().callable_packages if callable_packages is None else callable_packages
         if not isinstance(data, dict) or not isinstance(data.get("rules"), list) or not data["rules"]:
             raise RulesError(f"{source or 'rules'}: needs a non-empty 'rules' list")
         unknown = set(data) - {"rules", "pair_mode", "margin"}
         if unknown:
             raise RulesError(f"{source}: unknown top-level keys {sorted(unknown)}")
-        rules = [_build_rule(spec, i) for i, spec in enumerate(data["rules"])]
+        rules = [_build_rule(spec, i, packages) for i, spec in enumerate(data["rules"])]
         names = [r.name for r in rules]
         if len(set(names)) != len(names):
             raise RulesError(f"{source}: rule names must be unique, got {names}")
@@ -223,12 +266,12 @@ class RuleSet:
         return cls(rules=rules, pair_mode=mode, margin=float(data.get("margin", 0.0)), source=source)
 
     @classmethod
-    def load(cls, path: str | Path) -> RuleSet:
+    def load(cls, path: str | Path, callable_packages: Sequence[str] | None = None) -> RuleSet:
         try:
             data = yaml.safe_load(Path(path).read_text())
         except (OSError, yaml.YAMLError) as exc:
             raise RulesError(f"cannot read rules file {path}: {exc}") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(data, str(path), callable_packages)
 
     def score(self, answer: str, cs: labeler_pb2.CandidateSet) -> tuple[float, list[str]]:
         total, hits = 0.0, []

@@ -3,6 +3,13 @@
 Requests are validated before anything is labelled: a bad request is refused as a whole with
 INVALID_ARGUMENT and a message naming the set and what to fix. Responses return after Kafka has
 acknowledged the pairs. Health (grpc.health.v1) and reflection are served too.
+
+Security (the shared `offdpo.grpc_auth` layer, settings in `server_config.py`): TLS or mTLS with
+certificates reloaded when their files change; every Labeler RPC is authenticated (team token, or the
+client certificate's CN) and authorised per method by one interceptor before its request is read
+(a team may be allowed SubmitCandidates but not SubmitJudgement); health and reflection stay open.
+`serve` refuses to start without TLS and an auth file unless OFFDPO_LABELER_PLAINTEXT=true and
+OFFDPO_LABELER_ALLOW_ANONYMOUS=true say explicitly that this is local development.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from offdpo.errors import BadInput
+from offdpo.grpc_auth import AuthInterceptor, Quotas, ServerSecurity
 from offdpo.v1 import labeler_pb2, labeler_pb2_grpc
 from services.labeler.errors import PublishError
 from services.labeler.inputs import Item, validate_candidate_set, validate_judgement
@@ -103,28 +111,51 @@ class LabelerServicer(labeler_pb2_grpc.LabelerServicer):
         )
 
 
-async def start_server(labeler: Labeler, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """Start the server; returns it and the bound port (port 0 picks a free one)."""
+async def start_server(
+    labeler: Labeler, host: str, port: int, security: ServerSecurity | None = None
+) -> tuple[grpc.aio.Server, int]:
+    """Start the server; returns it and the bound port (port 0 picks a free one).
+
+    `security`: TLS credentials and token store (`offdpo.grpc_auth.build(LabelerServerConfig.security())`,
+    which `serve` requires); None serves plaintext to anonymous callers, for in-process tests only.
+    """
+    if security is None:
+        log.warning("SECURITY: labeler gRPC in PLAINTEXT without a token (in-process use only)")
+        security = ServerSecurity(None, None)
     limit = labeler.cfg.grpc_max_message_bytes
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        interceptors=[AuthInterceptor(security.store, Quotas(), service="labeler")],
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ],
     )
     labeler_pb2_grpc.add_LabelerServicer_to_server(LabelerServicer(labeler), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection((SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    credentials = security.credentials()
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         raise RuntimeError(f"cannot bind the labeler gRPC server to {host}:{port}")
     await server.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    log.info("labeler gRPC server on %s:%d", host, bound)
+    log.info(
+        "labeler gRPC server on %s:%d (%s%s, %s)",
+        host,
+        bound,
+        "TLS" if credentials else "PLAINTEXT",
+        ", mTLS" if security.mtls else "",
+        "team tokens" if security.store is not None else "anonymous callers",
+    )
     return server, bound
 
 
-async def serve(labeler: Labeler, host: str, port: int) -> None:
-    server, _ = await start_server(labeler, host, port)
+async def serve(labeler: Labeler, host: str, port: int, security: ServerSecurity | None = None) -> None:
+    server, _ = await start_server(labeler, host, port, security)
     try:
         await server.wait_for_termination()
     finally:
