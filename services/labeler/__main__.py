@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "consume":
             _consume(labeler, cfg, kafka, args.idle_exit_s)
         else:
-            asyncio.run(serve(labeler, cfg.grpc_host, args.port or cfg.grpc_port, security))
+            asyncio.run(serve(labeler, cfg.grpc_host, args.port or cfg.grpc_port, security, cfg.health_port))
     except KeyboardInterrupt:
         if args.cmd != "serve":
             raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from services.labeler.server_config import LabelerServerConfig, RulesConfig
 from offdpo.config import EnvConfig, KafkaConfig, env
 from offdpo.errors import ConfigError
 from services.labeler.names import (
@@ -122,7 +123,7 @@ class JudgeConfig(EnvConfig):
     cache: bool = env("OFFDPO_JUDGE_CACHE", True, "cache verdicts in the state dir so a rerun does not pay twice")
 
 
-CONFIG_CLASSES = (KafkaConfig, LabelerConfig, JudgeConfig)
+CONFIG_CLASSES = (KafkaConfig, LabelerConfig, JudgeConfig, LabelerServerConfig, RulesConfig)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)

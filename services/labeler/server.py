@@ -154,9 +154,29 @@ async def start_server(
     return server, bound
 
 
-async def serve(labeler: Labeler, host: str, port: int, security: ServerSecurity | None = None) -> None:
+async def start_health_port(host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """A plaintext health-only server: kubelet's gRPC probes cannot speak TLS, and this port serves
+    nothing but grpc.health.v1 (no token or training data ever crosses it)."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"cannot bind the labeler's health port to {host}:{port} (OFFDPO_LABELER_HEALTH_PORT)")
+    await server.start()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound
+
+
+async def serve(
+    labeler: Labeler, host: str, port: int, security: ServerSecurity | None = None, health_port: int = 0
+) -> None:
     server, _ = await start_server(labeler, host, port, security)
+    health_server = (await start_health_port(host, health_port))[0] if health_port else None
     try:
         await server.wait_for_termination()
     finally:
+        if health_server is not None:
+            await health_server.stop(grace=None)
         await server.stop(grace=5)

@@ -1,8 +1,5 @@
 """The labeler gRPC server's security settings (`serve`) and the rules strategy's import allow-list.
 
-Not in `config.CONFIG_CLASSES` yet: the deploy manifests must set them first (TLS and auth-file Secrets
-for the labeler), and the env-contract test checks every listed variable there.
-
 `serve` needs TLS (OFFDPO_LABELER_TLS_CERT/_KEY, optional _TLS_CLIENT_CA for mTLS) and an auth file
 (OFFDPO_LABELER_AUTH_FILE, the schema of offdpo/grpc_auth/auth.py, methods among SubmitCandidates and
 SubmitJudgement), unless OFFDPO_LABELER_PLAINTEXT=true / OFFDPO_LABELER_ALLOW_ANONYMOUS=true say

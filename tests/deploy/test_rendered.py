@@ -170,12 +170,12 @@ def test_grpc_services_have_grpc_probes_on_the_health_service(rendered):
             if svc in GRPC_HEALTH_SERVICE and grpc_ports:
                 seen.add(svc)
                 port = grpc_ports[0]["containerPort"]
-                # refscore's API port is TLS with tokens, which kubelet's gRPC probes cannot speak: they
-                # use its plaintext health-only port (OFFDPO_REFSCORE_HEALTH_PORT).
+                # Both API ports are TLS with tokens, which kubelet's gRPC probes cannot speak: they use
+                # the service's plaintext health-only port.
                 health_ports = [p["containerPort"] for p in c["ports"] if p.get("name") == "health"]
-                probe_port = health_ports[0] if svc == "refscore" else port
-                if svc == "refscore":
-                    assert health_ports and int(env_value(objs, c, "OFFDPO_REFSCORE_HEALTH_PORT")) == probe_port
+                probe_port = health_ports[0]
+                health_var = {"refscore": "OFFDPO_REFSCORE_HEALTH_PORT", "labeler": "OFFDPO_LABELER_HEALTH_PORT"}[svc]
+                assert int(env_value(objs, c, health_var)) == probe_port
                 for kind in ("readinessProbe", "livenessProbe"):
                     probe = c.get(kind, {})
                     assert "grpc" in probe, f"{w['metadata']['name']}: {kind} is not a gRPC probe"

@@ -290,3 +290,28 @@ def test_rules_callable_paths_from_an_allow_listed_package(monkeypatch):
 
 def starts_with_four(answer: str, cs) -> bool:
     return answer.startswith("4")
+
+
+def test_the_health_only_port_answers_kubelet_in_plaintext_and_serves_nothing_else():
+    import asyncio
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from offdpo.v1 import labeler_pb2, labeler_pb2_grpc
+    from services.labeler.server import start_health_port
+
+    async def check() -> None:
+        server, port = await start_health_port("127.0.0.1", 0)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await labeler_pb2_grpc.LabelerStub(channel).SubmitCandidates(
+                        labeler_pb2.SubmitCandidatesRequest(), timeout=10
+                    )
+                assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        finally:
+            await server.stop(None)
+
+    asyncio.run(check())
