@@ -199,6 +199,26 @@ def device_name() -> str:
     return f"CPU: {cpu_name()}, {os.cpu_count()} logical cores visible"
 
 
+MODEL_CACHE = REPO / ".cache" / "models"
+
+
+def resolve_model(path: str | Path) -> Path:
+    """The model to benchmark. A path the user gives is read-only: a loadable model (config.json) is
+    used as it is. The benchmark's own test model is built only under the project's cache
+    (.cache/models/...), where the project owns the folder; anything else is refused."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    if path.resolve().is_relative_to(MODEL_CACHE.resolve()):
+        from localdev.testmodel import ensure_test_model
+
+        return ensure_test_model(path, size="bench")
+    raise SystemExit(
+        f"bench.trainer: {path} is not a model directory (no config.json) and not under {MODEL_CACHE}; "
+        f"pass a Hugging Face model folder, or leave --model out to build the test model in the cache"
+    )
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -218,9 +238,7 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args)))
         return 0
 
-    from localdev.testmodel import ensure_test_model
-
-    model_dir = ensure_test_model(args.model, size="bench")
+    model_dir = resolve_model(args.model)
     from safetensors import safe_open
 
     with safe_open(str(Path(model_dir) / "model.safetensors"), "pt") as f:

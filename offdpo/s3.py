@@ -12,7 +12,7 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
-from offdpo import retry
+from offdpo import errors, retry
 from offdpo.config import S3Config
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class ObjectStore:
             if max_bytes is not None:
                 size = self.client.stat_object(self.bucket, key).size or 0
                 if size > max_bytes:
-                    raise ValueError(f"object {key} is {size} bytes, over the limit of {max_bytes}")
+                    raise errors.TooLarge(f"object {key} is {size} bytes, over the limit of {max_bytes}")
             resp = self.client.get_object(self.bucket, key)
             try:
                 return resp.read()

@@ -17,6 +17,8 @@ from typing import Any
 
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from offdpo import errors
+
 
 # -- object store --------------------------------------------------------------------------------
 class FakeObjectStore:
@@ -51,7 +53,7 @@ class FakeObjectStore:
             raise KeyError(f"NoSuchKey: {key}")
         data = self.objects[key]
         if max_bytes is not None and len(data) > max_bytes:
-            raise ValueError(f"object {key} is {len(data)} bytes, over the limit of {max_bytes}")
+            raise errors.TooLarge(f"object {key} is {len(data)} bytes, over the limit of {max_bytes}")
         return data
 
     def exists(self, key: str) -> bool:

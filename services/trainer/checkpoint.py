@@ -28,8 +28,10 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch.optim.lr_scheduler import LRScheduler
 
+from offdpo import errors
 from offdpo.s3 import safe_key_part
 from services.trainer.config import TrainerConfig
+from services.trainer.data import InfraStatus, until_done
 from services.trainer.distributed import Node, full_state_dicts, optimizer_loader
 
 if TYPE_CHECKING:
@@ -60,8 +62,38 @@ class Policy:
     scheduler: LRScheduler
 
 
+class UnsafeCheckpoint(errors.BadInput):
+    """A checkpoint whose `latest` pointer or object keys lead outside the run's own prefix (a `..`
+    segment, an absolute path, another run's keys): refused, never followed. Whoever can write to
+    the bucket must not be able to make the trainer read another run's weights or write files
+    outside the download folder."""
+
+    error_type = "unsafe_checkpoint"
+
+
 def run_prefix(run_name: str) -> str:
     return f"runs/{safe_key_part(run_name, 'run name')}"
+
+
+def _unsafe_path(path: str) -> bool:
+    """An absolute path, a backslash, or an empty, '.' or '..' segment."""
+    return path.startswith("/") or "\\" in path or any(part in ("", ".", "..") for part in path.split("/"))
+
+
+def checked_prefix(run_name: str, prefix: object) -> str:
+    """`prefix` if it is one checkpoint folder of this run (runs/<run>/checkpoints/<one safe name>)."""
+    root = f"{run_prefix(run_name)}/checkpoints/"
+    if not isinstance(prefix, str) or not prefix.startswith(root) or _unsafe_path(prefix):
+        raise UnsafeCheckpoint(
+            f"{run_prefix(run_name)}/latest points at {prefix!r}, which is not a checkpoint of this run "
+            f"(expected {root}<name>, no '..' or absolute paths); refusing to resume from it. Check who "
+            f"wrote it, then delete it or start a new --run-name"
+        )
+    try:
+        safe_key_part(prefix[len(root) :], "checkpoint name")
+    except ValueError as exc:
+        raise UnsafeCheckpoint(f"{run_prefix(run_name)}/latest points at {prefix!r}: {exc}") from None
+    return prefix
 
 
 def _optimizer_tensors(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -142,23 +174,37 @@ def save(
     policy: Policy,
     tokenizer: Any,
     extra: dict[str, Any] | None,
+    status: InfraStatus | None = None,
 ) -> None:
     """Checkpoint `step`. Every rank calls it (FSDP gathers the state to rank 0); rank 0 writes, with
     `extra` (the data position, the reference fingerprint: rank 0's, None on the others) in state.json."""
     model_state, optim_state = full_state_dicts(policy.module, policy.optimizer, cfg, node.world)
     if node.is_main:
         assert extra is not None, "rank 0 writes the data position with every checkpoint"
-        optim_state = optim_state or policy.optimizer.state_dict()
-        save_checkpoint(
-            store, cfg.run_name, step, policy.model, tokenizer, optim_state, policy.scheduler, extra, model_state
+        full_optim = optim_state or policy.optimizer.state_dict()
+        # S3 down past its own retry window is an outage, not a reason to lose the steps since the
+        # last checkpoint: rank 0 retries the upload for as long as it takes (the other ranks wait at
+        # the barrier after it). `latest` moves last, so a half-written attempt is never resumed from.
+        until_done(
+            f"checkpoint step {step}",
+            lambda: save_checkpoint(
+                store, cfg.run_name, step, policy.model, tokenizer, full_optim, policy.scheduler, extra, model_state
+            ),
+            status or InfraStatus(),
+            None,
         )
 
 
 def latest_checkpoint(store: Store, run_name: str) -> str | None:
+    """The checkpoint `latest` points at, checked to be one of this run's (UnsafeCheckpoint if not)."""
     key = f"{run_prefix(run_name)}/latest"
     if not store.exists(key):
         return None
-    return json.loads(store.get_bytes(key))["prefix"]
+    try:
+        prefix = json.loads(store.get_bytes(key))["prefix"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UnsafeCheckpoint(f"{key} is not a checkpoint pointer ({type(exc).__name__}: {exc})") from None
+    return checked_prefix(run_name, prefix)
 
 
 def read_state(store: Store, prefix: str) -> dict[str, Any]:
@@ -174,8 +220,24 @@ def restore(store: Store, prefix: str, cfg: TrainerConfig, node: Node, policy: P
 
 
 def download_model(store: Store, prefix: str, dest: Path) -> Path:
-    for key in store.list_keys(f"{prefix}/model/"):
-        path = dest / key[len(prefix) + len("/model/") :]
+    """The checkpoint's model folder into `dest`. Every key must lie under `<prefix>/model/` and name a
+    relative path inside `dest` (no '..', no absolute path): UnsafeCheckpoint otherwise, before
+    anything is written."""
+    root = f"{prefix}/model/"
+    if _unsafe_path(prefix):
+        raise UnsafeCheckpoint(f"checkpoint prefix {prefix!r} has an empty, '.' or '..' segment or is absolute")
+    dest_root = dest.resolve()
+    plan: list[tuple[str, Path]] = []
+    for key in store.list_keys(root):
+        rel = key[len(root) :]
+        path = (dest / rel).resolve()
+        if not key.startswith(root) or _unsafe_path(rel) or not path.is_relative_to(dest_root):
+            raise UnsafeCheckpoint(
+                f"checkpoint object {key!r} is not a file under {root}: refusing to download it "
+                f"(it would be written outside {dest})"
+            )
+        plan.append((key, path))
+    for key, path in plan:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(store.get_bytes(key))
     return dest

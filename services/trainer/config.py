@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from offdpo.config import EnvConfig, KafkaConfig, S3Config, env
+from offdpo.records import MAX_SHARD_BYTES
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo")
 
@@ -94,6 +95,37 @@ class TrainerConfig(EnvConfig):
     log_dir: str = env("OFFDPO_TRAINER_LOG_DIR", "runs", "local directory for <run_name>/metrics.jsonl and the plot")
     metrics_port: int = env("OFFDPO_TRAINER_METRICS_PORT", 0, "Prometheus port on rank 0 (0: off)")
     poll_timeout_ms: int = env("OFFDPO_TRAINER_POLL_MS", 1000, "continuous mode: Kafka poll timeout")
+    # -- bounded memory
+    max_poll_records: int = env(
+        "OFFDPO_TRAINER_MAX_POLL_RECORDS",
+        16,
+        "continuous mode: shard-ready events taken per poll (each may stand for thousands of pairs)",
+    )
+    max_shard_bytes: int = env(
+        "OFFDPO_TRAINER_MAX_SHARD_BYTES",
+        MAX_SHARD_BYTES,
+        "largest shard downloaded; a bigger one is refused (replay) or dead-lettered (continuous)",
+    )
+    shuffle_pairs: int = env(
+        "OFFDPO_TRAINER_SHUFFLE_PAIRS",
+        4096,
+        "replay mode: pairs shuffled together in memory (shards are read a window of this many at a time)",
+    )
+    dedup_window: int = env(
+        "OFFDPO_TRAINER_DEDUP_WINDOW",
+        16384,
+        "continuous mode: recent trained pair ids kept to drop the same pair arriving in another shard",
+    )
+    # -- evaluation
+    eval_fraction: float = env(
+        "OFFDPO_TRAINER_EVAL_FRACTION",
+        0.0,
+        "share of pairs held out for evaluation, chosen by pair-id hash; held-out pairs are never trained (0: off)",
+    )
+    eval_every: int = env("OFFDPO_TRAINER_EVAL_EVERY", 50, "evaluate the held-out pairs every N steps (and at the end)")
+    eval_max_pairs: int = env(
+        "OFFDPO_TRAINER_EVAL_MAX_PAIRS", 512, "held-out pairs kept for evaluation (the first ones seen)"
+    )
     progress: bool = env("OFFDPO_TRAINER_PROGRESS", True, "show a progress bar on the terminal")
 
 

@@ -1,14 +1,28 @@
 """Where training records come from, and the checks they pass first.
 
-Replay: every *.parquet under an S3 prefix, validated up front (a bad shard stops the run before
-step 1), de-duplicated by pair_id, shuffled per epoch with (seed, epoch). The order is a pure
-function of (shard list, seed, epoch), so a resumed run skips exactly the pairs it already trained.
+Replay: every *.parquet under an S3 prefix. Each shard is read and checked once before step 1 (a bad
+shard stops the run), keeping only which of its rows it owns (a pair in two shards belongs to the
+first in key order: identity by content) and the shard's sha256. Training then streams the shards
+again one at a time: per epoch the shard order is shuffled with (seed, epoch), consecutive shards are
+grouped into windows of at least `shuffle_pairs` pairs, and each window's pairs are shuffled in
+memory. Memory is one window plus one shard, whatever the prefix holds. The order is a pure function
+of (shard list, seed, epoch), so a resumed run skips exactly the pairs it already trained (whole
+windows by their counts, without downloading them).
 
-Continuous: ShardReady events from Kafka. Events are de-duplicated by object key (refscore may
-announce a shard twice after a crash), pairs by pair_id. A bad shard is dead-lettered with the
-reason and training goes on. Offsets are committed (`StreamSource.commit`) only after a checkpoint
-holding the source's state is written, so after a crash the events come back and the pair_id filter
-drops what was trained.
+Continuous: ShardReady events from Kafka, at most `max_poll_records` per poll. Events are
+de-duplicated by object key (refscore may announce a shard twice after a crash), pairs by pair_id. A
+shard whose data is wrong is dead-lettered with the reason and training goes on. Offsets are
+committed (`StreamSource.commit`) only after a checkpoint holding the source's state is written, so
+after a crash the events come back and the state says which of them, and which of their pairs, were
+already trained (see `StreamSource` for why that state stays bounded and is still exactly once).
+
+Outage vs bad data: a shard that cannot be fetched because of the infrastructure (S3 unreachable,
+any S3 error but NoSuchKey, errors.Unavailable, ...) is never dead-lettered: progress on that event
+stops and the fetch is retried with backoff for as long as it takes (`offdpo.retry`), each step
+logged and counted (`InfraStatus`, exported to Prometheus by metrics.py); a stop signal ends the
+wait. Only data that is itself wrong becomes a dead letter: an undecodable event, a corrupt or
+schema-invalid shard, a fingerprint mismatch, an object the event promised that does not exist, an
+over-long record, poisoned values (token ids outside the vocabulary, non-finite log-probs).
 
 Refusals are `offdpo.errors` classes (CorruptShard, FingerprintMismatch, DecodeError, ...): a
 dead letter's error_type is the class's, never read from the message.
@@ -16,27 +30,32 @@ dead letter's error_type is the class's, never read from the message.
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import logging
 import random
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import tenacity
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from offdpo import errors, retry
 from offdpo import kafka as okafka
-from offdpo import retry
 from offdpo.config import KafkaConfig
 from offdpo.errors import BadInput, FingerprintMismatch, RecordError
 from offdpo.kafka import GROUP_CHANGED, MAX_RECORD_BYTES, DeadLetterSink
-from offdpo.records import ReferenceFingerprint, ShardReady, decode, fingerprint_mismatch, read_shard
+from offdpo.records import MAX_SHARD_BYTES, ReferenceFingerprint, ShardReady, decode, fingerprint_mismatch, read_shard
 from services.trainer.config import TrainerConfig
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class DataError(BadInput):
@@ -45,6 +64,19 @@ class DataError(BadInput):
     and what to fix."""
 
     error_type = "data_refused"
+
+
+class ShardMissing(BadInput):
+    """The object a shard-ready event names does not exist (NoSuchKey): the event promised data
+    that is not there, which no retry brings back."""
+
+    error_type = "shard_unreadable"
+
+
+class ShardTooLarge(errors.TooLarge):
+    """A shard over --max-shard-bytes: refused before it is downloaded."""
+
+    error_type = "shard_too_large"
 
 
 class ObjectReader(Protocol):
@@ -72,6 +104,145 @@ class Example:
         return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
 
 
+class Refusal(str):
+    """One record refused, as the message that says why (a str), with the dead letter's error_type."""
+
+    error_type: str
+
+    def __new__(cls, message: str, error_type: str) -> Refusal:
+        out = super().__new__(cls, message)
+        out.error_type = error_type
+        return out
+
+
+# -- held-out split ---------------------------------------------------------------------------------
+def is_heldout(pair_id: str, fraction: float) -> bool:
+    """True for the pairs of the evaluation split: a pure function of the pair id (salted, so the
+    split does not line up with any other use of the id's hash). Deterministic across runs, ranks
+    and restarts; a held-out pair is never trained."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.sha256(b"offdpo-eval:" + pair_id.encode()).digest()[:8], "big")
+    return h < fraction * 2**64
+
+
+class EvalSet:
+    """The held-out pairs kept for evaluation: the first `limit` seen, each once."""
+
+    def __init__(self, fraction: float, limit: int):
+        self.fraction, self.limit = fraction, limit
+        self.examples: list[Example] = []
+        self.ids: set[str] = set()
+        self.seen = 0  # held-out pairs seen (kept or not): none of them is trained
+
+    def offer(self, e: Example) -> bool:
+        """True (and kept while there is room) when `e` is held out; False when it is for training."""
+        if not is_heldout(e.pair_id, self.fraction):
+            return False
+        if e.pair_id not in self.ids:
+            self.seen += 1
+            if len(self.examples) < self.limit:
+                self.examples.append(e)
+                self.ids.add(e.pair_id)
+        return True
+
+
+# -- infrastructure vs bad data ---------------------------------------------------------------------
+_MISSING_CODES = ("NoSuchKey", "NoSuchObject", "NotFound")
+
+
+def _is_missing(exc: BaseException) -> bool:
+    """An object that is not there: S3's NoSuchKey, or a mapping's KeyError (the in-memory stores)."""
+    return getattr(exc, "code", None) in _MISSING_CODES or isinstance(exc, KeyError)
+
+
+def is_infrastructure(exc: BaseException) -> bool:
+    """Whether a failure to fetch a shard is the infrastructure's fault (retried, never dead-lettered).
+
+    Everything that is not positively bad data counts: S3 unreachable, any S3 error code but a
+    missing key (AccessDenied after a credential rotation, RequestTimeTooSkewed, 5xx), connection
+    errors, errors.Unavailable, and errors nobody anticipated. Wrongly retrying bad data stalls a
+    partition visibly (a log line per step, a metric); wrongly dead-lettering an outage loses the
+    shard silently, since nothing replays dead letters on its own."""
+    if isinstance(exc, errors.OffdpoError):
+        return exc.retryable
+    return not _is_missing(exc)
+
+
+@dataclass
+class InfraStatus:
+    """What the sources report about infrastructure trouble (read by metrics.py at scrape time)."""
+
+    errors_total: int = 0  # failed attempts, counted over the run
+    backoff_s: float = 0.0  # the backoff in progress (0: not waiting on the infrastructure)
+    waiting_since: float | None = None  # monotonic time the current wait started
+    what: str = ""  # what is being retried
+
+    def failed(self, what: str, exc: BaseException | None, delay: float) -> None:
+        self.errors_total += 1
+        self.backoff_s = delay
+        self.what = what
+        if self.waiting_since is None:
+            self.waiting_since = time.monotonic()
+        waited = time.monotonic() - self.waiting_since
+        log.warning(
+            "%s failed (%s: %s): infrastructure, not bad data; not moving past it, retry in %.1f s "
+            "(waiting %.0f s so far)",
+            what,
+            type(exc).__name__,
+            exc,
+            delay,
+            waited,
+        )
+
+    def recovered(self) -> None:
+        if self.waiting_since is not None:
+            log.info("%s succeeded after %.0f s of retries", self.what, time.monotonic() - self.waiting_since)
+        self.backoff_s, self.waiting_since, self.what = 0.0, None, ""
+
+
+class Interrupted(Exception):
+    """A stop was requested while waiting for the infrastructure: the input in hand is not done."""
+
+
+def until_done(
+    what: str, fn: Callable[[], T], status: InfraStatus, stop: threading.Event | None, max_delay_s: float = 30.0
+) -> T:
+    """`fn()`, retried with backoff while it fails for infrastructure reasons, for as long as it
+    takes. Bad data (BadInput) is raised at once. A set `stop` ends the wait with Interrupted."""
+    attempts = retry.policy(
+        what, retry_if=is_infrastructure, max_s=None, max_delay_s=max_delay_s, stop=stop, logger=log
+    )
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        status.failed(what, exc, state.next_action.sleep if state.next_action else 0.0)
+
+    try:
+        out = attempts.copy(before_sleep=before_sleep)(fn)
+    except Exception as exc:
+        if stop is not None and stop.is_set() and is_infrastructure(exc):
+            raise Interrupted(f"stopped while retrying {what}") from exc
+        raise
+    status.recovered()
+    return out
+
+
+def fetch_shard(store: ObjectReader, key: str, max_bytes: int) -> bytes:
+    """The shard's bytes; ShardMissing or ShardTooLarge when the data itself is wrong; any other
+    exception is the infrastructure's (see is_infrastructure)."""
+    try:
+        return store.get_bytes(key, max_bytes=max_bytes)
+    except Exception as exc:
+        if _is_missing(exc):
+            raise ShardMissing(f"shard {key} could not be read: the object does not exist ({exc})") from None
+        # The store refuses an object over `max_bytes` (errors.TooLarge): the shard is too big, not
+        # the store unreachable.
+        if isinstance(exc, errors.TooLarge):
+            raise ShardTooLarge(f"shard {key}: {exc}; raise --max-shard-bytes to train on it") from None
+        raise
+
+
 def check_fingerprint(
     shard_fp: ReferenceFingerprint, expected_fp: ReferenceFingerprint, allowed_ids: Iterable[str], what: str
 ) -> None:
@@ -88,6 +259,32 @@ def check_fingerprint(
         )
 
 
+def _bad_rows(column: pa.ChunkedArray, bad: Callable[[pa.Array], pa.Array]) -> set[int]:
+    """Rows of a list column where `bad` is true for some element (vectorised: no per-token Python)."""
+    arr = column.combine_chunks()
+    flat = pc.list_flatten(arr)
+    if len(flat) == 0:
+        return set()
+    return set(pc.filter(pc.list_parent_indices(arr), bad(flat)).to_pylist())
+
+
+def poisoned_rows(table: pa.Table, vocab_size: int | None) -> dict[int, tuple[str, str]]:
+    """Row index -> (error_type, what is wrong) for rows no step may train on: a token id outside the
+    model's vocabulary (an embedding lookup out of range crashes every restart) or a reference
+    log-prob that is NaN or infinite (it turns the loss, then every weight, into NaN)."""
+    out: dict[int, tuple[str, str]] = {}
+    for col in ("chosen_logprobs", "rejected_logprobs"):
+        for i in _bad_rows(table.column(col), lambda a: pc.invert(pc.is_finite(a))):
+            out.setdefault(i, ("poisoned_values", f"a non-finite reference log-prob (NaN or inf) in {col}"))
+    if vocab_size:
+        for col in ("prompt_token_ids", "chosen_token_ids", "rejected_token_ids"):
+            for i in _bad_rows(table.column(col), lambda a: pc.or_(pc.less(a, 0), pc.greater_equal(a, vocab_size))):
+                out.setdefault(
+                    i, ("token_out_of_vocab", f"a token id in {col} outside the model's vocabulary [0, {vocab_size})")
+                )
+    return out
+
+
 def examples_from_shard(
     data: bytes,
     key: str,
@@ -95,17 +292,20 @@ def examples_from_shard(
     allowed_ids: Iterable[str],
     max_length: int,
     truncation: str,
-) -> tuple[list[Example], list[str]]:
+    vocab_size: int | None = None,
+) -> tuple[list[Example], list[Refusal]]:
     """Parse and check one shard. Returns (examples, refusals of single records); a shard-level fault
     raises CorruptShard or FingerprintMismatch.
 
     Truncation rule: a record is too long when len(prompt) + max(len(chosen), len(rejected)) > max_length.
     'refuse' refuses it; 'truncate_answers' keeps the prompt and cuts both answers to the tokens that
     fit, with their reference log-probs cut the same way (causal: a prefix's log-probs do not change).
-    A prompt that leaves no room for an answer is always refused.
+    A prompt that leaves no room for an answer is always refused. Poisoned records (see
+    poisoned_rows; `vocab_size` None skips the vocabulary check) are refused too.
     """
     shard = read_shard(data, what=f"shard {key}")
     check_fingerprint(shard.fingerprint, expected_fp, allowed_ids, f"shard {key}")
+    poisoned = poisoned_rows(shard.table, vocab_size)
     cols = {
         c: shard.table.column(c).to_pylist()
         for c in (
@@ -118,21 +318,33 @@ def examples_from_shard(
         )
     }
     examples: list[Example] = []
-    refusals: list[str] = []
+    refusals: list[Refusal] = []
     for i, pid in enumerate(cols["pair_id"]):
+        if i in poisoned:
+            error_type, what = poisoned[i]
+            refusals.append(Refusal(f"pair {pid} in shard {key}: {what}", error_type))
+            continue
         p, c, r = cols["prompt_token_ids"][i], cols["chosen_token_ids"][i], cols["rejected_token_ids"][i]
         lc, lr = cols["chosen_logprobs"][i], cols["rejected_logprobs"][i]
         if not p or not c or not r:
-            refusals.append(f"pair {pid} in shard {key}: empty prompt or answer (the prompt must hold at least BOS)")
+            refusals.append(
+                Refusal(
+                    f"pair {pid} in shard {key}: empty prompt or answer (the prompt must hold at least BOS)",
+                    "invalid_record",
+                )
+            )
             continue
         total = len(p) + max(len(c), len(r))
         if total > max_length:
             room = max_length - len(p)
             if truncation != "truncate_answers" or room < 1:
                 refusals.append(
-                    f"pair {pid} in shard {key} is {total} tokens (prompt {len(p)} + longest answer "
-                    f"{max(len(c), len(r))}), over --max-length {max_length}; raise --max-length or set "
-                    f"--truncation truncate_answers"
+                    Refusal(
+                        f"pair {pid} in shard {key} is {total} tokens (prompt {len(p)} + longest answer "
+                        f"{max(len(c), len(r))}), over --max-length {max_length}; raise --max-length or set "
+                        f"--truncation truncate_answers",
+                        "record_too_long",
+                    )
                 )
                 continue
             c, lc, r, lr = c[:room], lc[:room], r[:room], lr[:room]
@@ -143,6 +355,9 @@ def examples_from_shard(
 # -- the sources ----------------------------------------------------------------------------------
 class Source(Protocol):
     """Where the training loop's pairs come from (on rank 0 only)."""
+
+    infra: InfraStatus
+    evals: EvalSet
 
     def total_steps(self, batch: int, max_steps: int) -> int | None:
         """Optimizer steps the run will take, when known (it shapes the learning-rate schedule)."""
@@ -167,9 +382,22 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 # -- replay ------------------------------------------------------------------------------------
+@dataclass
+class _ReplayShard:
+    key: str
+    sha256: str  # as checked before step 1: a shard changed under a running replay is refused
+    owned: bytes  # per example of the shard, 1 when this shard trains it (first shard holding the pair)
+    count: int  # pairs this shard trains
+
+
 class ReplaySource:
-    """Fixed epochs over an S3 prefix. Position = (epoch, index into that epoch's shuffled order)."""
+    """Fixed epochs over an S3 prefix, streamed shard by shard. Position = (epoch, pairs of that
+    epoch's order already taken). See the module docstring for the order and its memory bound."""
 
     def __init__(
         self,
@@ -181,47 +409,135 @@ class ReplaySource:
         allowed_ids: Iterable[str],
         max_length: int,
         truncation: str,
+        *,
+        vocab_size: int | None = None,
+        shuffle_pairs: int = 4096,
+        max_shard_bytes: int = MAX_SHARD_BYTES,
+        evals: EvalSet | None = None,
+        stop: threading.Event | None = None,
     ):
-        keys = [k for k in store.list_keys(prefix) if k.endswith(".parquet")]
+        self.store, self.expected_fp, self.allowed_ids = store, expected_fp, allowed_ids
+        self.max_length, self.truncation, self.vocab_size = max_length, truncation, vocab_size
+        self.shuffle_pairs, self.max_shard_bytes, self.stop = max(1, shuffle_pairs), max_shard_bytes, stop
+        self.evals = evals or EvalSet(0.0, 0)
+        self.infra = InfraStatus()
+        listed = until_done(f"list {prefix}", lambda: store.list_keys(prefix), self.infra, stop)
+        keys = [k for k in listed if k.endswith(".parquet")]
         if not keys:
             raise DataError(f"no *.parquet shards under s3://{store.bucket}/{prefix}")
-        by_id: dict[str, Example] = {}
+        seen: set[str] = set()  # pair ids, during this scan only
+        self.meta: list[_ReplayShard] = []
         for key in keys:
-            examples, refusals = examples_from_shard(
-                store.get_bytes(key), key, expected_fp, allowed_ids, max_length, truncation
-            )
+            data = self._fetch(key)
+            examples, refusals = self._examples(data, key)
             if refusals:
                 raise DataError(f"{len(refusals)} record(s) refused, nothing trained: " + "; ".join(refusals[:5]))
-            for e in examples:
-                by_id.setdefault(e.pair_id, e)  # identity by content: a pair in two shards trains once
+            owned = bytearray(len(examples))
+            for i, e in enumerate(examples):
+                if e.pair_id in seen:
+                    continue  # identity by content: a pair in two shards trains once
+                seen.add(e.pair_id)
+                if not self.evals.offer(e):
+                    owned[i] = 1
+            self.meta.append(_ReplayShard(key, _sha256(data), bytes(owned), sum(owned)))
+            del data, examples
         self.shards = keys
-        self.pairs = [by_id[k] for k in sorted(by_id)]
+        self.num_pairs = sum(s.count for s in self.meta)
         self.epochs, self.seed = epochs, seed
         self.epoch, self.index = 0, 0
-        log.info("replay: %d shards, %d unique pairs, %d epochs", len(keys), len(self.pairs), epochs)
+        self._window: tuple[int, int, list[Example]] | None = None  # (epoch, window number, its pairs)
+        log.info(
+            "replay: %d shards, %d unique pairs to train (%d held out for evaluation), %d epochs",
+            len(keys),
+            self.num_pairs,
+            self.evals.seen,
+            epochs,
+        )
 
-    def order(self, epoch: int) -> list[Example]:
-        rng = random.Random(f"{self.seed}:{epoch}")
-        order = list(self.pairs)
-        rng.shuffle(order)
-        return order
+    def _fetch(self, key: str) -> bytes:
+        return until_done(
+            f"fetch shard {key}", lambda: fetch_shard(self.store, key, self.max_shard_bytes), self.infra, self.stop
+        )
+
+    def _examples(self, data: bytes, key: str) -> tuple[list[Example], list[Refusal]]:
+        return examples_from_shard(
+            data, key, self.expected_fp, self.allowed_ids, self.max_length, self.truncation, self.vocab_size
+        )
+
+    def windows(self, epoch: int) -> list[list[int]]:
+        """The epoch's shard order (shuffled with (seed, epoch)), cut into windows of >= shuffle_pairs pairs."""
+        order = [i for i in range(len(self.meta)) if self.meta[i].count]
+        random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        out: list[list[int]] = [[]]
+        n = 0
+        for i in order:
+            out[-1].append(i)
+            n += self.meta[i].count
+            if n >= self.shuffle_pairs:
+                out.append([])
+                n = 0
+        return [w for w in out if w]
+
+    def order(self, epoch: int) -> Iterator[Example]:
+        """The epoch's pairs in training order (downloads each window as it goes)."""
+        for w, shards in enumerate(self.windows(epoch)):
+            yield from self._load_window(epoch, w, shards)
+
+    def _load_window(self, epoch: int, w: int, shards: list[int]) -> list[Example]:
+        pairs: list[Example] = []
+        for i in shards:
+            meta = self.meta[i]
+            data = self._fetch(meta.key)
+            if _sha256(data) != meta.sha256:
+                raise DataError(
+                    f"shard {meta.key} changed since this replay checked it (sha256); replay needs the "
+                    f"same data to train exactly once, start a new --run-name"
+                )
+            examples, _ = self._examples(data, meta.key)
+            pairs += [e for e, own in zip(examples, meta.owned) if own]
+        random.Random(f"{self.seed}:{epoch}:{w}").shuffle(pairs)
+        return pairs
+
+    def _pairs_at(self, epoch: int, index: int) -> tuple[list[Example], int] | None:
+        """The window holding pair `index` of the epoch's order, and the index its first pair has."""
+        start = 0
+        for w, shards in enumerate(self.windows(epoch)):
+            n = sum(self.meta[i].count for i in shards)
+            if index < start + n:
+                if self._window is None or self._window[:2] != (epoch, w):
+                    self._window = None  # let the previous window go before the next one is read
+                    self._window = (epoch, w, self._load_window(epoch, w, shards))
+                return self._window[2], start
+            start += n
+        return None
 
     def steps_per_epoch(self, batch: int) -> int:
-        return -(-len(self.pairs) // batch)
+        return -(-self.num_pairs // batch)
 
     def total_steps(self, batch: int, max_steps: int) -> int | None:
         total = self.epochs * self.steps_per_epoch(batch)
         return min(total, max_steps) if max_steps else total
 
     def next_batch(self, size: int) -> list[Example] | None:
-        while self.epoch < self.epochs:
-            order = self.order(self.epoch)
-            if self.index < len(order):
-                batch = order[self.index : self.index + size]  # the last batch of an epoch may be short
-                self.index += len(batch)
-                return batch
-            self.epoch, self.index = self.epoch + 1, 0
-        return None
+        position = (self.epoch, self.index)
+        try:
+            while self.epoch < self.epochs:
+                batch: list[Example] = []
+                while len(batch) < size:  # the last batch of an epoch may be short: batches stay in their epoch
+                    found = self._pairs_at(self.epoch, self.index)
+                    if found is None:
+                        break
+                    pairs, start = found
+                    take = pairs[self.index - start : self.index - start + size - len(batch)]
+                    batch += take
+                    self.index += len(take)
+                if batch:
+                    return batch
+                self.epoch, self.index = self.epoch + 1, 0
+            return None
+        except Interrupted:
+            self.epoch, self.index = position  # nothing of the unfinished batch counts as taken
+            return None
 
     def mark_trained(self, batch: list[Example]) -> None:
         pass  # the position moved when the batch was taken; a resume restores it from the checkpoint
@@ -260,14 +576,56 @@ def _commit_retryable(exc: BaseException) -> bool:
     return isinstance(exc, KafkaError) and not isinstance(exc, GROUP_CHANGED)
 
 
+class _Recent:
+    """The last `size` distinct strings added, in order, with O(1) membership."""
+
+    def __init__(self, size: int, items: Iterable[str] = ()):
+        self.size = size
+        self.order: collections.deque[str] = collections.deque()
+        self.members: set[str] = set()
+        for item in items:
+            self.add(item)
+
+    def add(self, item: str) -> None:
+        if item in self.members or self.size <= 0:
+            return
+        self.order.append(item)
+        self.members.add(item)
+        while len(self.order) > self.size:
+            self.members.discard(self.order.popleft())
+
+    def __contains__(self, item: object) -> bool:
+        return item in self.members
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.order)
+
+
 class StreamSource:
     """Follows the shard-ready topic. Not thread-safe; lives on rank 0.
 
     `consumer` is a kafka-python KafkaConsumer subscribed to `topic`; `deadletter` receives the events
     whose shard cannot be trained; `stop`, once set, makes `next_batch` stop waiting and return None.
+
+    Exactly once with bounded state. Refscore writes one shard per (partition, offset range) of the
+    pairs topic and announces it with one event; this source handles the events of each partition of
+    the shard-ready topic in offset order, and each event ends either done (its pairs trained, held
+    out, or already trained; or dead-lettered) or in flight (some pairs not trained yet). The
+    checkpoint holds, per partition, the watermark (the first offset not done: every event before it
+    is done), the offsets of the done events above it, and the in-flight events with the pair ids
+    they still owe. After a crash Kafka redelivers from the committed offset, which is never past the
+    watermark (it is the watermark, committed after the checkpoint that holds it). A redelivered event
+    below the watermark or listed done is skipped, an in-flight one yields only the pairs it still
+    owes, any other is new: so every event's pairs train once, whatever was or was not committed.
+    That state grows with the events in flight (bounded by --max-poll-records and the batch size),
+    not with the length of the run, unlike the set of every pair id trained it replaces.
+    The same pair in two *different* shards (content labelled twice) is filtered by a window of the
+    last `dedup_window` trained pair ids, also in the checkpoint; such a duplicate arriving further
+    apart than the window trains again, as a new sample.
     """
 
     COMMIT_ATTEMPTS = 5
+    DONE_SHARDS_KEPT = 1024  # keys of recently finished shards: a re-announcement is skipped unread
 
     def __init__(
         self,
@@ -282,30 +640,50 @@ class StreamSource:
         stop_when_idle_s: float,
         topic: str,
         stop: threading.Event | None = None,
+        *,
+        vocab_size: int | None = None,
+        max_poll_records: int = 16,
+        max_shard_bytes: int = MAX_SHARD_BYTES,
+        dedup_window: int = 16384,
+        evals: EvalSet | None = None,
     ):
         self.store, self.consumer, self.deadletter = store, consumer, deadletter
         self.expected_fp, self.allowed_ids = expected_fp, allowed_ids
-        self.max_length, self.truncation = max_length, truncation
+        self.max_length, self.truncation, self.vocab_size = max_length, truncation, vocab_size
         self.poll_timeout_ms, self.stop_when_idle_s, self.topic = poll_timeout_ms, stop_when_idle_s, topic
+        self.max_poll_records, self.max_shard_bytes = max_poll_records, max_shard_bytes
         self.stop = stop
-        self.trained: set[str] = set()  # pair ids trained in this run (the one "epoch" of a stream)
-        self.done_shards: set[str] = set()  # object keys whose every pair is trained
+        self.evals = evals or EvalSet(0.0, 0)
+        self.infra = InfraStatus()
+        self.recent = _Recent(dedup_window)  # pair ids trained most recently
+        self.done_shards = _Recent(self.DONE_SHARDS_KEPT)  # object keys whose every pair is trained
         self.buffer: list[Example] = []
         self.buffered: set[str] = set()
-        self.events: list[_Event] = []  # in arrival order, until fully trained
-        self.last_offset: dict[int, int] = {}
+        self.events: list[_Event] = []  # in flight, in arrival order
+        self.last_offset: dict[int, int] = {}  # per partition, the last event handled by this process
+        self.floor: dict[int, int] = {}  # per partition, the watermark of the checkpoint resumed from
+        self.done_offsets: dict[int, set[int]] = {}  # done events at or above the watermark
+        self.owed: dict[tuple[int, int], set[str]] = {}  # the checkpoint's in-flight events, not seen again yet
+        self.owed_keys: dict[tuple[int, int], str] = {}
         self.last_new = time.monotonic()
 
     def _in_flight(self) -> set[str]:
         return {e.key for e in self.events}
 
+    def _dead_letter(self, rec: Any, reason: str, error_type: str) -> None:
+        # DeadLetterSink.send raises errors.Unavailable until the broker acknowledges: retried here,
+        # since the event's offset may only be committed past once its dead letter is durable.
+        what = f"dead letter for {rec.topic}[{rec.partition}]@{rec.offset}"
+        until_done(what, lambda: self.deadletter.send_record(rec, reason, error_type), self.infra, self.stop)
+
     def _read(self, rec: Any) -> tuple[str, list[Example]] | None:
-        """The event's shard key and its examples; None when the event was dead-lettered or seen before."""
+        """The event's shard key and its examples; None when the event was dead-lettered or seen before.
+        Raises Interrupted when a stop came while the shard could not be fetched."""
         what = f"shard-ready event {rec.topic}[{rec.partition}]@{rec.offset}"
         try:
             event = decode(ShardReady, rec.value, MAX_RECORD_BYTES, what)
         except RecordError as exc:
-            self.deadletter.send_record(rec, str(exc), exc.error_type)
+            self._dead_letter(rec, str(exc), exc.error_type)
             return None
         key = event.object_key
         if key in self.done_shards or key in self._in_flight():
@@ -314,86 +692,118 @@ class StreamSource:
         try:
             if event.fingerprint.fingerprint_id:  # cheap check before downloading
                 check_fingerprint(event.fingerprint, self.expected_fp, self.allowed_ids, f"shard {key}")
+            data = until_done(
+                f"fetch shard {key}",
+                lambda: fetch_shard(self.store, key, self.max_shard_bytes),
+                self.infra,
+                self.stop,
+            )
             examples, refusals = examples_from_shard(
-                self.store.get_bytes(key), key, self.expected_fp, self.allowed_ids, self.max_length, self.truncation
+                data, key, self.expected_fp, self.allowed_ids, self.max_length, self.truncation, self.vocab_size
             )
-        except BadInput as exc:  # CorruptShard, FingerprintMismatch
-            self.deadletter.send_record(rec, str(exc), exc.error_type)
+        except BadInput as exc:  # CorruptShard, FingerprintMismatch, ShardMissing, ShardTooLarge
+            self._dead_letter(rec, str(exc), exc.error_type)
             return None
-        except Exception as exc:  # noqa: BLE001 - e.g. the object is missing: dead-letter, keep training
-            self.deadletter.send_record(
-                rec, f"shard {key} could not be read: {type(exc).__name__}: {exc}", "shard_unreadable"
-            )
-            return None
-        if refusals:
-            self.deadletter.send_record(
-                rec, f"{len(refusals)} record(s) refused, the rest trained: " + "; ".join(refusals), "record_too_long"
-            )
+        by_type: dict[str, list[Refusal]] = {}
+        for refusal in refusals:
+            by_type.setdefault(refusal.error_type, []).append(refusal)
+        for error_type, items in sorted(by_type.items()):
+            shown = "; ".join(items[:200]) + (f"; and {len(items) - 200} more" if len(items) > 200 else "")
+            self._dead_letter(rec, f"{len(items)} record(s) refused, the rest trained: {shown}", error_type)
         return key, examples
 
     def _handle(self, rec: Any) -> None:
-        self.last_offset[rec.partition] = rec.offset
-        read = self._read(rec)
+        part, offset = rec.partition, rec.offset
+        if offset <= self.last_offset.get(part, -1) or offset < self.floor.get(part, 0):
+            return  # handled already: redelivered after a rejoin, or before the checkpoint resumed from
+        if offset in self.done_offsets.get(part, ()):
+            self.last_offset[part] = offset
+            return
+        read = self._read(rec)  # may raise Interrupted: then this event is not handled
+        self.last_offset[part] = offset
+        owed = self.owed.pop((part, offset), None)
+        self.owed_keys.pop((part, offset), None)
         if read is None:
+            self.done_offsets.setdefault(part, set()).add(offset)
             return
         key, examples = read
-        ev = _Event(rec.partition, rec.offset, key)
+        ev = _Event(part, offset, key)
         for e in examples:
-            if e.pair_id in self.trained or e.pair_id in self.buffered:
+            if self.evals.offer(e):
+                continue  # held out for evaluation: never trained
+            if e.pair_id in self.recent or e.pair_id in self.buffered:
                 continue
+            if owed is not None and e.pair_id not in owed:
+                continue  # trained before the checkpoint this run resumed from
             ev.pending.add(e.pair_id)
             self.buffered.add(e.pair_id)
             self.buffer.append(e)
-        self.events.append(ev)
+        if ev.pending:
+            self.events.append(ev)
+        else:
+            self._finished(ev)
         self.last_new = time.monotonic()
+
+    def _finished(self, ev: _Event) -> None:
+        self.done_offsets.setdefault(ev.partition, set()).add(ev.offset)
+        self.done_shards.add(ev.key)
 
     def total_steps(self, batch: int, max_steps: int) -> int | None:
         return max_steps or None
 
     def next_batch(self, size: int, min_size: int = 1) -> list[Example] | None:
         """A full batch as soon as enough pairs arrived; on idle stop, what is left (if >= min_size)."""
-        while len(self.buffer) < size:
-            if self.stop is not None and self.stop.is_set():
-                return None  # the buffered pairs are not trained, so not committed: they come back
-            polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
-            for tp in sorted(polled, key=lambda t: t.partition):
-                for rec in polled[tp]:
-                    self._handle(rec)
-            if not self.consumer.assignment():  # still joining the group: idle time starts once we have partitions
-                self.last_new = time.monotonic()
-                continue
-            if not polled and self.stop_when_idle_s and time.monotonic() - self.last_new > self.stop_when_idle_s:
-                if len(self.buffer) >= min_size:
-                    break
-                return None
+        try:
+            while len(self.buffer) < size:
+                if self.stop is not None and self.stop.is_set():
+                    return None  # the buffered pairs are not trained, so not committed: they come back
+                polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=self.max_poll_records)
+                for tp in sorted(polled, key=lambda t: t.partition):
+                    for rec in polled[tp]:
+                        self._handle(rec)
+                if not self.consumer.assignment():  # still joining the group: idle time starts once we have partitions
+                    self.last_new = time.monotonic()
+                    continue
+                if not polled and self.stop_when_idle_s and time.monotonic() - self.last_new > self.stop_when_idle_s:
+                    if len(self.buffer) >= min_size:
+                        break
+                    return None
+        except Interrupted as exc:
+            log.warning("%s: the event in hand is not done and not committed; it comes back on restart", exc)
+            return None
         batch, self.buffer = self.buffer[:size], self.buffer[size:]
         self.buffered -= {e.pair_id for e in batch}
         return batch
 
     def mark_trained(self, batch: list[Example]) -> None:
         ids = {e.pair_id for e in batch}
-        self.trained |= ids
+        for e in batch:  # in batch order: the window forgets the oldest first
+            self.recent.add(e.pair_id)
         for ev in self.events:
             ev.pending -= ids
         for ev in [e for e in self.events if not e.pending]:
-            self.done_shards.add(ev.key)
+            self._finished(ev)
         self.events = [e for e in self.events if e.pending]
 
     def resume_offsets(self) -> dict[int, int]:
-        """Per partition, the first offset not fully trained: what Kafka may forget is before it."""
+        """Per partition, the first offset not done (the watermark): what Kafka may forget is before it."""
         out = {}
-        for part, last in self.last_offset.items():
+        for part in set(self.last_offset) | set(self.floor):
             pending = [e.offset for e in self.events if e.partition == part]
-            out[part] = min(pending) if pending else last + 1
+            pending += [o for (p, o) in self.owed if p == part]
+            if pending:
+                out[part] = min(pending)
+            else:
+                out[part] = max(self.last_offset.get(part, -1) + 1, self.floor.get(part, 0))
         return out
 
     def commit(self) -> None:
         """Commit `resume_offsets()`, right after a checkpoint holding this source's state is written.
 
         A commit fails while the broker is down (retried with backoff) or is refused while the group
-        rebalances. The checkpoint already holds the trained pair ids, so a commit that still fails is
-        deferred to the next checkpoint: events redelivered after a restart are filtered, never
-        trained twice."""
+        rebalances. The checkpoint already holds what the events above the last commit owe, so a
+        commit that still fails is deferred to the next checkpoint: events redelivered after a restart
+        are filtered, never trained twice."""
         offsets = {
             TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1) for p, o in self.resume_offsets().items()
         }
@@ -412,17 +822,38 @@ class StreamSource:
             )
 
     def state(self) -> dict[str, Any]:
+        watermarks = self.resume_offsets()
+        for part, done in self.done_offsets.items():  # what is below the watermark is implied by it
+            done.difference_update({o for o in done if o < watermarks.get(part, 0)})
+        in_flight = [
+            {"partition": e.partition, "offset": e.offset, "key": e.key, "pending": sorted(e.pending)}
+            for e in self.events
+        ] + [
+            {"partition": p, "offset": o, "key": self.owed_keys.get((p, o), ""), "pending": sorted(ids)}
+            for (p, o), ids in self.owed.items()
+        ]
         return {
             "mode": "continuous",
-            "trained_pair_ids": sorted(self.trained),
-            "done_shards": sorted(self.done_shards),
-            "offsets": {str(p): o for p, o in self.resume_offsets().items()},
+            "format": 2,
+            "offsets": {str(p): o for p, o in watermarks.items()},
+            "done_offsets": {str(p): sorted(d) for p, d in self.done_offsets.items() if d},
+            "in_flight": in_flight,
+            "recent_pair_ids": list(self.recent),
+            "done_shards": list(self.done_shards),
             "topic": self.topic,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.trained = set(state.get("trained_pair_ids", []))
-        self.done_shards = set(state.get("done_shards", []))
+        self.floor = {int(p): int(o) for p, o in state.get("offsets", {}).items()}
+        self.done_offsets = {int(p): set(map(int, d)) for p, d in state.get("done_offsets", {}).items()}
+        for ev in state.get("in_flight", []):
+            self.owed[(int(ev["partition"]), int(ev["offset"]))] = set(ev["pending"])
+            self.owed_keys[(int(ev["partition"]), int(ev["offset"]))] = ev.get("key", "")
+        # Checkpoints before format 2 held every pair id trained: the most recent ones fill the window.
+        for pid in state.get("recent_pair_ids", state.get("trained_pair_ids", [])):
+            self.recent.add(pid)
+        for key in state.get("done_shards", []):
+            self.done_shards.add(key)
 
     def close(self) -> None:
         self.consumer.close()
@@ -435,16 +866,31 @@ def open_source(
     kafka: KafkaConfig,
     expected_fp: ReferenceFingerprint,
     stop: threading.Event,
+    vocab_size: int | None = None,
 ) -> Source:
     """The source `cfg.mode` asks for. Replay reads and checks every shard now (raising BadInput)."""
     allowed = set(cfg.allow_fingerprint)
+    evals = EvalSet(cfg.eval_fraction, cfg.eval_max_pairs)
     if cfg.mode == "replay":
         return ReplaySource(
-            store, cfg.prefix, cfg.epochs, cfg.seed, expected_fp, allowed, cfg.max_length, cfg.truncation
+            store,
+            cfg.prefix,
+            cfg.epochs,
+            cfg.seed,
+            expected_fp,
+            allowed,
+            cfg.max_length,
+            cfg.truncation,
+            vocab_size=vocab_size,
+            shuffle_pairs=cfg.shuffle_pairs,
+            max_shard_bytes=cfg.max_shard_bytes,
+            evals=evals,
+            stop=stop,
         )
     group = cfg.consumer_group or f"offdpo-trainer-{cfg.run_name}"
-    # Looked up on the module when called, so a test can put a wrapped client in its place.
-    consumer = okafka.make_consumer(kafka, group, [kafka.shards_topic])
+    # Looked up on the module when called, so a test can put a wrapped client in its place. A small
+    # max_poll_records: each event may stand for a shard of thousands of pairs.
+    consumer = okafka.make_consumer(kafka, group, [kafka.shards_topic], max_poll_records=cfg.max_poll_records)
     sink = DeadLetterSink(okafka.make_producer(kafka, f"trainer-{cfg.run_name}"), kafka, "trainer")
     return StreamSource(
         store,
@@ -458,6 +904,11 @@ def open_source(
         cfg.stop_when_idle_s,
         kafka.shards_topic,
         stop=stop,
+        vocab_size=vocab_size,
+        max_poll_records=cfg.max_poll_records,
+        max_shard_bytes=cfg.max_shard_bytes,
+        dedup_window=cfg.dedup_window,
+        evals=evals,
     )
 
 

@@ -41,6 +41,13 @@ class Failure:
     message: str
 
 
+@dataclass(frozen=True)
+class Evaluate:
+    """Evaluate the policy on these held-out pairs (every rank takes its slice)."""
+
+    examples: list[Example]
+
+
 Setup = Plan | Failure
 Step = Batch | Stop | Failure
 
@@ -57,3 +64,10 @@ def as_step(obj: object) -> Step:
     if isinstance(obj, (Batch, Stop, Failure)):
         return obj
     raise TypeError(f"rank 0 sent {obj!r} for a step, expected a Batch, a Stop or a Failure")
+
+
+def as_evaluate(obj: object) -> Evaluate:
+    """What rank 0 broadcast for an evaluation, checked."""
+    if isinstance(obj, Evaluate):
+        return obj
+    raise TypeError(f"rank 0 sent {obj!r} for an evaluation, expected an Evaluate")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 KEYS = (
     "loss",
@@ -17,7 +20,46 @@ KEYS = (
     "grad_norm",
     "lr",
     "tokens_per_s",
+    "skipped_nonfinite_steps",
 )
+# Held-out evaluation (lines of their own in metrics.jsonl, as TRL logs its eval_* entries).
+EVAL_KEYS = (
+    "eval/loss",
+    "eval/rewards/chosen",
+    "eval/rewards/rejected",
+    "eval/rewards/margins",
+    "eval/rewards/accuracies",
+    "eval/logps/chosen",
+    "eval/logps/rejected",
+    "eval/pairs",
+)
+
+
+class _InfraCollector:
+    """Prometheus view of a data source's InfraStatus, read at scrape time: the main thread may be
+    blocked in a backoff exactly when someone looks."""
+
+    def __init__(self, status: Any):
+        self.status = status
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        st = self.status
+        yield CounterMetricFamily(
+            "offdpo_trainer_infra_errors",
+            "failed attempts to reach S3 or Kafka that the trainer retried (never dead-lettered)",
+            value=st.errors_total,
+        )
+        yield GaugeMetricFamily(
+            "offdpo_trainer_backoff_seconds", "the backoff in progress (0: not waiting)", value=st.backoff_s
+        )
+        since = st.waiting_since
+        yield GaugeMetricFamily(
+            "offdpo_trainer_waiting_on_infra_seconds",
+            "how long progress has been stopped by an outage (0: not stopped)",
+            value=0.0 if since is None else time.monotonic() - since,
+        )
 
 
 class MetricsLog:
@@ -26,17 +68,21 @@ class MetricsLog:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
         self.pairs_path = self.dir / "trained_pairs.jsonl"
+        self.skipped_path = self.dir / "skipped_pairs.jsonl"
         # After a crash the lines past the checkpoint describe steps that are redone: drop them.
-        for path in (self.path, self.pairs_path):
+        for path in (self.path, self.pairs_path, self.skipped_path):
             if path.exists():
                 lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
                 path.write_text("".join(ln + "\n" for ln in lines))
         self.gauges = None
+        self.registry: Any = None
         if port:
             from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
-            registry = CollectorRegistry()
-            self.gauges = {k: Gauge("offdpo_trainer_" + k.replace("/", "_"), k, registry=registry) for k in KEYS}
+            self.registry = registry = CollectorRegistry()
+            self.gauges = {
+                k: Gauge("offdpo_trainer_" + k.replace("/", "_"), k, registry=registry) for k in KEYS + EVAL_KEYS
+            }
             self.gauges["step"] = Gauge("offdpo_trainer_step", "optimizer steps done", registry=registry)
             start_http_server(port, registry=registry)
         self.bar = None
@@ -63,6 +109,23 @@ class MetricsLog:
                 tok_s=f"{values['tokens_per_s']:.0f}",
             )
 
+    def watch_infra(self, status: Any) -> None:
+        """Export a data source's InfraStatus (errors, backoff) with the other gauges."""
+        if self.registry is not None:
+            self.registry.register(_InfraCollector(status))
+
+    def log_eval(self, step: int, values: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.gauges:
+            for k in EVAL_KEYS:
+                self.gauges[k].set(values[k])
+
+    def log_skipped(self, step: int, pair_ids: list[str], reason: str) -> None:
+        """Pairs of a step that was not applied (non-finite loss or gradient): neither trained nor lost."""
+        with self.skipped_path.open("a") as f:
+            f.write(json.dumps({"step": step, "reason": reason, "pair_ids": pair_ids}) + "\n")
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -77,23 +140,27 @@ class MetricsLog:
         import matplotlib.pyplot as plt
 
         panels = [
-            ("loss", ["loss"]),
-            ("rewards", ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
-            ("accuracy", ["rewards/accuracies"]),
-            ("log-probs", ["logps/chosen", "logps/rejected"]),
+            ("loss", ["loss", "eval/loss"]),
+            ("rewards", ["rewards/chosen", "rewards/rejected", "rewards/margins", "eval/rewards/margins"]),
+            ("accuracy", ["rewards/accuracies", "eval/rewards/accuracies"]),
+            ("log-probs", ["logps/chosen", "logps/rejected", "eval/logps/chosen", "eval/logps/rejected"]),
             ("grad norm", ["grad_norm"]),
             ("learning rate", ["lr"]),
             ("tokens/s", ["tokens_per_s"]),
         ]
         cols = 4
         fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(16, 7))
-        steps = [r["step"] for r in rows]
         for ax, (title, keys) in zip(axes.flat, panels):
+            drawn = 0
             for k in keys:
-                ax.plot(steps, [r[k] for r in rows], label=k)
+                points = [(r["step"], r[k]) for r in rows if k in r]  # eval lines carry only eval/ keys
+                if points:
+                    style = "o--" if k.startswith("eval/") else "-"
+                    ax.plot([p[0] for p in points], [p[1] for p in points], style, label=k, markersize=3)
+                    drawn += 1
             ax.set_title(title)
             ax.set_xlabel("step")
-            if len(keys) > 1:
+            if drawn > 1:
                 ax.legend(fontsize=7)
         for ax in list(axes.flat)[len(panels) :]:
             ax.axis("off")

@@ -85,15 +85,70 @@ def train_step(
             policy, per_pair, chosen, rejected = _losses(module, batch, cfg, autocast, ref_module, objective)
             (per_pair.sum() * (weight * world / n)).backward()
         if weight:
-            B = batch.num_pairs
-            sums["loss"] += per_pair.detach().sum().item()
-            sums["chosen"] += chosen.sum().item()
-            sums["rejected"] += rejected.sum().item()
-            sums["correct"] += (chosen > rejected).float().sum().item()
-            sums["logps_c"] += policy[:B].detach().sum().item()
-            sums["logps_r"] += policy[B:].detach().sum().item()
-            sums["tokens"] += batch.num_tokens
+            _accumulate(sums, batch, policy, per_pair, chosen, rejected)
     return dict(zip(SUM_KEYS, all_sum([sums[k] for k in SUM_KEYS], world, device)))
+
+
+def _accumulate(
+    sums: dict[str, float],
+    batch: Batch,
+    policy: torch.Tensor,
+    per_pair: torch.Tensor,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+) -> None:
+    B = batch.num_pairs
+    sums["loss"] += per_pair.detach().sum().item()
+    sums["chosen"] += chosen.sum().item()
+    sums["rejected"] += rejected.sum().item()
+    sums["correct"] += (chosen > rejected).float().sum().item()
+    sums["logps_c"] += policy[:B].detach().sum().item()
+    sums["logps_r"] += policy[B:].detach().sum().item()
+    sums["tokens"] += batch.num_tokens
+
+
+@torch.no_grad()
+def eval_step(
+    module: torch.nn.Module,
+    examples: Sequence[Any],
+    cfg: TrainerConfig,
+    rank: int,
+    world: int,
+    device: torch.device | str,
+    autocast: Autocast,
+    pad_id: int = 0,
+) -> dict[str, float]:
+    """The loss and rewards of the held-out pairs under the current policy; global sums, as train_step.
+
+    Every rank runs the same number of forward passes (zero-weight ones where its slice ran out):
+    DDP broadcasts buffers and FSDP gathers weights in each forward, and those collectives must line up."""
+    n = len(examples)
+    per_rank = -(-n // world)
+    mine = examples[rank * per_rank : (rank + 1) * per_rank]
+    m = cfg.micro_batch_size
+    sums = dict.fromkeys(SUM_KEYS, 0.0)
+    was_training = module.training
+    module.eval()
+    try:
+        for i in range(-(-per_rank // m)):
+            micro = mine[i * m : (i + 1) * m]
+            weight = bool(micro)
+            batch = make_batch(micro or examples[:1], device, pad_id)
+            policy, per_pair, chosen, rejected = _losses(module, batch, cfg, autocast, None, "dpo")
+            if weight:
+                _accumulate(sums, batch, policy, per_pair, chosen, rejected)
+    finally:
+        module.train(was_training)
+    return dict(zip(SUM_KEYS, all_sum([sums[k] for k in SUM_KEYS], world, device)))
+
+
+def eval_metrics(sums: dict[str, float], n: int) -> dict[str, float]:
+    """The eval/... keys of metrics.jsonl (the training keys' names under eval/)."""
+    values = step_metrics(sums, n, 0.0, 0.0, 1.0)
+    keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+    out = {f"eval/{k}": values[k] for k in keys + ("logps/chosen", "logps/rejected")}
+    out["eval/pairs"] = n
+    return out
 
 
 def step_metrics(sums: dict[str, float], n: int, grad_norm: float, lr: float, seconds: float) -> dict[str, float]:

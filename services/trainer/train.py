@@ -24,6 +24,19 @@ model, optimizer, schedule), then per step rank 0 takes one global batch and bro
 trains its contiguous slice with gradient accumulation, DDP/FSDP all-reduce the gradients, clip,
 AdamW step, log; checkpoint every --save-every steps and at the end.
 
+Outages and bad data: a shard S3 cannot deliver (unreachable, AccessDenied, any error but NoSuchKey)
+stops progress on its event and is retried with backoff for as long as it takes (a log line per
+step; Prometheus offdpo_trainer_infra_errors_total and offdpo_trainer_backoff_seconds); so is a
+checkpoint upload. Only wrong data is dead-lettered, poisoned rows included (token ids outside the
+model's vocabulary, NaN or infinite reference log-probs). A step whose loss or gradient norm is not
+finite is not applied (counted as skipped_nonfinite_steps, its pairs in skipped_pairs.jsonl), and a
+checkpoint of non-finite weights is refused.
+
+Evaluation: --eval-fraction F holds out the pairs whose salted pair-id hash falls under F (never
+trained; the first --eval-max-pairs kept) and evaluates them every --eval-every steps and at the end:
+eval/loss, eval/rewards/{chosen,rejected,margins,accuracies}, eval/logps/{chosen,rejected} on lines
+of their own in metrics.jsonl, as Prometheus gauges (offdpo_trainer_eval_*) and in curves.png.
+
 Where the pieces live: data.py (sources, checks, dead letters, offset commits), messages.py (what
 rank 0 broadcasts), distributed.py (process group, DDP/FSDP), step.py (one step's forward/backward),
 losses.py, schedule.py (learning rate), checkpoint.py (S3 layout, save and resume), metrics.py.
@@ -36,6 +49,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -56,12 +70,23 @@ from offdpo.shutdown import StopOnSignals
 from services.trainer import checkpoint as ckpt
 from services.trainer import distributed
 from services.trainer.config import LOSS_TYPES, TrainerConfig
-from services.trainer.data import DataError, Source, open_source
-from services.trainer.distributed import Node, wrap
-from services.trainer.messages import Batch, Failure, Plan, Setup, Step, Stop, as_setup, as_step
+from services.trainer.data import DataError, InfraStatus, ObjectReader, Source, open_source
+from services.trainer.distributed import Node, all_sum, wrap
+from services.trainer.messages import (
+    Batch,
+    Evaluate,
+    Failure,
+    Plan,
+    Setup,
+    Step,
+    Stop,
+    as_evaluate,
+    as_setup,
+    as_step,
+)
 from services.trainer.metrics import MetricsLog
 from services.trainer.schedule import lr_schedule
-from services.trainer.step import step_metrics, train_step
+from services.trainer.step import eval_metrics, eval_step, step_metrics, train_step
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -85,8 +110,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainerConfig, argparse.N
             p.add_argument(flag, dest=f.name, action="append", default=None, help=help_ + " (repeatable)")
         else:
             p.add_argument(flag, dest=f.name, type=type(f.default), default=default, help=help_)
-    # Fault injection for the crash/resume test: SIGKILL ourselves right after this optimizer step.
+    # Fault injection for the crash/resume tests, off unless given: SIGKILL ourselves right after
+    # this optimizer step, or right after the checkpoint of this step is written and before its
+    # offsets are committed; or answer every shard read with S3's AccessDenied for this many
+    # seconds after the first one (a credential rotation, without touching the real credentials).
     p.add_argument("--fault-kill-after-step", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--fault-kill-after-checkpoint", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--fault-deny-shard-reads-s", type=float, default=0.0, help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainerConfig)}
     values["allow_fingerprint"] = tuple(values["allow_fingerprint"] or base.allow_fingerprint)
@@ -115,11 +145,45 @@ def validate(cfg: TrainerConfig) -> TrainerConfig:
         (0 <= cfg.label_smoothing < 0.5, "--label-smoothing must be in [0, 0.5)"),
         (cfg.max_length > 1, "--max-length must be > 1"),
         (cfg.save_every > 0, "--save-every must be positive"),
+        (cfg.max_poll_records > 0, "--max-poll-records must be positive"),
+        (cfg.max_shard_bytes > 0, "--max-shard-bytes must be positive"),
+        (cfg.shuffle_pairs > 0, "--shuffle-pairs must be positive"),
+        (cfg.dedup_window >= 0, "--dedup-window must be >= 0"),
+        (0 <= cfg.eval_fraction < 1, "--eval-fraction must be in [0, 1)"),
+        (cfg.eval_every > 0 and cfg.eval_max_pairs > 0, "--eval-every and --eval-max-pairs must be positive"),
     ]
     problems += [msg for ok, msg in checks if not ok]
     if problems:
         raise SystemExit("trainer configuration: " + "; ".join(problems))
     return cfg
+
+
+# -- fault injection (tests only; every hook off by default) --------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Faults:
+    kill_after_step: int = 0  # SIGKILL right after this optimizer step
+    kill_after_checkpoint: int = 0  # SIGKILL after this step's checkpoint is written, before its commit
+    deny_shard_reads_s: float = 0.0  # shard reads answer AccessDenied for this long after the first one
+
+
+class _DeniedReads:
+    """An object store whose reads fail with S3's AccessDenied for `seconds` from the first one, as
+    after a credential rotation; listing and everything else pass through."""
+
+    def __init__(self, inner: ObjectReader, seconds: float):
+        self.inner, self.seconds, self.bucket = inner, seconds, inner.bucket
+        self.first: float | None = None
+
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        from minio.error import S3Error
+
+        self.first = self.first or time.monotonic()
+        if time.monotonic() - self.first < self.seconds:
+            raise S3Error(None, "AccessDenied", "Access Denied (injected)", key, "", "", self.bucket, key)  # type: ignore[arg-type]
+        return self.inner.get_bytes(key, max_bytes)
+
+    def list_keys(self, prefix: str) -> list[str]:
+        return self.inner.list_keys(prefix)
 
 
 # -- setup ----------------------------------------------------------------------------------------
@@ -158,16 +222,28 @@ def load_policy(path: str | Path, cfg: TrainerConfig, device: torch.device | str
     return model
 
 
+def model_vocab_size(path: str | Path) -> int | None:
+    """Rows of the model's embedding (config.vocab_size): a token id at or past it is poison."""
+    from transformers import AutoConfig
+
+    conf = AutoConfig.from_pretrained(path)
+    size = getattr(conf, "vocab_size", None) or getattr(conf.get_text_config(), "vocab_size", None)
+    return int(size) if size else None
+
+
 def prepare(
-    cfg: TrainerConfig, store: ObjectStore, kafka: KafkaConfig, stop: threading.Event
+    cfg: TrainerConfig, store: ObjectStore, kafka: KafkaConfig, stop: threading.Event, faults: Faults | None = None
 ) -> tuple[Source | None, Setup]:
     """Rank 0: the data source and the run's plan, or why the data is refused (then no source)."""
     store.ensure_bucket()
     expected = expected_fingerprint(cfg)
-    resume_from = ckpt.latest_checkpoint(store, cfg.run_name) if cfg.resume else None
+    reader: ObjectReader = store
+    if faults and faults.deny_shard_reads_s:
+        reader = _DeniedReads(store, faults.deny_shard_reads_s)
     try:
-        source = open_source(cfg, store, kafka, expected, stop)
-    except BadInput as exc:  # replay: a shard or a record refused before step 1
+        resume_from = ckpt.latest_checkpoint(store, cfg.run_name) if cfg.resume else None
+        source = open_source(cfg, reader, kafka, expected, stop, model_vocab_size(cfg.model))
+    except BadInput as exc:  # replay: a shard or a record refused before step 1; an unsafe `latest`
         return None, Failure(str(exc))
     try:
         if resume_from:
@@ -218,6 +294,18 @@ def grad_norm_value(norm: torch.Tensor) -> float:
     return float(norm)
 
 
+def nonfinite_weights(policy: ckpt.Policy, node: Node) -> int:
+    """Parameters (over every rank's shard) holding a NaN or an infinity."""
+    # FSDP: each rank checks its own shard (a DTensor's local part); all_sum adds the ranks up.
+    bad = 0
+    for p in policy.module.parameters():
+        t: Any = p.detach()
+        if isinstance(t, DTensor):
+            t = t.to_local()
+        bad += int(not bool(torch.isfinite(t).all()))
+    return int(all_sum([float(bad)], node.world, node.device)[0])
+
+
 def save_and_commit(
     store: ObjectStore,
     cfg: TrainerConfig,
@@ -227,8 +315,12 @@ def save_and_commit(
     tokenizer: Any,
     source: Source | None,
     plan: Plan,
+    faults: Faults | None = None,
 ) -> None:
     """Checkpoint `step`; then the source may forget what it covers. Every rank calls it."""
+    bad = nonfinite_weights(policy, node)
+    if bad:  # the skip of non-finite steps should make this impossible; a resume must never load it
+        raise RuntimeError(f"step {step}: {bad} parameter tensors are not finite; refusing to checkpoint them")
     extra = None
     if source is not None:
         extra = {
@@ -237,10 +329,40 @@ def save_and_commit(
             "config": dataclasses.asdict(cfg),
             "world_size": node.world,
         }
-    ckpt.save(store, cfg, node, step, policy, tokenizer, extra)
+    ckpt.save(store, cfg, node, step, policy, tokenizer, extra, source.infra if source is not None else None)
+    if faults and faults.kill_after_checkpoint == step:  # the test's crash between checkpoint and commit
+        os.kill(os.getpid(), signal.SIGKILL)
     if source is not None:
         source.commit()
     node.barrier()
+
+
+def evaluate(
+    cfg: TrainerConfig,
+    node: Node,
+    step: int,
+    policy: ckpt.Policy,
+    source: Source | None,
+    metrics: MetricsLog | None,
+    autocast: Any,
+    pad_id: int,
+) -> None:
+    """Every rank: the held-out pairs seen so far (rank 0's), evaluated and logged as eval/... keys."""
+    message = as_evaluate(node.broadcast(Evaluate(list(source.evals.examples)) if source is not None else None))
+    if not message.examples:
+        return
+    sums = eval_step(policy.module, message.examples, cfg, node.rank, node.world, node.device, autocast, pad_id)
+    values = eval_metrics(sums, len(message.examples))
+    if metrics is not None:
+        metrics.log_eval(step, values)
+    log.info(
+        "step %d eval on %d held-out pairs: loss %.4f, reward accuracy %.3f, margin %.4f",
+        step,
+        len(message.examples),
+        values["eval/loss"],
+        values["eval/rewards/accuracies"],
+        values["eval/rewards/margins"],
+    )
 
 
 def publish_metrics(metrics: MetricsLog, store: ObjectStore, run_name: str) -> dict[str, Any]:
@@ -256,18 +378,21 @@ def publish_metrics(metrics: MetricsLog, store: ObjectStore, run_name: str) -> d
 
 # -- the run --------------------------------------------------------------------------------------
 def run(
-    cfg: TrainerConfig, s3: S3Config | None = None, kafka: KafkaConfig | None = None, fault_kill_after_step: int = 0
+    cfg: TrainerConfig,
+    s3: S3Config | None = None,
+    kafka: KafkaConfig | None = None,
+    fault_kill_after_step: int = 0,
+    faults: Faults | None = None,
 ) -> dict[str, Any]:
     """Train; returns a summary. Raises DataError when data is refused (replay mode).
     Stopped by SIGTERM/SIGINT, it checkpoints and returns with `stopped_by` set to the signal's name."""
+    faults = faults or Faults(kill_after_step=fault_kill_after_step)
     # A preempted pod resumes where it stopped instead of at the last periodic checkpoint.
     with StopOnSignals("stopping after the current step and saving a checkpoint") as stop:
-        return _run(cfg, s3 or S3Config.from_env(), kafka or KafkaConfig.from_env(), fault_kill_after_step, stop)
+        return _run(cfg, s3 or S3Config.from_env(), kafka or KafkaConfig.from_env(), faults, stop)
 
 
-def _run(
-    cfg: TrainerConfig, s3: S3Config, kafka: KafkaConfig, fault_kill_after_step: int, stop: StopOnSignals
-) -> dict[str, Any]:
+def _run(cfg: TrainerConfig, s3: S3Config, kafka: KafkaConfig, faults: Faults, stop: StopOnSignals) -> dict[str, Any]:
     node = distributed.setup()
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and node.device.type == "cuda")
     autocast = (lambda: torch.autocast(node.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
@@ -279,7 +404,7 @@ def _run(
     source: Source | None = None
     setup: Setup | None = None
     if node.is_main:
-        source, setup = prepare(cfg, store, kafka, stop.requested)
+        source, setup = prepare(cfg, store, kafka, stop.requested, faults)
     plan = as_setup(node.broadcast(setup))
     if isinstance(plan, Failure):
         raise DataError(plan.message)
@@ -296,8 +421,9 @@ def _run(
         if node.is_main:
             progress = cfg.progress and sys.stderr.isatty()
             metrics = MetricsLog(Path(cfg.log_dir) / cfg.run_name, step, cfg.metrics_port, progress, plan.total_steps)
+            metrics.watch_infra(source.infra if source is not None else InfraStatus())
 
-        saved_step, stopped_by = step, None
+        saved_step, evaluated_step, stopped_by, skipped = step, -1, None, 0
         while not (cfg.max_steps and step >= cfg.max_steps):
             # 1. Rank 0 takes the next global batch; every rank gets it. Rank 0's signal decides for
             #    everyone (torchrun signals every rank, not at the same instant).
@@ -313,8 +439,23 @@ def _run(
             t0 = time.perf_counter()
             sums = train_step(policy.module, batch, cfg, node.rank, node.world, node.device, autocast, pad_id=pad_id)
 
-            # 3. Clip, update, schedule.
+            # 3. Clip, update, schedule; a step whose loss or gradient is not finite is not applied:
+            #    one NaN in the update turns every weight into NaN. Every rank sees the same global
+            #    loss and norm, so every rank skips it.
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.module.parameters(), cfg.max_grad_norm or float("inf"))
+            norm = grad_norm_value(grad_norm)
+            if not (math.isfinite(sums["loss"]) and math.isfinite(norm)):
+                policy.optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                reason = f"loss {sums['loss']}, gradient norm {norm}: not finite, no update"
+                log.warning(
+                    "step %d skipped (%s); its %d pairs go to skipped_pairs.jsonl", step + 1, reason, len(batch)
+                )
+                if source is not None:
+                    source.mark_trained(batch)  # taken: the stream must move on past them
+                if metrics is not None:
+                    metrics.log_skipped(step, [e.pair_id for e in batch], reason)
+                continue
             lr = float(policy.scheduler.get_last_lr()[0])
             policy.optimizer.step()
             policy.scheduler.step()
@@ -324,24 +465,37 @@ def _run(
             step += 1
 
             # 4. Log; the pairs count as trained once the update is done.
-            values = step_metrics(sums, len(batch), grad_norm_value(grad_norm), lr, time.perf_counter() - t0)
+            values = step_metrics(sums, len(batch), norm, lr, time.perf_counter() - t0)
+            values["skipped_nonfinite_steps"] = skipped
             if source is not None:
                 source.mark_trained(batch)
             if metrics is not None:
                 metrics.log(step, values, [e.pair_id for e in batch])
-            if fault_kill_after_step and step == fault_kill_after_step:  # the crash/resume test's kill -9
+            if faults.kill_after_step and step == faults.kill_after_step:  # the crash/resume test's kill -9
                 os.kill(os.getpid(), signal.SIGKILL)
 
-            # 5. Checkpoint (continuous mode: then commit the stream offsets it covers).
+            # 5. Evaluate the held-out pairs every --eval-every steps.
+            if cfg.eval_fraction > 0 and step % cfg.eval_every == 0:
+                evaluate(cfg, node, step, policy, source, metrics, autocast, pad_id)
+                evaluated_step = step
+
+            # 6. Checkpoint (continuous mode: then commit the stream offsets it covers).
             if step % cfg.save_every == 0:
-                save_and_commit(store, cfg, node, step, policy, tokenizer, source, plan)
+                save_and_commit(store, cfg, node, step, policy, tokenizer, source, plan, faults)
                 saved_step = step
 
+        if cfg.eval_fraction > 0 and step > evaluated_step and not stopped_by:
+            evaluate(cfg, node, step, policy, source, metrics, autocast, pad_id)
         if step > saved_step:
-            save_and_commit(store, cfg, node, step, policy, tokenizer, source, plan)
+            save_and_commit(store, cfg, node, step, policy, tokenizer, source, plan, faults)
         if stopped_by:
             log.warning("%s: checkpoint saved at step %d; rerun the same command to resume", stopped_by, step)
-        summary: dict[str, Any] = {"step": step, "run": cfg.run_name, "stopped_by": stopped_by}
+        summary: dict[str, Any] = {
+            "step": step,
+            "run": cfg.run_name,
+            "stopped_by": stopped_by,
+            "skipped_nonfinite_steps": skipped,
+        }
         if metrics is not None:
             summary.update(publish_metrics(metrics, store, cfg.run_name))
         return summary
@@ -356,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg, ns = parse_args(argv)
     try:
-        summary = run(cfg, fault_kill_after_step=ns.fault_kill_after_step)
+        faults = Faults(ns.fault_kill_after_step, ns.fault_kill_after_checkpoint, ns.fault_deny_shard_reads_s)
+        summary = run(cfg, faults=faults)
         log.info("done: %s", summary)
         distributed.finish()
         if summary.get("stopped_by"):

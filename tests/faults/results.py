@@ -26,6 +26,10 @@ ORDER = [
     "malformed_input",
     "grpc_fuzz",
     "load",
+    "trainer_s3_down",
+    "trainer_s3_access_denied",
+    "trainer_poisoned_shards",
+    "trainer_kill_before_commit",
 ]
 
 
