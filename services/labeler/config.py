@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from services.labeler.server_config import LabelerServerConfig, RulesConfig
 from offdpo.config import EnvConfig, KafkaConfig, env
 from offdpo.errors import ConfigError
 from services.labeler.names import (
@@ -18,6 +17,7 @@ from services.labeler.names import (
     one_of,
     problem,
 )
+from services.labeler.server_config import LabelerServerConfig, RulesConfig
 
 
 @dataclasses.dataclass(frozen=True, repr=False)

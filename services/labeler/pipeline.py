@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from offdpo.config import KafkaConfig
-from offdpo.errors import ConfigError, OffdpoError
+from offdpo.errors import ConfigError, OffdpoError, Unavailable
 from offdpo.kafka import DeadLetterSink
 from offdpo.v1 import labeler_pb2, records_pb2
 from services.labeler.base import Strategy
@@ -35,10 +35,25 @@ from services.labeler.errors import (
 from services.labeler.inputs import Item, validate_candidate_set
 from services.labeler.names import StrategyName, candidate_strategy_problem
 
-__all__ = ["Labeler", "Ledger", "PairPublisher", "PublishError", "SetReport", "Strategies", "Summary"]
+__all__ = ["Labeler", "Ledger", "Outage", "PairPublisher", "PublishError", "SetReport", "Strategies", "Summary"]
 
 log = logging.getLogger(__name__)
 SERVICE = "labeler"
+
+
+class Outage(Unavailable):
+    """Candidate sets were left unlabelled because a dependency (judge, reward model, refscore
+    Generate) is down. Nothing was dead-lettered for them; whoever reads the input must not move past
+    them, and redoes them when the dependency is back."""
+
+    error_type = "dependency_unavailable"
+
+    def __init__(self, unlabelled: int, first_error: str):
+        super().__init__(
+            f"{unlabelled} candidate set(s) not labelled because a dependency is down (first: {first_error}); "
+            "not dead-lettered, to be redone when it is back"
+        )
+        self.unlabelled = unlabelled
 
 
 class SendFuture(Protocol):
@@ -174,6 +189,9 @@ class SetReport:
     duplicate_ids: list[str] = field(default_factory=list)
     ties: int = 0
     error: str = ""
+    # Not labelled because a dependency is down (judge, reward model, refscore Generate): not
+    # dead-lettered; the caller must not commit past this set and redoes it when the dependency is back.
+    retry: bool = False
 
 
 class Strategies:
@@ -249,6 +267,7 @@ class Labeler:
         self.generator = generator
         self.summary = Summary()
         self.progress = progress
+        self.outages = 0  # sets left unlabelled because a dependency was down (redone later)
         self._lock = threading.Lock()
 
     # -- dead letters -----------------------------------------------------------------------
@@ -268,8 +287,16 @@ class Labeler:
         )
 
     def _fail(self, item: Item[Any], report: SetReport, exc: OffdpoError, where: str = "") -> None:
-        """Dead-letter `item` with `exc`'s reason and its class's error_type."""
+        """Dead-letter `item` with `exc`'s reason and its class's error_type; a retryable error (a
+        dependency down) is not the item's fault: it is marked for a redo and never dead-lettered."""
         report.error = f"{where}{exc}"
+        if exc.retryable:
+            report.retry = True
+            self.outages += 1
+            # Counted as an input once, when it is finally labelled (or rejected) on the redo.
+            self.summary.counts[report.strategy]["inputs"] -= 1
+            log.warning("not labelled, will be redone (%s): %s", exc.error_type, report.error)
+            return
         self.reject(item, report.strategy, report.error, exc.error_type)
 
     @staticmethod
@@ -296,7 +323,8 @@ class Labeler:
         self, items: Sequence[Item[labeler_pb2.CandidateSet]], default_strategy: str = ""
     ) -> list[SetReport]:
         """Label candidate-set items (malformed ones are dead-lettered) and publish the pairs.
-        Call confirm() afterwards (the gRPC server and the runners do)."""
+        Sets a dependency outage left unlabelled come back with `retry` set (not dead-lettered): the
+        caller must not commit past them. Call confirm() afterwards (the gRPC server and the runners do)."""
         with self._lock:
             default = default_strategy or self.cfg.strategy
             reports: list[SetReport] = []
@@ -350,7 +378,14 @@ class Labeler:
                 self._fail(r.item, r.report, exc)
             return
         t0 = time.monotonic()
-        results = impl.label_batch([r.cs for r in ready], ready[0].item.source)
+        try:
+            results = impl.label_batch([r.cs for r in ready], ready[0].item.source)
+        except OffdpoError as exc:
+            if not exc.retryable:
+                raise
+            for r in ready:  # a dependency down for the whole batch: every set is redone later
+                self._fail(r.item, r.report, exc, self._where(r.item))
+            return
         for r, result in zip(ready, results):
             if isinstance(result, OffdpoError):
                 self._fail(r.item, r.report, result, self._where(r.item))

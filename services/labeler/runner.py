@@ -6,18 +6,34 @@ import itertools
 import logging
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kafka import TopicPartition
+from kafka.structs import OffsetAndMetadata
+
+from offdpo import retry
 from offdpo.config import KafkaConfig
-from offdpo.kafka import GROUP_CHANGED, CommitRefusals, DeadLetterSink, make_consumer, make_producer
+from offdpo.errors import OffdpoError
+from offdpo.kafka import GROUP_CHANGED, CommitRefusals, DeadLetterSink, make_consumer, make_producer, rewind
 from offdpo.v1 import records_pb2
 from services.labeler import inputs
 from services.labeler.base import Strategy
 from services.labeler.config import JudgeConfig, LabelerConfig
 from services.labeler.names import InputKind, StrategyName
-from services.labeler.pipeline import SERVICE, Generator, Labeler, Ledger, PairPublisher, Producer, Strategies
+from services.labeler.pipeline import (
+    SERVICE,
+    Generator,
+    Labeler,
+    Ledger,
+    Outage,
+    PairPublisher,
+    Producer,
+    SetReport,
+    Strategies,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +140,21 @@ def _run_batches(
     done = 0
     t0 = time.monotonic()
     for batch in _batches(items, labeler.cfg.batch_size):
-        handle(batch)
+        reports = handle(batch)
         labeler.confirm()
+        unlabelled = [r for r in reports if r.retry] if isinstance(reports, list) else []
+        if unlabelled:
+            # A dependency is down: stop here (nothing of this was dead-lettered); the pairs published
+            # so far are acknowledged, and a rerun of the file skips them (ledger / pair ids).
+            log.error(
+                "%s: stopping after %d inputs: %d candidate set(s) of this batch not labelled because a "
+                "dependency is down (%s); rerun when it is back",
+                path,
+                done + len(batch),
+                len(unlabelled),
+                unlabelled[0].error,
+            )
+            raise Outage(len(unlabelled), unlabelled[0].error)
         done += len(batch)
         if progress:
             t = labeler.summary.total()
@@ -143,43 +172,117 @@ def run_kafka(
     idle_exit_s: float | None = None,
     progress: Callable[[str], None] | None = None,
     heartbeat: Callable[[], None] = lambda: None,
+    consumer_factory: Callable[[], Any] | None = None,
+    outage_backoff: Mapping[str, float] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Consume candidate sets from the candidates topic in a consumer group. Offsets are committed only
     after the batch's pairs and dead letters are acknowledged. Returns when `stop` is set or, with
-    `idle_exit_s`, after that long without records. `heartbeat` is called every time round the loop."""
+    `idle_exit_s`, after that long without records. `heartbeat` is called every time round the loop.
+
+    A dependency outage (judge, reward model, refscore Generate, Kafka not acknowledging) is not bad
+    data: nothing is dead-lettered for it and the commit stops at the first set it left unlabelled in
+    each partition; the consumer rewinds there and retries with backoff (offdpo.retry, a log line per
+    step; `outage_backoff`: its initial_s / max_delay_s) for as long as it takes, then goes on by itself.
+    Sets of the batch already labelled are not labelled again on the redo.
+    `consumer_factory` replaces the Kafka consumer (tests pass an in-memory one)."""
     cfg = labeler.cfg
 
     def new_consumer() -> Any:
+        if consumer_factory is not None:
+            return consumer_factory()
         return make_consumer(kafka, cfg.group_id, [kafka.candidates_topic], max_poll_records=cfg.batch_size)
 
     consumer = new_consumer()
     stop = stop or threading.Event()
     last_record = time.monotonic()
     refusals = CommitRefusals()
+    # Offsets at or past a partition's commit point that were labelled (or dead-lettered) in an earlier
+    # try of a batch an outage left unfinished: the redo skips them.
+    handled: dict[TopicPartition, set[int]] = defaultdict(set)
+    outages = 0
+
+    def step() -> bool:
+        """Poll and label one batch; False when idle long enough to exit. Raises a retryable
+        OffdpoError (Outage, PublishError, ...) after rewinding to the first unlabelled set."""
+        nonlocal consumer, last_record
+        heartbeat()
+        polled = consumer.poll(timeout_ms=500)
+        recs = sorted((r for batch in polled.values() for r in batch), key=lambda r: (r.topic, r.partition, r.offset))
+        if not recs:
+            return not (idle_exit_s is not None and time.monotonic() - last_record > idle_exit_s)
+        last_record = time.monotonic()
+        todo = [r for r in recs if r.offset not in handled[TopicPartition(r.topic, r.partition)]]
+        try:
+            reports: list[SetReport] = labeler.label_candidates(
+                [inputs.candidate_item(rec, cfg.max_input_bytes) for rec in todo], strategy
+            )
+            labeler.confirm()  # raises PublishError: nothing of this batch is marked done or committed
+        except OffdpoError as exc:
+            if exc.retryable:
+                rewind(consumer, [r for r in recs if r.offset not in handled[TopicPartition(r.topic, r.partition)]])
+            raise
+        for rec, rep in zip(todo, reports):
+            if not rep.retry:
+                handled[TopicPartition(rec.topic, rec.partition)].add(rec.offset)
+        # Per partition, commit up to the first set not labelled (all of them when none is left).
+        commit_at: dict[TopicPartition, int] = {}
+        unfinished = []
+        for (topic, partition), group in itertools.groupby(recs, key=lambda r: (r.topic, r.partition)):
+            tp = TopicPartition(topic, partition)
+            part = list(group)
+            first = next((r for r in part if r.offset not in handled[tp]), None)
+            commit_at[tp] = first.offset if first is not None else part[-1].offset + 1
+            if first is not None:
+                unfinished.append(first)
+        try:
+            consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in commit_at.items()})
+            refusals.committed()
+            for tp, off in commit_at.items():
+                handled[tp] = {o for o in handled[tp] if o >= off}
+        except GROUP_CHANGED as exc:
+            # The pairs are published; the redo skips what was handled (and the ledger or pair_id
+            # downstream drops any repeats).
+            if refusals.refused(consumer, recs, exc):
+                consumer.close(autocommit=False)
+                consumer = new_consumer()
+                handled.clear()
+            unfinished = []
+        if progress:
+            t = labeler.summary.total()
+            progress(f"{kafka.candidates_topic}: {t['inputs']} inputs, {t['pairs']} pairs, {t['rejects']} rejects")
+        if unfinished:
+            rewind(consumer, unfinished)
+            unlabelled = [rep for rep in reports if rep.retry]
+            raise Outage(len(unlabelled), unlabelled[0].error if unlabelled else "")
+        return True
+
+    def on_outage(exc: BaseException) -> bool:
+        nonlocal outages
+        if isinstance(exc, OffdpoError) and exc.retryable:
+            outages += 1
+            log.warning("labeler outage #%d (%s): not committing past it; backing off", outages, exc.error_type)
+            return True
+        return False
+
+    backoff = dict(outage_backoff or {})
     try:
         while not stop.is_set():
-            heartbeat()
-            polled = consumer.poll(timeout_ms=500)
-            recs = [r for batch in polled.values() for r in batch]
-            if not recs:
-                if idle_exit_s is not None and time.monotonic() - last_record > idle_exit_s:
-                    break
-                continue
-            last_record = time.monotonic()
-            labeler.label_candidates([inputs.candidate_item(rec, cfg.max_input_bytes) for rec in recs], strategy)
-            labeler.confirm()  # raises PublishError: nothing is committed, the batch is redelivered
             try:
-                consumer.commit()
-                refusals.committed()
-            except GROUP_CHANGED as exc:
-                # The pairs are published; the redo finds them in the ledger (or pair_id downstream
-                # drops the repeats).
-                if refusals.refused(consumer, recs, exc):
-                    consumer.close(autocommit=False)
-                    consumer = new_consumer()
-            if progress:
-                t = labeler.summary.total()
-                progress(f"{kafka.candidates_topic}: {t['inputs']} inputs, {t['pairs']} pairs, {t['rejects']} rejects")
+                more = retry.call(
+                    "labelling candidate sets (a dependency is down)",
+                    step,
+                    retry_if=on_outage,
+                    stop=stop,
+                    logger=log,
+                    **backoff,
+                )
+            except OffdpoError as exc:
+                if exc.retryable and stop.is_set():
+                    log.warning("stopping during an outage; the unlabelled sets are redone on restart: %s", exc)
+                    break
+                raise
+            if not more:
+                break
     finally:
         consumer.close(autocommit=False)
     return labeler.summary.as_dict()

@@ -148,7 +148,6 @@ def test_every_reject_carries_the_error_type_of_its_class(broker, fake_cfg):
     by_offset = {d.offset: d for d in letters_on(broker)}
     assert {o: d.error_type for o, d in by_offset.items()} == {
         3: "label_error",
-        4: "judge_unavailable",
         5: "invalid_candidate_set",
         6: "strategy_unavailable",
         7: "generate_unavailable",
@@ -158,16 +157,19 @@ def test_every_reject_carries_the_error_type_of_its_class(broker, fake_cfg):
     assert by_offset[99].reason == "in.jsonl:99: not valid JSON"  # the reader's position, not twice
     assert "needs OFFDPO_LABELER_REWARD_MODEL" in by_offset[6].reason
     assert reports[2].error == by_offset[3].reason
+    # A judge outage is not bad data (issue 17): never dead-lettered, marked for a redo instead.
+    assert reports[3].retry and "endpoint down" in reports[3].error and lab.outages == 1
     summary = lab.summary.as_dict()
-    assert summary["rules"]["rejects"] == 5 and summary["reward_model"]["rejects"] == 1
+    # The judge outage is neither a reject nor (until its redo) a labelled input.
+    assert summary["rules"]["rejects"] == 4 and summary["reward_model"]["rejects"] == 1
     assert summary["total"] == {
-        "inputs": 8,
+        "inputs": 7,
         "pairs": 1,
         "duplicates": 1,
         "ties": 1,
         "inconsistent": 0,
         "unparseable": 0,
-        "rejects": 6,
+        "rejects": 5,
     }
 
 
@@ -180,10 +182,11 @@ def test_on_policy_generation_outcomes(broker, fake_cfg):
     lab = labeler_on(broker, fake_cfg, generator=Generator(["Sorry.", " "]))
     lab.label_candidates([item(cset(["Sorry."], generate_n=2), 2)])
     lab = labeler_on(broker, fake_cfg, generator=Generator(error=RuntimeError("refscore is down")))
-    lab.label_candidates([item(cset(["x"], generate_n=2), 3)])
+    (down,) = lab.label_candidates([item(cset(["x"], generate_n=2), 3)])
     lab.confirm()
-    assert [(d.offset, d.error_type) for d in letters_on(broker)] == [(2, "too_few_answers"), (3, "generate_failed")]
-    assert "on-policy generation failed: refscore is down" in letters_on(broker)[1].reason
+    # refscore unreachable is an outage, not bad data (issue 17): marked for a redo, never dead-lettered.
+    assert [(d.offset, d.error_type) for d in letters_on(broker)] == [(2, "too_few_answers")]
+    assert down.retry and "on-policy generation failed: refscore is down" in down.error
 
 
 def test_unacknowledged_pairs_raise_publish_error_and_are_sent_again(broker, fake_cfg):
