@@ -6,9 +6,11 @@ after what they produced from it is durably written (at-least-once + idempotent 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import time
+import uuid
 from collections.abc import Iterable
 
 from google.protobuf import timestamp_pb2
@@ -28,7 +30,13 @@ from offdpo.v1 import records_pb2
 
 log = logging.getLogger(__name__)
 
-# Largest record value any service accepts; bigger values are dead-lettered, not parsed.
+# Record size limits (deploy/README.md, "Record size limits"). The broker's largest record: deploy sets
+# message.max.bytes on the brokers and max.message.bytes on every topic to this. Consumers fetch that
+# much from one partition, so any record the broker accepted reaches the service, which dead-letters
+# it when it is over its own limit instead of stalling the partition.
+BROKER_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Largest record our producers send (max_request_size) and largest value any service accepts; bigger
+# values are dead-lettered (by reference), not parsed.
 MAX_RECORD_BYTES = 8 * 1024 * 1024
 
 # Commit refusals that mean "the group changed", not "the broker is down": the next poll() completes
@@ -112,6 +120,11 @@ def make_producer(cfg: KafkaConfig, client_id: str, **overrides) -> KafkaProduce
     return KafkaProducer(**kwargs)
 
 
+def consumer_size_settings() -> dict[str, int]:
+    """A consumer's fetch sizes: one partition's fetch holds the broker's largest record."""
+    return {"fetch_max_bytes": 2 * BROKER_MAX_MESSAGE_BYTES, "max_partition_fetch_bytes": BROKER_MAX_MESSAGE_BYTES}
+
+
 def make_consumer(cfg: KafkaConfig, group_id: str, topics: Iterable[str] | None = None, **overrides) -> KafkaConsumer:
     kwargs = dict(
         cfg.client_kwargs(),
@@ -121,14 +134,29 @@ def make_consumer(cfg: KafkaConfig, group_id: str, topics: Iterable[str] | None 
         session_timeout_ms=cfg.session_timeout_ms,
         heartbeat_interval_ms=cfg.heartbeat_interval_ms,
         max_poll_interval_ms=cfg.max_poll_interval_ms,
-        fetch_max_bytes=4 * MAX_RECORD_BYTES,
-        max_partition_fetch_bytes=MAX_RECORD_BYTES,
+        **consumer_size_settings(),
     )
     kwargs.update(overrides)
     consumer = KafkaConsumer(**kwargs)
     if topics:
         consumer.subscribe(list(topics))
     return consumer
+
+
+def topic_id(client: KafkaConsumer | KafkaProducer, topic: str) -> str | None:
+    """The topic's id as Kafka prints it (`kafka-topics.sh --describe`: TopicId), or None when the
+    client's metadata holds none for it (a broker without topic ids, or no metadata fetched yet).
+
+    A topic id names one incarnation of a topic: a topic deleted and created again under the same
+    name (or created anew after a broker lost its log) gets a new id while its offsets restart at 0.
+    kafka-python keeps the ids of the metadata it fetched (Metadata v10+) on its cluster object,
+    which only its private client exposes.
+    """
+    cluster = getattr(getattr(client, "_client", None), "cluster", None)
+    tid = cluster.topic_id(topic) if cluster is not None and hasattr(cluster, "topic_id") else None
+    if not isinstance(tid, uuid.UUID) or tid.int == 0:  # Kafka's zero id means "no id"
+        return None
+    return base64.urlsafe_b64encode(tid.bytes).decode().rstrip("=")
 
 
 def now_timestamp() -> timestamp_pb2.Timestamp:

@@ -2,7 +2,8 @@
 
 Identity by content: `pair_id` hashes the canonical (prompt, chosen, rejected) content, so the
 same pair labelled twice, or re-delivered by Kafka, has the same id. Shard keys are derived from
-the fingerprint and the Kafka positions a shard covers, so a redo after a crash rewrites the same key.
+the fingerprint, the topic's incarnation (its topic id) and the Kafka positions a shard covers, so a
+redo after a crash rewrites the same key and a recreated topic never reuses one.
 """
 
 from __future__ import annotations
@@ -292,21 +293,38 @@ def read_shard(data: bytes, what: str = "shard") -> Shard:
     return Shard(fingerprint=fingerprint, table=table)
 
 
-def shard_key(fp_id: str, topic: str, partition: int, first_offset: int, last_offset: int) -> str:
-    """S3 key of the shard covering offsets [first_offset, last_offset] of one partition."""
+def shard_key(
+    fp_id: str, topic: str, partition: int, first_offset: int, last_offset: int, topic_id: str | None = None
+) -> str:
+    """S3 key of the shard covering offsets [first_offset, last_offset] of one partition.
+
+    `topic_id` names the topic's incarnation (Kafka's topic id, `offdpo.kafka.topic_id`):
+    scores/<fingerprint>/<topic>/id-<topic id>/pNNNN-<first>-<last>.parquet. Offsets restart at 0
+    when a topic is deleted and created again (or when a broker loses its log and the topic is
+    created anew); the new incarnation gets a new topic id, so its shards never share a key with the
+    old one's. Without `topic_id` the key has no incarnation segment (scores/<fp>/<topic>/pNNNN-...):
+    keys of that form can alias across incarnations. Readers take keys from ShardReady events or list
+    them under scores/<fingerprint>/, and parse nothing but the file name (`parse_shard_key`), so
+    both forms are read alike.
+    """
     return (
-        f"scores/{safe_key_part(fp_id, 'fingerprint id')}/{safe_key_part(topic, 'topic')}/"
-        f"p{partition:04d}-{first_offset:012d}-{last_offset:012d}.parquet"
+        f"{shard_key_prefix(fp_id, topic, partition, topic_id=topic_id)}{first_offset:012d}-{last_offset:012d}.parquet"
     )
 
 
-def shard_key_prefix(fp_id: str, topic: str, partition: int, first_offset: int | None = None) -> str:
-    prefix = f"scores/{safe_key_part(fp_id, 'fingerprint id')}/{safe_key_part(topic, 'topic')}/p{partition:04d}-"
+def shard_key_prefix(
+    fp_id: str, topic: str, partition: int, first_offset: int | None = None, topic_id: str | None = None
+) -> str:
+    incarnation = "" if topic_id is None else f"{safe_key_part('id-' + topic_id, 'topic id')}/"
+    prefix = (
+        f"scores/{safe_key_part(fp_id, 'fingerprint id')}/{safe_key_part(topic, 'topic')}/"
+        f"{incarnation}p{partition:04d}-"
+    )
     return prefix if first_offset is None else f"{prefix}{first_offset:012d}-"
 
 
 def parse_shard_key(key: str) -> tuple[int, int, int]:
-    """(partition, first_offset, last_offset) of a key made by shard_key."""
+    """(partition, first_offset, last_offset) of a key made by shard_key (either form)."""
     name = key.rsplit("/", 1)[-1].removesuffix(".parquet")
     part, first, last = name.split("-")
     return int(part[1:]), int(first), int(last)

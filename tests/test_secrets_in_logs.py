@@ -4,7 +4,8 @@ A reduced demo pipeline on the local stack (free ports), every process configure
 secret values where the services read them:
   labeler (rules, then the LLM judge against a fake OpenAI endpoint that demands the judge key)
   -> Kafka pairs -> refscore (transformers engine, gRPC with team tokens + stream worker) -> S3 shards
-  -> trainer (replay of the shards, a few steps, a checkpoint).
+  -> trainer (replay of the shards, a few steps, a checkpoint);
+  plus the labeler's gRPC `serve` over TLS with team tokens (a valid, a wrong and a missing token).
 Then every log line of every process, every object in every bucket and every record of the run's
 topics is searched for each secret value: zero hits. The Kafka SASL credentials are configured but
 not used (the local broker is PLAINTEXT and OFFDPO_KAFKA_SASL_MECHANISM is unset); the S3 keys are the
@@ -28,11 +29,14 @@ import grpc
 import pytest
 import yaml
 
+from localdev.process import free_port, stop_process
 from offdpo.kafka import ensure_topics, read_topic
 from offdpo.refscore_client import RefscoreClient, score_item
 from offdpo.s3 import ObjectStore
+from offdpo.v1 import labeler_pb2, labeler_pb2_grpc
 from services.refscore.security import token_hash
 
+from .pki import make_cert
 from .refscore.conftest import start_refscore
 
 pytestmark = pytest.mark.stack
@@ -118,6 +122,63 @@ def _all_objects(store: ObjectStore):
                 resp.release_conn()
 
 
+def _labeler_grpc_with_tokens(env: dict, tmp_path: Path, log_path: Path, token: str, wrong_token: str) -> None:
+    """`python -m services.labeler serve` over TLS with an auth file; a valid, a wrong and no token."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from offdpo import records
+
+    ca, ca_key, ca_pem, _ = make_cert("secrets test CA", ca=True)
+    _, _, cert_pem, key_pem = make_cert("labeler", ca, ca_key, server=True)
+    (tmp_path / "labeler-tls.crt").write_bytes(cert_pem)
+    (tmp_path / "labeler-tls.key").write_bytes(key_pem)
+    auth = tmp_path / "labeler-teams.yaml"
+    auth.write_text(
+        yaml.safe_dump({"teams": {"annotators": {"token_sha256": [token_hash(token)], "methods": ["SubmitJudgement"]}}})
+    )
+    port = free_port()
+    serve_env = {
+        **env,
+        "OFFDPO_LABELER_TLS_CERT": str(tmp_path / "labeler-tls.crt"),
+        "OFFDPO_LABELER_TLS_KEY": str(tmp_path / "labeler-tls.key"),
+        "OFFDPO_LABELER_AUTH_FILE": str(auth),
+        "OFFDPO_LABELER_STATE_DIR": str(tmp_path / "labeler-serve"),
+    }
+    cmd = [sys.executable, "-m", "services.labeler", "serve", "--port", str(port)]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, env=serve_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    creds = grpc.ssl_channel_credentials(ca_pem)
+    try:
+        with grpc.secure_channel(f"localhost:{port}", creds) as ch:
+            deadline = time.monotonic() + TIMEOUT_S
+            while True:
+                assert proc.poll() is None, f"labeler serve exited:\n{log_path.read_text(errors='replace')[-3000:]}"
+                try:
+                    health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    break
+                except grpc.RpcError:
+                    assert time.monotonic() < deadline, "labeler serve never answered"
+                    time.sleep(0.5)
+        judgement = labeler_pb2.HumanJudgement(
+            prompt=records.text_prompt("Best fruit?"), answer_a="apple", answer_b="rock", verdict="Good", annotator="e"
+        )
+        for tok in (token, wrong_token, None):
+            call_creds = creds
+            if tok:
+                call_creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(tok))
+            with grpc.secure_channel(f"localhost:{port}", call_creds) as ch:
+                submit = labeler_pb2_grpc.LabelerStub(ch).SubmitJudgement
+                if tok == token:
+                    assert submit(judgement, timeout=60).pair_id
+                    continue
+                with pytest.raises(grpc.RpcError) as info:
+                    submit(judgement, timeout=60)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        stop_process(proc, 30)
+    assert b"labeler gRPC server on" in log_path.read_bytes() and b"(TLS, team tokens)" in log_path.read_bytes()
+
+
 def test_no_secret_in_any_log_object_or_record(stack, tiny_model, tmp_path):
     run = f"secrets-{uuid.uuid4().hex[:8]}"
     team_token = f"team-token-{secrets.token_urlsafe(24)}"
@@ -127,6 +188,8 @@ def test_no_secret_in_any_log_object_or_record(stack, tiny_model, tmp_path):
         "kafka sasl username": f"kafka-user-{secrets.token_urlsafe(12)}",
         "refscore team token": team_token,
         "refscore wrong token": f"wrong-token-{secrets.token_urlsafe(24)}",
+        "labeler team token": f"labeler-token-{secrets.token_urlsafe(24)}",
+        "labeler wrong token": f"labeler-wrong-{secrets.token_urlsafe(24)}",
         "s3 secret key": stack.s3.secret_key,
         "s3 access key": stack.s3.access_key,
     }
@@ -210,6 +273,14 @@ def test_no_secret_in_any_log_object_or_record(stack, tiny_model, tmp_path):
                 with pytest.raises(grpc.RpcError) as info:
                     bad.score([score_item("q", "a")], timeout=60)
                 assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # 3b. the labeler's gRPC API: TLS and team tokens.
+        _labeler_grpc_with_tokens(
+            env,
+            tmp_path,
+            logs / "labeler-serve.log",
+            secret_values["labeler team token"],
+            secret_values["labeler wrong token"],
+        )
 
         # 4. the stream worker scores every pair into S3 (or dead-letters it).
         store = ObjectStore(stack.s3)

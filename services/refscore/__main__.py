@@ -8,6 +8,9 @@ Configuration: environment variables (`offdpo config`), e.g.
     OFFDPO_REFSCORE_MODEL_DIR=models/tiny OFFDPO_REFSCORE_ENGINE=vllm python -m services.refscore serve --worker
 SIGTERM/SIGINT: health goes NOT_SERVING, the worker finishes (and commits) its current batch,
 in-flight RPCs get OFFDPO_REFSCORE_GRACE_S seconds, then the engine shuts down.
+Watchdog (services/refscore/watchdog.py): the engine or stream-worker thread dead, or stuck for
+OFFDPO_REFSCORE_STALL_S, makes health NOT_SERVING and the process exit 1 (stuck: at once, without an
+orderly stop) so Kubernetes restarts it.
 """
 
 from __future__ import annotations
@@ -15,16 +18,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import threading
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from offdpo.config import ConfigError, KafkaConfig, S3Config
 from offdpo.shutdown import StopOnSignals
-from services.refscore.config import RefscoreConfig
+from services.refscore import security
+from services.refscore.config import RefscoreConfig, RefscoreQuotaConfig
 from services.refscore.scorer import Scorer
 from services.refscore.server import RefscoreServer
+from services.refscore.watchdog import Heartbeat, Problem, Watchdog
 from services.refscore.worker import StreamWorker
 
 log = logging.getLogger("refscore")
@@ -39,16 +45,24 @@ async def _serve(cfg: RefscoreConfig, with_worker: bool) -> int:
         loop.add_signal_handler(sig, stop.set)
     worker_stop = threading.Event()
     worker_thread = None
+    beat = Heartbeat()
     load = asyncio.create_task(server.load_engine())
     if with_worker:
-        worker = StreamWorker(server.scorer, cfg, KafkaConfig.from_env(), S3Config.from_env())
+        worker = StreamWorker(server.scorer, cfg, KafkaConfig.from_env(), S3Config.from_env(), heartbeat=beat)
         worker_thread = threading.Thread(target=worker.run, args=(worker_stop,), name="refscore-worker", daemon=True)
         worker_thread.start()
-    ending = await _what_ends_serving(load, stop, worker_thread, cfg.grace_s)
+    watchdog = Watchdog(server.scorer, cfg.stall_s, worker_thread, beat if with_worker else None)
+    ending = await _what_ends_serving(load, stop, watchdog, cfg.grace_s)
+    watchdog.stopping()
     worker_stop.set()
     if ending == "load failed":
         await server.stop(0)
         return 1
+    if isinstance(ending, Problem):
+        # Probes and load balancers see NOT_SERVING at once, whatever happens next.
+        await server.health.enter_graceful_shutdown()
+        if ending.stalled:
+            _exit_now(server.scorer, 1)  # a stuck thread would block any orderly stop
     if worker_thread is not None:
         await asyncio.to_thread(worker_thread.join, cfg.grace_s)
     await server.stop()
@@ -57,39 +71,82 @@ async def _serve(cfg: RefscoreConfig, with_worker: bool) -> int:
 
 
 async def _what_ends_serving(
-    load: asyncio.Task[None], stop: asyncio.Event, worker_thread: threading.Thread | None, grace_s: float
-) -> Literal["load failed", "signal", "worker died"]:
+    load: asyncio.Task[None], stop: asyncio.Event, watchdog: Watchdog, grace_s: float
+) -> Literal["load failed", "signal"] | Problem:
     waiter = asyncio.create_task(stop.wait())
-    # A worker thread that dies (its traceback is logged) must not leave a pod serving gRPC with its
-    # stream dead: stop with exit 1 so Kubernetes restarts the container.
-    worker_done = asyncio.create_task(asyncio.to_thread(worker_thread.join)) if worker_thread else None
-    watched: set[asyncio.Task[Any]] = {load, waiter} | ({worker_done} if worker_done else set())
-    while True:
-        done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-        if load in done and load.exception() is not None:
-            log.error("engine failed to load: %s", load.exception())
-            return "load failed"
-        if waiter in done:
-            log.info("signal received: draining (grace %.0f s)", grace_s)
-            return "signal"
-        if worker_done in done:
-            log.error(
-                "the stream worker stopped unexpectedly (traceback above); stopping with exit 1 so the "
-                "container is restarted"
-            )
-            return "worker died"
-        watched -= done
+    # A dead or stuck engine or stream worker must not leave a pod serving (health SERVING) with its
+    # work stopped: the watchdog's problem ends serving with exit 1 so Kubernetes restarts the container.
+    watch = asyncio.create_task(_watch(watchdog))
+    watched: set[asyncio.Task[Any]] = {load, waiter, watch}
+    try:
+        while True:
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            if load in done and load.exception() is not None:
+                log.error("engine failed to load: %s", load.exception())
+                return "load failed"
+            if waiter in done:
+                log.info("signal received: draining (grace %.0f s)", grace_s)
+                return "signal"
+            if watch in done:
+                problem = watch.result()
+                log.error("%s; stopping with exit 1 so the container is restarted", problem)
+                return problem
+            watched -= done
+    finally:
+        for task in (waiter, watch):
+            task.cancel()
+
+
+async def _watch(watchdog: Watchdog, every_s: float = 1.0) -> Problem:
+    while (problem := watchdog.problem()) is None:
+        await asyncio.sleep(every_s)
+    return problem
+
+
+def _exit_now(scorer: Scorer, code: int, engine_grace_s: float = 10.0) -> NoReturn:
+    """Exit at once, skipping the orderly stop a stuck thread would block. The engine gets a bounded
+    chance to release what lives outside this process (vLLM's engine-core process)."""
+    if scorer.engine is not None:
+        closer = threading.Thread(target=scorer.engine.shutdown, name="engine-shutdown", daemon=True)
+        closer.start()
+        closer.join(engine_grace_s)
+    log.critical("exiting with %d without an orderly stop", code)
+    logging.shutdown()
+    os._exit(code)
 
 
 def _worker_only(cfg: RefscoreConfig) -> int:
     scorer = Scorer(cfg)
+    beat = Heartbeat()
     with StopOnSignals("the worker finishes (and commits) its current batch, then stops") as stop:
         scorer.load()
+        watchdog = Watchdog(scorer, cfg.stall_s, worker_beat=beat)
+        failed = threading.Event()
+
+        def watch() -> None:
+            while not stop.requested.is_set():
+                problem = watchdog.problem()
+                if problem is not None:
+                    log.error("%s; stopping with exit 1 so the container is restarted", problem)
+                    failed.set()
+                    if problem.stalled:
+                        _exit_now(scorer, 1)
+                    # A dead engine: the worker stops after its batch (its engine waits fail at once);
+                    # should it not return within the grace period, exit anyway.
+                    stop.requested.set()
+                    backstop = threading.Timer(cfg.grace_s, _exit_now, args=(scorer, 1))
+                    backstop.daemon = True
+                    backstop.start()
+                    return
+                stop.requested.wait(1.0)
+
+        threading.Thread(target=watch, name="refscore-watchdog", daemon=True).start()
         try:
-            StreamWorker(scorer, cfg, KafkaConfig.from_env(), S3Config.from_env()).run(stop.requested)
+            StreamWorker(scorer, cfg, KafkaConfig.from_env(), S3Config.from_env(), heartbeat=beat).run(stop.requested)
         finally:
+            watchdog.stopping()
             scorer.shutdown()
-    return 0
+    return 1 if failed.is_set() else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = RefscoreConfig.from_env()
         cfg.engine_settings()  # refuse bad engine knobs now, not after the model has loaded
+        if args.mode == "serve":  # TLS, auth file and quota settings, before anything listens or connects
+            security.build(cfg)
+            RefscoreQuotaConfig.from_env()
         if cfg.metrics_port:
             from prometheus_client import start_http_server
 

@@ -98,10 +98,19 @@ class RefscoreConfig(EnvConfig):
     )
     batch_tokens: int = env("OFFDPO_REFSCORE_BATCH_TOKENS", 262144, "most tokens (estimated) in one micro-batch")
     batch_wait_s: float = env("OFFDPO_REFSCORE_BATCH_WAIT_S", 2.0, "longest wait to fill a micro-batch")
+    stall_s: float = env(
+        "OFFDPO_REFSCORE_STALL_S",
+        600.0,
+        "watchdog: the engine inside one call, or the stream worker not back round its loop, for this long"
+        " (or either thread dead) makes health NOT_SERVING and the process exit 1 so the pod restarts;"
+        " also the longest the worker waits for one engine answer",
+    )
     failpoint: str = env(
         "OFFDPO_REFSCORE_FAILPOINT",
         "",
-        "fault injection for tests: 'after_shard_write' SIGKILLs the worker before its commit",
+        "fault injection for tests: 'after_shard_write' / 'before_commit' SIGKILL the worker before its"
+        " commit; 'engine_thread_dies' ends the engine thread at its first job; 'engine_hangs' never returns"
+        " from the first engine call",
     )
 
     def engine_settings(self):
@@ -121,4 +130,21 @@ class RefscoreConfig(EnvConfig):
             raise ConfigError(str(exc)) from None
 
 
-CONFIG_CLASSES = (S3Config, KafkaConfig, RefscoreConfig)
+@dataclasses.dataclass(frozen=True, repr=False)
+class RefscoreQuotaConfig(EnvConfig):
+    """Quotas across replicas (offdpo/grpc_auth/quotas.py): deploy sets it to the autoscaler's
+    maxReplicas (components/autoscaling), 1 without it."""
+
+    replicas: int = env(
+        "OFFDPO_REFSCORE_REPLICAS",
+        1,
+        "most refscore replicas serving at once (the autoscaler's maximum): each enforces 1/N of every"
+        " team's max_concurrent and tokens_per_minute, so a team's quota holds across all of them",
+    )
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ConfigError(f"OFFDPO_REFSCORE_REPLICAS={self.replicas} must be >= 1")
+
+
+CONFIG_CLASSES = (S3Config, KafkaConfig, RefscoreConfig, RefscoreQuotaConfig)

@@ -7,12 +7,22 @@ The server's error interceptor answers with `exc.grpc_status`; the stream worker
 from __future__ import annotations
 
 import copy
-import math
 from typing import Self
 
-import grpc
-
 from offdpo import errors
+from offdpo.grpc_auth.quotas import QuotaExceeded
+
+__all__ = [
+    "DeadlineExceeded",
+    "FingerprintMismatch",
+    "InvalidArgument",
+    "NotReady",
+    "QuotaExceeded",  # the shared auth layer's (offdpo.grpc_auth), raised by refscore's quotas
+    "RefscoreError",
+    "TokenizationError",
+    "TooLarge",
+    "TooLong",
+]
 
 
 class RefscoreError(errors.OffdpoError):
@@ -56,21 +66,3 @@ class TokenizationError(RefscoreError, errors.TokenizationError):
 
 class TooLong(TokenizationError, errors.TooLong):
     """Prompt plus answer do not fit the model's context."""
-
-
-class QuotaExceeded(RefscoreError):
-    """A team is over its concurrency or tokens-per-minute quota. `retry_after_s` (when waiting can
-    help) goes to the caller as trailing metadata `retry-after-ms`."""
-
-    error_type = "quota_exceeded"
-    grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
-    retryable = True
-
-    def __init__(self, message: str, retry_after_s: float | None = None):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
-        if self.retry_after_s is None:
-            return ()
-        return (("retry-after-ms", str(max(1, math.ceil(self.retry_after_s * 1000)))),)

@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -82,11 +82,14 @@ class FairQueue:
         self._cond = threading.Condition()
         self._fifos: collections.OrderedDict[str, collections.deque[Job]] = collections.OrderedDict()
         self._stop = False
+        self._closed: BaseException | None = None
 
     def put(self, job: Job | None) -> None:
         with self._cond:
             if job is None:
                 self._stop = True
+            elif self._closed is not None:
+                raise self._closed
             else:
                 self._fifos.setdefault(job.caller, collections.deque()).append(job)
                 metrics.CALLER_QUEUED.labels(job.caller).set(len(self._fifos[job.caller]))
@@ -119,6 +122,15 @@ class FairQueue:
     def qsize(self) -> int:
         with self._cond:
             return sum(len(f) for f in self._fifos.values())
+
+    def close(self, refusal: BaseException) -> list[Job]:
+        """Refuse every later `put` with `refusal` and hand back the jobs still queued. Under the same
+        lock as `put`, so no job can slip in after the engine thread that would serve it is gone."""
+        with self._cond:
+            self._closed = refusal
+            jobs = [job for fifo in self._fifos.values() for job in fifo]
+            self._fifos.clear()
+            return jobs
 
 
 # -- what goes in and comes out ----------------------------------------------------------------------
@@ -183,6 +195,10 @@ class Scorer:
         self._queue = FairQueue()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # When the engine thread entered the engine call it is in (None: not in one). The watchdog
+        # reads it: a call that never returns is a hung engine, which nothing else would notice.
+        self._busy_since: float | None = None
+        self._failpoint = cfg.failpoint
 
     @property
     def fingerprint(self) -> records_pb2.ReferenceFingerprint | None:
@@ -247,6 +263,21 @@ class Scorer:
             raise NotReady(f"the engine failed to load: {self.load_error}")
         if not self.ready.is_set() or self._stopping:
             raise NotReady("the engine is not ready (loading or shutting down); retry later")
+        if not self.engine_alive():
+            raise NotReady("the engine thread has stopped; this process is restarting")
+
+    def engine_alive(self) -> bool:
+        """False once the engine thread has ended (it only ends on shutdown or by dying)."""
+        return self._thread is None or self._thread.is_alive()
+
+    def engine_busy_s(self, now: float | None = None) -> float:
+        """How long the engine thread has been inside its current engine call (0 when idle)."""
+        since = self._busy_since
+        return 0.0 if since is None else (time.monotonic() if now is None else now) - since
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     def model(self) -> LoadedModel:
         """The tokenizer and fingerprint; NotReady while loading, after a failed load or while stopping."""
@@ -358,31 +389,83 @@ class Scorer:
         self._submit(job)
         return job.future
 
-    def score(self, prepared: Sequence[Prepared], timeout: float | None = None) -> list[list[float]]:
-        """Blocking scoring of gRPC-shaped items."""
-        return self.submit_score(prepared).result(timeout=timeout)
+    def score(
+        self, prepared: Sequence[Prepared], timeout: float | None = None, heartbeat: Callable[[], None] | None = None
+    ) -> list[list[float]]:
+        """Blocking scoring of gRPC-shaped items. With `timeout`, a job the engine has not answered by
+        then is cancelled and NotReady raised (retryable): a caller never waits on the engine for ever.
+        `heartbeat` is called about once a second while waiting (the caller is alive, just waiting)."""
+        future = self.submit_score(prepared)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
+            try:
+                return future.result(timeout=step)
+            except concurrent.futures.TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    future.cancel()  # still queued: dropped; already running: the result is discarded
+                    raise NotReady(f"the engine did not answer within {timeout:.0f} s") from None
+                if not self.engine_alive():
+                    raise NotReady("the engine thread stopped while this job waited") from None
+                if heartbeat is not None:
+                    heartbeat()
 
-    def score_pairs(self, pairs: Sequence[PreparedPair], timeout: float | None = None) -> list[ScoredRow]:
+    def score_pairs(
+        self,
+        pairs: Sequence[PreparedPair],
+        timeout: float | None = None,
+        heartbeat: Callable[[], None] | None = None,
+    ) -> list[ScoredRow]:
         """Blocking scoring of preference pairs (the stream worker's path): both answers of every
         pair in one engine job; one row per pair, in order."""
         items = [Prepared(p.prompt_ids, answer) for p in pairs for answer in (p.chosen_ids, p.rejected_ids)]
-        logps = self.score(items, timeout)
+        logps = self.score(items, timeout, heartbeat)
         return [ScoredRow(p, logps[2 * i], logps[2 * i + 1]) for i, p in enumerate(pairs)]
 
     def _engine_loop(self) -> None:
+        """The engine thread. An error while serving some jobs fails those jobs and the loop goes on;
+        if the thread ends anyway (shutdown, or something no handler expects), every job still
+        queued is failed with NotReady and later submissions are refused, so no caller waits on a
+        thread that is gone. The watchdog sees a dead thread and restarts the process."""
         engine = self.engine
         assert engine is not None, "load() sets the engine before it starts this thread"
+        try:
+            self._serve_queue(engine)
+        except BaseException:
+            log.critical("the engine thread died; nothing will be scored until the process restarts", exc_info=True)
+            raise
+        finally:
+            self._busy_since = None
+            refusal = NotReady("the engine thread has stopped; retry later")
+            for job in self._queue.close(refusal):
+                _fail(job, refusal)
+
+    def _serve_queue(self, engine: Engine) -> None:
         pending: Job | None = None
         while True:
             job = pending or self._queue.get()
             if job is None:
                 return
-            if isinstance(job, GenerateJob):
-                pending = None
-                self._run_generate(engine, job)
-                continue
-            batch, pending = self._gather(job)
-            self._run_score_batch(engine, batch)
+            pending = None
+            batch: list[Job] = [job]
+            try:
+                if self._failpoint == "engine_thread_dies":
+                    raise EngineThreadKilled("failpoint engine_thread_dies (fault-injection test)")
+                if isinstance(job, GenerateJob):
+                    self._run_generate(engine, job)
+                    continue
+                score_batch, pending = self._gather(job)
+                batch = list(score_batch)
+                self._run_score_batch(engine, score_batch)
+            except Exception as exc:  # noqa: BLE001 - fail these jobs, keep serving the others
+                log.exception("the engine thread failed on a batch of %d jobs; failing them and going on", len(batch))
+                for j in batch:
+                    _fail(j, exc)
+            except BaseException:
+                # The thread is ending: the jobs in hand are no longer queued, so fail them here.
+                for j in [*batch, *([pending] if pending else [])]:
+                    _fail(j, NotReady("the engine thread has stopped; retry later"))
+                raise
 
     def _gather(self, first: ScoreJob) -> tuple[list[ScoreJob], GenerateJob | None]:
         """`first` and the score jobs queued behind it, up to `engine_batch_tokens`; a generate job
@@ -402,27 +485,40 @@ class Scorer:
             tokens += nxt.tokens
         return batch, None
 
-    def _expired(self, job: Job) -> bool:
-        if job.future.cancelled():
-            return True
+    @staticmethod
+    def _claim(job: Job) -> bool:
+        """Take a queued job for the engine: True if it is to be computed now.
+
+        The future is moved to RUNNING first (`set_running_or_notify_cancel`, atomic with `cancel`),
+        and only then is its deadline checked: once RUNNING a caller's cancel can no longer land, so
+        setting the deadline error cannot meet a cancelled future (which would raise in this thread).
+        """
+        if not job.future.set_running_or_notify_cancel():
+            return False  # cancelled while queued: its caller has gone
         if job.deadline is not None and time.monotonic() > job.deadline:
             job.future.set_exception(DeadlineExceeded("the deadline passed while the request was queued"))
-            return True
-        return False
+            return False
+        return True
 
     def _run_score_batch(self, engine: Engine, batch: list[ScoreJob]) -> None:
-        live = [j for j in batch if not self._expired(j) and j.future.set_running_or_notify_cancel()]
+        live = [j for j in batch if self._claim(j)]
         if not live:
             return
         seqs = [s for j in live for s in j.sequences]
         started = time.perf_counter()
+        self._busy_since = time.monotonic()
         try:
+            if self._failpoint == "engine_hangs":
+                log.error("failpoint engine_hangs: this engine call never returns (fault-injection test)")
+                threading.Event().wait()
             results = engine.score(seqs)
         except Exception as exc:  # noqa: BLE001 - the callers get the engine's error
             log.exception("engine failed on a batch of %d sequences", len(seqs))
             for j in live:
                 j.future.set_exception(exc)
             return
+        finally:
+            self._busy_since = None
         elapsed = time.perf_counter() - started
         metrics.ENGINE_BATCH_SEQS.observe(len(seqs))
         metrics.ENGINE_TOKENS.inc(sum(len(p) + len(a) for p, a in seqs))
@@ -433,11 +529,12 @@ class Scorer:
             offset += len(j.sequences)
 
     def _run_generate(self, engine: Engine, job: GenerateJob) -> None:
-        if self._expired(job) or not job.future.set_running_or_notify_cancel():
+        if not self._claim(job):
             return
         model = self._model
         assert model is not None, "generate jobs are only queued once loaded"
         p = job.params
+        self._busy_since = time.monotonic()
         try:
             answers = engine.generate(
                 job.prompt_ids,
@@ -451,7 +548,22 @@ class Scorer:
         except Exception as exc:  # noqa: BLE001 - the caller gets the engine's error
             job.future.set_exception(exc)
             return
+        finally:
+            self._busy_since = None
         job.future.set_result(answers)
+
+
+class EngineThreadKilled(BaseException):
+    """Ends the engine thread the way an unexpected fault would (fault injection only). A
+    BaseException, so the loop's per-batch handler does not catch it."""
+
+
+def _fail(job: Job, exc: BaseException) -> None:
+    """Fail `job` unless it is already done or cancelled (then its caller has its answer or has gone)."""
+    try:
+        job.future.set_exception(exc)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 def _stop_token_ids(model_dir: Path) -> list[int]:

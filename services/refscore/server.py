@@ -7,9 +7,14 @@
 - Domain errors (`offdpo.errors` classes) answer with their own status code, in one interceptor.
 - Message sizes are limited explicitly; oversized messages get RESOURCE_EXHAUSTED from grpc itself.
 - SIGTERM: health goes NOT_SERVING, in-flight RPCs get `grace_s` to finish, then the engine stops.
-- Security (the `security` package): TLS/mTLS or explicit plaintext; every RefScore RPC is authenticated and
-  authorised by one interceptor (health and reflection stay open); per-team concurrency and
-  tokens-per-minute quotas; an optional plaintext health-only port for kubelet probes.
+- Security (the `security` package over the shared `offdpo.grpc_auth`): TLS/mTLS (certificates reloaded
+  without a restart) or explicit plaintext; every RefScore RPC is authenticated (token or client
+  certificate) and authorised by one interceptor before its body is read (health and reflection stay
+  open); per-team concurrency and tokens-per-minute quotas split over OFFDPO_REFSCORE_REPLICAS; an
+  optional plaintext health-only port for kubelet probes.
+- A caller's prompts are tokenised with a request-local cache, never the shared one: nothing is cached
+  for a caller that is then refused, and no caller can time another's prompts through the cache.
+- NotReady answers UNAVAILABLE with a generic message; its detail (e.g. the engine's load error) is logged.
 """
 
 from __future__ import annotations
@@ -29,19 +34,28 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from offdpo.errors import OffdpoError
+from offdpo.grpc_auth import QuotaExceeded, Quotas, method_name, wrap_handler
 from offdpo.records import decode
 from offdpo.v1 import refscore_pb2
 from services.refscore import metrics, security
-from services.refscore.config import RefscoreConfig
-from services.refscore.errors import FingerprintMismatch, InvalidArgument, RefscoreError, TokenizationError, TooLong
-from services.refscore.handlers import method_name, wrap_handler
+from services.refscore.config import RefscoreConfig, RefscoreQuotaConfig
+from services.refscore.errors import (
+    FingerprintMismatch,
+    InvalidArgument,
+    NotReady,
+    RefscoreError,
+    TokenizationError,
+    TooLong,
+)
 from services.refscore.scorer import GenerateParams, Scorer
+from services.refscore.tokenization import request_local_cache
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
 SERVICE_NAME = refscore_pb2.DESCRIPTOR.services_by_name["RefScore"].full_name
+NOT_READY_MESSAGE = "the reference engine is not ready (loading, failed or restarting); retry later"
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
@@ -68,10 +82,14 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 metrics.CALLER_ERRORS.labels(
                     caller.name if caller else security.UNAUTHENTICATED_CALLER, code.name
                 ).inc()
-                trailing = exc.trailing_metadata() if isinstance(exc, RefscoreError) else ()
-                await context.abort(code, str(exc), trailing)
+                trailing = exc.trailing_metadata() if isinstance(exc, (RefscoreError, QuotaExceeded)) else ()
+                message = str(exc)
+                if isinstance(exc, NotReady):  # the detail (a load error, a path) is for the log only
+                    log.warning("%s answered UNAVAILABLE: %s", method, message)
+                    message = NOT_READY_MESSAGE
+                await context.abort(code, message, trailing)
 
-        return wrap_handler(handler, mapped) or handler
+        return wrap_handler(handler, mapped)
 
 
 def _decode(message_type: type[M], data: bytes, max_bytes: int, what: str) -> M:
@@ -95,7 +113,7 @@ async def _result(future: concurrent.futures.Future[T]) -> T:
 
 
 class RefScoreService:
-    def __init__(self, scorer: Scorer, cfg: RefscoreConfig, quotas: security.Quotas | None = None):
+    def __init__(self, scorer: Scorer, cfg: RefscoreConfig, quotas: Quotas | None = None):
         self.scorer = scorer
         self.cfg = cfg
         self.quotas = quotas or security.Quotas()
@@ -105,6 +123,10 @@ class RefScoreService:
         caller = security.current_caller() or security.ANONYMOUS
         self.quotas.charge(caller, tokens)
         return caller.name
+
+    def _check_quota(self) -> None:
+        """Refuse a caller whose tokens-per-minute bucket is empty before any tokenising is done."""
+        self.quotas.check(security.current_caller() or security.ANONYMOUS)
 
     async def _score(
         self, request: refscore_pb2.ScoreRequest, context: grpc.aio.ServicerContext
@@ -116,7 +138,9 @@ class RefScoreService:
                 f"expected_fingerprint_id {want!r} does not match this server's "
                 f"{fingerprint.fingerprint_id!r} ({fingerprint.model_id})"
             )
-        prepared = self.scorer.prepare_items(request.items)
+        self._check_quota()
+        with request_local_cache():  # nothing cached for a caller the charge below refuses
+            prepared = self.scorer.prepare_items(request.items)
         caller = self._charge(sum(len(p.prompt_ids) + len(p.answer_ids) for p in prepared))
         results = await _result(self.scorer.submit_score(prepared, _deadline(context), caller=caller))
         return [
@@ -149,6 +173,8 @@ class RefScoreService:
                 items = await self._score(request, context)
             except RefscoreError as exc:
                 raise exc.at(f"request {index}") from None  # say which request on the stream it was
+            except QuotaExceeded as exc:
+                raise QuotaExceeded(f"request {index}: {exc}", exc.retry_after_s) from None
             for n, item in enumerate(items):
                 result = refscore_pb2.ScoreStreamResult(request_index=index, item=item)
                 if index == 0 and n == 0:
@@ -179,8 +205,10 @@ class RefScoreService:
     async def Generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> refscore_pb2.GenerateResponse:
         request = _decode(refscore_pb2.GenerateRequest, raw, self.cfg.max_message_bytes, "GenerateRequest")
         model = self.scorer.model()
+        self._check_quota()
         try:
-            prompt = model.boundary.encode_prompt(request.prompt)
+            with request_local_cache():
+                prompt = model.boundary.encode_prompt(request.prompt)
         except TokenizationError as exc:
             raise exc.at("prompt") from None
         params = self._generate_params(request, len(prompt.ids))
@@ -238,7 +266,8 @@ class RefScoreService:
 class RefscoreServer:
     """The gRPC server around a Scorer; the engine loads in the background after the port opens."""
 
-    def __init__(self, cfg: RefscoreConfig, scorer: Scorer | None = None):
+    def __init__(self, cfg: RefscoreConfig, scorer: Scorer | None = None, replicas: int | None = None):
+        """`replicas`: how many replicas share each team's quota (default OFFDPO_REFSCORE_REPLICAS)."""
         self.cfg = cfg
         self.scorer = scorer or Scorer(cfg)
         self.health = health.aio.HealthServicer()
@@ -246,7 +275,7 @@ class RefscoreServer:
         self.health_server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.health_port: int | None = None
-        self.quotas = security.Quotas()
+        self.quotas = security.Quotas(RefscoreQuotaConfig.from_env().replicas if replicas is None else replicas)
 
     def model_id(self) -> str:
         fp = self.scorer.fingerprint
@@ -259,9 +288,9 @@ class RefscoreServer:
             ("grpc.so_reuseport", 0),
         ]
         # Fail on a missing or contradictory security setting before the port opens.
-        credentials = security.server_credentials(self.cfg)
-        store = security.token_store(self.cfg)
-        interceptors = [security.AuthInterceptor(store, self.quotas, self.model_id), ErrorMappingInterceptor()]
+        secured = security.build(self.cfg)
+        credentials = secured.credentials()
+        interceptors = [security.AuthInterceptor(secured.store, self.quotas, self.model_id), ErrorMappingInterceptor()]
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         self.server.add_generic_rpc_handlers([RefScoreService(self.scorer, self.cfg, self.quotas).generic_handler()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -20,13 +20,35 @@ Rule (tokenise once; the trainer never re-tokenises):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from offdpo.v1 import records_pb2
 from services.refscore.errors import TokenizationError
 
-__all__ = ["BoundaryTokenizer", "EncodedPrompt", "TokenizationError"]
+__all__ = ["BoundaryTokenizer", "EncodedPrompt", "TokenizationError", "request_local_cache"]
+
+# Inside `request_local_cache()`: rendered prompts are cached in this dict only (one request's
+# lifetime), never in or from the tokenizer's shared cache.
+_LOCAL_CACHE: contextvars.ContextVar[dict[str, tuple[int, ...]] | None] = contextvars.ContextVar(
+    "tokenization_local_cache", default=None
+)
+
+
+@contextlib.contextmanager
+def request_local_cache() -> Iterator[None]:
+    """Tokenise a gRPC caller's request with a cache of its own: nothing it sends is cached for
+    later (a caller refused after tokenising leaves no trace, and no caller can time another's
+    prompts through the shared cache). The stream worker's pairs keep the shared cache."""
+    token = _LOCAL_CACHE.set({})
+    try:
+        yield
+    finally:
+        _LOCAL_CACHE.reset(token)
+
 
 _PROBE = "\u2063offdpo-probe-answer\u2063"
 
@@ -55,6 +77,14 @@ class BoundaryTokenizer:
         # A preference pair's two answers share one prompt: tokenise a rendered prompt once.
         self._prompt_ids = functools.lru_cache(maxsize=4096)(self._plain_ids)
         self.end_of_turn_ids = self._end_of_turn_ids() if self.chat_template else []
+
+    def _cached_prompt_ids(self, text: str) -> tuple[int, ...]:
+        local = _LOCAL_CACHE.get()
+        if local is None:
+            return self._prompt_ids(text)
+        if text not in local:
+            local[text] = self._plain_ids(text)
+        return local[text]
 
     def _plain_ids(self, text: str) -> tuple[int, ...]:
         if self._backend is not None:
@@ -103,7 +133,7 @@ class BoundaryTokenizer:
             if not self.chat_template:
                 raise TokenizationError("the model has no chat template: send prompt.text or prompt.token_ids")
             text = self._render(messages, True)
-            return EncodedPrompt(list(self._prompt_ids(text)), True)
+            return EncodedPrompt(list(self._cached_prompt_ids(text)), True)
         if kind == "text":
             if not prompt.text:
                 raise TokenizationError("prompt.text is empty")

@@ -1,15 +1,37 @@
 """The stream worker: preference pairs from Kafka -> scored Parquet shards in S3 -> shard-ready events.
 
 Per micro-batch (bounded by pairs, estimated tokens and time):
-  1. decode and tokenise every record; a record that cannot be scored goes to the dead-letter topic;
+  1. decode and tokenise every record; a record that cannot be scored goes to the dead-letter topic
+     (one over the size limits too: the dead letter carries it by reference, so the partition moves on);
   2. score chosen and rejected of all good records in one engine call (shared with gRPC callers);
-  3. per partition, write one shard under a key derived from the fingerprint and the offsets it
-     covers (scores/<fingerprint>/<topic>/pNNNN-<first>-<last>.parquet);
-  4. publish a ShardReady event per shard, flush;
-  5. only then commit the offsets.
-A crash anywhere before 5 redoes the batch from the committed offset. If the shard for that
-offset already exists (crash between 3 and 5), it is announced again and its range skipped, so a
+  3. check that this member still owns the batch's partitions (the fence, below);
+  4. per partition, write one shard under a key derived from the fingerprint, the topic's incarnation
+     and the offsets it covers (scores/<fingerprint>/<topic>/id-<topic id>/pNNNN-<first>-<last>.parquet);
+  5. publish a ShardReady event per shard, flush;
+  6. only then commit the offsets.
+A crash anywhere before 6 redoes the batch from the committed offset. If the shard for that
+offset already exists (crash between 4 and 6), it is announced again and its range skipped, so a
 redo never writes a second copy of any row. Events may repeat; the trainer dedups by object key.
+
+Topic identity: offsets restart at 0 when the pairs topic is deleted and created again, or created
+anew after a broker lost its log, while S3 keeps the old incarnation's shards. Their keys carry the
+topic id the broker gave that incarnation (`offdpo.kafka.topic_id`), so new offsets never match an
+old key and are scored, not skipped. A worker that sees the id of a topic change under it replaces
+its consumer (its positions belong to the old incarnation) and redoes the batch.
+
+The fence: a member that stopped polling for longer than the group allows (a long GC or engine
+pause, a frozen node) is evicted and its partitions given to another replica, which redoes the
+batch from the committed offset, possibly cut at other offsets. If the evicted member then woke and
+wrote its shards, rows would be in S3 twice under overlapping keys and both announced. So before it
+writes, the worker commits the offsets its batch starts at: the group holds those already, or
+lower ones whose shards were found written and were just announced again, so for the owner this
+commits nothing that is not durable, and for an evicted member the group coordinator refuses it
+(a group change: the batch is redone after rejoining, where the new owner's shard is found and
+only announced again). What is left is a member evicted between the fence and its commit: its
+shard can overlap the new owner's; consumers dedup by pair_id.
+
+Waits are bounded: the engine's answer within OFFDPO_REFSCORE_STALL_S (else the batch is redone),
+and the loop beats a `Heartbeat` the watchdog reads (services/refscore/watchdog.py).
 """
 
 from __future__ import annotations
@@ -29,7 +51,7 @@ from kafka.structs import OffsetAndMetadata
 
 from offdpo import records, retry
 from offdpo.config import KafkaConfig, S3Config
-from offdpo.errors import BadInput, OffdpoError, Unavailable
+from offdpo.errors import BadInput, OffdpoError, RecordTooLarge, Unavailable
 from offdpo.kafka import (
     GROUP_CHANGED,
     CommitRefusals,
@@ -38,12 +60,14 @@ from offdpo.kafka import (
     make_producer,
     now_timestamp,
     rewind,
+    topic_id,
 )
 from offdpo.s3 import ObjectStore
 from offdpo.v1 import records_pb2
 from services.refscore import metrics
 from services.refscore.config import RefscoreConfig
 from services.refscore.scorer import PreparedPair, ScoredRow, Scorer
+from services.refscore.watchdog import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +101,24 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, OffdpoError) and exc.retryable
 
 
+class TopicRecreated(Unavailable):
+    """The topic's id changed under a running consumer: its positions belong to the old incarnation."""
+
+
 class StreamWorker:
     def __init__(
-        self, scorer: Scorer, cfg: RefscoreConfig, kafka: KafkaConfig, s3: S3Config, store: ObjectStore | None = None
+        self,
+        scorer: Scorer,
+        cfg: RefscoreConfig,
+        kafka: KafkaConfig,
+        s3: S3Config,
+        store: ObjectStore | None = None,
+        heartbeat: Heartbeat | None = None,
     ):
         self.scorer = scorer
+        self.heartbeat = heartbeat or Heartbeat()
+        self._topic_ids: dict[str, str] = {}  # the incarnation each topic had when last seen
+        self._warned_no_topic_id = False
         self.cfg = cfg
         self.kafka = kafka
         self.store = store or ObjectStore(s3)
@@ -96,6 +133,7 @@ class StreamWorker:
     # -- main loop -------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         while not self.scorer.ready.wait(timeout=1.0):
+            self.heartbeat.beat()  # waiting for the engine to load is progress enough
             if stop.is_set() or self.scorer.load_error:
                 return
         log.info("stream worker consuming %s as group %s", self.kafka.pairs_topic, self.cfg.group_id)
@@ -122,6 +160,7 @@ class StreamWorker:
     def _step(self, stop: threading.Event, refusals: CommitRefusals) -> None:
         """Connect what is missing, then poll, score, write, announce and commit one micro-batch.
         A failure is raised after undoing what must be undone (rewind the batch, drop a broken client)."""
+        self.heartbeat.beat()
         if stop.is_set():
             return
         self._connect()
@@ -140,10 +179,17 @@ class StreamWorker:
             refusals.committed()
         except GROUP_CHANGED as exc:
             # Not an outage: the group is rebalancing, and only poll() completes that, so the batch
-            # is redone at once rather than after a backoff spent not polling. Its shards are
-            # written and announced already, so the redo only re-announces them.
+            # is redone at once rather than after a backoff spent not polling. Refused at the fence,
+            # nothing was written; refused at the end, its shards are written and announced already
+            # and the redo only re-announces them.
             if refusals.refused(consumer, batch, exc):
                 self._drop_consumer()
+        except TopicRecreated:
+            # Not rewound: the positions are the old incarnation's. A new member starts from the
+            # group's committed offsets of the new topic (none: its beginning).
+            log.warning("redoing the batch with a new consumer", exc_info=True)
+            self._drop_consumer()
+            raise
         except Exception as exc:
             log.exception("batch failed; redoing it from the committed offsets")
             rewind(consumer, batch)
@@ -220,6 +266,7 @@ class StreamWorker:
             polled = consumer.poll(
                 timeout_ms=int(min(wait_s, 0.5) * 1000), max_records=self.cfg.batch_pairs - len(batch)
             )
+            self.heartbeat.beat()
             for recs in polled.values():
                 batch.extend(recs)
                 tokens += sum(len(r.value or b"") for r in recs) // 3  # rough bytes -> tokens
@@ -248,30 +295,64 @@ class StreamWorker:
         by_tp: dict[TopicPartition, list[Record]] = defaultdict(list)
         for rec in sorted(batch, key=lambda r: (r.topic, r.partition, r.offset)):
             by_tp[TopicPartition(rec.topic, rec.partition)].append(rec)
+        ids = self._incarnations({tp.topic for tp in by_tp})
         commits: dict[TopicPartition, int] = {}
         for tp in list(by_tp):
-            by_tp[tp] = self._skip_existing_shards(tp, by_tp[tp], fp, commits)
+            by_tp[tp] = self._skip_existing_shards(tp, by_tp[tp], fp, ids[tp.topic], commits)
 
         # 1. decode + tokenise; what cannot be scored goes to the dead-letter topic
         pending = [p for recs in by_tp.values() for p in self._prepare(recs)]
         # 2. score every pair of the batch in one engine job
         rows = self._score(pending)
         self._dlq.flush()
-        # 3 + 4. one shard per partition, then its event
+        # 3. still the owner of these partitions? (raises a group change if not: the batch is redone)
+        self._fence({tp: recs[0].offset for tp, recs in by_tp.items() if recs})
+        # 4 + 5. one shard per partition, then its event
         events = []
         for tp, recs in by_tp.items():
             if not recs:
                 continue
             if tp_rows := rows.get(tp):
-                events.append(self._write_shard(tp, recs[0].offset, recs[-1].offset, tp_rows, fp))
+                events.append(self._write_shard(tp, recs[0].offset, recs[-1].offset, tp_rows, fp, ids[tp.topic]))
             commits[tp] = recs[-1].offset + 1
         self._publish(events)
         self._failpoint("before_commit")
-        # 5. commit only what is durably written and announced
+        # 6. commit only what is durably written and announced
         if commits:
             self._consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in commits.items()})
             log.info("committed %s", {f"{tp.topic}[{tp.partition}]": off for tp, off in commits.items()})
         metrics.WORKER_BATCH_PAIRS.observe(len(batch))
+
+    def _incarnations(self, topics: set[str]) -> dict[str, str | None]:
+        """The topic id of each topic of the batch. Raises TopicRecreated when one differs from the id
+        this worker saw before (the topic was deleted and created again under it)."""
+        out: dict[str, str | None] = {}
+        for topic in sorted(topics):
+            tid = topic_id(self._consumer, topic)
+            seen = self._topic_ids.get(topic)
+            if tid is not None and seen is not None and tid != seen:
+                del self._topic_ids[topic]
+                raise TopicRecreated(
+                    f"topic {topic} changed its id from {seen} to {tid}: it was deleted and created again"
+                )
+            if tid is None and not self._warned_no_topic_id:
+                self._warned_no_topic_id = True
+                log.warning(
+                    "the broker reports no topic id for %s: shard keys carry no incarnation, so a recreated "
+                    "topic could alias old shards",
+                    topic,
+                )
+            if tid is not None:
+                self._topic_ids[topic] = tid
+            out[topic] = tid
+        return out
+
+    def _fence(self, firsts: dict[TopicPartition, int]) -> None:
+        """Commit the offsets the batch starts at before writing for it (the module docstring says why):
+        everything below them is written and announced; refused with a group change for a member
+        evicted meanwhile."""
+        if firsts:
+            self._consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in firsts.items()})
 
     def _prepare(self, recs: list[Record]) -> list[_Pending]:
         pending = []
@@ -279,7 +360,8 @@ class StreamWorker:
             try:
                 pair = records.decode_pair(rec.value)
             except records.RecordError as exc:
-                self._dead_letter(rec, str(exc), INVALID_PAIR)
+                # Over the size limit keeps its own type (the dead letter carries it by reference).
+                self._dead_letter(rec, str(exc), exc.error_type if isinstance(exc, RecordTooLarge) else INVALID_PAIR)
                 continue
             try:
                 pending.append(_Pending(rec, self.scorer.prepare_pair(pair)))
@@ -291,7 +373,7 @@ class StreamWorker:
         """Scored rows by partition, in record order. If the engine fails on the batch, pairs are
         scored one by one and those it fails on are dead-lettered."""
         try:
-            scored: list[ScoredRow | None] = list(self.scorer.score_pairs([p.pair for p in pending])) if pending else []
+            scored: list[ScoredRow | None] = list(self._engine([p.pair for p in pending])) if pending else []
         except Exception as exc:  # noqa: BLE001 - isolate the pair that breaks the engine
             if _retryable(exc):
                 raise
@@ -305,9 +387,14 @@ class StreamWorker:
                 rows[p.tp].append(row)
         return rows
 
+    def _engine(self, pairs: list[PreparedPair]) -> list[ScoredRow]:
+        """Score on the shared engine, waiting at most OFFDPO_REFSCORE_STALL_S (then NotReady: the batch
+        is redone) and beating the heartbeat while waiting, so the watchdog tells waiting from stuck."""
+        return self.scorer.score_pairs(pairs, timeout=self.cfg.stall_s, heartbeat=self.heartbeat.beat)
+
     def _score_alone(self, p: _Pending) -> ScoredRow | None:
         try:
-            return self.scorer.score_pairs([p.pair])[0]
+            return self._engine([p.pair])[0]
         except Exception as exc:  # noqa: BLE001 - this pair breaks the engine: dead-letter it
             if _retryable(exc):
                 raise
@@ -326,8 +413,9 @@ class StreamWorker:
         last: int,
         rows: list[ScoredRow],
         fp: records_pb2.ReferenceFingerprint,
+        tid: str | None,
     ) -> records_pb2.ShardReady:
-        key = records.shard_key(fp.fingerprint_id, tp.topic, tp.partition, first, last)
+        key = records.shard_key(fp.fingerprint_id, tp.topic, tp.partition, first, last, topic_id=tid)
         data = records.scored_pairs_to_parquet([r.to_record(fp) for r in rows], fp)
         self.store.put_bytes(key, data, content_type="application/vnd.apache.parquet")
         log.info("wrote %s (%d pairs)", key, len(rows))
@@ -367,7 +455,7 @@ class StreamWorker:
             producer.send(self.kafka.shards_topic, key=e.object_key.encode(), value=e.SerializeToString())
             for e in events
         ]
-        producer.flush()
+        producer.flush(timeout=60)
         for f in futures:
             f.get(timeout=60)  # raises if the broker did not acknowledge
 
@@ -376,12 +464,15 @@ class StreamWorker:
         tp: TopicPartition,
         recs: list[Record],
         fp: records_pb2.ReferenceFingerprint,
+        tid: str | None,
         commits: dict[TopicPartition, int],
     ) -> list[Record]:
-        """Records at offsets a previous attempt already wrote a shard for: re-announce, skip, commit."""
+        """Records at offsets a previous attempt already wrote a shard for (in this topic incarnation):
+        re-announce, skip, commit."""
         while recs:
             first = recs[0].offset
-            keys = self.store.list_keys(records.shard_key_prefix(fp.fingerprint_id, tp.topic, tp.partition, first))
+            prefix = records.shard_key_prefix(fp.fingerprint_id, tp.topic, tp.partition, first, topic_id=tid)
+            keys = self.store.list_keys(prefix)
             if not keys:
                 return recs
             key = keys[0]

@@ -455,6 +455,10 @@ def test_refscore_scaling_is_bounded_by_partitions(rendered):
         }
         assert 2 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"] <= partitions
     assert d["spec"]["replicas"] <= partitions
+    # Each replica enforces 1/N of every team's quota: N must be the most replicas that can serve at
+    # once, or a team's quota is multiplied by the replica count.
+    most_replicas = hpas[0]["spec"]["maxReplicas"] if hpas else d["spec"]["replicas"]
+    assert int(env_value(objs, get_container(d, "refscore"), "OFFDPO_REFSCORE_REPLICAS")) == most_replicas
 
 
 def test_minio_is_distributed_in_prod(rendered):

@@ -30,6 +30,10 @@ ORDER = [
     "trainer_s3_access_denied",
     "trainer_poisoned_shards",
     "trainer_kill_before_commit",
+    "oversized_record",
+    "topic_recreated",
+    "engine_thread_killed",
+    "replica_paused",
 ]
 
 

@@ -32,7 +32,8 @@ from tests.pki import make_cert
 
 WAIT_S = 60  # bound on every RPC of this module (a hang fails with DEADLINE_EXCEEDED, not a stuck run)
 TOKENS = {
-    name: f"tok-{name}-{secrets.token_urlsafe(24)}" for name in ("alpha", "beta", "gamma", "busy", "metered", "calm")
+    name: f"tok-{name}-{secrets.token_urlsafe(24)}"
+    for name in ("alpha", "beta", "gamma", "busy", "metered", "calm", "shared", "bycert")
 }
 WRONG_TOKEN = f"tok-wrong-{secrets.token_urlsafe(24)}"
 TEAMS = {
@@ -42,6 +43,8 @@ TEAMS = {
     "busy": {"max_concurrent": 2},
     "metered": {"tokens_per_minute": 300},
     "calm": {},
+    "shared": {"tokens_per_minute": 400},  # the two-replica test's team
+    "bycert": {"client_cn": ["labeler"], "methods": ["GetModelInfo", "Score"]},  # tests/pki's client certificate
 }
 
 
@@ -81,14 +84,15 @@ def auth_file(tmp_path_factory) -> Path:
 class ThreadServer:
     """A RefscoreServer on an event loop in a background thread."""
 
-    def __init__(self, cfg: RefscoreConfig, scorer: Scorer):
+    def __init__(self, cfg: RefscoreConfig, scorer: Scorer, replicas: int | None = None, load: bool = True):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-refscore-loop", daemon=True)
         self.thread.start()
-        self.server = RefscoreServer(cfg, scorer)
+        self.server = RefscoreServer(cfg, scorer, replicas=replicas)
         try:
             self.port = self.run(self.server.start())
-            self.run(self.server.load_engine())
+            if load:
+                self.run(self.server.load_engine())
         except BaseException:
             self.close()
             raise
@@ -420,3 +424,86 @@ def test_auth_file_validation_and_reload(tmp_path):
     path.write_text('{"teams": {"y": {"token_sha256": "%s"}}}' % security.token_hash("t2"))
     store.maybe_reload()
     assert store.authenticate("t1") is None and store.authenticate("t2").name == "y"
+
+
+# -- issue 18: quotas across replicas, client certificates, what a refused caller costs --------------------------
+def test_two_replicas_hold_a_teams_quota_together(tiny_model, scorer, pki, auth_file):
+    """OFFDPO_REFSCORE_REPLICAS=2: each replica admits half of `shared`'s 400 tokens per minute, so a client
+    spreading calls over both is refused by both once the team's quota (not twice it) is spent."""
+    tls = dict(tls_cert=str(pki["server.crt"]), tls_key=str(pki["server.key"]), auth_file=str(auth_file))
+    replicas = [ThreadServer(_cfg(tiny_model, **tls), scorer, replicas=2) for _ in range(2)]
+    clients = [_client(r, pki, token=TOKENS["shared"]) for r in replicas]
+    try:
+        started = time.monotonic()
+        admitted, refused = 0, set()
+        for i in range(200):
+            try:
+                resp = clients[i % 2].score(_items(2, words=8), timeout=WAIT_S)
+                admitted += sum(len(it.prompt_token_ids) + len(it.answer_token_ids) for it in resp.items)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                assert "400 tokens per minute (this replica's share of 2)" in exc.details()
+                refused.add(i % 2)
+                if refused == {0, 1}:
+                    break
+        elapsed = time.monotonic() - started
+        assert refused == {0, 1}, "a replica never refused the team"
+        # The global bound: one bucket of the team's quota, refilled at its rate, over both replicas.
+        assert 200 < admitted <= 400 + 400 * elapsed / 60, (admitted, elapsed)
+    finally:
+        for c in clients:
+            c.close()
+        for r in replicas:
+            r.close()
+
+
+def test_mtls_client_certificate_maps_to_its_team(tiny_model, scorer, pki, auth_file):
+    server = ThreadServer(
+        _cfg(
+            tiny_model,
+            tls_cert=str(pki["server.crt"]),
+            tls_key=str(pki["server.key"]),
+            tls_client_ca=str(pki["client-ca"]),
+            auth_file=str(auth_file),
+        ),
+        scorer,
+    )
+    cert = dict(cert_file=str(pki["client.crt"]), key_file=str(pki["client.key"]))
+    try:
+        with _client(server, pki, **cert) as bycert:  # CN "labeler" -> team bycert, no token
+            assert len(bycert.score(_items(2), timeout=WAIT_S).items) == 2
+            err = _error(lambda: bycert.stub.Generate(refscore_pb2.GenerateRequest(), timeout=WAIT_S))
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "'bycert' may not call Generate" in err.details()
+        with _client(server, pki, token=TOKENS["beta"], **cert) as beta:  # a token decides when sent
+            assert _error(lambda: beta.score(_items(), timeout=WAIT_S)).code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        server.close()
+
+
+def test_callers_prompts_never_enter_the_shared_tokenisation_cache(tls_server, pki):
+    cache = tls_server.server.scorer.model().boundary._prompt_ids
+    before = cache.cache_info().currsize
+    unique = secrets.token_hex(8)
+    items = [score_item([("user", f"prompt {unique}")], "four", item_id=str(i)) for i in range(2)]
+    with _client(tls_server, pki, token=TOKENS["alpha"]) as alpha:
+        assert len(alpha.score(items, timeout=WAIT_S).items) == 2
+    with _client(tls_server, pki, token=TOKENS["metered"]) as metered:  # refused or not: nothing cached
+        try:
+            metered.score([score_item([("user", f"other {unique}")], "four " * 200)], timeout=WAIT_S)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert cache.cache_info().currsize == before
+
+
+def test_engine_load_error_is_logged_not_sent(tiny_model, caplog):
+    scorer = Scorer(_cfg(tiny_model))
+    scorer.load_error = RuntimeError("cannot open /secret/path/weights.safetensors")
+    server = ThreadServer(_cfg(tiny_model, plaintext=True, allow_anonymous=True), scorer, load=False)
+    caplog.set_level(logging.WARNING)
+    try:
+        with RefscoreClient(f"127.0.0.1:{server.port}") as client:
+            err = _error(lambda: client.model_info(timeout=WAIT_S))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE and "not ready" in err.details()
+        assert "/secret/path" not in err.details() and "/secret/path" in caplog.text
+    finally:
+        server.close()

@@ -7,8 +7,10 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+import uuid
 
 import pytest
+from kafka.structs import TopicPartition
 
 from offdpo import records
 from offdpo.config import KafkaConfig, S3Config
@@ -85,12 +87,29 @@ class RecordingProducer(FakeProducer):
         return future
 
 
-class PollingConsumer(FakeConsumer):
-    """Waits out `timeout_ms` when there is nothing to return, as kafka-python does (no busy loop)."""
+class FakeCluster:
+    """kafka-python's cluster metadata, as far as `offdpo.kafka.topic_id` reads it."""
 
-    def __init__(self, *args, timeline: Timeline, **kwargs):
+    def __init__(self, topic_ids: dict[str, uuid.UUID]):
+        self.topic_ids = topic_ids
+
+    def topic_id(self, topic: str) -> uuid.UUID | None:
+        return self.topic_ids.get(topic)
+
+
+class FakeClient:
+    def __init__(self, topic_ids: dict[str, uuid.UUID]):
+        self.cluster = FakeCluster(topic_ids)
+
+
+class PollingConsumer(FakeConsumer):
+    """Waits out `timeout_ms` when there is nothing to return, as kafka-python does (no busy loop),
+    and knows the topics' ids (`topic_ids`, shared with the test: it recreates topics by changing one)."""
+
+    def __init__(self, *args, timeline: Timeline, topic_ids: dict[str, uuid.UUID] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.timeline = timeline
+        self._client = FakeClient(topic_ids if topic_ids is not None else {})
 
     def poll(self, timeout_ms=0, max_records=None, update_offsets=True):
         out = super().poll(timeout_ms, max_records, update_offsets)
@@ -100,7 +119,7 @@ class PollingConsumer(FakeConsumer):
 
     def commit(self, offsets=None):
         super().commit(offsets)
-        self.timeline.entries.append(("commit", ""))
+        self.timeline.entries.append(("commit", repr(sorted(self.commits[-1].items()))))
 
 
 @pytest.fixture
@@ -114,13 +133,16 @@ def harness(tiny_model):
     for topic in (kafka.pairs_topic, kafka.shards_topic, kafka.deadletter_topic):
         broker.create_topic(topic)
     scorers: list[Scorer] = []
+    broker.topic_ids = {}  # topic -> id (a test sets one to give the topic an incarnation)
 
-    def run(engine: FakeEngine, until) -> worker_mod.StreamWorker:
-        scorer = Scorer(cfg)
+    def run(engine: FakeEngine, until, worker_cfg: RefscoreConfig | None = None) -> worker_mod.StreamWorker:
+        scorer = Scorer(worker_cfg or cfg)
         scorer.load(engine)
         scorers.append(scorer)
-        worker = worker_mod.StreamWorker(scorer, cfg, kafka, S3Config(), store=store)
-        worker.consumer = PollingConsumer(broker, kafka.pairs_topic, group=cfg.group_id, timeline=timeline)
+        worker = worker_mod.StreamWorker(scorer, worker_cfg or cfg, kafka, S3Config(), store=store)
+        worker.consumer = PollingConsumer(
+            broker, kafka.pairs_topic, group=cfg.group_id, timeline=timeline, topic_ids=broker.topic_ids
+        )
         worker.producer = RecordingProducer(broker, timeline)
         worker.dlq = DeadLetterSink(worker.producer, kafka, "refscore")
         stop = threading.Event()
@@ -190,10 +212,15 @@ def test_pairs_are_scored_into_one_shard_per_partition_then_announced_then_commi
         (rng,) = e.source_ranges
         assert (rng.first_offset, rng.last_offset) == (0, 4)
 
-    # Shards written, then their events sent, and only then the commit.
+    # The fence (a commit of the offsets the batch starts at: no change), then the shards, their
+    # events, and only then the commit that moves the offsets.
+    assert [e for e in timeline.entries if e[0] == "commit"] == [
+        ("commit", repr([(TopicPartition("pairs", 0), 0), (TopicPartition("pairs", 1), 0)])),
+        ("commit", repr([(TopicPartition("pairs", 0), 5), (TopicPartition("pairs", 1), 5)])),
+    ], timeline.entries
     kinds = [kind for kind, _ in timeline.entries]
-    first_commit = kinds.index("commit")
-    assert kinds[:first_commit].count("shard") == 2 and kinds[:first_commit].count("send") == 2, timeline.entries
+    fence, moved = (i for i, k in enumerate(kinds) if k == "commit")
+    assert kinds[fence:moved].count("shard") == 2 and kinds[fence:moved].count("send") == 2, timeline.entries
     assert broker.values(kafka.deadletter_topic) == []
 
 
@@ -254,3 +281,113 @@ def test_a_redo_after_a_crash_reannounces_the_written_shard_and_writes_no_row_tw
     assert [c for c in store.calls if c[0] == "put"] == puts_before, "the shard was written again"
     events = [records_pb2.ShardReady.FromString(v) for v in broker.values(kafka.shards_topic)]
     assert [e.object_key for e in events] == [key, key], "announced once per attempt, same key"
+
+
+def test_a_record_over_the_limits_is_dead_lettered_by_reference_and_the_partition_moves_on(harness):
+    """12 MiB on the pairs topic (the broker takes up to 16 MiB), then good pairs on the same partition:
+    the big one becomes a dead letter small enough to produce, the good ones are scored and committed."""
+    import hashlib
+
+    broker, store, timeline, kafka, run = harness
+    big = b"\x0a" + b"\xff" * (12 * 1024 * 1024)
+    good = make_pairs(3, "after-big")
+    broker.append(kafka.pairs_topic, big, b"big", partition=0)
+    for pair in good:
+        broker.append(kafka.pairs_topic, pair.SerializeToString(), pair.pair_id.encode(), partition=0)
+    run(FakeEngine(), until=lambda: _committed(broker) == {0: 4})
+
+    (letter,) = [records_pb2.DeadLetter.FromString(v) for v in broker.values(kafka.deadletter_topic)]
+    assert letter.error_type == "too_large" and letter.offset == 0 and letter.original_truncated
+    assert letter.original_size == len(big) and letter.original_sha256 == hashlib.sha256(big).hexdigest()
+    assert letter.original_value == big[:1024] and len(letter.SerializeToString()) < 64 * 1024
+    (shard,) = _shards(store).values()
+    assert sorted(shard.pair_ids) == sorted(p.pair_id for p in good)
+
+
+def test_shard_keys_carry_the_topic_id_so_a_recreated_topic_is_scored_not_skipped(harness):
+    """Offsets 0..3 scored in one incarnation of the topic; the topic deleted and created again (new
+    id, offsets from 0, the group's offsets gone with it) while S3 keeps the old shard: the new
+    incarnation's pairs at the same offsets are scored into a shard of their own."""
+    broker, store, timeline, kafka, run = harness
+    old_id, new_id = uuid.uuid4(), uuid.uuid4()
+    broker.topic_ids[kafka.pairs_topic] = old_id
+    old_pairs = make_pairs(4, "old-incarnation")
+    _produce(broker, kafka.pairs_topic, old_pairs, partition_of=lambda i: 0)
+    run(FakeEngine(), until=lambda: _committed(broker) == {0: 4})
+    (old_key,) = store.objects
+
+    del broker.topics[kafka.pairs_topic]
+    broker.committed.clear()
+    broker.topic_ids[kafka.pairs_topic] = new_id
+    broker.create_topic(kafka.pairs_topic)
+    new_pairs = make_pairs(4, "new-incarnation")
+    _produce(broker, kafka.pairs_topic, new_pairs, partition_of=lambda i: 0)
+    run(FakeEngine(), until=lambda: _committed(broker) == {0: 4})
+
+    shards = _shards(store)
+    assert old_key in shards and len(shards) == 2, sorted(shards)
+    (new_key,) = set(shards) - {old_key}
+    assert records.parse_shard_key(old_key) == records.parse_shard_key(new_key) == (0, 0, 3)
+    assert "/id-" in old_key and old_key.split("/")[3] != new_key.split("/")[3]
+    assert sorted(shards[new_key].pair_ids) == sorted(p.pair_id for p in new_pairs)
+    events = [records_pb2.ShardReady.FromString(v) for v in broker.values(kafka.shards_topic)]
+    assert sorted(e.object_key for e in events) == sorted([old_key, new_key]), "the old shard is not re-announced"
+
+
+def test_a_topic_recreated_under_a_running_worker_is_redone_with_a_new_consumer(harness, monkeypatch):
+    """The id changes between two batches of one worker: it does not write under either incarnation with
+    positions of the other; it replaces its consumer and scores the new incarnation from its start."""
+    broker, store, timeline, kafka, run = harness
+    broker.topic_ids[kafka.pairs_topic] = uuid.uuid4()
+    _produce(broker, kafka.pairs_topic, make_pairs(4, "before"), partition_of=lambda i: 0)
+    consumers = []
+
+    def new_consumer(*args, **kwargs):
+        consumers.append(
+            PollingConsumer(broker, kafka.pairs_topic, group="g", timeline=timeline, topic_ids=broker.topic_ids)
+        )
+        return consumers[-1]
+
+    monkeypatch.setattr(worker_mod, "make_consumer", new_consumer)
+    state = {"recreated": False}
+    after = make_pairs(6, "after")
+
+    def until():
+        if not state["recreated"] and _committed(broker) == {0: 4}:
+            del broker.topics[kafka.pairs_topic]
+            broker.committed.clear()
+            broker.topic_ids[kafka.pairs_topic] = uuid.uuid4()
+            broker.create_topic(kafka.pairs_topic)
+            _produce(broker, kafka.pairs_topic, after, partition_of=lambda i: 0)
+            state["recreated"] = True
+        return state["recreated"] and _committed(broker) == {0: 6}
+
+    run(FakeEngine(), until=until)
+    assert consumers, "the worker replaced its consumer"
+    scored = {pid for shard in _shards(store).values() for pid in shard.pair_ids}
+    assert {p.pair_id for p in after} <= scored
+
+
+def test_a_member_evicted_while_scoring_writes_nothing_and_redoes_the_batch(harness, monkeypatch):
+    """The fence: the commit of the offsets the batch starts at is refused (the member was evicted
+    while its batch was in the engine): no shard, no event; the redo writes the shard once."""
+    from kafka.errors import CommitFailedError
+
+    broker, store, timeline, kafka, run = harness
+    _produce(broker, kafka.pairs_topic, make_pairs(4, "fenced"), partition_of=lambda i: 0)
+    refused = []
+    real_commit = PollingConsumer.commit
+
+    def commit(self, offsets=None):
+        if not refused:
+            refused.append(offsets)
+            raise CommitFailedError("injected: the group has rebalanced")
+        return real_commit(self, offsets)
+
+    monkeypatch.setattr(PollingConsumer, "commit", commit)
+    engine = FakeEngine()
+    run(engine, until=lambda: _committed(broker) == {0: 4})
+    assert [o.offset for o in refused[0].values()] == [0], "the refused commit was the fence, at the batch's start"
+    assert len([c for c in store.calls if c[0] == "put"]) == 1, store.calls
+    assert len(broker.values(kafka.shards_topic)) == 1
+    assert len(engine.calls) == 2, "the refused batch was scored, then redone"
