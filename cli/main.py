@@ -1,10 +1,12 @@
 """`offdpo`: the project's command line.
 
 offdpo stack up|down|status      the local Kafka (Tansu) + S3 (SeaweedFS) stack
-offdpo model build ...           deterministic local test models
+offdpo model build ...           deterministic local test models (--pretrain reviews: the review-language reference)
+offdpo eval CHECKPOINT           sample a policy on held-out prompts: ground-truth reward and KL to the reference
 offdpo config                    every environment variable, with its default
 offdpo demo                      the main job end to end on the local stack
 offdpo export-trl SOURCE OUT     scored shards -> a TRL-ready dataset (needs the `trl` extra)
+offdpo deadletter list|replay    dead letters by service and error type; republish chosen ones after a fix
 """
 
 from __future__ import annotations
@@ -36,6 +38,19 @@ def _stack_cmd(args) -> int:
 def _model_cmd(args) -> int:
     from localdev.testmodel import build_test_model, tree_digest
 
+    if args.pretrain == "reviews":
+        from localdev.pretrain import (
+            build_reviews_model,
+            build_reviews_reward_model,
+            reviews_model_dir,
+            reviews_reward_model_dir,
+        )
+
+        # Built from scratch (never copied from assets/): this is the command that makes them.
+        ref = build_reviews_model(reviews_model_dir(args.out))
+        reward = build_reviews_reward_model(reviews_reward_model_dir(args.out))
+        print(json.dumps({"reference": str(ref), "reward_model": str(reward)}, indent=2))
+        return 0
     out = build_test_model(args.out, size=args.size, kind=args.kind, seed=args.seed)
     digest = tree_digest(out)
     print(json.dumps({"path": str(out), "files": digest}, indent=2))
@@ -105,11 +120,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="tiny", choices=sorted(SIZES))
     p.add_argument("--kind", default="causal", choices=["causal", "reward"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--pretrain",
+        choices=["reviews"],
+        help="reviews: pretrain the review-language reference and its reward model (localdev.pretrain, ~4.5 "
+        "CPU-minutes) into OUT/reviews-<hash>/ and OUT/reviews-reward-<hash>/ (--size/--kind/--seed ignored)",
+    )
     p.add_argument("--out", required=True)
     p.set_defaults(fn=_model_cmd)
 
     p = sub.add_parser("config", help="list every environment variable with its default")
     p.set_defaults(fn=_config_cmd)
+
+    from cli.deadletter import add_parser as add_deadletter_parser
+    from cli.evaluate import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
+    add_deadletter_parser(sub)
 
     p = sub.add_parser("demo", help="run the main job end to end on the local stack")
     p.add_argument("--workdir", default=".cache/demo", help="models, logs and outputs of the demo")
