@@ -508,7 +508,13 @@ def reviews_model_dir(cache_root: str | Path, recipe: ReviewsRecipe | None = Non
 def ensure_reviews_model(cache_root: str | Path, recipe: ReviewsRecipe | None = None, log=print) -> Path:
     """`<cache_root>/reviews-<recipe hash>/`, built on first use (under a lock) and reused after."""
     recipe = recipe or ReviewsRecipe()
-    final = reviews_model_dir(cache_root, recipe)
+    return _ensure_built(reviews_model_dir(cache_root, recipe), recipe, build_reviews_model, log)
+
+
+def _ensure_built(final: Path, recipe, build, log) -> Path:
+    """`final` if it is built (or a checked-in copy with the same recipe hash is there to copy), else
+    built by `build(tmp, recipe, log=log)` into a temporary folder and renamed into place, under a lock
+    so concurrent callers build it once."""
     if (final / "metrics.json").exists():
         return final
     with _build_lock(final):
@@ -516,7 +522,7 @@ def ensure_reviews_model(cache_root: str | Path, recipe: ReviewsRecipe | None = 
             return final
         tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        build_reviews_model(tmp, recipe, log=log)
+        build(tmp, recipe, log=log)
         _publish(tmp, final)
     return final
 
@@ -625,14 +631,4 @@ def reviews_reward_model_dir(cache_root: str | Path, recipe: RewardRecipe | None
 def ensure_reviews_reward_model(cache_root: str | Path, recipe: RewardRecipe | None = None, log=print) -> Path:
     """`<cache_root>/reviews-reward-<recipe hash>/`, built on first use and reused after."""
     recipe = recipe or RewardRecipe()
-    final = reviews_reward_model_dir(cache_root, recipe)
-    if (final / "metrics.json").exists():
-        return final
-    with _build_lock(final):
-        if (final / "metrics.json").exists() or _from_assets(final, recipe):
-            return final
-        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        build_reviews_reward_model(tmp, recipe, log=log)
-        _publish(tmp, final)
-    return final
+    return _ensure_built(reviews_reward_model_dir(cache_root, recipe), recipe, build_reviews_reward_model, log)
