@@ -145,8 +145,9 @@ def test_llm_judge_through_broker_with_scripted_verdicts(kcfg, lcfg, tmp_path):
 
 
 @pytest.mark.stack
-def test_unreachable_judge_dead_letters_the_set(kcfg, lcfg, tmp_path):
-    from localdev.stack import free_port
+def test_unreachable_judge_is_an_outage_not_a_dead_letter(kcfg, lcfg, tmp_path):
+    from localdev.process import free_port
+    from services.labeler.pipeline import Outage
 
     jcfg = JudgeConfig(
         base_url=f"http://127.0.0.1:{free_port()}/v1",
@@ -158,9 +159,10 @@ def test_unreachable_judge_dead_letters_the_set(kcfg, lcfg, tmp_path):
     )
     lab = build_labeler(dataclasses.replace(lcfg, strategy="llm_judge"), kcfg, jcfg)
     try:
-        summary = run_file(lab, write_sets(tmp_path / "s.jsonl", SETS[1:2]))["llm_judge"]
+        with pytest.raises(Outage, match="failed after 2 attempt") as info:
+            run_file(lab, write_sets(tmp_path / "s.jsonl", SETS[1:2]))
     finally:
         close_labeler(lab)
-    assert summary["rejects"] == 1 and summary["pairs"] == 0
-    (letter,) = read_deadletters(kcfg)
-    assert letter.error_type == "judge_unavailable" and "failed after 2 attempt" in letter.reason
+    assert info.value.retryable
+    # The set is not lost as bad data: nothing is dead-lettered, nothing published.
+    assert read_deadletters(kcfg) == [] and read_pairs(kcfg) == []
