@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast lint format faults protos check-protos stack-up stack-down bench-refscore bench-trainer bench-learning clean
+.PHONY: setup demo test test-fast lint format faults screenshots protos check-protos stack-up stack-down bench-refscore bench-trainer bench-learning clean
 
 setup:
 	@bash scripts/setup.sh
@@ -28,6 +28,10 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# The annotation page's browser tests, publishing their screenshots to docs/.
+screenshots: setup
+	OFFDPO_SCREENSHOTS_DIR=docs $(PY) -m pytest tests/labeler/test_annotate_browser.py $(PYTEST_ARGS)
 
 # The fault-injection suite, publishing its tables to bench/results/faults.{json,md}.
 faults: setup

@@ -24,13 +24,14 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
+
+from bench.machine import stamp
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -563,16 +564,6 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _save(result: dict, out: Path) -> None:
     """Written after every stage, so an interrupted run keeps what it measured."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -617,8 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     started = time.monotonic()
     result: dict = {
-        "machine": f"{_cpu_name()}, {os.cpu_count()} cores, no GPU",
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip(),
+        **stamp(),
         "settings": vars(args),
     }
     out = Path(args.out)

@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.machine import stamp
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -222,6 +224,7 @@ def main(argv=None) -> int:
                     file=sys.stderr,
                 )
     out = {
+        **stamp(),
         "workload": {
             "stream": f"{args.events} shard-ready events x {args.pairs_per_event} pairs, batches of {args.batch}, "
             f"max_poll_records {args.max_poll_records} (current code; HEAD polled up to 500)",

@@ -29,6 +29,9 @@ from offdpo.config import KafkaConfig
 from offdpo.v1 import records_pb2
 
 log = logging.getLogger(__name__)
+# kafka-python logs every connection, assignment and offset reset at INFO: hundreds of lines that drown
+# the services' own logs (and the demo's report). Its warnings and errors still show.
+logging.getLogger("kafka").setLevel(logging.WARNING)
 
 # Record size limits (deploy/README.md, "Record size limits"). The broker's largest record: deploy sets
 # message.max.bytes on the brokers and max.message.bytes on every topic to this. Consumers fetch that

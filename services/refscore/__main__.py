@@ -151,7 +151,6 @@ def _worker_only(cfg: RefscoreConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(
         prog="python -m services.refscore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -26,7 +27,9 @@ from .conftest import read_deadletters, read_pairs, wait_until
 from .test_units import FakeJudge
 
 pytestmark = [pytest.mark.browser, pytest.mark.stack]
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+# Screenshots of a test run go under the ignored .cache/results/ so `make test` never rewrites
+# checked-in files; `make screenshots` publishes them to docs/ (OFFDPO_SCREENSHOTS_DIR).
+DOCS = Path(os.environ.get("OFFDPO_SCREENSHOTS_DIR") or Path(__file__).resolve().parents[2] / ".cache" / "results")
 
 CODE = 'def greet(name: str) -> str:\n    """<script>alert(1)</script> stays text."""\n    return f"你好, {name}!"\n'
 LONG = "\n".join(f"{i:03d}. a long answer line that has to scroll inside its box" for i in range(120))
@@ -133,6 +136,7 @@ def test_label_five_with_the_keyboard_undo_one_and_pairs_arrive(
                 page.keyboard.press("r")
                 page.keyboard.type("tie-break: the function actually greets")
                 page.keyboard.press("Escape")
+                DOCS.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(DOCS / "annotate.png"))
             if page.locator("#prompt").inner_text() == SETS[2][0]:
                 side = "left" if key_for(page, "a") == "1" else "right"  # where the long answer (a) is shown
@@ -223,6 +227,7 @@ def test_two_annotators_one_pair_per_item_and_kappa(chromium, annotate_app, anno
         kappa = page.locator("#agreement tr.overall .kappa").inner_text()
         assert kappa == "0.500", kappa
         assert page.locator("#agreement tr.overall .judge-kappa").inner_text() == "-0.286"
+        DOCS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(DOCS / "annotate-stats.png"), full_page=True)
     finally:
         context.close()
