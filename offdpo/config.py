@@ -86,6 +86,9 @@ class S3Config(EnvConfig):
     access_key: str = env("OFFDPO_S3_ACCESS_KEY", DEV_ACCESS_KEY, "S3 access key", secret=True)
     secret_key: str = env("OFFDPO_S3_SECRET_KEY", DEV_SECRET_KEY, "S3 secret key", secret=True)
     secure: bool = env("OFFDPO_S3_SECURE", False, "use HTTPS to reach S3")
+    ca_file: str = env(
+        "OFFDPO_S3_CA_FILE", "", "CA bundle (PEM) that signed the S3 server's certificate; empty: the system CAs"
+    )
     region: str = env("OFFDPO_S3_REGION", "us-east-1", "S3 region")
     bucket: str = env("OFFDPO_S3_BUCKET", "offdpo", "bucket for scored shards and checkpoints")
     retry_max_s: float = env("OFFDPO_S3_RETRY_MAX_S", 300.0, "give up an S3 operation after retrying this long")
@@ -126,6 +129,13 @@ class KafkaConfig(EnvConfig):
             "security_protocol": self.security_protocol,
             "request_timeout_ms": self.request_timeout_ms,
         }
+        if self.security_protocol.startswith("SASL_") and not (
+            self.sasl_mechanism and self.sasl_username and self.sasl_password
+        ):
+            raise ConfigError(
+                f"OFFDPO_KAFKA_SECURITY_PROTOCOL={self.security_protocol} needs OFFDPO_KAFKA_SASL_MECHANISM, "
+                "OFFDPO_KAFKA_SASL_USERNAME and OFFDPO_KAFKA_SASL_PASSWORD"
+            )
         if self.sasl_mechanism:
             kwargs.update(
                 sasl_mechanism=self.sasl_mechanism,

@@ -223,8 +223,9 @@ class DeadLetterSink:
         log.warning("dead-letter %s[%d]@%d (%s): %s", topic, partition, offset, error_type, reason)
         # Key by origin so a redo after a crash lands next to the first attempt.
         dl_key = f"{topic}/{partition}/{offset}".encode()
-        future = self.producer.send(self.topic, key=dl_key, value=letter.SerializeToString())
         try:
+            # send() itself raises when the broker is unreachable (no metadata within max_block_ms)
+            future = self.producer.send(self.topic, key=dl_key, value=letter.SerializeToString())
             future.get(timeout=self.ack_timeout_s)
         except Exception as exc:  # noqa: BLE001 - any failure to get an ack means "not durable yet"
             raise errors.Unavailable(

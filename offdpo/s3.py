@@ -34,7 +34,17 @@ def safe_key_part(value: str, what: str = "key part") -> str:
 def make_minio_client(cfg: S3Config) -> Minio:
     # Short connect timeout and no urllib3-level retries: `offdpo.retry` retries with backoff and
     # logs each failure, so an S3 outage is visible rather than hidden in a 5-minute hang.
-    http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=5, read=60), retries=False, maxsize=10)
+    if cfg.ca_file and not cfg.secure:
+        raise errors.ConfigError("OFFDPO_S3_CA_FILE is set but OFFDPO_S3_SECURE is false: S3 would be plain HTTP")
+    # HTTPS always verifies the server's certificate and host name: against the deployment's CA
+    # (OFFDPO_S3_CA_FILE, e.g. a cert-manager CA mounted from a Secret) or the system CAs.
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=5, read=60),
+        retries=False,
+        maxsize=10,
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=cfg.ca_file or None,
+    )
     return Minio(
         cfg.endpoint,
         access_key=cfg.access_key,

@@ -110,7 +110,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _consume(labeler: Labeler, cfg: LabelerConfig, kafka: KafkaConfig, idle_exit_s: float | None) -> None:
-    health = LoopHealth("labeler-consume", cfg.stall_s)
+    # Liveness ('') is about the poll loop going round; readiness ('readiness') also turns NOT_SERVING
+    # after OFFDPO_LABELER_OUTAGE_READY_S of a dependency outage, which a restart would not cure.
+    health = LoopHealth("labeler-consume", cfg.stall_s, outage_ready_s=cfg.outage_ready_s)
     with (
         StopOnSignals("finishing the batch in hand, then stopping", announce=_progress) as stop,
         LoopHealthServer(health, cfg.grpc_host, cfg.health_port, "OFFDPO_LABELER_HEALTH_PORT")
@@ -125,6 +127,7 @@ def _consume(labeler: Labeler, cfg: LabelerConfig, kafka: KafkaConfig, idle_exit
             idle_exit_s=idle_exit_s,
             progress=_progress,
             heartbeat=health.beat,
+            report_outage=health.report_outage,
         )
     _print_summary(summary, labeler)
 

@@ -78,6 +78,13 @@ class LabelerConfig(EnvConfig):
         300.0,
         "consume: health turns NOT_SERVING when the poll loop has not come round for this long",
     )
+    outage_ready_s: float = env(
+        "OFFDPO_LABELER_OUTAGE_READY_S",
+        120.0,
+        "consume: health service 'readiness' turns NOT_SERVING after this long of continuous retrying of a"
+        " dependency outage (judge, reward model, refscore, Kafka), SERVING again when it resumes (0: never);"
+        " liveness ('') stays about a stuck loop",
+    )
     grpc_max_message_bytes: int = env(
         "OFFDPO_LABELER_GRPC_MAX_MESSAGE_BYTES", 16 * 1024 * 1024, "largest gRPC request or response"
     )

@@ -6,7 +6,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -83,7 +83,7 @@ def build_labeler(
     return Labeler(
         cfg,
         PairPublisher(producer, kafka, ledger, cfg.ack_timeout_s),
-        DeadLetterSink(producer, kafka, SERVICE),
+        DeadLetterSink(producer, kafka, SERVICE, cfg.ack_timeout_s),
         Strategies(cfg, judge, strategy_overrides),
         generator=generator,
         progress=progress,
@@ -174,6 +174,7 @@ def run_kafka(
     heartbeat: Callable[[], None] = lambda: None,
     consumer_factory: Callable[[], Any] | None = None,
     outage_backoff: Mapping[str, float] | None = None,
+    report_outage: Callable[[bool], None] = lambda down: None,
 ) -> dict[str, dict[str, int]]:
     """Consume candidate sets from the candidates topic in a consumer group. Offsets are committed only
     after the batch's pairs and dead letters are acknowledged. Returns when `stop` is set or, with
@@ -183,7 +184,9 @@ def run_kafka(
     data: nothing is dead-lettered for it and the commit stops at the first set it left unlabelled in
     each partition; the consumer rewinds there and retries with backoff (offdpo.retry, a log line per
     step; `outage_backoff`: its initial_s / max_delay_s) for as long as it takes, then goes on by itself.
-    Sets of the batch already labelled are not labelled again on the redo.
+    Sets of the batch already labelled are not labelled again on the redo. `report_outage(True)` is
+    called on every failed try, `report_outage(False)` once a batch goes through again (consume's
+    readiness, offdpo.health.LoopHealth.outage / resumed).
     `consumer_factory` replaces the Kafka consumer (tests pass an in-memory one)."""
     cfg = labeler.cfg
 
@@ -195,6 +198,9 @@ def run_kafka(
     consumer = new_consumer()
     stop = stop or threading.Event()
     last_record = time.monotonic()
+    # Set while an outage left sets unlabelled (the consumer was rewound to them): an empty poll then is
+    # the broker or the dependency still down, not an idle topic, so `idle_exit_s` does not end the run.
+    redo = False
     refusals = CommitRefusals()
     # Offsets at or past a partition's commit point that were labelled (or dead-lettered) in an earlier
     # try of a batch an outage left unfinished: the redo skips them.
@@ -204,14 +210,15 @@ def run_kafka(
     def step() -> bool:
         """Poll and label one batch; False when idle long enough to exit. Raises a retryable
         OffdpoError (Outage, PublishError, ...) after rewinding to the first unlabelled set."""
-        nonlocal consumer, last_record
+        nonlocal consumer, last_record, redo
         heartbeat()
         polled = consumer.poll(timeout_ms=500)
         recs = sorted((r for batch in polled.values() for r in batch), key=lambda r: (r.topic, r.partition, r.offset))
         if not recs:
-            return not (idle_exit_s is not None and time.monotonic() - last_record > idle_exit_s)
+            return redo or not (idle_exit_s is not None and time.monotonic() - last_record > idle_exit_s)
         last_record = time.monotonic()
         todo = [r for r in recs if r.offset not in handled[TopicPartition(r.topic, r.partition)]]
+        counted = {k: Counter(v) for k, v in labeler.summary.counts.items()}
         try:
             reports: list[SetReport] = labeler.label_candidates(
                 [inputs.candidate_item(rec, cfg.max_input_bytes) for rec in todo], strategy
@@ -220,6 +227,9 @@ def run_kafka(
         except OffdpoError as exc:
             if exc.retryable:
                 rewind(consumer, [r for r in recs if r.offset not in handled[TopicPartition(r.topic, r.partition)]])
+                redo = True
+                # The whole try is redone (a dead letter or the pairs not acknowledged): counted then.
+                labeler.summary.counts = defaultdict(Counter, counted)
             raise
         for rec, rep in zip(todo, reports):
             if not rep.retry:
@@ -250,6 +260,7 @@ def run_kafka(
         if progress:
             t = labeler.summary.total()
             progress(f"{kafka.candidates_topic}: {t['inputs']} inputs, {t['pairs']} pairs, {t['rejects']} rejects")
+        redo = bool(unfinished)
         if unfinished:
             rewind(consumer, unfinished)
             unlabelled = [rep for rep in reports if rep.retry]
@@ -260,6 +271,7 @@ def run_kafka(
         nonlocal outages
         if isinstance(exc, OffdpoError) and exc.retryable:
             outages += 1
+            report_outage(True)
             log.warning("labeler outage #%d (%s): not committing past it; backing off", outages, exc.error_type)
             return True
         return False
@@ -281,6 +293,7 @@ def run_kafka(
                     log.warning("stopping during an outage; the unlabelled sets are redone on restart: %s", exc)
                     break
                 raise
+            report_outage(False)
             if not more:
                 break
     finally:

@@ -177,14 +177,17 @@ class InfraStatus:
     backoff_s: float = 0.0  # the backoff in progress (0: not waiting on the infrastructure)
     waiting_since: float | None = None  # monotonic time the current wait started
     what: str = ""  # what is being retried
+    # The clock of waiting_since; the trainer's readiness (offdpo.health) reads it with the same clock,
+    # and tests inject one they move.
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
 
     def failed(self, what: str, exc: BaseException | None, delay: float) -> None:
         self.errors_total += 1
         self.backoff_s = delay
         self.what = what
         if self.waiting_since is None:
-            self.waiting_since = time.monotonic()
-        waited = time.monotonic() - self.waiting_since
+            self.waiting_since = self.clock()
+        waited = self.clock() - self.waiting_since
         log.warning(
             "%s failed (%s: %s): infrastructure, not bad data; not moving past it, retry in %.1f s "
             "(waiting %.0f s so far)",
@@ -197,7 +200,7 @@ class InfraStatus:
 
     def recovered(self) -> None:
         if self.waiting_since is not None:
-            log.info("%s succeeded after %.0f s of retries", self.what, time.monotonic() - self.waiting_since)
+            log.info("%s succeeded after %.0f s of retries", self.what, self.clock() - self.waiting_since)
         self.backoff_s, self.waiting_since, self.what = 0.0, None, ""
 
 
@@ -223,6 +226,8 @@ def until_done(
     except Exception as exc:
         if stop is not None and stop.is_set() and is_infrastructure(exc):
             raise Interrupted(f"stopped while retrying {what}") from exc
+        if not is_infrastructure(exc):
+            status.recovered()  # the infrastructure answered (with bad data): the outage is over
         raise
     status.recovered()
     return out
@@ -415,12 +420,13 @@ class ReplaySource:
         max_shard_bytes: int = MAX_SHARD_BYTES,
         evals: EvalSet | None = None,
         stop: threading.Event | None = None,
+        infra: InfraStatus | None = None,
     ):
         self.store, self.expected_fp, self.allowed_ids = store, expected_fp, allowed_ids
         self.max_length, self.truncation, self.vocab_size = max_length, truncation, vocab_size
         self.shuffle_pairs, self.max_shard_bytes, self.stop = max(1, shuffle_pairs), max_shard_bytes, stop
         self.evals = evals or EvalSet(0.0, 0)
-        self.infra = InfraStatus()
+        self.infra = infra if infra is not None else InfraStatus()  # shared with the readiness probe
         listed = until_done(f"list {prefix}", lambda: store.list_keys(prefix), self.infra, stop)
         keys = [k for k in listed if k.endswith(".parquet")]
         if not keys:
@@ -646,6 +652,7 @@ class StreamSource:
         max_shard_bytes: int = MAX_SHARD_BYTES,
         dedup_window: int = 16384,
         evals: EvalSet | None = None,
+        infra: InfraStatus | None = None,
     ):
         self.store, self.consumer, self.deadletter = store, consumer, deadletter
         self.expected_fp, self.allowed_ids = expected_fp, allowed_ids
@@ -654,7 +661,7 @@ class StreamSource:
         self.max_poll_records, self.max_shard_bytes = max_poll_records, max_shard_bytes
         self.stop = stop
         self.evals = evals or EvalSet(0.0, 0)
-        self.infra = InfraStatus()
+        self.infra = infra if infra is not None else InfraStatus()  # shared with the readiness probe
         self.recent = _Recent(dedup_window)  # pair ids trained most recently
         self.done_shards = _Recent(self.DONE_SHARDS_KEPT)  # object keys whose every pair is trained
         self.buffer: list[Example] = []
@@ -867,6 +874,7 @@ def open_source(
     expected_fp: ReferenceFingerprint,
     stop: threading.Event,
     vocab_size: int | None = None,
+    infra: InfraStatus | None = None,
 ) -> Source:
     """The source `cfg.mode` asks for. Replay reads and checks every shard now (raising BadInput)."""
     allowed = set(cfg.allow_fingerprint)
@@ -886,6 +894,7 @@ def open_source(
             max_shard_bytes=cfg.max_shard_bytes,
             evals=evals,
             stop=stop,
+            infra=infra,
         )
     group = cfg.consumer_group or f"offdpo-trainer-{cfg.run_name}"
     # Looked up on the module when called, so a test can put a wrapped client in its place. A small
@@ -909,6 +918,7 @@ def open_source(
         max_shard_bytes=cfg.max_shard_bytes,
         dedup_window=cfg.dedup_window,
         evals=evals,
+        infra=infra,
     )
 
 

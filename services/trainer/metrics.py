@@ -58,7 +58,7 @@ class _InfraCollector:
         yield GaugeMetricFamily(
             "offdpo_trainer_waiting_on_infra_seconds",
             "how long progress has been stopped by an outage (0: not stopped)",
-            value=0.0 if since is None else time.monotonic() - since,
+            value=0.0 if since is None else getattr(st, "clock", time.monotonic)() - since,
         )
 
 

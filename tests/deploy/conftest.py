@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -48,3 +49,22 @@ def overlays() -> dict[str, list[dict]]:
         if name not in _CACHE:
             _CACHE[name] = render(DEPLOY / "overlays" / name)
     return dict(_CACHE)
+
+
+@pytest.fixture(scope="session")
+def backfill_prod(tmp_path_factory) -> list[dict]:
+    """prod with deploy/components/backfill enabled as an operator would enable it: a kustomization over
+    the prod overlay adding the component, with prod's namespace and image names."""
+    prod = yaml.safe_load((DEPLOY / "overlays" / "prod" / "kustomization.yaml").read_text())
+    root = tmp_path_factory.mktemp("prod-with-backfill")
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": prod["namespace"],
+        # kustomize wants relative paths to other roots
+        "resources": [os.path.relpath(DEPLOY / "overlays" / "prod", root)],
+        "components": [os.path.relpath(DEPLOY / "components" / "backfill", root)],
+        "images": prod["images"],
+    }
+    (root / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return render(root)

@@ -23,7 +23,12 @@ GRPC_HEALTH_SERVICE = {"refscore": "offdpo.v1.RefScore", "labeler": "offdpo.v1.L
 # Which env contract each container name has: a service of cli.service_configs, a fixed set,
 # or None for third-party images (Kafka, MinIO) that read no OFFDPO_* settings of ours.
 THIRD_PARTY = {"kafka", "minio", "create-topics"}
-TOOLS = {"ensure-bucket": set(S3Config.env_vars()), "build-model": set()}
+# The S3 setup Job (MinIO's mc) reads the S3 client ConfigMap; its credentials (MinIO's root, the
+# services' keys it creates users for) are its own variables, from Secrets.
+TOOLS = {
+    "s3-setup": set(S3Config.env_vars()) - {"OFFDPO_S3_ACCESS_KEY", "OFFDPO_S3_SECRET_KEY", "OFFDPO_S3_RETRY_MAX_S"},
+    "build-model": set(),
+}
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|ACCESS_KEY|CREDENTIAL", re.I)
 
 
@@ -202,6 +207,8 @@ def test_labeler_consume_has_a_liveness_probe_on_its_health_port(rendered):
     port = int(env_value(objs, c, "OFFDPO_LABELER_HEALTH_PORT"))
     assert {"name": "health", "containerPort": port} in c["ports"]
     assert c["livenessProbe"]["grpc"] == {"port": port, "service": ""}
+    # readiness reports a dependency outage (offdpo.health.READINESS); liveness stays about a stuck loop
+    assert c["readinessProbe"]["grpc"] == {"port": port, "service": "readiness"}
     assert env_value(objs, c, "OFFDPO_LABELER_GRPC_HOST") == "0.0.0.0", "kubelet probes the pod IP, not loopback"
 
 
@@ -310,6 +317,7 @@ def test_containers_get_exactly_the_variables_their_service_reads(rendered):
                 checked.add(svc)
             elif c["name"] in TOOLS:
                 expected = TOOLS[c["name"]] - allowed.get("refscore", set())
+                env = {n: v for n, v in env.items() if n.startswith("OFFDPO_")}
             else:
                 assert c["name"] in THIRD_PARTY, f"{what}: unknown container, give it an env contract"
                 assert not any(n.startswith("OFFDPO_") for n in env if n not in KafkaConfig.env_vars()), what
@@ -354,7 +362,9 @@ def test_images_match_the_service(rendered):
         for c in containers(w):
             repo = c["image"].rsplit(":", 1)[0].rsplit("/", 1)[-1]
             svc = service_of(c)
-            if svc == "labeler" or c["name"] in TOOLS:
+            if c["name"] == "s3-setup":
+                assert c["image"].startswith("quay.io/minio/mc:RELEASE."), c["image"]
+            elif svc == "labeler" or c["name"] in TOOLS:
                 assert repo in ("labeler", "cpu"), c["image"]
             elif svc in ("refscore", "trainer"):
                 assert repo == (svc if name == "prod" else "cpu"), c["image"]
@@ -373,6 +383,10 @@ def test_no_plaintext_secrets_outside_dev_placeholders(rendered):
         values = {k: base64.b64decode(v).decode() for k, v in s.get("data", {}).items()}
         values.update(s.get("stringData", {}))
         for k, v in values.items():
+            if k == "username" and s["metadata"]["name"].startswith("offdpo-kafka-"):
+                # a Kafka identity's name is no secret: the ACLs name it (offdpo-<service>)
+                assert v == "offdpo-" + s["metadata"]["name"].removeprefix("offdpo-kafka-"), v
+                continue
             assert v in allowed or "dev-placeholder" in v, (
                 f"Secret {s['metadata']['name']}/{k} is not a dev placeholder"
             )
@@ -497,6 +511,10 @@ def test_trainer_job_runs_torchrun_one_pod_per_node_and_resumes(rendered):
     headless = get(objs, "Service", pspec["subdomain"])
     assert headless["spec"]["clusterIP"] == "None"
     assert env_value(objs, c, "OFFDPO_TRAINER_RESUME") == "true", "a rescheduled pod must resume from S3"
+    # readiness on the health port reports an S3/Kafka outage; no liveness probe would kill a waiting pod
+    port = int(env_value(objs, c, "OFFDPO_TRAINER_HEALTH_PORT"))
+    assert {"name": "health", "containerPort": port} in c["ports"]
+    assert c["readinessProbe"]["grpc"] == {"port": port, "service": "readiness"} and "livenessProbe" not in c
     # the trainer expects the fingerprint refscore stamps
     rc = get_container(get(objs, "Deployment", "offdpo-refscore"), "refscore")
     assert env_value(objs, c, "OFFDPO_TRAINER_REFERENCE_MODEL_ID") == env_value(objs, rc, "OFFDPO_REFSCORE_MODEL_ID")

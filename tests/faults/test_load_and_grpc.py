@@ -1,6 +1,9 @@
-"""refscore `serve --worker` (transformers engine) in its own process: many concurrent gRPC clients
-with deadlines while pairs stream through the worker; then malformed, random and oversized gRPC
-requests. The server must answer with the documented codes, never crash, and keep memory bounded."""
+"""refscore `serve --worker` (transformers engine) in its own process, as deployed: gRPC over TLS with
+team tokens and quotas (offdpo/grpc_auth). Many concurrent clients (Score and ScoreStream) with
+deadlines, some of which expire, while pairs stream through the worker; a team over its quota while
+another is served; callers without, with a wrong or with a too-narrow token; then malformed, random
+and oversized requests over the authenticated channel. The server must answer with the documented
+codes, never crash, and keep memory bounded."""
 
 from __future__ import annotations
 
@@ -17,13 +20,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from localdev.process import free_port
-from offdpo.refscore_client import RefscoreClient, score_item
+from offdpo.grpc_auth.auth import token_hash
+from offdpo.refscore_client import RefscoreClient, channel_credentials, score_item
 from offdpo.v1 import refscore_pb2
 from tests.pairs import make_pairs
+from tests.pki import make_cert
 
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
 
 CLIENTS, REQUESTS_PER_CLIENT, DEADLINE_S = 16, 12, 10.0
+STREAM_CLIENTS = 4  # of CLIENTS: these send their requests on one ScoreStream each
+EXPIRING_DEADLINE_S = 0.001  # every third request of a unary client: expires before it can be served
+TOKENS = {"load": "load-team-token", "quota": "quota-team-token", "info": "info-only-team-token"}
+QUOTA_TOKENS_PER_MINUTE = 300  # small: a few requests spend it, and it refills at 5 tokens/s
 ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION}
 
 
@@ -36,11 +45,34 @@ def _rss_mib(pid: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def served(stack, tiny_model, tmp_path_factory):
-    """One refscore serve --worker process for the load and gRPC fuzz cases, on its own topics."""
+def pki(tmp_path_factory):
+    """The server's certificate (localhost) and the CA clients verify it against."""
+    d = tmp_path_factory.mktemp("load-pki")
+    ca, ca_key, ca_pem, _ = make_cert("load test CA", ca=True)
+    _, _, cert_pem, key_pem = make_cert("refscore", ca, ca_key, server=True)
+    for name, data in {"ca.crt": ca_pem, "tls.crt": cert_pem, "tls.key": key_pem}.items():
+        (d / name).write_bytes(data)
+    return d
+
+
+def _auth_file(path):
+    teams = {
+        "load": {"token_sha256": [token_hash(TOKENS["load"])]},
+        "quota": {"token_sha256": [token_hash(TOKENS["quota"])], "tokens_per_minute": QUOTA_TOKENS_PER_MINUTE},
+        "info": {"token_sha256": [token_hash(TOKENS["info"])], "methods": ["GetModelInfo"]},
+    }
+    path.write_text(__import__("yaml").safe_dump({"teams": teams}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(stack, tiny_model, tmp_path_factory, pki):
+    """One refscore serve --worker process for the load and gRPC fuzz cases, on its own topics, with
+    TLS and team tokens on (no PLAINTEXT / ALLOW_ANONYMOUS escape hatch)."""
     from .harness import Case
 
-    case = Case("load", stack, tiny_model, tmp_path_factory.mktemp("load"), __import__("uuid").uuid4().hex[:10])
+    work = tmp_path_factory.mktemp("load")
+    case = Case("load", stack, tiny_model, work, __import__("uuid").uuid4().hex[:10])
     port = free_port()
     env = {
         **case.env,
@@ -52,23 +84,39 @@ def served(stack, tiny_model, tmp_path_factory):
         "OFFDPO_REFSCORE_BATCH_WAIT_S": "0.3",
         "OFFDPO_REFSCORE_BATCH_PAIRS": "16",
         "OFFDPO_REFSCORE_GRACE_S": "10",
-        "OFFDPO_REFSCORE_PLAINTEXT": "true",
-        "OFFDPO_REFSCORE_ALLOW_ANONYMOUS": "true",
+        "OFFDPO_REFSCORE_TLS_CERT": str(pki / "tls.crt"),
+        "OFFDPO_REFSCORE_TLS_KEY": str(pki / "tls.key"),
+        "OFFDPO_REFSCORE_AUTH_FILE": str(_auth_file(work / "teams.yaml")),
     }
+    for var in ("OFFDPO_REFSCORE_PLAINTEXT", "OFFDPO_REFSCORE_ALLOW_ANONYMOUS"):
+        env.pop(var, None)
     server = case._spawn("refscore-serve", [sys.executable, "-m", "services.refscore", "serve", "--worker"], env)
-    client = RefscoreClient(f"127.0.0.1:{port}")
+    target = f"localhost:{port}"  # the name the certificate is for
+    client = _client(target, pki, "load")
     try:
         try:
             client.wait_serving(timeout_s=180)
         except TimeoutError as exc:
             raise RuntimeError(f"{exc}\n{server.tail()}") from None
-        yield case, server, client, f"127.0.0.1:{port}"
+        yield case, server, client, target
     finally:
         client.close()
         case.close()
 
 
-def test_concurrent_clients_with_deadlines_while_the_stream_runs(served, fault_results):
+def _client(target, pki, team: str | None) -> RefscoreClient:
+    """A client over TLS (the server verified against the test CA) with `team`'s token (None: no token)."""
+    return RefscoreClient(
+        target, credentials=channel_credentials(str(pki / "ca.crt")), token=TOKENS[team] if team else None
+    )
+
+
+def _stream(client: RefscoreClient, requests, timeout: float):
+    """All results of one ScoreStream call (requests sent one after another on the stream)."""
+    return list(client.stub.ScoreStream(iter(requests), timeout=timeout))
+
+
+def test_concurrent_clients_with_deadlines_while_the_stream_runs(served, pki, fault_results):
     case, server, client, target = served
     # warm-up, then the baseline RSS
     for _ in range(3):
@@ -79,22 +127,44 @@ def test_concurrent_clients_with_deadlines_while_the_stream_runs(served, fault_r
 
     latencies, codes, lock = [], collections.Counter(), threading.Lock()
 
+    expiring = collections.Counter()
+
+    def items_for(i: int, j: int):
+        return [
+            score_item([("user", f"client {i} request {j}: say something")], f"answer {k} " * (1 + j % 5))
+            for k in range(1 + (i + j) % 4)
+        ]
+
     def one_client(i: int):
-        with RefscoreClient(target) as c:
-            for j in range(REQUESTS_PER_CLIENT):
-                items = [
-                    score_item([("user", f"client {i} request {j}: say something")], f"answer {k} " * (1 + j % 5))
-                    for k in range(1 + (i + j) % 4)
-                ]
+        with _client(target, pki, "load") as c:
+            if i < STREAM_CLIENTS:  # all of its requests on one ScoreStream, under one deadline
+                requests = [refscore_pb2.ScoreRequest(items=items_for(i, j)) for j in range(REQUESTS_PER_CLIENT)]
                 t0 = time.perf_counter()
                 try:
-                    c.score(items, timeout=DEADLINE_S)
+                    results = _stream(c, requests, timeout=DEADLINE_S * 6)
+                    assert {r.request_index for r in results} == set(range(REQUESTS_PER_CLIENT))
+                    assert len(results) == sum(len(r.items) for r in requests)
                     code = "OK"
                 except grpc.RpcError as exc:
                     code = exc.code().name
                 with lock:
-                    latencies.append((time.perf_counter() - t0) * 1000)
-                    codes[code] += 1
+                    codes[f"stream {code}"] += 1
+                    latencies.append((time.perf_counter() - t0) * 1000 / REQUESTS_PER_CLIENT)
+                return
+            for j in range(REQUESTS_PER_CLIENT):
+                expires = j % 3 == 2
+                t0 = time.perf_counter()
+                try:
+                    c.score(items_for(i, j), timeout=EXPIRING_DEADLINE_S if expires else DEADLINE_S)
+                    code = "OK"
+                except grpc.RpcError as exc:
+                    code = exc.code().name
+                with lock:
+                    if expires:
+                        expiring[code] += 1
+                    else:
+                        latencies.append((time.perf_counter() - t0) * 1000)
+                        codes[code] += 1
 
     threads = [threading.Thread(target=one_client, args=(i,), daemon=True) for i in range(CLIENTS)]
     t0 = time.monotonic()
@@ -108,12 +178,28 @@ def test_concurrent_clients_with_deadlines_while_the_stream_runs(served, fault_r
     rss_after = _rss_mib(server.proc.pid)
     assert server.alive, server.tail()
     q = statistics.quantiles(latencies, n=100)
-    errors = {k: v for k, v in codes.items() if k != "OK"}
+    errors = {k: v for k, v in codes.items() if k not in ("OK", "stream OK")}
+    unary_clients = CLIENTS - STREAM_CLIENTS
     figures = {
+        "transport": "TLS (server certificate verified), team bearer token",
         "clients": CLIENTS,
-        "requests": sum(codes.values()),
-        "ok": codes["OK"],
-        "errors": errors,
+        "stream_clients": STREAM_CLIENTS,
+        "requests": CLIENTS * REQUESTS_PER_CLIENT,
+        # every request counted once: unary, each request on a stream, and the expiring ones
+        "ok": codes["OK"] + codes["stream OK"] * REQUESTS_PER_CLIENT + expiring["OK"],
+        "errors": {
+            **{
+                k.replace("stream ", "") + " (ScoreStream, whole stream)": v for k, v in errors.items() if "stream" in k
+            },
+            **{k: v for k, v in errors.items() if "stream" not in k},
+            **{
+                f"{k} ({EXPIRING_DEADLINE_S * 1000:g} ms deadline, expected)": v
+                for k, v in expiring.items()
+                if k != "OK"
+            },
+        },
+        "streams_ok": codes["stream OK"],
+        "expiring_deadline_s": EXPIRING_DEADLINE_S,
         "deadline_s": DEADLINE_S,
         "p50_ms": round(q[49], 1),
         "p95_ms": round(q[94], 1),
@@ -128,8 +214,15 @@ def test_concurrent_clients_with_deadlines_while_the_stream_runs(served, fault_r
         "engine": "transformers (CPU)",
     }
     fault_results.add_load(figures)
-    assert sum(codes.values()) == CLIENTS * REQUESTS_PER_CLIENT
-    assert set(errors) <= {"DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}, errors
+    expiring_per_client = sum(1 for j in range(REQUESTS_PER_CLIENT) if j % 3 == 2)
+    assert sum(expiring.values()) == unary_clients * expiring_per_client
+    assert sum(v for k, v in codes.items() if not k.startswith("stream")) == unary_clients * (
+        REQUESTS_PER_CLIENT - expiring_per_client
+    )
+    assert sum(v for k, v in codes.items() if k.startswith("stream")) == STREAM_CLIENTS
+    assert set(errors) <= {"DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "stream DEADLINE_EXCEEDED"}, errors
+    # a deadline that expires is reported as such, never as another error (and costs the server nothing after)
+    assert set(expiring) <= {"DEADLINE_EXCEEDED", "OK"} and expiring["DEADLINE_EXCEEDED"] > 0, expiring
     assert figures["stream_scored"] == len(pairs)
     assert rss_after < 1.5 * rss_warm, f"RSS grew from {rss_warm:.0f} to {rss_after:.0f} MiB"
 
@@ -147,6 +240,76 @@ def _code(fn):
         return grpc.StatusCode.OK, ""
     except grpc.RpcError as exc:
         return exc.code(), exc.details() or ""
+
+
+def _trailer(exc: grpc.RpcError, key: str) -> str | None:
+    return dict(exc.trailing_metadata() or ()).get(key)
+
+
+def test_quotas_tokens_and_deadlines_over_tls(served, pki, fault_results):
+    """A team over its tokens-per-minute quota is refused (with when to retry) on Score and on
+    ScoreStream while another team is served; callers without a valid token, or with one for other
+    methods, are refused; plaintext does not reach the TLS port; an expiring stream deadline is
+    DEADLINE_EXCEEDED. The server stays up and keeps serving."""
+    _, server, load, target = served
+    seen: dict[str, str] = {}
+    item = score_item([("user", "quota: spend some tokens")], "a few answer tokens " * 3)
+    with _client(target, pki, "quota") as quota:
+        admitted, refused = 0, None
+        for _ in range(200):  # bounded: the quota is a few requests' worth
+            try:
+                quota.score([item], timeout=60)
+                admitted += 1
+            except grpc.RpcError as exc:
+                refused = exc
+                break
+        assert refused is not None, f"200 requests admitted under a {QUOTA_TOKENS_PER_MINUTE} tokens/minute quota"
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (refused.code(), refused.details())
+        assert "quota" in refused.details() and int(_trailer(refused, "retry-after-ms") or 0) > 0
+        assert admitted >= 1
+        seen["quota: Score admitted before the refusal"] = str(admitted)
+        # the other team is not affected
+        assert len(load.score([item], timeout=60).items) == 1
+        # the same team on a stream: refused on its first request, which the status names
+        try:
+            _stream(quota, [refscore_pb2.ScoreRequest(items=[item])] * 3, timeout=60)
+            pytest.fail("a ScoreStream over the quota was served")
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "request 0" in exc.details(), exc.details()
+        seen["quota: ScoreStream"] = "RESOURCE_EXHAUSTED at request 0"
+
+    refusals = {}
+    with _client(target, pki, None) as anonymous, _client(target, pki, "info") as info:
+        for what, call in (
+            ("no token", lambda: anonymous.score([item], timeout=30)),
+            ("info-only team: Score", lambda: info.score([item], timeout=30)),
+            ("info-only team: ScoreStream", lambda: _stream(info, [refscore_pb2.ScoreRequest(items=[item])], 30)),
+        ):
+            refusals[what] = _code(call)[0].name
+        assert info.model_info().fingerprint.fingerprint_id, "a method the team may call is served"
+    wrong = RefscoreClient(target, credentials=channel_credentials(str(pki / "ca.crt")), token="not-a-team-token")
+    with wrong:
+        refusals["wrong token"] = _code(lambda: wrong.score([item], timeout=30))[0].name
+    with RefscoreClient(target, token=TOKENS["load"]) as plaintext:
+        refusals["plaintext to the TLS port"] = _code(lambda: plaintext.score([item], timeout=10))[0].name
+    assert refusals == {
+        "no token": "UNAUTHENTICATED",
+        "info-only team: Score": "PERMISSION_DENIED",
+        "info-only team: ScoreStream": "PERMISSION_DENIED",
+        "wrong token": "UNAUTHENTICATED",
+        "plaintext to the TLS port": "UNAVAILABLE",
+    }, refusals
+
+    # a stream whose deadline expires while it runs
+    many = [refscore_pb2.ScoreRequest(items=[score_item([("user", f"stream {i}")], "answer " * 20)]) for i in range(40)]
+    code, _ = _code(lambda: _stream(load, many, timeout=0.05))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED, code
+    refusals["ScoreStream with an expiring deadline"] = code.name
+
+    assert len(load.score([item], timeout=60).items) == 1 and server.alive, server.tail()
+    fault_results.add_fuzz(
+        {**(fault_results.fuzz or {}), "gRPC auth and quota refusals (TLS on)": {**seen, **refusals}}
+    )
 
 
 def test_malformed_random_and_oversized_grpc_requests(served, fault_results):
