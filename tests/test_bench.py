@@ -79,3 +79,104 @@ def test_gpu_script_runs_on_any_device(tiny_model, tmp_path):
     assert result["items"] == 8 and result["tokens_per_s"]["refscore_transformers_engine"] > 0
     assert 0 < result["fraction_of_peak"]["transformers"] < 1
     assert result["max_abs_token_diff_engine_vs_forward"] < 1e-4  # the engine and (c) agree in float32
+
+
+def _learning_point(reward: float, kl: float, step: int = 100, **extra) -> dict:
+    return {
+        "step": step,
+        "positive_share": 0.5 + reward,
+        "positive_share_se": 0.02,
+        "reward_mean": reward,
+        "reward_se": 0.01,
+        "kl": kl,
+        "kl_se": 0.1,
+        "consistency": 0.8,
+        "heldout_accuracy": 0.9,
+        **extra,
+    }
+
+
+def test_learning_summary_compares_seed_means_with_trl_in_standard_errors(tmp_path):
+    from bench.learning import plot, summary_of
+
+    head = _learning_point(0.20, 1.0)
+    result = {
+        "reference": _learning_point(0.0, 0.0, step=0),
+        "headline": head,
+        "headline_run": {"beta": 0.5, "lr": 1e-4, "steps": 100, "batch": 32},
+        "ours_seeds": [dict(head, seed=s) for s in range(3)],
+        "trl": {"runs": [_learning_point(0.19, 1.25, seed=s) for s in range(3)]},
+        "sweep": [{"name": "beta0.5", "beta": 0.5, "lr": 1e-4, "points": [_learning_point(0.1, 0.5, 50), head]}],
+        "best_of_n": [dict(_learning_point(0.1, 0.19), n=2)],
+        "generation_logprobs": {"runs": [_learning_point(0.2, 1.1)]},
+    }
+    s = summary_of(result)
+    assert s["reward_gain_se"] == round(0.20 / (2**0.5 * 0.01), 1)
+    # three seeds each side: the mean's SE is 0.01/sqrt(3); the difference's is sqrt(2) times that
+    assert s["trl_reward_diff_se"] == pytest.approx(0.01 / (0.01 / 3**0.5 * 2**0.5), abs=0.01)
+    assert s["trl_kl_ratio"] == 0.8
+    plot(result, tmp_path / "learning.png")
+    assert (tmp_path / "learning.png").stat().st_size > 10_000
+
+
+# -- the trainer benchmark (bench/trainer.py) ----------------------------------------------------------------
+def test_trainer_workloads_are_deterministic_with_real_shapes():
+    from bench.trainer import padding_waste, workload_batches
+
+    vocab = 151936
+    chat = workload_batches("chat_like", 8, 8, vocab)
+    assert [[e.chosen for e in b] for b in chat] == [
+        [e.chosen for e in b] for b in workload_batches("chat_like", 8, 8, vocab)
+    ]
+    pairs = [e for b in chat for e in b]
+    assert all(50 <= len(e.prompt) <= 600 and 20 <= len(e.chosen) <= 1500 for e in pairs)
+    answers = sorted(len(a) for e in pairs for a in (e.chosen, e.rejected))
+    assert answers[-1] > 3 * answers[len(answers) // 2], "a long tail"
+    assert sum(len(e.chosen) != len(e.rejected) for e in pairs) > len(pairs) // 2
+    ids = [t for e in pairs for t in e.chosen]
+    assert max(ids) > 0.9 * vocab and min(ids) < 0.1 * vocab, "ids spread over the whole vocabulary"
+    long = [e for b in workload_batches("long_prompt", 4, 4, vocab) for e in b]
+    assert all(1000 <= len(e.prompt) <= 3000 and 50 <= len(e.rejected) <= 400 for e in long)
+    waste = padding_waste(chat)
+    assert waste["packed_segments"] == 0.0 and waste["packed"] < min(0.1, waste["shared_prefix"])
+    assert waste["padded"] > 0.2
+
+
+def test_trainer_headline_ratios_and_verdicts():
+    from bench.trainer import TARGETS, headline
+
+    def e(tps, mem=1):
+        return {"tokens_per_s": tps, "peak_mem_bytes": mem}
+
+    by = {
+        "chat_like": {
+            "offline_dpo": e(100),
+            "offline_dpo_shared_prefix": e(110),
+            "offline_dpo_packed": e(150, 2),
+            "sft": e(155),
+            "trl_precompute": e(90, 5),
+            "trl_live_ref": e(70),
+        },
+        "long_prompt": {"offline_dpo": e(100), "offline_dpo_shared_prefix": e(150)},
+    }
+    h = headline(by, {"chat_like": {"offline_dpo_packed": 0.4}})
+    assert h["vs_trl_precompute"] == 150 / 90 and h["mem_vs_trl_precompute"] == 2 / 5
+    assert h["shared_prefix_long_prompt"] == 1.5 and h["packing_chat_like"] == 150 / 110
+    met = h["targets_met"]
+    assert met["vs_trl_precompute"] and met["mem_vs_trl_precompute"] and met["vs_trl_live_ref"]
+    assert met["shared_prefix_long_prompt"] and met["packing_chat_like"] and met["ratio_vs_sft"]
+    assert met["fraction_of_ceiling"] is False and set(met) == set(TARGETS)
+
+
+def test_trainer_bench_quick_runs(tmp_path):
+    out = tmp_path / "trainer.json"
+    cmd = [sys.executable, "-m", "bench.trainer", "--quick", "--workloads", "chat_like"]
+    cmd += ["--methods", "offline_dpo_packed,trl_precompute", "--out", str(out), "--tmp", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    by = res["by_workload"]["chat_like"]
+    assert {"offline_dpo_packed", "trl_precompute", "trl_precompute_incl_pass"} <= set(by)
+    assert all(v["tokens_per_s"] > 0 and v["peak_mem_bytes"] > 0 for v in by.values())
+    assert res["model"]["vocab_size"] > 0 and res["headline"]["vs_trl_precompute"] > 0
+    assert 0 < res["fraction_of_ceiling"]["chat_like"]["offline_dpo_packed"] < 1

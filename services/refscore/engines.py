@@ -46,7 +46,9 @@ class EngineSettings:
     max_batched_tokens: int = 0
     max_num_seqs: int = 0
     transformers_batch_tokens: int = 16384
-    logprob_chunk_tokens: int = 1024
+    logprob_chunk_tokens: int = 0  # 0: from logits_budget_mb and the model's vocabulary
+    logits_budget_mb: int = 512
+    share_prompts: bool = True
 
     def __post_init__(self):
         for name, minimum in (
@@ -55,7 +57,8 @@ class EngineSettings:
             ("max_batched_tokens", 0),
             ("max_num_seqs", 0),
             ("transformers_batch_tokens", 1),
-            ("logprob_chunk_tokens", 1),
+            ("logprob_chunk_tokens", 0),
+            ("logits_budget_mb", 1),
         ):
             if getattr(self, name) < minimum:
                 raise ValueError(f"OFFDPO_REFSCORE_{name.upper()}={getattr(self, name)}: must be >= {minimum}")
@@ -76,6 +79,32 @@ class EngineSettings:
                 f"(after {self.cpu_reserved_cores} reserved)"
             )
         return ",".join(str(c) for c in pool[: self.cpu_threads or len(pool)])
+
+    def logits_rows(self, vocab_size: int) -> int:
+        """Positions whose [positions x vocab] float32 logits fit the budget, counting the logits, their
+        log-softmax and one temporary of the same size (what a log-prob pass holds at once). On a
+        151,936-token vocabulary 512 MiB is 294 positions; on the 4,096-token test models, 10,922."""
+        return max(1, self.logits_budget_mb * 2**20 // (vocab_size * 4 * 3))
+
+
+def model_vocab_size(model_dir: str) -> int:
+    """The LM head's row count from the model folder's config.json (read before the engine loads)."""
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    if not isinstance(vocab, int) or vocab <= 0:
+        raise ValueError(f"{model_dir}/config.json has no positive vocab_size")
+    return vocab
+
+
+# A pair's two answers share their prompt. With vLLM the second answer's request reads the prompt's KV
+# blocks from the prefix cache instead of recomputing them, but only when its prompt has at least this
+# many tokens: below it the cache saves less than its bookkeeping costs.
+MIN_SHARED_PROMPT_TOKENS = 64
+# vLLM's CPU default (its scheduler config); the logits budget only ever lowers it.
+VLLM_CPU_DEFAULT_BATCHED_TOKENS = 4096
 
 
 class Engine(Protocol):
@@ -142,21 +171,32 @@ class VLLMEngine:
 
         self.version = vllm.__version__
         self.dtype = dtype
+        # vLLM computes prompt log-probs over the whole scheduled chunk at once ([tokens x vocab] float32
+        # logits and their log-softmax), so its chunk size is what bounds memory for long answers on a
+        # large vocabulary: unless set explicitly it is lowered to what the logits budget allows.
+        batched_tokens = settings.max_batched_tokens
+        if not batched_tokens:
+            fits = settings.logits_rows(model_vocab_size(model_dir))
+            if fits < VLLM_CPU_DEFAULT_BATCHED_TOKENS:
+                batched_tokens = max(fits, settings.max_num_seqs or 0, 64)
+        max_num_seqs = settings.max_num_seqs or (min(256, batched_tokens) if batched_tokens else 0)
         optional: dict[str, Any] = {
             k: v
             for k, v in (
-                ("max_num_batched_tokens", settings.max_batched_tokens),
-                ("max_num_seqs", settings.max_num_seqs),
+                ("max_num_batched_tokens", batched_tokens),
+                ("max_num_seqs", max_num_seqs),
             )
             if v
         }
+        self.share_prompts = settings.share_prompts
+        self.shared_prompt_tokens = 0  # read from the prefix cache so far (the scorer exports it)
         self.llm = LLM(
             model=model_dir,
             dtype=cast("ModelDType", dtype),  # RefscoreConfig's dtype is one of vLLM's names
             max_model_len=max_model_len,
-            # With prefix caching a prompt's log-probs depend on which requests ran before it (a cached
-            # prefix is not recomputed with this batch), so scores would not be batch-invariant.
-            enable_prefix_caching=False,
+            # On only for sharing a pair's prompt between its answers (score()): every other request
+            # skips reading the cache, so its log-probs never depend on which requests ran before it.
+            enable_prefix_caching=settings.share_prompts,
             gpu_memory_utilization=gpu_memory_utilization or (0.15 if self.on_cpu else 0.9),
             tensor_parallel_size=tensor_parallel_size,
             seed=0,
@@ -181,26 +221,80 @@ class VLLMEngine:
         return settings
 
     def score(self, seqs: Sequences) -> list[list[float]]:
+        """Each answer's log-probs. With share_prompts, a prompt that several sequences share (a pair's
+        chosen and rejected) is computed once: the first sequence of each such prompt runs without
+        reading the prefix cache (and fills it), then the others read the prompt's KV blocks from it.
+
+        vLLM skips the cache for prompt-log-prob requests by default because positions served from the
+        cache get no log-probs (vLLM issue 17251). Only the answer's positions are needed here, and
+        they lie after the shared prompt, except where the cached blocks reach into the answer (the two
+        answers start with the same tokens): those positions' log-probs equal the sibling's, whose
+        context up to them is the same tokens, and are taken from it."""
+        if not self.share_prompts:
+            return [_complete(lps) for lps in self._score(seqs, read_cache=False)]
+        first_of: dict[tuple[int, ...], int] = {}
+        followers: list[int] = []
+        for i, (prompt_ids, _) in enumerate(seqs):
+            key = tuple(prompt_ids)
+            if len(prompt_ids) >= MIN_SHARED_PROMPT_TOKENS and key in first_of:
+                followers.append(i)
+            else:
+                first_of.setdefault(key, i)
+        following = set(followers)
+        leaders = [i for i in range(len(seqs)) if i not in following]
+        results: list[list[float] | None] = [None] * len(seqs)
+        for i, lps in zip(leaders, self._score([seqs[i] for i in leaders], read_cache=False)):
+            results[i] = _complete(lps)
+        if followers:
+            shared = self._score([seqs[i] for i in followers], read_cache=True)
+            for i, lps in zip(followers, shared):
+                prompt_ids, answer_ids = seqs[i]
+                sibling = first_of[tuple(prompt_ids)]
+                results[i] = _fill_from_sibling(lps, answer_ids, seqs[sibling][1], results[sibling])
+            missing = [i for i in followers if results[i] is None]
+            for i, lps in zip(missing, self._score([seqs[i] for i in missing], read_cache=False)):
+                results[i] = _complete(lps)  # cached blocks came from a sequence other than the sibling: recompute
+        return cast("list[list[float]]", results)
+
+    def _score(self, seqs: Sequences, read_cache: bool) -> list[list[float | None]]:
+        """Answer log-probs; with read_cache, None at the leading answer positions served from the cache."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.logprobs import FlatLogprobs
 
+        if not seqs:
+            return []
         # prompt_logprobs=0: only the actual token's log-prob comes back; no detokenisation.
         # flat_logprobs: vLLM keeps them in flat lists instead of one dict + Logprob object per token,
         # which is the front end's largest cost on small models.
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, flat_logprobs=True)
+        params = SamplingParams(
+            max_tokens=1,
+            prompt_logprobs=0,
+            detokenize=False,
+            flat_logprobs=True,
+            skip_reading_prefix_cache=not read_cache,
+        )
         prompts = [TokensPrompt(prompt_token_ids=p + a) for p, a in seqs]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        results = []
+        results: list[list[float | None]] = []
         for (prompt_ids, answer_ids), out in zip(seqs, outputs):
             flat = out.prompt_logprobs
             assert isinstance(flat, FlatLogprobs), "flat_logprobs=True returns them flat"
+            # Position j's log-prob comes from the hidden state at j - 1: with k cached tokens, the
+            # positions up to k have none (vLLM leaves their rows unset).
+            cached = (out.num_cached_tokens or 0) if read_cache else 0
+            self.shared_prompt_tokens += cached
             start, end = len(prompt_ids), len(prompt_ids) + len(answer_ids) - 1
-            lo, hi = flat.start_indices[start], flat.end_indices[end]
-            if hi - lo == len(answer_ids) and flat.token_ids[lo:hi] == answer_ids:
-                results.append(flat.logprobs[lo:hi])  # one entry per position: the actual token's
-            else:  # a position carried more than the actual token: look each one up
-                results.append([flat[start + i][tok].logprob for i, tok in enumerate(answer_ids)])
+            served = max(0, min(len(answer_ids), cached - start + 1))  # answer positions without a row
+            computed = answer_ids[served:]
+            lps: list[float | None] = [None] * served
+            if computed:
+                lo, hi = flat.start_indices[start + served], flat.end_indices[end]
+                if hi - lo == len(computed) and flat.token_ids[lo:hi] == computed:
+                    lps += flat.logprobs[lo:hi]  # one entry per position: the actual token's
+                else:  # a position carried more than the actual token: look each one up
+                    lps += [flat[start + served + i][tok].logprob for i, tok in enumerate(computed)]
+            results.append(lps)
         return results
 
     def generate(
@@ -253,6 +347,29 @@ class VLLMEngine:
                 log.warning("vLLM's output thread did not stop within 30 s")
 
 
+def _complete(lps: list[float | None]) -> list[float]:
+    """Log-probs of a request that read no cache: every position has one."""
+    assert all(lp is not None for lp in lps), "a request that skips the prefix cache gets every position"
+    return cast("list[float]", lps)
+
+
+def _fill_from_sibling(
+    lps: list[float | None], answer_ids: list[int], sibling_ids: list[int], sibling_lps: list[float] | None
+) -> list[float] | None:
+    """`lps` with its cache-served leading positions taken from the sibling answer (same prompt), which
+    has the same tokens there; None when the sibling does not cover them."""
+    if sibling_lps is None:
+        return None
+    out: list[float] = []
+    for i, lp in enumerate(lps):
+        if lp is None:
+            if i >= len(sibling_ids) or sibling_ids[: i + 1] != answer_ids[: i + 1]:
+                return None
+            lp = sibling_lps[i]
+        out.append(lp)
+    return out
+
+
 class TransformersEngine:
     name = "transformers"
 
@@ -275,7 +392,7 @@ class TransformersEngine:
         limit = getattr(self.model.config, "max_position_embeddings", max_model_len)
         self.max_model_len = min(max_model_len, limit) if max_model_len else limit
         self.batch_tokens = settings.transformers_batch_tokens
-        self.chunk_size = settings.logprob_chunk_tokens
+        self.chunk_size = settings.logprob_chunk_tokens or settings.logits_rows(self.model.config.vocab_size)
 
     def effective_settings(self) -> dict[str, str]:
         return {

@@ -3,6 +3,10 @@
 from prometheus_client import Counter, Gauge, Histogram
 
 ENGINE_TOKENS = Counter("refscore_engine_tokens_total", "prompt+answer tokens run through the engine")
+ENGINE_SHARED_TOKENS = Counter(
+    "refscore_engine_shared_prompt_tokens_total",
+    "prompt tokens of a pair's second answer read from the prefix cache instead of recomputed (vLLM, share_prompts)",
+)
 ENGINE_SECONDS = Counter("refscore_engine_seconds_total", "seconds spent in engine calls")
 ENGINE_BATCH_SEQS = Histogram(
     "refscore_engine_batch_sequences",

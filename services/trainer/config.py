@@ -85,7 +85,40 @@ class TrainerConfig(EnvConfig):
     gradient_checkpointing: bool = env(
         "OFFDPO_TRAINER_GRADIENT_CHECKPOINTING", False, "recompute activations in backward"
     )
-    logprob_chunk_size: int = env("OFFDPO_TRAINER_LOGPROB_CHUNK", 1024, "answer tokens per LM-head chunk")
+    logprob_chunk_size: int = env(
+        "OFFDPO_TRAINER_LOGPROB_CHUNK", 0, "cap on answer positions per LM-head chunk (0: only the byte size limits)"
+    )
+    # -- speed: batch layout, LM-head chunks, MFU (issue 19)
+    logprob_chunk_bytes: int = env(
+        "OFFDPO_TRAINER_LOGPROB_CHUNK_BYTES",
+        128 << 20,
+        "bytes of float32 logits per LM-head chunk (positions = bytes / (4 x vocabulary))",
+    )
+    share_prefix: bool = env(
+        "OFFDPO_TRAINER_SHARE_PREFIX",
+        True,
+        "one sequence [prompt, chosen, rejected] per pair, the prompt computed once (arXiv 2410.20305)",
+    )
+    pack: bool = env(
+        "OFFDPO_TRAINER_PACK", True, "padding-free: pack sequences into rows with per-segment positions and masks"
+    )
+    pack_mode: str = env(
+        "OFFDPO_TRAINER_PACK_MODE",
+        "mask",
+        "'mask' (rows of pairs with a 4-D block mask) or 'segments' (each pair run on its own, causal kernel, "
+        "rejected continues the prompt's cache)",
+    )
+    pack_row_tokens: int = env("OFFDPO_TRAINER_PACK_ROW_TOKENS", 4096, "mask mode: tokens per packed row (about)")
+    micro_batch_tokens: int = env(
+        "OFFDPO_TRAINER_MICRO_BATCH_TOKENS",
+        0,
+        "token budget per forward pass (replaces --micro-batch's pair count when > 0; a pair is never split)",
+    )
+    peak_gflops: float = env(
+        "OFFDPO_TRAINER_PEAK_GFLOPS",
+        0.0,
+        "float32 GEMM ceiling for the logged MFU (0: measured at start-up with a short GEMM)",
+    )
     distributed: str = env(
         "OFFDPO_TRAINER_DISTRIBUTED", "ddp", "under torchrun: 'ddp' (small models) or 'fsdp' (sharded)"
     )
@@ -127,6 +160,19 @@ class TrainerConfig(EnvConfig):
         "OFFDPO_TRAINER_EVAL_MAX_PAIRS", 512, "held-out pairs kept for evaluation (the first ones seen)"
     )
     progress: bool = env("OFFDPO_TRAINER_PROGRESS", True, "show a progress bar on the terminal")
+    # -- health (offdpo.health): readiness reports an outage the trainer is waiting out
+    health_port: int = env(
+        "OFFDPO_TRAINER_HEALTH_PORT",
+        0,
+        "plaintext grpc.health.v1 port (local rank 0 of each node; 0: off): service 'readiness' for kubelet's"
+        " readiness probe; no liveness answer depends on S3 or Kafka",
+    )
+    outage_ready_s: float = env(
+        "OFFDPO_TRAINER_OUTAGE_READY_S",
+        120.0,
+        "readiness turns NOT_SERVING after this long of continuous retrying of infrastructure trouble (S3 reads or"
+        " checkpoint uploads, dead letters the broker does not acknowledge), SERVING again when it resumes (0: never)",
+    )
 
 
 CONFIG_CLASSES = (S3Config, KafkaConfig, TrainerConfig)

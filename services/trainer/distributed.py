@@ -84,7 +84,7 @@ def all_sum(values: list[float], world: int, device: torch.device | str) -> list
 
 def wrap(model: PreTrainedModel, cfg: TrainerConfig, world: int, device: torch.device | str) -> torch.nn.Module:
     """The module that trains: answer log-probs of `model`, replicated (DDP) or sharded (FSDP2)."""
-    module = AnswerLogps(model, chunk_size=cfg.logprob_chunk_size)
+    module = AnswerLogps(model, chunk_size=cfg.logprob_chunk_size, chunk_bytes=cfg.logprob_chunk_bytes)
     if world == 1:
         return module
     if cfg.distributed == "fsdp":

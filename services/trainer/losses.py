@@ -27,7 +27,14 @@ class Batch:
     answer_lengths: torch.Tensor  # [2B] float32
     ref_logps: torch.Tensor  # [2B] float32 sums of stored reference log-probs
     num_pairs: int
-    num_tokens: int  # non-pad tokens (prompt + answers, both answers)
+    num_tokens: int  # logical tokens: prompt + answer of both answers (the prompt counted twice), any layout
+    # Set by the shared-prefix / packed layouts (services.trainer.packing); a 4-D bool attention_mask then.
+    position_ids: torch.Tensor | None = None  # [rows, T]
+    computed_tokens: int = 0  # non-pad positions the model computes (a shared prompt once)
+    padded_tokens: int = 0  # rows x T: computed_tokens plus padding
+    attention_pairs: int = 0  # (query, key) pairs attended, causal (the attention's useful work)
+    # Per-segment layout: [n, 3] (tokens computed first, of which prompt, tokens continuing the prompt)
+    segments: torch.Tensor | None = None
 
 
 def make_batch(examples, device: torch.device | str = "cpu", pad_id: int = 0) -> Batch:
@@ -60,32 +67,104 @@ def make_batch(examples, device: torch.device | str = "cpu", pad_id: int = 0) ->
         ref_logps=torch.tensor(refs, dtype=torch.float32, device=device),
         num_pairs=len(examples),
         num_tokens=int(mask.sum()),
+        computed_tokens=int(mask.sum()),
+        padded_tokens=int(mask.numel()),
+        attention_pairs=sum((len(p) + len(a)) * (len(p) + len(a) + 1) // 2 for p, a, _ in rows),
     )
+
+
+DEFAULT_CHUNK_BYTES = 128 << 20
 
 
 class AnswerLogps(torch.nn.Module):
     """Wraps a causal LM: forward(batch) -> summed answer log-probs per row, float32 [2B].
 
     Runs the base model for the last hidden states, then the LM head only over answer positions, in
-    chunks (offdpo.logprobs), so no [tokens x vocab] float32 tensor is ever materialised.
+    chunks (offdpo.logprobs), so no [tokens x vocab] float32 tensor is ever materialised. A chunk holds
+    as many positions as fit `chunk_bytes` of float32 logits (128 MiB: 220 positions at a 151,936
+    vocabulary, 8,192 at 4,096), capped at `chunk_size` positions (0: no cap).
     DDP/FSDP wrap this module, so their hooks see the whole computation.
     """
 
-    def __init__(self, model, chunk_size: int = 1024, checkpoint_head: bool = True):
+    def __init__(
+        self, model, chunk_size: int = 0, checkpoint_head: bool = True, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    ):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.chunk_bytes = chunk_bytes
         self.checkpoint_head = checkpoint_head
 
-    def forward(self, input_ids, attention_mask, hidden_index, targets, seq_index, num_rows: int):
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def head_chunk_positions(self) -> int:
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        n = max(1, self.chunk_bytes // (4 * vocab)) if self.chunk_bytes > 0 else 1 << 30
+        return min(n, self.chunk_size) if self.chunk_size > 0 else n
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        hidden_index,
+        targets,
+        seq_index,
+        num_rows: int,
+        position_ids=None,
+        segments=None,
+    ):
+        if segments is not None:
+            hidden = self._segment_hidden(input_ids, segments)
+        else:
+            hidden = self._hidden(input_ids, attention_mask, position_ids)
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, hidden_index)
         token_logps = gather_token_logprobs(
-            h, self.model.get_output_embeddings(), targets, chunk_size=self.chunk_size, checkpoint=self.checkpoint_head
+            h,
+            self.model.get_output_embeddings(),
+            targets,
+            chunk_size=self.head_chunk_positions(),
+            checkpoint=self.checkpoint_head,
         )
         return torch.zeros(num_rows, dtype=torch.float32, device=token_logps.device).index_add(
             0, seq_index, token_logps
         )
+
+    def _segment_hidden(self, input_ids, segments):
+        """Last hidden states of a one-row batch of segments, each run on its own: no padding, no mask.
+
+        A segment (n, p, r) is n tokens run causally, then r tokens that continue its first p tokens (the
+        prompt) with positions p.. : the keys/values of the prompt are reused (cropped cache), so the
+        rejected answer sees the prompt and not the chosen answer, and the prompt is computed once."""
+        from transformers import DynamicCache
+
+        decoder = self.model.get_decoder()
+        out, off = [], 0
+        for n, p, r in segments.tolist():
+            first = input_ids[:, off : off + n]
+            if r == 0:
+                out.append(decoder(input_ids=first, use_cache=False).last_hidden_state)
+            else:
+                cache = DynamicCache(config=self.model.config)
+                out.append(decoder(input_ids=first, past_key_values=cache, use_cache=True).last_hidden_state)
+                if n > p:  # keep the prompt's keys/values only (a negative crop removes that many)
+                    cache.crop(p - n)
+                pos = torch.arange(p, p + r, device=input_ids.device)[None]
+                cont = input_ids[:, off + n : off + n + r]
+                out.append(
+                    decoder(input_ids=cont, past_key_values=cache, position_ids=pos, use_cache=True).last_hidden_state
+                )
+            off += n + r
+        return torch.cat(out, dim=1)
+
+    def _hidden(self, input_ids, attention_mask, position_ids):
+        if attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
+            impl = getattr(self.model.config, "_attn_implementation", "sdpa")
+            if impl not in ("sdpa", "flex_attention"):  # eager adds the mask to the scores: additive form
+                dtype = self.model.get_input_embeddings().weight.dtype
+                attention_mask = torch.zeros(
+                    attention_mask.shape, dtype=dtype, device=attention_mask.device
+                ).masked_fill(~attention_mask, torch.finfo(dtype).min)
+        return self.model.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
 
 
 def answer_logps(module, batch: Batch) -> torch.Tensor:
@@ -95,7 +174,9 @@ def answer_logps(module, batch: Batch) -> torch.Tensor:
         batch.hidden_index,
         batch.targets,
         batch.seq_index,
-        batch.input_ids.shape[0],
+        batch.answer_lengths.shape[0],
+        position_ids=batch.position_ids,
+        segments=batch.segments,
     )
 
 

@@ -11,10 +11,31 @@ import torch
 
 from services.trainer.config import TrainerConfig
 from services.trainer.distributed import all_sum
-from services.trainer.losses import Batch, answer_logps, make_batch, preference_loss, sft_loss
+from services.trainer.losses import Batch, answer_logps, preference_loss, sft_loss
+from services.trainer.packing import Layout, make_layout_batch, plan_micro_batches, step_flops
 
 Autocast = Callable[[], AbstractContextManager[Any]]
-SUM_KEYS = ("loss", "chosen", "rejected", "correct", "logps_c", "logps_r", "tokens")
+SUM_KEYS = (
+    "loss",
+    "chosen",
+    "rejected",
+    "correct",
+    "logps_c",
+    "logps_r",
+    "tokens",  # logical tokens (prompt counted for both answers): the same in every layout
+    "computed",  # positions the model computed (a shared prompt once)
+    "padded",  # rows x length of the forward passes (computed + padding)
+    "answer_tokens",
+    "attn_pairs",
+)
+
+
+def layout_of(cfg: TrainerConfig) -> Layout:
+    return Layout(share_prefix=cfg.share_prefix, pack=cfg.pack, row_tokens=cfg.pack_row_tokens, pack_mode=cfg.pack_mode)
+
+
+def make_batch(micro: Sequence[Any], device: torch.device | str, pad_id: int, cfg: TrainerConfig) -> Batch:
+    return make_layout_batch(micro, layout_of(cfg), device, pad_id)
 
 
 def _losses(
@@ -69,16 +90,17 @@ def train_step(
     """
     n = len(batch_examples)
     per_rank = -(-n // world)
-    mine = batch_examples[rank * per_rank : (rank + 1) * per_rank]
-    m = cfg.micro_batch_size
-    n_micro = -(-per_rank // m)  # the same on every rank: collectives must line up
+    plans, n_micro = plan_micro_batches(
+        batch_examples, world, per_rank, cfg.micro_batch_size, cfg.micro_batch_tokens, cfg.share_prefix
+    )
+    micros = plans[rank]  # n_micro is the same on every rank: collectives must line up
     sums = dict.fromkeys(SUM_KEYS, 0.0)
     for i in range(n_micro):
-        micro = mine[i * m : (i + 1) * m]
+        micro: Sequence[Any] = micros[i] if i < len(micros) else []
         weight = 1.0
         if not micro:  # this rank ran out (short last batch): a zero-weight pass keeps DDP in step
             micro, weight = batch_examples[:1], 0.0
-        batch = make_batch(micro, device, pad_id)
+        batch = make_batch(micro, device, pad_id, cfg)
         last = i == n_micro - 1
         no_sync = getattr(module, "no_sync", None)  # DDP: all-reduce gradients only after the last micro-batch
         with contextlib.nullcontext() if last or no_sync is None else no_sync():
@@ -105,6 +127,10 @@ def _accumulate(
     sums["logps_c"] += policy[:B].detach().sum().item()
     sums["logps_r"] += policy[B:].detach().sum().item()
     sums["tokens"] += batch.num_tokens
+    sums["computed"] += batch.computed_tokens
+    sums["padded"] += batch.padded_tokens
+    sums["answer_tokens"] += batch.targets.numel()
+    sums["attn_pairs"] += batch.attention_pairs
 
 
 @torch.no_grad()
@@ -133,7 +159,7 @@ def eval_step(
         for i in range(-(-per_rank // m)):
             micro = mine[i * m : (i + 1) * m]
             weight = bool(micro)
-            batch = make_batch(micro or examples[:1], device, pad_id)
+            batch = make_batch(micro or examples[:1], device, pad_id, cfg)
             policy, per_pair, chosen, rejected = _losses(module, batch, cfg, autocast, None, "dpo")
             if weight:
                 _accumulate(sums, batch, policy, per_pair, chosen, rejected)
@@ -151,8 +177,24 @@ def eval_metrics(sums: dict[str, float], n: int) -> dict[str, float]:
     return out
 
 
-def step_metrics(sums: dict[str, float], n: int, grad_norm: float, lr: float, seconds: float) -> dict[str, float]:
-    return {
+def step_metrics(
+    sums: dict[str, float],
+    n: int,
+    grad_norm: float,
+    lr: float,
+    seconds: float,
+    flop_shape: tuple[int, int, int, int] | None = None,
+    peak_gflops: float = 0.0,
+) -> dict[str, float]:
+    """The keys of metrics.jsonl. With the model's flop shape and the device's float32 GEMM ceiling, `mfu`
+    is the step's useful FLOPs (packing.step_flops) per second over that ceiling (as nanoGPT logs it)."""
+    extra: dict[str, float] = {}
+    if sums.get("padded"):
+        extra["padding_waste"] = 1.0 - sums["computed"] / sums["padded"]
+    if flop_shape is not None and peak_gflops > 0:
+        flops = step_flops(flop_shape, sums["computed"], sums["answer_tokens"], sums["attn_pairs"])
+        extra["mfu"] = flops / max(seconds, 1e-9) / (peak_gflops * 1e9)
+    return extra | {
         "loss": sums["loss"] / n,
         "rewards/chosen": sums["chosen"] / n,
         "rewards/rejected": sums["rejected"] / n,

@@ -26,9 +26,12 @@ AdamW step, log; checkpoint every --save-every steps and at the end.
 
 Outages and bad data: a shard S3 cannot deliver (unreachable, AccessDenied, any error but NoSuchKey)
 stops progress on its event and is retried with backoff for as long as it takes (a log line per
-step; Prometheus offdpo_trainer_infra_errors_total and offdpo_trainer_backoff_seconds); so is a
-checkpoint upload. Only wrong data is dead-lettered, poisoned rows included (token ids outside the
-model's vocabulary, NaN or infinite reference log-probs). A step whose loss or gradient norm is not
+step; Prometheus offdpo_trainer_infra_errors_total, offdpo_trainer_backoff_seconds and
+offdpo_trainer_waiting_on_infra_seconds); so is a checkpoint upload. After OFFDPO_TRAINER_OUTAGE_READY_S of
+such waiting the health port (OFFDPO_TRAINER_HEALTH_PORT, grpc.health.v1 service 'readiness') answers
+NOT_SERVING, and SERVING again once it resumes; liveness ('') never depends on S3 or Kafka. Only wrong
+data is dead-lettered, poisoned rows included (token ids outside the model's vocabulary, NaN or
+infinite reference log-probs). A step whose loss or gradient norm is not
 finite is not applied (counted as skipped_nonfinite_steps, its pairs in skipped_pairs.jsonl), and a
 checkpoint of non-finite weights is refused.
 
@@ -64,6 +67,7 @@ from torch.distributed.tensor import DTensor
 
 from offdpo.config import KafkaConfig, S3Config
 from offdpo.errors import BadInput
+from offdpo.health import LoopHealth, LoopHealthServer
 from offdpo.records import ReferenceFingerprint
 from offdpo.s3 import ObjectStore, safe_key_part
 from offdpo.shutdown import StopOnSignals
@@ -85,6 +89,7 @@ from services.trainer.messages import (
     as_step,
 )
 from services.trainer.metrics import MetricsLog
+from services.trainer.packing import matmul_ceiling_gflops, model_flop_shape
 from services.trainer.schedule import lr_schedule
 from services.trainer.step import eval_metrics, eval_step, step_metrics, train_step
 
@@ -232,7 +237,12 @@ def model_vocab_size(path: str | Path) -> int | None:
 
 
 def prepare(
-    cfg: TrainerConfig, store: ObjectStore, kafka: KafkaConfig, stop: threading.Event, faults: Faults | None = None
+    cfg: TrainerConfig,
+    store: ObjectStore,
+    kafka: KafkaConfig,
+    stop: threading.Event,
+    faults: Faults | None = None,
+    infra: InfraStatus | None = None,
 ) -> tuple[Source | None, Setup]:
     """Rank 0: the data source and the run's plan, or why the data is refused (then no source)."""
     store.ensure_bucket()
@@ -242,7 +252,7 @@ def prepare(
         reader = _DeniedReads(store, faults.deny_shard_reads_s)
     try:
         resume_from = ckpt.latest_checkpoint(store, cfg.run_name) if cfg.resume else None
-        source = open_source(cfg, reader, kafka, expected, stop, model_vocab_size(cfg.model))
+        source = open_source(cfg, reader, kafka, expected, stop, model_vocab_size(cfg.model), infra)
     except BadInput as exc:  # replay: a shard or a record refused before step 1; an unsafe `latest`
         return None, Failure(str(exc))
     try:
@@ -387,12 +397,47 @@ def run(
     """Train; returns a summary. Raises DataError when data is refused (replay mode).
     Stopped by SIGTERM/SIGINT, it checkpoints and returns with `stopped_by` set to the signal's name."""
     faults = faults or Faults(kill_after_step=fault_kill_after_step)
+    infra = InfraStatus()  # the data source's and the checkpoint uploads' outage state, read by readiness
     # A preempted pod resumes where it stopped instead of at the last periodic checkpoint.
-    with StopOnSignals("stopping after the current step and saving a checkpoint") as stop:
-        return _run(cfg, s3 or S3Config.from_env(), kafka or KafkaConfig.from_env(), faults, stop)
+    with (
+        StopOnSignals("stopping after the current step and saving a checkpoint") as stop,
+        health_server(cfg, infra),
+    ):
+        return _run(cfg, s3 or S3Config.from_env(), kafka or KafkaConfig.from_env(), faults, stop, infra)
 
 
-def _run(cfg: TrainerConfig, s3: S3Config, kafka: KafkaConfig, faults: Faults, stop: StopOnSignals) -> dict[str, Any]:
+def trainer_health(cfg: TrainerConfig, infra: InfraStatus) -> LoopHealth:
+    """Readiness of the trainer (offdpo.health): NOT_SERVING once `infra` (what the sources and the
+    checkpoint uploads retry: S3 reads and writes, dead letters the broker does not acknowledge) has been
+    waiting for OFFDPO_TRAINER_OUTAGE_READY_S, SERVING again when it resumes; read at Check time, since
+    the main thread is blocked in the backoff. A broker that is merely unreachable shows as empty polls
+    (kafka-python does not raise), not here. No staleness check: a step may take long, and the Job
+    restarts nothing on a liveness answer."""
+    return LoopHealth(
+        "offdpo-trainer",
+        0.0,
+        clock=infra.clock,
+        outage_ready_s=cfg.outage_ready_s,
+        outage_since=lambda: infra.waiting_since,
+    )
+
+
+def health_server(cfg: TrainerConfig, infra: InfraStatus) -> contextlib.AbstractContextManager[Any]:
+    """The health port on local rank 0 of each node (one per pod); the other ranks serve none. Only
+    global rank 0 reads data, so another node's pod reports SERVING while it waits on rank 0."""
+    if not cfg.health_port or os.environ.get("LOCAL_RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return LoopHealthServer(trainer_health(cfg, infra), "0.0.0.0", cfg.health_port, "OFFDPO_TRAINER_HEALTH_PORT")
+
+
+def _run(
+    cfg: TrainerConfig,
+    s3: S3Config,
+    kafka: KafkaConfig,
+    faults: Faults,
+    stop: StopOnSignals,
+    infra: InfraStatus | None = None,
+) -> dict[str, Any]:
     node = distributed.setup()
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and node.device.type == "cuda")
     autocast = (lambda: torch.autocast(node.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
@@ -404,7 +449,7 @@ def _run(cfg: TrainerConfig, s3: S3Config, kafka: KafkaConfig, faults: Faults, s
     source: Source | None = None
     setup: Setup | None = None
     if node.is_main:
-        source, setup = prepare(cfg, store, kafka, stop.requested, faults)
+        source, setup = prepare(cfg, store, kafka, stop.requested, faults, infra)
     plan = as_setup(node.broadcast(setup))
     if isinstance(plan, Failure):
         raise DataError(plan.message)
@@ -415,6 +460,9 @@ def _run(cfg: TrainerConfig, s3: S3Config, kafka: KafkaConfig, faults: Faults, s
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         policy = build_policy(cfg, node, store, plan)
+        # MFU per step (beside tokens/s): useful FLOPs over the float32 GEMM ceiling, measured unless given.
+        flop_shape = model_flop_shape(policy.model)
+        peak_gflops = cfg.peak_gflops or (matmul_ceiling_gflops() if node.is_main else 0.0)
         step = ckpt.restore(store, plan.resume_from, cfg, node, policy) if plan.resume_from else 0
         if plan.resume_from:
             log.info("resumed from %s at step %d", plan.resume_from, step)
@@ -465,7 +513,7 @@ def _run(cfg: TrainerConfig, s3: S3Config, kafka: KafkaConfig, faults: Faults, s
             step += 1
 
             # 4. Log; the pairs count as trained once the update is done.
-            values = step_metrics(sums, len(batch), norm, lr, time.perf_counter() - t0)
+            values = step_metrics(sums, len(batch), norm, lr, time.perf_counter() - t0, flop_shape, peak_gflops)
             values["skipped_nonfinite_steps"] = skipped
             if source is not None:
                 source.mark_trained(batch)

@@ -99,8 +99,14 @@ def vllm_topics(stack):
 @pytest.fixture(scope="package")  # tests/refscore only: the engine stops before other packages run
 def vllm_server(tiny_model, stack, vllm_topics, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("refscore") / "vllm-server.log"
+    metrics = {"OFFDPO_REFSCORE_METRICS_PORT": str(free_port())}  # tests read counters (test_parity.py)
     server = start_refscore(
-        tiny_model, log_path, engine="vllm", stack=stack, worker=True, extra_env={**vllm_topics, **VLLM_ENGINE_SETTINGS}
+        tiny_model,
+        log_path,
+        engine="vllm",
+        stack=stack,
+        worker=True,
+        extra_env={**vllm_topics, **VLLM_ENGINE_SETTINGS, **metrics},
     )
     client = RefscoreClient(server.target)
     try:

@@ -46,7 +46,8 @@ def test_transformers_engine_runs_with_the_configured_settings(tiny_model):
         ("OFFDPO_REFSCORE_CPU_THREADS", "4096", "only"),
         ("OFFDPO_REFSCORE_CPU_THREADS", "-1", ">= 0"),
         ("OFFDPO_REFSCORE_CPU_RESERVED_CORES", str(len(os.sched_getaffinity(0))), "leaves none"),
-        ("OFFDPO_REFSCORE_LOGPROB_CHUNK_TOKENS", "0", ">= 1"),
+        ("OFFDPO_REFSCORE_LOGPROB_CHUNK_TOKENS", "-1", ">= 0"),
+        ("OFFDPO_REFSCORE_LOGITS_BUDGET_MB", "0", ">= 1"),
     ],
 )
 def test_bad_engine_settings_are_refused_with_the_variable_named(name, value, needle):

@@ -126,3 +126,38 @@ def test_engines_share_a_fingerprint_identity(vllm_client, transformers_scorer):
     vllm_fp = vllm_client.model_info().fingerprint
     assert vllm_fp.fingerprint_id == transformers_scorer.fingerprint.fingerprint_id
     assert vllm_fp.engine != transformers_scorer.fingerprint.engine
+
+
+def _counter(port: int, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
+
+
+@pytest.mark.vllm
+def test_vllm_computes_a_pairs_shared_prompt_once_with_unchanged_logprobs(vllm_server, vllm_client, reference):
+    """Pairs whose answers share a long prompt (and some share leading answer tokens, which the prefix
+    cache then also covers): the second answer reads the prompt from the cache, and every answer's
+    log-probs still equal a plain forward's."""
+    rng = random.Random(7)
+    words = ["alpha", "beta", "gamma", "delta", "review", "movie", "plot", "actor", "scene", "great"]
+    items = []
+    for n in range(6):
+        prompt = " ".join(rng.choice(words) for _ in range(rng.randint(60, 90)))
+        chosen = " ".join(rng.choice(words) for _ in range(rng.randint(5, 25)))
+        common = " ".join(chosen.split()[: rng.choice([0, 3, 20])])  # leading words the two answers share
+        rejected = (common + " " + " ".join(rng.choice(words) for _ in range(rng.randint(5, 25)))).strip()
+        items += [score_item(prompt, chosen, item_id=f"{n}c"), score_item(prompt, rejected, item_id=f"{n}r")]
+    port = int(vllm_server.env["OFFDPO_REFSCORE_METRICS_PORT"])
+    before = _counter(port, "refscore_engine_shared_prompt_tokens_total")
+    response = vllm_client.score(items)
+    shared = _counter(port, "refscore_engine_shared_prompt_tokens_total") - before
+    _check_parity(response.items, reference)
+    prompt_tokens = sum(len(i.prompt_token_ids) for i in response.items[1::2])
+    # The cache works in whole blocks (128 tokens on CPU): with prompts of ~200-300 tokens at least a
+    # third of the second answers' prompt tokens are read from it.
+    assert shared >= prompt_tokens / 3, f"{shared} of {prompt_tokens} shared prompt tokens read from the cache"

@@ -119,7 +119,7 @@ def test_a_users_model_folder_is_read_only_to_the_trainer_and_the_benchmark(tmp_
     model = build_test_model(tmp_path / "users-model", size="tiny")
     (model / "offdpo_model.json").unlink()  # a real model: nothing says the project built it
     before = tree_digest(model)
-    assert bench_trainer.resolve_model(model) == model
+    assert bench_trainer.resolve_model(model, "tiny") == model
     cfg = _cfg(model, tmp_path)
     train.load_policy(model, cfg, "cpu")
     AutoTokenizer.from_pretrained(model)
@@ -134,6 +134,6 @@ def test_a_users_model_folder_is_read_only_to_the_trainer_and_the_benchmark(tmp_
     not_a_model.mkdir()
     (not_a_model / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit, match="not a model directory"):
-        bench_trainer.resolve_model(not_a_model)
+        bench_trainer.resolve_model(not_a_model, "tiny")
     assert [p.name for p in not_a_model.iterdir()] == ["notes.txt"]
     shutil.rmtree(not_a_model)
