@@ -27,6 +27,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -56,9 +57,12 @@ class PipelineRun:
         self.reference = ensure_reviews_model(models)
         self.reward = ensure_reviews_reward_model(models)
         self.own_stack = stack is None  # tests pass their session's stack (free ports), left running
-        self.stack = stack or LocalStack()
+        # its own stack on free ports: other stacks on this machine (tests, other benches) keep theirs
+        self.stack = stack or LocalStack.for_tests(self.workdir / "stack")
         self.verbose = verbose
         self.procs: list[subprocess.Popen] = []
+        # (prompt, text) -> (prompt ids, answer ids, log-probs reported by Generate while sampling)
+        self.generated: dict[tuple[str, str], tuple[list[int], list[int], list[float]]] = {}
 
     def __enter__(self) -> PipelineRun:
         from localdev.experiment import stack_up_quietly
@@ -163,16 +167,89 @@ class PipelineRun:
         def work(i: int, path: Path) -> dict:
             cfg = cfg_for(i)
             overrides = None
-            if swap:  # test-only: chosen and rejected exchanged
-                model = RewardModel(cfg.reward_model, cfg.reward_batch_size, cfg.reward_max_length)
-                overrides = {"reward_model": RewardModelStrategy(NegatedRewardModel(model), cfg.pair_mode, cfg.margin)}
-            labeler = build_labeler(cfg, self.kafka, strategy_overrides=overrides)
+            # transformers' from_pretrained is not thread-safe (it swaps process-wide attributes such as
+            # PreTrainedModel.tie_weights for the length of a load): labelers loading their reward
+            # models in overlapping threads could leave weight tying off for the rest of this process,
+            # and every causal LM loaded later (evaluation, TRL, best-of-n) with an uninitialised lm_head.
+            with _LOAD_LOCK:
+                if swap:  # test-only: chosen and rejected exchanged
+                    model = RewardModel(cfg.reward_model, cfg.reward_batch_size, cfg.reward_max_length)
+                    overrides = {
+                        "reward_model": RewardModelStrategy(NegatedRewardModel(model), cfg.pair_mode, cfg.margin)
+                    }
+                labeler = build_labeler(cfg, self.kafka, strategy_overrides=overrides, generator=self._generator(cfg))
             try:
                 return run_file(labeler, path, "candidates", "reward_model")
             finally:
                 close_labeler(labeler)
 
-        return fan_out(work, files)
+        summaries = fan_out(work, files)
+        check_complete_load(self.reference)
+        return summaries
+
+    def _generator(self, cfg):
+        """The labeler's own refscore generator, recording each sample's token ids and the log-probs
+        vLLM reported while sampling them (the seed's claim: generation vs scoring log-probs)."""
+        from offdpo import records
+        from services.labeler.runner import RefScoreGenerator
+
+        generated = self.generated
+
+        class Recording(RefScoreGenerator):
+            def generate(self, prompt, n):
+                req = self._pb.GenerateRequest(n=n, max_tokens=self.max_tokens, temperature=self.temperature)
+                req.prompt.CopyFrom(prompt)
+                resp = self.client.stub.Generate(req, timeout=self.timeout_s)
+                key = json.dumps(records.canonical_prompt(prompt), sort_keys=True)
+                for a in resp.answers:
+                    generated[(key, a.text)] = (list(resp.prompt_token_ids), list(a.token_ids), list(a.token_logprobs))
+                return [a.text for a in resp.answers]
+
+        return Recording(cfg)
+
+    def write_generation_shards(self, fp, prefix_out: str) -> dict:
+        """A copy of the scored shards whose reference log-probs are the ones recorded while generating
+        (where the generated token ids are exactly the scored ones; other rows keep the scored values)."""
+        from offdpo import records
+
+        src = self.shard_prefix(fp)
+        counts = {"answers": 0, "replaced": 0, "id_mismatch": 0, "not_recorded": 0, "max_abs_token_diff": 0.0}
+        diffs: list[float] = []
+        for key in self.store.list_keys(src):
+            shard = records.read_shard(self.store.get_bytes(key), key)
+            rows = []
+            for row in shard.rows():
+                pkey = json.dumps(records.canonical_prompt(row.pair.prompt), sort_keys=True)
+                for side in ("chosen", "rejected"):
+                    counts["answers"] += 1
+                    hit = self.generated.get((pkey, getattr(row.pair, side)))
+                    ids = list(getattr(row, f"{side}_token_ids"))
+                    if hit is None:
+                        counts["not_recorded"] += 1
+                        continue
+                    p_ids, g_ids, g_lps = hit
+                    if g_ids != ids or p_ids != list(row.prompt_token_ids):
+                        counts["id_mismatch"] += 1
+                        continue
+                    scored = list(getattr(row, f"{side}_logprobs"))
+                    diffs.append(sum(g_lps) - sum(scored))
+                    counts["max_abs_token_diff"] = max(
+                        counts["max_abs_token_diff"], max((abs(a - b) for a, b in zip(g_lps, scored)), default=0.0)
+                    )
+                    field = getattr(row, f"{side}_logprobs")
+                    del field[:]
+                    field.extend(g_lps)
+                    setattr(row, f"{side}_logprob_sum", float(sum(g_lps)))
+                    counts["replaced"] += 1
+                rows.append(row)
+            data = records.scored_pairs_to_parquet(rows, shard.fingerprint)
+            self.store.put_bytes(prefix_out + key[len("scores/") :], data)
+        if diffs:
+            counts["sum_diff_mean"] = round(statistics.fmean(diffs), 6)
+            counts["sum_diff_mean_abs"] = round(statistics.fmean(abs(d) for d in diffs), 6)
+            counts["sum_diff_max_abs"] = round(max(abs(d) for d in diffs), 6)
+        counts["max_abs_token_diff"] = round(counts["max_abs_token_diff"], 6)
+        return counts
 
     def pair_count(self) -> int:
         from offdpo import records
@@ -274,6 +351,21 @@ class PipelineRun:
 
         prefix = f"{run_prefix(run_name)}/checkpoints/step-{step:08d}"
         return download_model(self.store, prefix, self.workdir / "checkpoints" / run_name / str(step))
+
+
+_LOAD_LOCK = threading.Lock()
+
+
+def check_complete_load(model_dir: Path) -> None:
+    """Refuse to go on if a causal LM no longer loads whole in this process (a missing tied lm_head
+    means weight tying was switched off by overlapping loads: every evaluation after would sample
+    from uninitialised weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, output_loading_info=True)
+    if info["missing_keys"]:
+        raise RuntimeError(f"{model_dir} loads with weights missing: {sorted(info['missing_keys'])}")
 
 
 def trainer_has_eval_flags() -> bool:
@@ -503,7 +595,8 @@ def plot(result: dict, path: Path) -> None:
         xs = [0.0] + [p["kl"] for p in run["points"]]
         ys = [ref["reward_mean"]] + [p["reward_mean"] for p in run["points"]]
         es = [ref["reward_se"]] + [p["reward_se"] for p in run["points"]]
-        ax.errorbar(xs, ys, yerr=es, fmt="o-", capsize=2, label=f"{run['name']} (beta {run['beta']}, lr {run['lr']})")
+        what = "over-optimisation" if run["name"] == "overopt" else run["name"]
+        ax.errorbar(xs, ys, yerr=es, fmt="o-", capsize=2, label=f"{what} (beta {run['beta']}, lr {run['lr']:g}), steps")
         for p in run["points"]:
             ax.annotate(
                 str(p["step"]), (p["kl"], p["reward_mean"]), fontsize=7, xytext=(3, -8), textcoords="offset points"
@@ -512,13 +605,13 @@ def plot(result: dict, path: Path) -> None:
             [p["kl"] for p in run["points"]],
             [p.get("heldout_accuracy") or float("nan") for p in run["points"]],
             "o-",
-            label=f"{run['name']}: held-out pair accuracy",
+            label=f"{what}: held-out pair accuracy",
         )
         ax2.plot(
             [p["kl"] for p in run["points"]],
             [p["consistency"] for p in run["points"]],
             "x--",
-            label=f"{run['name']}: sentiment consistency",
+            label=f"{what}: sentiment consistency of samples",
         )
     bon = result.get("best_of_n", [])
     if bon:
@@ -530,7 +623,12 @@ def plot(result: dict, path: Path) -> None:
             color="gray",
             label="best-of-n (n=2,4,16; reward model)",
         )
-    for key, marker in (("trl", "D"), ("dtype", "P")):
+    labels = {
+        "trl": "TRL DPOTrainer, live reference (one point per seed)",
+        "dtype": "bf16-scored references",
+        "generation_logprobs": "references from generation log-probs",
+    }
+    for key, marker in (("trl", "D"), ("dtype", "P"), ("generation_logprobs", "X")):
         runs = result.get(key, {}).get("runs", [])
         if runs:
             ax.errorbar(
@@ -539,7 +637,7 @@ def plot(result: dict, path: Path) -> None:
                 xerr=[p["kl_se"] for p in runs],
                 yerr=[p["reward_se"] for p in runs],
                 fmt=marker,
-                label={"trl": "TRL DPOTrainer, live reference (3 seeds)", "dtype": "bf16-scored references"}[key],
+                label=labels[key],
             )
     ours = result.get("ours_seeds", [])
     if ours:
@@ -550,11 +648,16 @@ def plot(result: dict, path: Path) -> None:
             yerr=[p["reward_se"] for p in ours],
             fmt="*",
             markersize=10,
-            label="ours, 3 seeds (headline setting)",
+            label=f"ours, {len(ours)} seeds (headline setting)",
         )
     ax.set_xlabel("KL(policy || reference), nats per sample")
     ax.set_ylabel("ground-truth reward (pos - neg adjectives per word)")
-    ax.set_title("reward vs KL frontier (held-out openings, 400 samples each)")
+    samples = result.get("settings", {}).get("eval_samples", 400)
+    ax.set_title(f"reward vs KL frontier (held-out openings, {samples} samples per point)")
+    kls = [p["kl"] for run in result["sweep"] for p in run["points"]]
+    if kls and max(kls) > 12:  # an over-optimised run would squash the rest: linear to 4 nats, log beyond
+        for a in (ax, ax2):
+            a.set_xscale("symlog", linthresh=4, linscale=2)
     ax.legend(fontsize=7)
     ax2.set_xlabel("KL(policy || reference), nats per sample")
     ax2.set_ylabel("share")
@@ -586,6 +689,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-samples", type=int, default=400)
     parser.add_argument("--eval-seed", type=int, default=1)
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 100, 150, 200])
+    parser.add_argument(
+        "--sweep-steps", type=int, nargs="+", default=None, help="checkpoints of the other betas (default: --steps)"
+    )
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--betas", type=float, nargs="+", default=[0.1, 0.5])
     parser.add_argument("--headline-beta", type=float, default=0.5)
@@ -593,7 +699,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overopt", type=float, nargs=2, default=[0.05, 1e-3], metavar=("BETA", "LR"))
     parser.add_argument("--trl-seeds", type=int, default=3, help="0: skip TRL")
     parser.add_argument("--trl-exclude-heldout", action="store_true", default=True)
+    parser.add_argument("--overopt-steps", type=int, nargs="+", default=[100, 200])
     parser.add_argument("--skip-dtype", action="store_true")
+    parser.add_argument("--skip-genlogprobs", action="store_true")
     parser.add_argument("--workdir", default=str(REPO / ".cache" / "bench-learning"))
     parser.add_argument("--models", default=str(REPO / ".cache" / "models"))
     parser.add_argument("--out", default=str(RESULTS / "learning.json"))
@@ -650,28 +758,18 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"  {pairs} pairs, {scored} scored under {prefix} ({result['pipeline']['wall_s']} s)")
         checkpoint_result()
 
-        _say("[2] sweep: replaying the shards")
+        _say(f"[2] headline: beta {args.headline_beta} replaying the shards, steps {args.steps}")
         result["sweep"] = []
-        betas = sorted(args.betas, key=lambda b: b != args.headline_beta)  # the headline first
-        for beta in betas:
-            result["sweep"].append(sweep_run(run, address, prefix, f"beta{beta}", beta, args.lr, args.steps, args))
-            if beta == args.headline_beta:
-                result["headline"] = next(p for p in result["sweep"][-1]["points"] if p["step"] == args.headline_steps)
-                result["headline_run"] = {
-                    "beta": args.headline_beta,
-                    "lr": args.lr,
-                    "steps": args.headline_steps,
-                    "batch": 32,
-                }
-            checkpoint_result()
 
-        def overopt() -> None:
-            beta, lr = args.overopt
-            result["sweep"].append(sweep_run(run, address, prefix, "overopt", beta, lr, [100, 200], args))
+        def beta_sweep(beta: float, steps: list[int]) -> None:
+            result["sweep"].append(sweep_run(run, address, prefix, f"beta{beta}", beta, args.lr, steps, args))
 
-        _optional(result, "overopt", overopt)
+        beta_sweep(args.headline_beta, args.steps)
+        result["headline"] = next(p for p in result["sweep"][-1]["points"] if p["step"] == args.headline_steps)
+        result["headline_run"] = {"beta": args.headline_beta, "lr": args.lr, "steps": args.headline_steps, "batch": 32}
         checkpoint_result()
 
+        # The parts the issue asks most come first: a run stopped early keeps them.
         _say("[3] best-of-n from the reference")
 
         def bon() -> None:
@@ -680,11 +778,23 @@ def main(argv: list[str] | None = None) -> int:
         _optional(result, "best_of_n", bon)
         checkpoint_result()
 
-        _say("[4] seeds of the headline setting, and TRL with a live reference")
+        _say("[4] TRL with a live reference, and our seeds of the headline setting (interleaved)")
         result["ours_seeds"] = [dict(result["headline"], seed=0)]
+        if args.trl_seeds:
+            result["trl"] = {"runs": [], "trl_version": __import__("trl").__version__}
+        for seed in range(max(1, args.trl_seeds)):
 
-        def seeds() -> None:
-            for seed in range(1, max(1, args.trl_seeds)):
+            def trl(seed: int = seed) -> None:
+                point = trl_live_reference(
+                    run, prefix, address, args.headline_beta, args.lr, args.headline_steps, seed, args
+                )
+                result["trl"]["runs"].append(point)
+                _say(
+                    f"  TRL seed {seed}: positive {point['positive_share']:.3f}, reward {point['reward_mean']:+.4f} "
+                    f"+- {point['reward_se']:.4f}, KL {point['kl']:.3f} +- {point['kl_se']:.3f}"
+                )
+
+            def ours(seed: int = seed) -> None:
                 r = sweep_run(
                     run,
                     address,
@@ -697,24 +807,22 @@ def main(argv: list[str] | None = None) -> int:
                     seed=seed,
                 )
                 result["ours_seeds"].append(dict(r["points"][0], seed=seed, wall_s=r["wall_s"]))
+
+            if args.trl_seeds:
+                _optional(result, f"trl_seed{seed}", trl)
+                checkpoint_result()
+            if seed > 0:
+                _optional(result, f"ours_seed{seed}", ours)
                 checkpoint_result()
 
-        _optional(result, "ours_seeds", seeds)
+        _say(f"[5] over-optimisation: beta {args.overopt[0]}, lr {args.overopt[1]}, steps {args.overopt_steps}")
 
-        def trl() -> None:
-            result["trl"] = {"runs": [], "trl_version": __import__("trl").__version__}
-            for seed in range(args.trl_seeds):
-                point = trl_live_reference(
-                    run, prefix, address, args.headline_beta, args.lr, args.headline_steps, seed, args
-                )
-                result["trl"]["runs"].append(point)
-                _say(
-                    f"  TRL seed {seed}: reward {point['reward_mean']:+.4f} +- {point['reward_se']:.4f}, KL {point['kl']:.3f}"
-                )
-                checkpoint_result()
+        def overopt() -> None:
+            beta, lr = args.overopt
+            result["sweep"].append(sweep_run(run, address, prefix, "overopt", beta, lr, args.overopt_steps, args))
 
-        if args.trl_seeds:
-            _optional(result, "trl", trl)
+        _optional(result, "overopt", overopt)
+        checkpoint_result()
 
         def dtype() -> None:
             # the same pairs topic, scored again by a bfloat16 refscore worker (its own group and fingerprint)
@@ -742,9 +850,53 @@ def main(argv: list[str] | None = None) -> int:
             }
 
         if not args.skip_dtype:
-            _say("[5] bfloat16-scored references, same pairs and settings")
+            _say("[6] bfloat16-scored references, same pairs and settings")
             _optional(result, "dtype", dtype)
-        checkpoint_result()
+            checkpoint_result()
+
+        def generation_logprobs() -> None:
+            # the seed's claim: the sampled tokens' log-probs from Generate instead of scoring the answers
+            gen_prefix = "genlogprobs/"
+            counts = run.write_generation_shards(fp, gen_prefix)
+            _say(f"  generation log-probs: {counts}")
+            result["generation_logprobs"] = {"per_answer": counts}
+            if counts["replaced"] and not counts["id_mismatch"] and counts["max_abs_token_diff"] == 0.0:
+                # bit-identical references: the replay would be the headline run again
+                result["generation_logprobs"]["not_trained"] = (
+                    "every generation log-prob equals the scored one exactly, so the shards are identical "
+                    "in content to the scored ones and training on them repeats the headline run"
+                )
+                return
+            r = sweep_run(
+                run,
+                address,
+                gen_prefix + prefix[len("scores/") :],
+                "genlogprobs",
+                args.headline_beta,
+                args.lr,
+                [args.headline_steps],
+                args,
+            )
+            p, head = r["points"][0], result["headline"]
+            result["generation_logprobs"] = {
+                "runs": [dict(p, reference="generation log-probs", wall_s=r["wall_s"])],
+                "per_answer": counts,
+                "scored_headline": {k: head[k] for k in ("reward_mean", "reward_se", "kl", "kl_se")},
+                "reward_diff_se": round(
+                    (p["reward_mean"] - head["reward_mean"]) / math.hypot(p["reward_se"], head["reward_se"]), 2
+                ),
+                "kl_diff": round(p["kl"] - head["kl"], 4),
+            }
+
+        if not args.skip_genlogprobs:
+            _say("[7] reference log-probs from generation instead of scoring, same pairs and settings")
+            _optional(result, "generation_logprobs", generation_logprobs)
+            checkpoint_result()
+
+        for beta in [b for b in args.betas if b != args.headline_beta]:
+            _say(f"[8] beta {beta} sweep, steps {args.sweep_steps or args.steps}")
+            _optional(result, f"beta{beta}", lambda beta=beta: beta_sweep(beta, args.sweep_steps or args.steps))
+            checkpoint_result()
     _say(json.dumps(result.get("summary"), indent=1))
     _say(f"wrote {out} and {out.with_suffix('.png')} in {result['wall_s'] / 60:.1f} min")
     return 0

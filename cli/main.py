@@ -4,9 +4,12 @@ offdpo stack up|down|status      the local Kafka (Tansu) + S3 (SeaweedFS) stack
 offdpo model build ...           deterministic local test models (--pretrain reviews: the review-language reference)
 offdpo eval CHECKPOINT           sample a policy on held-out prompts: ground-truth reward and KL to the reference
 offdpo config                    every environment variable, with its default
-offdpo demo                      the main job end to end on the local stack
+offdpo demo                      the main job end to end on the local stack; the model gets better
 offdpo export-trl SOURCE OUT     scored shards -> a TRL-ready dataset (needs the `trl` extra)
 offdpo deadletter list|replay    dead letters by service and error type; republish chosen ones after a fix
+offdpo rescore --from P --model M stored pairs (scored shards or the archive) scored under a new reference
+offdpo archive [--until-idle S]  archive the pairs topic to S3 as Parquet (replayable after Kafka forgets)
+offdpo rounds [--rounds N]       iterative DPO on the local stack: each round's policy the next one's reference
 """
 
 from __future__ import annotations
@@ -60,9 +63,10 @@ def _model_cmd(args) -> int:
 def _config_cmd(args) -> int:
     from cli.service_configs import service_config_classes
     from localdev.stack import StackConfig
+    from offdpo.archive import ArchiveConfig
     from offdpo.config import KafkaConfig, S3Config, describe
 
-    classes = [S3Config, KafkaConfig, StackConfig]
+    classes = [S3Config, KafkaConfig, StackConfig, ArchiveConfig]
     for _service, service_classes in service_config_classes().items():
         classes += [c for c in service_classes if c not in classes]
     print(describe(*classes))
@@ -102,6 +106,24 @@ def _export_trl_cmd(args) -> int:
     return 0
 
 
+def _rescore_cmd(args) -> int:
+    from services.refscore.backfill import run
+
+    return run(args)
+
+
+def _archive_cmd(args) -> int:
+    from offdpo.archive import run_archiver
+
+    return run_archiver(args.until_idle)
+
+
+def _rounds_cmd(args) -> int:
+    from cli.rounds import main as rounds_main
+
+    return rounds_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     from localdev.testmodel import SIZES
 
@@ -138,9 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     add_eval_parser(sub)
     add_deadletter_parser(sub)
 
-    p = sub.add_parser("demo", help="run the main job end to end on the local stack")
+    p = sub.add_parser(
+        "demo", help="run the main job end to end on the local stack and show the model it makes is better"
+    )
     p.add_argument("--workdir", default=".cache/demo", help="models, logs and outputs of the demo")
     p.add_argument("--keep-stack", action="store_true", help="leave the local stack running afterwards")
+    p.add_argument("--prompts", type=int, help="held-in review openings to label (default: cli.demo.PROMPTS)")
+    p.add_argument("--verbose", action="store_true", help="show third-party INFO logs (kafka-python, ...)")
     p.set_defaults(fn=_demo_cmd)
 
     p = sub.add_parser(
@@ -161,6 +187,35 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(fn=_export_trl_cmd)
+
+    from services.refscore.backfill import add_arguments as add_rescore_arguments
+
+    p = sub.add_parser(
+        "rescore",
+        help="score stored pairs under a new reference (backfill)",
+        description="Read the pairs of scores/<fingerprint id>/ (or of the pairs archive), score them with "
+        "--model and write shards under its fingerprint with shard-ready events; resumable "
+        "(services/refscore/backfill.py).",
+    )
+    add_rescore_arguments(p)
+    p.set_defaults(fn=_rescore_cmd)
+
+    p = sub.add_parser("archive", help="archive the pairs topic to S3 as Parquet (offdpo/archive.py)")
+    p.add_argument("--until-idle", type=float, default=None, help="stop once no record arrived for this many s")
+    p.set_defaults(fn=_archive_cmd)
+
+    from cli.rounds import add_arguments as add_rounds_arguments
+
+    p = sub.add_parser(
+        "rounds",
+        help="iterative DPO: N rounds on the local stack, each round's policy the next round's reference",
+        description="Round r: refscore serves round r-1's final checkpoint from S3 (the base model in round 1), "
+        "which generates on-policy candidates; the labeler labels them, refscore scores them against it, "
+        "the trainer trains from it (fresh optimizer). Provenance in each pair and in runs/<run>/rounds.json "
+        "(cli/rounds.py).",
+    )
+    add_rounds_arguments(p)
+    p.set_defaults(fn=_rounds_cmd)
 
     args = parser.parse_args(argv)
     return args.fn(args)

@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from offdpo import errors
+
 
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
     """Mean and its standard error (sample standard deviation / sqrt(n))."""
@@ -75,6 +77,31 @@ def refscore_reference_logprobs(address: str, prompts: list[list[int]], answers:
     return sums
 
 
+class IncompleteModel(errors.OffdpoError, RuntimeError):
+    """A causal LM that loaded with weights missing (e.g. an untied lm_head): sampling from it would
+    draw from uninitialised weights, so evaluation refuses it."""
+
+    error_type = "incomplete_model"
+
+
+def load_causal_lm(model_dir: str | Path):
+    """A causal LM in float32 for sampling and scoring, refused (IncompleteModel) when any weight did
+    not come from the checkpoint. transformers only warns and leaves such weights uninitialised: with
+    weight tying switched off process-wide by loads overlapping in threads (see
+    services/labeler/reward.py), the tied lm_head stayed uninitialised and sampling raised
+    "probability tensor contains inf/nan" far from the cause."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, output_loading_info=True)
+    if info["missing_keys"]:
+        raise IncompleteModel(
+            f"{model_dir}: weights missing after loading: {sorted(info['missing_keys'])} (a tied lm_head missing "
+            f"means weight tying was off in this process: transformers models loaded concurrently in threads?)"
+        )
+    return model.eval()
+
+
 def evaluate_policy(
     policy_dir: str | Path,
     reference_dir: str | Path | None = None,
@@ -85,8 +112,7 @@ def evaluate_policy(
     examples: int = 3,
 ) -> dict:
     """Sample `samples` held-out continuations from the policy; ground-truth reward and KL to the reference."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from localdev import reviews
     from localdev.pretrain import prompt_ids, sample_continuations
@@ -94,7 +120,7 @@ def evaluate_policy(
     if refscore is None and reference_dir is None:
         raise ValueError("KL needs the reference: give a reference directory or a refscore address")
     started = time.monotonic()
-    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
+    policy = load_causal_lm(policy_dir)
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     openings = reviews.review_prompts(samples, seed=seed, split="held_out")
     drawn = [
@@ -106,7 +132,7 @@ def evaluate_policy(
         ref = refscore_reference_logprobs(refscore, prompts, answers)
         source = f"refscore {refscore}"
     else:
-        reference = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
+        reference = load_causal_lm(reference_dir)
         ref = local_reference_logprobs(reference, prompts, answers)
         source = f"transformers {reference_dir}"
     texts = [s["text"] for s in drawn]

@@ -1,4 +1,5 @@
-"""The README's main command (`make demo` = `offdpo demo`) end to end, on free ports in a temporary dir.
+"""The README's main command (`make demo` = `offdpo demo`) end to end, on free ports in a temporary dir:
+the review-language reference through labeler -> refscore -> trainer, and the model it makes is better.
 
 It runs with distinctive secret values (S3 credentials, the LLM judge's API key), then searches
 everything the run left behind (its output, every log and file, every S3 object, every Kafka record
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cli.demo import EVAL_FRACTION
 from localdev.process import free_port, free_port_block
 from localdev.stack import LocalStack, StackConfig
 from offdpo import records
@@ -21,10 +23,11 @@ from offdpo.config import KafkaConfig, S3Config
 from offdpo.kafka import read_topic
 from offdpo.s3 import ObjectStore
 from offdpo.v1.records_pb2 import DeadLetter
+from services.trainer.data import is_heldout
 
 REPO = Path(__file__).resolve().parent.parent
 
-pytestmark = [pytest.mark.vllm, pytest.mark.stack]
+pytestmark = [pytest.mark.vllm, pytest.mark.stack, pytest.mark.timeout(2400)]  # not timed; a hang guard
 
 
 def test_demo_runs_the_whole_pipeline_reports_consistent_counts_and_leaks_no_secret(tmp_path):
@@ -50,7 +53,7 @@ def test_demo_runs_the_whole_pipeline_reports_consistent_counts_and_leaks_no_sec
             env=env,
             capture_output=True,
             text=True,
-            timeout=1200,
+            timeout=2100,
         )
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, out[-5000:]
@@ -78,16 +81,28 @@ def test_demo_runs_the_whole_pipeline_reports_consistent_counts_and_leaks_no_sec
         ]
         trainer_log = reports[0].parent / "trainer" / run / "trained_pairs.jsonl"
         trained_ids = [pid for line in trainer_log.read_text().splitlines() for pid in json.loads(line)["pair_ids"]]
-        assert len(set(pair_ids)) > 10
+        assert len(set(pair_ids)) > 100
         assert sorted(scored_ids) == sorted(set(pair_ids) - refscore_refused), "every valid pair scored once"
-        assert sorted(trained_ids) == sorted(scored_ids), "every scored pair trained once"
-        # The shipped sample has malformed lines: they are dead-lettered with reasons, not dropped.
-        assert any(dl.service == "labeler" and dl.error_type == "decode_error" and dl.reason for dl in letters)
+        # The trainer holds out a share of the pairs (by pair-id hash) for its eval metrics, never trained.
+        heldout = {pid for pid in scored_ids if is_heldout(pid, EVAL_FRACTION)}
+        assert heldout, "no held-out pairs"
+        assert sorted(trained_ids) == sorted(set(scored_ids) - heldout), "every scored pair not held out trained once"
+        # The input holds malformed candidate sets: dead-lettered with reasons, not dropped.
+        labeler_letters = sorted(dl.error_type for dl in letters if dl.service == "labeler" and dl.reason)
+        assert labeler_letters == ["decode_error", "decode_error", "invalid_candidate_set"], labeler_letters
         # The report says what the test found.
         assert report["labelled"]["distinct_pairs_on_topic"] == len(set(pair_ids))
         assert report["scored"]["rows"] == len(scored_ids) and report["trained"]["pairs"] == len(trained_ids)
         assert report["checkpoint_loaded_by_transformers"] == "Qwen2ForCausalLM"
         assert Path(report["plot"]).stat().st_size > 10_000
+        # And it shows learning (tests/test_learning.py holds the margins; here the direction, in SE).
+        before, after, learning = report["before"], report["after"], report["learning"]
+        assert before["samples"] == after["samples"] >= 400
+        assert learning["reward_gain_se"] >= 3 and after["positive_share"] > before["positive_share"], learning
+        assert 0 < after["kl"] < 5 and learning["heldout_accuracy"] is not None, learning
+        for step in ("positive share", "mean reward", "KL(pol || ref)", "held-out reward accuracy", "learning.png"):
+            assert step in proc.stdout, f"{step!r} missing from the demo's report"
+        assert "INFO kafka" not in out, "kafka-python's INFO chatter in the demo's output"
 
         # Everything the run wrote, searched for every secret value.
         haystacks = {"demo output": out.encode()}

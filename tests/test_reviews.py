@@ -175,3 +175,21 @@ def test_rules_file_labels_by_the_ground_truth():
     neutral, _ = rules.score("it runs for two hours .", cs)
     assert good == pytest.approx((1 / 4 + 1) / 2) and bad == pytest.approx((-1 / 4 + 1) / 2)
     assert good > neutral > bad
+
+
+def test_evaluation_refuses_a_model_that_loaded_with_missing_weights(monkeypatch):
+    """With weight tying off (as loads overlapping in threads left it), the reference's tied lm_head
+    is missing from its checkpoint: evaluation says so instead of sampling from uninitialised weights."""
+    from pathlib import Path
+
+    from transformers import PreTrainedModel
+
+    from localdev.experiment import IncompleteModel, load_causal_lm
+
+    assets = Path(__file__).resolve().parent.parent / "assets" / "models"
+    (reference,) = [p for p in assets.iterdir() if p.is_dir() and not p.name.startswith("reviews-reward-")]
+    model = load_causal_lm(reference)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    monkeypatch.setattr(PreTrainedModel, "tie_weights", lambda self, *a, **k: None)
+    with pytest.raises(IncompleteModel, match="lm_head.weight"):
+        load_causal_lm(reference)

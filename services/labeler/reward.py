@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +29,15 @@ def model_identity(model_dir: str | Path) -> str:
     return f"{path.name}@{h.hexdigest()[:12]}"
 
 
+# transformers' from_pretrained is not thread-safe: for the length of a load it swaps process-wide
+# attributes (PreTrainedModel.tie_weights, torch's init functions, torch.linspace) and puts back what it
+# saw on entry. Two loads overlapping in threads of one process (labelers built in threads, as the
+# learning experiment does) can put back each other's stand-ins, leaving weight tying off for the rest
+# of the process: every tied causal LM loaded later then has an uninitialised lm_head (sampling from it
+# raised "probability tensor contains inf/nan"). So every load here holds this lock.
+_LOAD_LOCK = threading.Lock()
+
+
 class RewardModel:
     def __init__(self, model_dir: str | Path, batch_size: int = 16, max_length: int = 2048, device: str = "cpu"):
         import torch
@@ -36,8 +46,9 @@ class RewardModel:
         self.torch = torch
         self.model_dir = str(model_dir)
         self.identity = model_identity(model_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.model = AutoModelForSequenceClassification.from_pretrained(self.model_dir, dtype=torch.float32)
+        with _LOAD_LOCK:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            self.model = AutoModelForSequenceClassification.from_pretrained(self.model_dir, dtype=torch.float32)
         self.model.to(device).eval()
         if self.model.config.num_labels != 1:
             raise ValueError(
