@@ -3,6 +3,12 @@
     python -m services.refscore serve            # gRPC API (+ the stream worker with --worker
                                                  #   or OFFDPO_REFSCORE_WORKER=true), one shared engine
     python -m services.refscore worker           # the stream worker alone (no gRPC port)
+    python -m services.refscore rescore --from scores/<fingerprint id>/ --model DIR
+                                                 # backfill: stored pairs scored under a new reference
+                                                 #   (services/refscore/backfill.py; --help for options)
+    python -m services.refscore archive [--until-idle S]
+                                                 # the pairs archive: the pairs topic -> Parquet in S3
+                                                 #   (offdpo/archive.py), its own consumer group
 
 Configuration: environment variables (`offdpo config`), e.g.
     OFFDPO_REFSCORE_MODEL_DIR=models/tiny OFFDPO_REFSCORE_ENGINE=vllm python -m services.refscore serve --worker
@@ -149,8 +155,42 @@ def _worker_only(cfg: RefscoreConfig) -> int:
     return 1 if failed.is_set() else 0
 
 
+def _archive_main(argv: list[str]) -> int:
+    from offdpo.archive import run_archiver
+
+    parser = argparse.ArgumentParser(
+        prog="python -m services.refscore archive",
+        description="Archive the pairs topic to S3 as Parquet (offdpo/archive.py); settings OFFDPO_ARCHIVE_*.",
+    )
+    parser.add_argument(
+        "--until-idle", type=float, default=None, help="stop once no record arrived for this many seconds"
+    )
+    args = parser.parse_args(argv)
+    try:
+        return run_archiver(args.until_idle)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return 2
+
+
+def _check_model_source(cfg: RefscoreConfig) -> None:
+    """An s3:// model URI must be well formed before anything starts (its download happens while the
+    engine loads, health NOT_SERVING meanwhile: services/refscore/model_source.py)."""
+    from services.refscore.model_source import is_s3_uri, parse_s3_uri
+
+    if is_s3_uri(cfg.model_dir):
+        parse_s3_uri(cfg.model_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "rescore":  # subcommands with options of their own
+        from services.refscore.backfill import main as rescore_main
+
+        return rescore_main(argv[1:])
+    if argv and argv[0] == "archive":
+        return _archive_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m services.refscore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -160,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = RefscoreConfig.from_env()
         cfg.engine_settings()  # refuse bad engine knobs now, not after the model has loaded
+        _check_model_source(cfg)
         if args.mode == "serve":  # TLS, auth file and quota settings, before anything listens or connects
             security.build(cfg)
             RefscoreQuotaConfig.from_env()

@@ -10,7 +10,15 @@ from offdpo.config import ConfigError, EnvConfig, KafkaConfig, S3Config, env
 @dataclasses.dataclass(frozen=True, repr=False)
 class RefscoreConfig(EnvConfig):
     model_dir: str = env(
-        "OFFDPO_REFSCORE_MODEL_DIR", "models/tiny", "Hugging Face model directory of the reference model"
+        "OFFDPO_REFSCORE_MODEL_DIR",
+        "models/tiny",
+        "Hugging Face model directory of the reference model, or a trainer checkpoint in S3"
+        " (s3://<bucket>/runs/<run>/checkpoints/step-<N>/model/, downloaded once into OFFDPO_REFSCORE_MODEL_CACHE)",
+    )
+    model_cache: str = env(
+        "OFFDPO_REFSCORE_MODEL_CACHE",
+        "",
+        "local folder for models downloaded from S3, one sub-folder per object listing (default: <tmp>/offdpo-refscore-models)",
     )
     model_id: str = env(
         "OFFDPO_REFSCORE_MODEL_ID", "", "name recorded in the fingerprint (default: the directory name)"
@@ -59,8 +67,19 @@ class RefscoreConfig(EnvConfig):
     )
     logprob_chunk_tokens: int = env(
         "OFFDPO_REFSCORE_LOGPROB_CHUNK_TOKENS",
-        1024,
-        "transformers engine: positions per log-softmax chunk (bounds the [positions x vocab] float32 buffer)",
+        0,
+        "transformers engine: positions per log-softmax chunk (0 = what OFFDPO_REFSCORE_LOGITS_BUDGET_MB allows)",
+    )
+    logits_budget_mb: int = env(
+        "OFFDPO_REFSCORE_LOGITS_BUDGET_MB",
+        512,
+        "memory for the [positions x vocab] float32 logits of one log-prob pass (with their log-softmax):"
+        " sets the transformers engine's chunk and caps vLLM's tokens per step on large vocabularies",
+    )
+    share_prompts: bool = env(
+        "OFFDPO_REFSCORE_SHARE_PROMPTS",
+        True,
+        "vLLM: compute a prompt that a pair's answers share once (prefix cache read by the second answer only)",
     )
     # Security (services/refscore/security/). Serving needs TLS or an explicit PLAINTEXT=true, and
     # an auth file or an explicit ALLOW_ANONYMOUS=true: neither is ever off by accident.
@@ -125,6 +144,8 @@ class RefscoreConfig(EnvConfig):
                 max_num_seqs=self.max_num_seqs,
                 transformers_batch_tokens=self.transformers_batch_tokens,
                 logprob_chunk_tokens=self.logprob_chunk_tokens,
+                logits_budget_mb=self.logits_budget_mb,
+                share_prompts=self.share_prompts,
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None

@@ -215,7 +215,14 @@ class Scorer:
         try:
             from transformers import AutoTokenizer
 
-            model_dir = Path(self.cfg.model_dir)
+            from offdpo.config import S3Config
+            from services.refscore.model_source import is_s3_uri, resolve_model
+
+            # A trainer checkpoint in S3 is downloaded once into the cache, then loaded like a folder.
+            resolved = resolve_model(
+                self.cfg.model_dir, self.cfg.model_cache, S3Config.from_env() if is_s3_uri(self.cfg.model_dir) else None
+            )
+            model_dir = resolved.path
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
             boundary = BoundaryTokenizer(tokenizer, _stop_token_ids(model_dir))
             if engine is None:
@@ -237,7 +244,7 @@ class Scorer:
                 dtype=self.cfg.dtype,
                 engine=engine.name,
                 engine_version=engine.version,
-                model_id=self.cfg.model_id or None,
+                model_id=self.cfg.model_id or resolved.model_id,
                 chat_template=boundary.chat_template,
             )
             self._model = LoadedModel(boundary, fingerprint)
@@ -506,6 +513,7 @@ class Scorer:
             return
         seqs = [s for j in live for s in j.sequences]
         started = time.perf_counter()
+        shared_before = getattr(engine, "shared_prompt_tokens", 0)
         self._busy_since = time.monotonic()
         try:
             if self._failpoint == "engine_hangs":
@@ -522,6 +530,7 @@ class Scorer:
         elapsed = time.perf_counter() - started
         metrics.ENGINE_BATCH_SEQS.observe(len(seqs))
         metrics.ENGINE_TOKENS.inc(sum(len(p) + len(a) for p, a in seqs))
+        metrics.ENGINE_SHARED_TOKENS.inc(getattr(engine, "shared_prompt_tokens", 0) - shared_before)
         metrics.ENGINE_SECONDS.inc(elapsed)
         offset = 0
         for j in live:
