@@ -58,3 +58,65 @@ def make_cert(subject: str, issuer_cert=None, issuer_key=None, *, ca: bool = Fal
         )
     cert = builder.sign(issuer_key if issuer_key is not None else key, hashes.SHA256())
     return cert, key, cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
+
+
+class LoopbackTLSServer:
+    """A loopback TCP server that completes (or fails) the TLS handshake with `ctx`, hands each
+    connection to `on_connection(tls)`, records handshake failures by type, and hangs up: a stand-in
+    for a TLS broker or S3 endpoint where the handshake is the part under test."""
+
+    def __init__(self, ctx):
+        import socket
+        import threading
+
+        self.ctx = ctx
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def on_connection(self, tls) -> None:
+        """What to read from a connection whose handshake succeeded (subclasses)."""
+
+    def _serve(self):
+        import ssl
+
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            conn.settimeout(5)
+            try:
+                with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                    self.on_connection(tls)
+            except (ssl.SSLError, OSError) as exc:
+                self.failures.append(type(exc).__name__)
+                conn.close()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def kafka_connect_once(client_kwargs: dict) -> None:
+    """Bootstrap a Kafka client once against a LoopbackTLSServer (which hangs up after the handshake,
+    so the client gives up quickly). api_version given: no version probe (it would block ~30 s); the
+    metadata request makes the client connect and authenticate."""
+    from kafka import KafkaProducer
+    from kafka.errors import KafkaError
+
+    producer = KafkaProducer(**client_kwargs, max_block_ms=2000, api_version=(2, 8, 0))
+    try:
+        producer.partitions_for("offdpo.pairs.v1")
+    except KafkaError:
+        pass
+    finally:
+        producer.close(timeout=1)

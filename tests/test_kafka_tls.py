@@ -6,16 +6,12 @@ handshake is the part that must be real.)"""
 from __future__ import annotations
 
 import dataclasses
-import socket
 import ssl
-import threading
 
 import pytest
-from kafka import KafkaProducer
-from kafka.errors import KafkaError
 
 from offdpo.config import KafkaConfig
-from tests.pki import make_cert
+from tests.pki import LoopbackTLSServer, kafka_connect_once, make_cert
 
 
 @pytest.fixture
@@ -35,56 +31,23 @@ def pki(tmp_path):
     return {name: str(tmp_path / name) for name in files}
 
 
-class MutualTLSListener:
+class MutualTLSListener(LoopbackTLSServer):
     """Accepts connections, completes (or fails) the TLS handshake, records the client's CN, hangs up."""
 
     def __init__(self, pki):
-        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=pki["ca"])
-        self.ctx.load_cert_chain(pki["broker.crt"], pki["broker.key"])
-        self.ctx.verify_mode = ssl.CERT_REQUIRED
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=pki["ca"])
+        ctx.load_cert_chain(pki["broker.crt"], pki["broker.key"])
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        super().__init__(ctx)
         self.client_names: list[str] = []
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
 
-    def _serve(self):
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            conn.settimeout(5)
-            try:
-                with self.ctx.wrap_socket(conn, server_side=True) as tls:
-                    subject = dict(x[0] for x in tls.getpeercert()["subject"])
-                    self.client_names.append(subject["commonName"])
-            except (ssl.SSLError, OSError) as exc:
-                self.failures.append(type(exc).__name__)
-                conn.close()
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
+    def on_connection(self, tls) -> None:
+        subject = dict(x[0] for x in tls.getpeercert()["subject"])
+        self.client_names.append(subject["commonName"])
 
 
 def _connect(cfg: KafkaConfig) -> None:
-    """Bootstrap once; our listener hangs up after the handshake, so the client gives up quickly."""
-    # api_version given: no version probe (it would block ~30 s); the metadata request connects.
-    producer = KafkaProducer(**cfg.client_kwargs(), max_block_ms=2000, api_version=(2, 8, 0))
-    try:
-        producer.partitions_for("offdpo.pairs.v1")
-    except KafkaError:
-        pass
-    finally:
-        producer.close(timeout=1)
+    kafka_connect_once(cfg.client_kwargs())
 
 
 def test_client_certificate_from_the_environment_reaches_the_handshake(pki, monkeypatch):

@@ -7,7 +7,6 @@ client configuration, so the handshakes are the part that must be real. Without 
 from __future__ import annotations
 
 import http.server
-import socket
 import ssl
 import struct
 import threading
@@ -15,13 +14,11 @@ from pathlib import Path
 
 import pytest
 import urllib3
-from kafka import KafkaProducer
-from kafka.errors import KafkaError
 
 from offdpo.config import KafkaConfig, S3Config
 from offdpo.s3 import ObjectStore
 from tests.deploy.test_least_privilege import _configmap
-from tests.pki import make_cert
+from tests.pki import LoopbackTLSServer, kafka_connect_once, make_cert
 
 KAFKA_API_KEYS_BEFORE_AUTH = {17, 18}  # SaslHandshake, ApiVersions: what a client sends first
 
@@ -51,54 +48,21 @@ def _prod_env(overlays, name: str, **replace: str) -> dict[str, str]:
 
 
 # -- Kafka --------------------------------------------------------------------------------------------------
-class TLSBroker:
+class TLSBroker(LoopbackTLSServer):
     """Completes the TLS handshake, reads the api key of the client's first Kafka request, hangs up."""
 
     def __init__(self, pki):
-        self.ctx = _server_context(pki)
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
+        super().__init__(_server_context(pki))
         self.api_keys: list[int] = []
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
 
-    def _serve(self):
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            conn.settimeout(5)
-            try:
-                with self.ctx.wrap_socket(conn, server_side=True) as tls:
-                    head = tls.recv(6)
-                    if len(head) == 6:
-                        self.api_keys.append(struct.unpack(">ih", head)[1])
-            except (ssl.SSLError, OSError) as exc:
-                self.failures.append(type(exc).__name__)
-                conn.close()
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
+    def on_connection(self, tls) -> None:
+        head = tls.recv(6)
+        if len(head) == 6:
+            self.api_keys.append(struct.unpack(">ih", head)[1])
 
 
 def _connect(cfg: KafkaConfig) -> None:
-    # api_version given: no version probe; the metadata request makes the client connect and authenticate.
-    producer = KafkaProducer(**cfg.client_kwargs(), max_block_ms=2000, api_version=(2, 8, 0))
-    try:
-        producer.partitions_for("offdpo.pairs.v1")
-    except KafkaError:
-        pass
-    finally:
-        producer.close(timeout=1)
+    kafka_connect_once(cfg.client_kwargs())
 
 
 def test_kafka_clients_of_prod_speak_sasl_over_verified_tls(overlays, pki):
