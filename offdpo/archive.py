@@ -274,13 +274,19 @@ class Archiver:
                     if stop.is_set():
                         break
                     raise
-                if got:
+                if got or not self._assigned():
+                    # The idle clock runs only while partitions are ours: a rerun joins a group whose
+                    # killed member still holds them until its session times out, and polls nothing
+                    # meanwhile; that is not an idle topic.
                     last_record = time.monotonic()
                 elif until_idle_s is not None and time.monotonic() - last_record > until_idle_s:
                     log.info("archiver idle for %.0f s: done", until_idle_s)
                     break
         finally:
             self.close()
+
+    def _assigned(self) -> bool:
+        return self.consumer is not None and bool(self.consumer.assignment())
 
     def close(self) -> None:
         consumer, self.consumer = self.consumer, None
