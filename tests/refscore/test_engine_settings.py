@@ -19,7 +19,9 @@ def test_vllm_engine_runs_with_the_configured_settings(vllm_client):
     # Scheduler knobs as the engine's config holds them...
     assert settings["max_batched_tokens"] == VLLM_ENGINE_SETTINGS["OFFDPO_REFSCORE_MAX_BATCHED_TOKENS"], settings
     assert settings["max_num_seqs"] == VLLM_ENGINE_SETTINGS["OFFDPO_REFSCORE_MAX_NUM_SEQS"], settings
-    assert settings["prefix_caching"] == "false" and settings["dtype"] == "float32", settings
+    # On for sharing a pair's prompt (OFFDPO_REFSCORE_SHARE_PROMPTS, default true): only a pair's second
+    # answer reads the cache (engines.VLLMEngine.score).
+    assert settings["prefix_caching"] == "true" and settings["dtype"] == "float32", settings
     # ...and threads as the worker process that computes reports them (answered by that process).
     assert settings["cpu_threads_bind"] == expected_cores, settings
     assert settings["cpu_reserved_cores"] == "0", settings
