@@ -162,6 +162,7 @@ class LocalStack:
             "OFFDPO_KAFKA_HEARTBEAT_MS": str(self.kafka.heartbeat_interval_ms),
             "OFFDPO_KAFKA_MAX_POLL_INTERVAL_MS": str(self.kafka.max_poll_interval_ms),
             "OFFDPO_KAFKA_REQUEST_TIMEOUT_MS": str(self.kafka.request_timeout_ms),
+            "OFFDPO_KAFKA_METADATA_MAX_AGE_MS": str(self.kafka.metadata_max_age_ms),
             "OFFDPO_TOPIC_PAIRS": self.kafka.pairs_topic,
             "OFFDPO_TOPIC_SHARDS": self.kafka.shards_topic,
             "OFFDPO_TOPIC_CANDIDATES": self.kafka.candidates_topic,

@@ -121,6 +121,15 @@ class KafkaConfig(EnvConfig):
         "OFFDPO_KAFKA_MAX_POLL_INTERVAL_MS", 600000, "max time between polls before a consumer is evicted"
     )
     request_timeout_ms: int = env("OFFDPO_KAFKA_REQUEST_TIMEOUT_MS", 30000, "client request timeout")
+    # A group member subscribes by topic name; the assignment covers only the partitions in its metadata.
+    # A member that joined while the broker could not describe a topic (the broker's storage was down,
+    # the topic not created yet) holds no partition of it until its next metadata refresh triggers a
+    # rejoin, and kafka-python's default refresh is every 5 minutes: a partition stalled that long.
+    metadata_max_age_ms: int = env(
+        "OFFDPO_KAFKA_METADATA_MAX_AGE_MS",
+        30000,
+        "refresh topic metadata at least this often (new partitions, topics back after an outage)",
+    )
 
     def client_kwargs(self) -> dict[str, Any]:
         """Connection settings shared by kafka-python producers, consumers and admin clients."""
@@ -128,6 +137,7 @@ class KafkaConfig(EnvConfig):
             "bootstrap_servers": self.bootstrap_servers.split(","),
             "security_protocol": self.security_protocol,
             "request_timeout_ms": self.request_timeout_ms,
+            "metadata_max_age_ms": self.metadata_max_age_ms,
         }
         if self.security_protocol.startswith("SASL_") and not (
             self.sasl_mechanism and self.sasl_username and self.sasl_password

@@ -93,6 +93,55 @@ class CommitRefusals:
         return True
 
 
+# How long a group member may hold no partition of topics that have partitions before it is replaced
+# by a new member (EmptyAssignmentWatch).
+EMPTY_ASSIGNMENT_NEW_CONSUMER_S = 60.0
+
+
+class EmptyAssignmentWatch:
+    """Says when a consumer that holds no partition, although its subscribed topics have some, must
+    be replaced by a new group member.
+
+    A member that joined while the broker could not describe its topics (Tansu with its storage down
+    answers UnknownError for the topic's metadata) is assigned nothing. kafka-python notices the
+    partitions at its next metadata refresh (metadata_max_age_ms) and rejoins, but Tansu answers that
+    rejoin with the same generation and the assignment it stored before (empty), so the member would
+    wait for ever; a new member id gets the leader's current assignment. Meant for groups of one
+    member (a trainer run's group): in a group with more members than partitions an idle member is
+    normal, and replacing it would rebalance the group every `after_s`.
+    """
+
+    def __init__(self, topics: Iterable[str], after_s: float = EMPTY_ASSIGNMENT_NEW_CONSUMER_S, clock=time.monotonic):
+        self.topics, self.after_s, self.clock = list(topics), after_s, clock
+        self.empty_since: float | None = None
+
+    def needs_new_consumer(self, consumer: KafkaConsumer) -> bool:
+        if consumer.assignment():
+            self.empty_since = None
+            return False
+        now = self.clock()
+        if self.empty_since is None:
+            self.empty_since = now
+        if now - self.empty_since < self.after_s:
+            return False
+        self.empty_since = now  # at most one replacement per after_s
+        try:
+            partitions = {t: consumer.partitions_for_topic(t) for t in self.topics}
+        except Exception as exc:  # noqa: BLE001 - the broker is down: nothing to hold yet, keep waiting
+            log.info("no partition assigned for %.0f s; topic metadata unavailable (%s)", self.after_s, exc)
+            return False
+        if not any(partitions.values()):
+            return False
+        log.warning(
+            "no partition assigned for %.0f s although %s has partitions %s: replacing the Kafka consumer "
+            "(a member that joined while the broker could not describe the topic)",
+            self.after_s,
+            ", ".join(self.topics),
+            {t: sorted(p) for t, p in partitions.items()},
+        )
+        return True
+
+
 def ensure_topics(cfg: KafkaConfig, topics: Iterable[str], partitions: int) -> None:
     admin = KafkaAdminClient(**cfg.client_kwargs(), client_id="offdpo-admin")
     try:

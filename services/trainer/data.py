@@ -50,7 +50,7 @@ from offdpo import errors, retry
 from offdpo import kafka as okafka
 from offdpo.config import KafkaConfig
 from offdpo.errors import BadInput, FingerprintMismatch, RecordError
-from offdpo.kafka import GROUP_CHANGED, MAX_RECORD_BYTES, DeadLetterSink
+from offdpo.kafka import GROUP_CHANGED, MAX_RECORD_BYTES, DeadLetterSink, EmptyAssignmentWatch
 from offdpo.records import MAX_SHARD_BYTES, ReferenceFingerprint, ShardReady, decode, fingerprint_mismatch, read_shard
 from services.trainer.config import TrainerConfig
 
@@ -653,8 +653,12 @@ class StreamSource:
         dedup_window: int = 16384,
         evals: EvalSet | None = None,
         infra: InfraStatus | None = None,
+        new_consumer: Callable[[], Any] | None = None,
     ):
         self.store, self.consumer, self.deadletter = store, consumer, deadletter
+        # Builds a new group member in place of one left without partitions (EmptyAssignmentWatch).
+        self.new_consumer = new_consumer
+        self.assignment_watch = EmptyAssignmentWatch([topic])
         self.expected_fp, self.allowed_ids = expected_fp, allowed_ids
         self.max_length, self.truncation, self.vocab_size = max_length, truncation, vocab_size
         self.poll_timeout_ms, self.stop_when_idle_s, self.topic = poll_timeout_ms, stop_when_idle_s, topic
@@ -770,6 +774,8 @@ class StreamSource:
                         self._handle(rec)
                 if not self.consumer.assignment():  # still joining the group: idle time starts once we have partitions
                     self.last_new = time.monotonic()
+                    if self.new_consumer is not None and self.assignment_watch.needs_new_consumer(self.consumer):
+                        self._replace_consumer()
                     continue
                 if not polled and self.stop_when_idle_s and time.monotonic() - self.last_new > self.stop_when_idle_s:
                     if len(self.buffer) >= min_size:
@@ -862,6 +868,14 @@ class StreamSource:
         for key in state.get("done_shards", []):
             self.done_shards.add(key)
 
+    def _replace_consumer(self) -> None:
+        assert self.new_consumer is not None
+        try:
+            self.consumer.close()
+        except Exception as exc:  # noqa: BLE001 - it held no partition: nothing of it is lost
+            log.warning("closing the Kafka consumer being replaced failed: %s", exc)
+        self.consumer = self.new_consumer()
+
     def close(self) -> None:
         self.consumer.close()
         self.deadletter.flush()
@@ -897,9 +911,13 @@ def open_source(
             infra=infra,
         )
     group = cfg.consumer_group or f"offdpo-trainer-{cfg.run_name}"
+
     # Looked up on the module when called, so a test can put a wrapped client in its place. A small
     # max_poll_records: each event may stand for a shard of thousands of pairs.
-    consumer = okafka.make_consumer(kafka, group, [kafka.shards_topic], max_poll_records=cfg.max_poll_records)
+    def new_consumer() -> Any:
+        return okafka.make_consumer(kafka, group, [kafka.shards_topic], max_poll_records=cfg.max_poll_records)
+
+    consumer = new_consumer()
     sink = DeadLetterSink(okafka.make_producer(kafka, f"trainer-{cfg.run_name}"), kafka, "trainer")
     return StreamSource(
         store,
@@ -919,6 +937,7 @@ def open_source(
         dedup_window=cfg.dedup_window,
         evals=evals,
         infra=infra,
+        new_consumer=new_consumer,
     )
 
 

@@ -13,7 +13,7 @@ from kafka.structs import TopicPartition
 
 from offdpo import errors
 from offdpo.config import KafkaConfig
-from offdpo.kafka import DeadLetterSink
+from offdpo.kafka import DeadLetterSink, EmptyAssignmentWatch
 from offdpo.records import (
     DeadLetter,
     ReferenceFingerprint,
@@ -269,3 +269,71 @@ def test_stream_stops_waiting_when_asked():
     s.source.stop = stop
     stop.set()
     assert s.source.next_batch(4) is None
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_empty_assignment_watch_replaces_a_member_left_without_partitions_once_per_period():
+    broker = FakeBroker()
+    broker.create_topic(SHARDS)
+    consumer, clock = FakeConsumer(broker, SHARDS), _Clock()
+    watch = EmptyAssignmentWatch([SHARDS], after_s=60, clock=clock)
+    assert not watch.needs_new_consumer(consumer), "a member holding partitions is never replaced"
+    consumer.assign([])
+    assert not watch.needs_new_consumer(consumer)
+    clock.now = 59
+    assert not watch.needs_new_consumer(consumer), "still within the period: the join may be in progress"
+    clock.now = 60
+    assert watch.needs_new_consumer(consumer)
+    clock.now = 61
+    assert not watch.needs_new_consumer(consumer), "at most one replacement per period"
+    clock.now = 120
+    assert watch.needs_new_consumer(consumer)
+
+
+def test_empty_assignment_watch_waits_while_the_topic_has_no_partition_or_no_metadata():
+    class NoMetadata(FakeConsumer):
+        def partitions_for_topic(self, topic):
+            raise KafkaTimeoutError("metadata")
+
+    broker = FakeBroker()
+    clock = _Clock()
+    empty_topic = FakeConsumer(broker)  # subscribed to nothing: the topic has no partitions in its metadata
+    watch = EmptyAssignmentWatch(["nothing.here"], after_s=10, clock=clock)
+    assert not watch.needs_new_consumer(empty_topic)
+    clock.now = 100
+    assert not watch.needs_new_consumer(empty_topic), "no partition to hold: a new member would hold none either"
+    broker.create_topic(SHARDS)
+    down = NoMetadata(broker)
+    watch = EmptyAssignmentWatch([SHARDS], after_s=10, clock=clock)
+    watch.needs_new_consumer(down)
+    clock.now = 200
+    assert not watch.needs_new_consumer(down), "the broker cannot describe the topic: keep waiting"
+
+
+def test_stream_replaces_a_consumer_that_holds_no_partition_and_trains_through_the_new_one():
+    """CI failure of test_s3_unavailable_for_a_while: the trainer joined while Tansu could not describe
+    the shards topic, was assigned nothing, and Tansu kept answering its rejoins with that empty
+    assignment; the run trained nothing until it was stopped."""
+    s = Stream()
+    rows = [row(str(i)) for i in range(4)]
+    s.announce(put_shard(s.store, rows, 0), rows)
+    stuck = s.consumer
+    stuck.assign([])
+    built: list[FakeConsumer] = []
+
+    def new_consumer() -> FakeConsumer:
+        built.append(FakeConsumer(s.broker, SHARDS, group=s.group))
+        return built[-1]
+
+    s.source.new_consumer = new_consumer
+    s.source.assignment_watch = EmptyAssignmentWatch([SHARDS], after_s=0.0)
+    batch = s.source.next_batch(4)
+    assert batch is not None and sorted(ids(batch)) == sorted(r.pair.pair_id for r in rows)
+    assert stuck.closed and len(built) == 1 and s.source.consumer is built[0]
