@@ -587,7 +587,14 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    rounds = result.get("rounds", {})
+    with_rounds = "rounds_arm" in rounds and "single_pass_arm" in rounds
+    fig, axes = plt.subplots(1, 3 if with_rounds else 2, figsize=(19.5 if with_rounds else 13, 5))
+    ax, ax2 = axes[0], axes[1]
+    if with_rounds:  # written by `make bench-rounds` (bench/rounds.py) into the same file
+        from bench.rounds import draw_rounds
+
+        draw_rounds(axes[2], rounds)
     ref = result["reference"]
     for a in (ax,):
         a.errorbar([ref["kl"]], [ref["reward_mean"]], yerr=[ref["reward_se"]], fmt="ks", label="reference")
@@ -720,6 +727,10 @@ def main(argv: list[str] | None = None) -> int:
         "settings": vars(args),
     }
     out = Path(args.out)
+    if out.exists():  # the rounds comparison (`make bench-rounds`) lives in the same file: kept
+        kept = json.loads(out.read_text()).get("rounds")
+        if kept:
+            result["rounds"] = kept
 
     def checkpoint_result() -> None:
         if "headline" in result:

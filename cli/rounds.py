@@ -340,14 +340,24 @@ class Rounds:
             # The next round: this checkpoint is its policy (weights to start from) and its reference.
             parent = final_uri
             reference = final_uri
+            round_reference_dir = policy_dir  # the weights that generated, were the reference, started training
             if r < s.rounds or s.eval_samples:  # the next round starts from it / it is evaluated
                 policy_dir = download_model(self.store, trained["checkpoint"], self.workdir / f"policy-after-round-{r}")
             if s.eval_samples:
                 ev = evaluate_policy(policy_dir, reference_dir=base, samples=s.eval_samples, seed=1)
                 meta["eval_vs_base"] = {k: v for k, v in ev.items() if k != "examples"}
+                # KL per round: to the round's own reference (the previous policy). The samples are the
+                # same (same policy, same seed), only the reference log-probs differ.
+                ev_round = (
+                    ev
+                    if round_reference_dir == base
+                    else evaluate_policy(policy_dir, reference_dir=round_reference_dir, samples=s.eval_samples, seed=1)
+                )
+                meta["eval_vs_round_reference"] = {k: ev_round[k] for k in ("kl", "kl_se", "reward_mean", "samples")}
                 self.say(
                     f"      policy after round {r}: reward {ev['reward_mean']:+.4f} +- {ev['reward_se']:.4f}, "
-                    f"KL to the base {ev['kl']:.3f} +- {ev['kl_se']:.3f}"
+                    f"KL to the base {ev['kl']:.3f} +- {ev['kl_se']:.3f}, "
+                    f"to the round's reference {ev_round['kl']:.3f} +- {ev_round['kl_se']:.3f}"
                 )
             meta["wall_s"] = round(time.monotonic() - t0, 1)
             report["rounds"].append(meta)

@@ -119,6 +119,55 @@ def test_learning_summary_compares_seed_means_with_trl_in_standard_errors(tmp_pa
     assert (tmp_path / "learning.png").stat().st_size > 10_000
 
 
+
+def _rounds_report(points: list[tuple[float, float, float]], pairs: int) -> dict:
+    """An `offdpo rounds` report: one (reward, KL to the base, KL to the round's reference) per round."""
+    return {
+        "run_name": "r",
+        "rounds": [
+            {
+                "round": i + 1,
+                "pairs_scored": pairs,
+                "trainer": {"steps": pairs // 8},
+                "eval_vs_base": {"reward_mean": rw, "reward_se": 0.01, "positive_share": 0.5, "kl": kl, "kl_se": 0.1},
+                "eval_vs_round_reference": {"kl": kl_round, "kl_se": 0.1},
+                "reference_fingerprint": {"fingerprint_id": f"fp{i}"},
+                "final_checkpoint": f"s3://b/runs/r-round-{i + 1}/checkpoints/step-1/model/",
+                "wall_s": 1.0,
+            }
+            for i, (rw, kl, kl_round) in enumerate(points)
+        ],
+    }
+
+
+def test_rounds_verdict_compares_the_last_round_with_the_single_pass_and_keeps_the_learning_plot(tmp_path):
+    from bench.learning import plot
+    from bench.rounds import _arm, verdict
+
+    rounds = _arm(_rounds_report([(0.05, 0.4, 0.4), (0.10, 0.9, 0.5), (0.15, 1.5, 0.6)], 200))
+    single = _arm(_rounds_report([(0.12, 1.0, 1.0)], 600))
+    v = verdict(rounds, single)
+    assert v["last_round_reward_minus_single_pass"] == pytest.approx(0.03)
+    assert v["difference_in_se"] == pytest.approx(0.03 / (2**0.5 * 0.01), abs=0.01)
+    assert v["max_kl_per_round"] == 0.6 and v["reward_above_single_pass"] and v["kl_per_round_not_above_single_pass"]
+    worse = verdict(_arm(_rounds_report([(0.05, 0.4, 1.4), (0.11, 1.9, 1.5)], 300)), single)
+    assert not worse["reward_above_single_pass"] and not worse["kl_per_round_not_above_single_pass"]
+
+    head = _learning_point(0.20, 1.0)
+    result = {
+        "reference": _learning_point(0.0, 0.0, step=0),
+        "sweep": [{"name": "beta0.5", "beta": 0.5, "lr": 1e-4, "points": [head]}],
+        "rounds": {
+            "settings": {"prompts": 200},
+            "base": {"reward_mean": 0.0, "reward_se": 0.01},
+            "rounds_arm": rounds,
+            "single_pass_arm": single,
+        },
+    }
+    plot(result, tmp_path / "learning.png")
+    assert (tmp_path / "learning.png").stat().st_size > 10_000
+
+
 # -- the trainer benchmark (bench/trainer.py) ----------------------------------------------------------------
 def test_trainer_workloads_are_deterministic_with_real_shapes():
     from bench.trainer import padding_waste, workload_batches

@@ -2,6 +2,7 @@
 
     python -m services.refscore rescore --from scores/<old fingerprint id>/ --model DIR
     python -m services.refscore rescore --from archive/pairs/<topic>/ --model DIR
+    python -m services.refscore rescore --from scores/<old>/ --model s3://<bucket>/runs/<run>/checkpoints/step-<N>/model/
     offdpo rescore ...                                   (the same command)
 
 A new base model, tokenizer, chat template or dtype makes every stored score incomparable (the
@@ -433,7 +434,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="scores/<old fingerprint id>/[<topic>/] (scored shards) or archive/pairs/[<topic>/] (the pairs "
         "archive); s3://BUCKET/... to read another bucket",
     )
-    p.add_argument("--model", required=True, help="the new reference's model directory (weights + tokenizer)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="the new reference: a model directory (weights + tokenizer) or a trainer checkpoint in S3 "
+        "(s3://BUCKET/runs/<run>/checkpoints/step-<N>/model/, downloaded once into OFFDPO_REFSCORE_MODEL_CACHE)",
+    )
     p.add_argument("--engine", help="vllm or transformers (default: OFFDPO_REFSCORE_ENGINE)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: OFFDPO_REFSCORE_DTYPE)")
     p.add_argument("--to-bucket", help="write the new shards to this bucket (default: the source's)")
@@ -444,7 +450,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, progress_out: TextIO | None = None) -> int:
     """`rescore` from parsed arguments; exit 0, or 2 with the reason on stderr for bad input."""
     try:
-        check_model_dir(args.model)
+        from services.refscore.model_source import is_s3_uri, parse_s3_uri
+
+        if is_s3_uri(args.model):  # a trainer checkpoint in S3: downloaded (and checked) as refscore does
+            parse_s3_uri(args.model)
+        else:
+            check_model_dir(args.model)
         overrides = {"model_dir": str(args.model)}
         if args.engine:
             overrides["engine"] = args.engine

@@ -213,6 +213,33 @@ def test_rescore_under_b_killed_midway_and_rerun_scores_every_pair_once(stack, s
     assert len(read_topic(stack.kafka, shards_topic, idle_s=1.0)) == len(events)
 
 
+def test_rescore_under_a_trainer_checkpoint_in_s3(stack, scored_a, model_b, scorer_b, tmp_path, unique):
+    """`--model s3://.../checkpoints/step-N/model/`: the new reference is downloaded like refscore's
+    (services/refscore/model_source.py) and scores every pair as the same weights do from a folder."""
+    s = scored_a
+    run = f"bf-ckpt-{unique}"
+    for f in model_b.iterdir():
+        s.store.put_bytes(f"runs/{run}/checkpoints/step-7/model/{f.name}", f.read_bytes())
+    uri = f"s3://{s.store.bucket}/runs/{run}/checkpoints/step-7/model/"
+    shards_topic = f"{s.kafka.shards_topic}.ckpt.{unique}"
+    ensure_topics(stack.kafka, [shards_topic], partitions=1)
+    args = ["--from", s.prefix, "--model", uri, "--engine", "transformers", "--shards-topic", shards_topic]
+    env = {"OFFDPO_REFSCORE_MODEL_CACHE": str(tmp_path / "cache")}
+    code = _run_rescore(stack, args, tmp_path / "ckpt.log", env)
+    log = (tmp_path / "ckpt.log").read_text(errors="replace")
+    assert code == 0, log[-3000:]
+    fp = log.rsplit("fingerprint ", 1)[-1].split()[0]
+    assert fp not in (s.fp_a.fingerprint_id, scorer_b.fingerprint.fingerprint_id), "a checkpoint names itself"
+    rows, ids = _rows(s.store, f"scores/{fp}/{s.kafka.pairs_topic}/")
+    assert sorted(ids) == sorted(p.pair_id for p in s.pairs), "each pair once"
+    assert {r.fingerprint.model_id for r in rows.values()} == {f"{run}@step-7"}
+    _assert_equal_to_fresh_scoring(rows, s.pairs, scorer_b)  # the same weights as model B's folder
+
+    args = ["--from", s.prefix, "--model", uri + "nothing/", "--engine", "transformers"]
+    missing = _run_rescore(stack, args, tmp_path / "missing.log", env)
+    assert missing == 2 and "nothing/" in (tmp_path / "missing.log").read_text(errors="replace")
+
+
 def test_rescore_from_the_archive_alone_gives_the_same_pairs(stack, scored_a, scorer_b, unique):
     s = scored_a
     admin = KafkaAdminClient(**stack.kafka.client_kwargs(), client_id="test-backfill")
