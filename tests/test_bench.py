@@ -119,7 +119,6 @@ def test_learning_summary_compares_seed_means_with_trl_in_standard_errors(tmp_pa
     assert (tmp_path / "learning.png").stat().st_size > 10_000
 
 
-
 def _rounds_report(points: list[tuple[float, float, float]], pairs: int) -> dict:
     """An `offdpo rounds` report: one (reward, KL to the base, KL to the round's reference) per round."""
     return {
