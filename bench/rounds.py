@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--eval-samples", type=int, default=400)
+    parser.add_argument("--engine", choices=["vllm", "transformers"], default="vllm", help="refscore engine")
     parser.add_argument("--workdir", default=str(REPO / ".cache" / "bench-rounds"))
     parser.add_argument("--out", default=str(RESULTS / "learning.json"))
     parser.add_argument("--verbose", action="store_true")
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr,
         batch=args.batch,
         eval_samples=args.eval_samples,
+        engine=args.engine,
     )
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
