@@ -39,7 +39,6 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from bench.machine import cpu_name
@@ -68,16 +67,6 @@ TARGETS = {
 }
 
 
-@dataclass
-class Ex:
-    pair_id: str
-    prompt: list
-    chosen: list
-    rejected: list
-    ref_chosen: list
-    ref_rejected: list
-
-
 def _lengths(workload: str, rng: random.Random, scale: float) -> tuple[int, int, int]:
     if workload == "current":
         p, c, r = 32, 96 - rng.randrange(0, 8), 96 - rng.randrange(0, 8)
@@ -93,6 +82,8 @@ def _lengths(workload: str, rng: random.Random, scale: float) -> tuple[int, int,
 
 def workload_batches(workload: str, n_batches: int, pairs: int, vocab: int, scale: float = 1.0, seed: int = 0):
     """Deterministic steps of pairs; ids spread over the whole vocabulary (0-3 left to special tokens)."""
+    from services.trainer.data import Example
+
     rng = random.Random(f"{workload}-{seed}")
     out = []
     for b in range(n_batches):
@@ -101,7 +92,7 @@ def workload_batches(workload: str, n_batches: int, pairs: int, vocab: int, scal
             p, c, r = _lengths(workload, rng, scale)
             ids = [rng.randrange(4, vocab) for _ in range(p + c + r)]
             batch.append(
-                Ex(f"{workload}-{b}-{i}", [1] + ids[1:p], ids[p : p + c], ids[p + c :], [-2.0] * c, [-2.0] * r)
+                Example(f"{workload}-{b}-{i}", [1] + ids[1:p], ids[p : p + c], ids[p + c :], [-2.0] * c, [-2.0] * r)
             )
         out.append(batch)
     return out

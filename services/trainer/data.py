@@ -97,7 +97,7 @@ class Example:
     rejected: list
     ref_chosen: list  # per-token reference log-probs of `chosen`
     ref_rejected: list
-    shard: str
+    shard: str = ""  # the object key it was read from ("" for pairs built in memory: benchmarks, tests)
 
     @property
     def num_tokens(self) -> int:

@@ -68,3 +68,37 @@ def backfill_prod(tmp_path_factory) -> list[dict]:
     }
     (root / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
     return render(root)
+
+
+# The checkpoint rounds_prod points refscore at (run, step): services/trainer/checkpoint.py writes it
+# under runs/<run>/checkpoints/step-<N, 8 digits>/ (the test checks that against save_checkpoint).
+ROUNDS_RUN, ROUNDS_STEP = "prod-run-001", 1200
+ROUNDS_MODEL_DIR = f"s3://offdpo/runs/{ROUNDS_RUN}/checkpoints/step-{ROUNDS_STEP:08d}/model/"
+
+
+@pytest.fixture(scope="session")
+def rounds_prod(tmp_path_factory) -> list[dict]:
+    """prod with deploy/components/rounds enabled as its header says: the component over the prod overlay,
+    and refscore's ConfigMap pointed at a trainer checkpoint in S3 (OFFDPO_REFSCORE_MODEL_DIR / _MODEL_ID)."""
+    prod = yaml.safe_load((DEPLOY / "overlays" / "prod" / "kustomization.yaml").read_text())
+    root = tmp_path_factory.mktemp("prod-with-rounds")
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": prod["namespace"],
+        "resources": [os.path.relpath(DEPLOY / "overlays" / "prod", root)],
+        "components": [os.path.relpath(DEPLOY / "components" / "rounds", root)],
+        "configMapGenerator": [
+            {
+                "name": "offdpo-refscore",
+                "behavior": "merge",
+                "literals": [
+                    f"OFFDPO_REFSCORE_MODEL_DIR={ROUNDS_MODEL_DIR}",
+                    f"OFFDPO_REFSCORE_MODEL_ID={ROUNDS_RUN}@step-{ROUNDS_STEP:08d}",
+                ],
+            }
+        ],
+        "images": prod["images"],
+    }
+    (root / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return render(root)

@@ -1133,3 +1133,177 @@ def test_the_backfill_render_is_valid_and_locked_down(backfill_prod):
             peer = dst["spec"]["template"]["metadata"]["labels"]
             for direction in ("egress", "ingress"):
                 assert checks._allowed(backfill_prod, labels, peer, port, direction), (name, target, direction)
+
+
+# -- deploy/components/rounds: refscore serves a trainer checkpoint from S3 ---------------------------------
+class _ModelSourceStore:
+    """What services/refscore/model_source.py uses of an ObjectStore (`client.list_objects`, `_retry`,
+    `get_bytes`, `bucket`) over a FakeObjectStore's objects; each call recorded as (op, key or prefix)."""
+
+    def __init__(self, objects: dict[str, bytes], bucket: str):
+        self.objects, self.bucket, self.cfg = objects, bucket, None
+        self.client = self  # model_source lists through the minio client
+        self.calls: list[tuple[str, str]] = []
+
+    def _retry(self, what, fn):
+        return fn()
+
+    def list_objects(self, bucket, prefix, recursive=False):
+        import hashlib
+        from types import SimpleNamespace
+
+        assert bucket == self.bucket and recursive
+        self.calls.append(("list", prefix))
+        return [
+            SimpleNamespace(object_name=k, size=len(v), etag=f'"{hashlib.md5(v).hexdigest()}"')
+            for k, v in sorted(self.objects.items())
+            if k.startswith(prefix)
+        ]
+
+    def get_bytes(self, key, max_bytes=None):
+        self.calls.append(("get", key))
+        return self.objects[key]
+
+
+@pytest.fixture(scope="module")
+def rounds_checkpoint(tiny_model):
+    """A real trainer checkpoint (services/trainer/checkpoint.py's save_checkpoint: model/, optimizer and
+    RNG state, state.json, then `latest`) of the run and step rounds_prod points refscore at.
+    -> (the store holding it, the checkpoint's prefix)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.trainer.checkpoint import save_checkpoint
+    from tests.deploy.conftest import ROUNDS_RUN, ROUNDS_STEP
+    from tests.fakes import FakeObjectStore
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # AdamW's moments: a real optimizer.safetensors
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    store = FakeObjectStore(bucket="offdpo")
+    prefix = save_checkpoint(
+        store, ROUNDS_RUN, ROUNDS_STEP, model, tokenizer, optimizer.state_dict(), scheduler, {"consumed": []}
+    )
+    return store, prefix
+
+
+def _rounds_calls(objs, store, tmp_path):
+    """refscore's model download (model_source.fetch_model) of the checkpoint its rendered
+    OFFDPO_REFSCORE_MODEL_DIR names: -> (the parsed URI, the calls it made, the downloaded folder)."""
+    from services.refscore import model_source
+
+    c = get_container(workload(objs, "offdpo-refscore"), "refscore")
+    uri = model_source.parse_s3_uri(env_value(objs, c, "OFFDPO_REFSCORE_MODEL_DIR"))
+    recorder = _ModelSourceStore(store.objects, uri.bucket)
+    folder = model_source.fetch_model(uri, tmp_path / "model-cache", store=recorder)  # type: ignore[arg-type]
+    return uri, recorder.calls, folder
+
+
+def test_the_rounds_component_lets_refscore_read_a_checkpoints_model_and_nothing_else(
+    rounds_prod, overlays, rounds_checkpoint, tmp_path
+):
+    """With the component, refscore's real model download (list the checkpoint's model/, get each object)
+    of a real trainer checkpoint is allowed by its rendered policy; writing there, the run's `latest`, the
+    optimizer and RNG state, state.json and the metrics are not. Without it (the plain overlays) the same
+    download is denied."""
+    from services.trainer.checkpoint import run_prefix
+    from tests.deploy.conftest import ROUNDS_RUN
+
+    store, prefix = rounds_checkpoint
+    objs = rounds_prod
+    bucket = _configmap(objs, "offdpo-s3-client")["OFFDPO_S3_BUCKET"]
+    policy = _policies(objs)["refscore"]
+    uri, calls, folder = _rounds_calls(objs, store, tmp_path)
+    # the rendered URI names the bucket refscore's policy covers and the trainer's real layout
+    assert uri.bucket == bucket and uri.prefix == f"{prefix}/model/", (uri, prefix)
+    assert (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+    model_keys = sorted(k for k in store.objects if k.startswith(uri.prefix))
+    assert ("list", uri.prefix) in calls and sorted(k for op, k in calls if op == "get") == model_keys
+    assert {op for op, _ in calls} == {"list", "get"}, calls
+    for op, key in calls:
+        method = {"list": "list_keys", "get": "get_bytes"}[op]
+        assert _s3_request(policy, method, bucket, key), f"with the component, refscore's {method}({key!r}) is denied"
+        assert not _s3_request(policy, method, bucket + "-other", key), f"{method}({key!r}) in another bucket"
+    for key in model_keys:  # stat (HEAD) is s3:GetObject too; nothing that changes the checkpoint
+        assert _s3_request(policy, "exists", bucket, key), key
+        assert not _s3_request(policy, "put_bytes", bucket, key), f"refscore may overwrite {key}"
+        assert not _s3_request(policy, "delete", bucket, key), f"refscore may delete {key}"
+    assert not _s3_request(policy, "put_bytes", bucket, f"{uri.prefix}extra.safetensors")
+    # the rest of the run: every other object the trainer wrote, and its metrics
+    others = sorted(set(store.objects) - set(model_keys)) + [f"{run_prefix(ROUNDS_RUN)}/metrics.jsonl"]
+    for name in ("latest", "optimizer.safetensors", "rng.safetensors", "state.json"):
+        assert any(k.endswith("/" + name) for k in others), f"the checkpoint has no {name}: {others}"
+    for key in others:
+        for method in ("get_bytes", "exists", "put_bytes", "delete"):
+            assert not _s3_request(policy, method, bucket, key), f"with the component, refscore may {method}({key!r})"
+    for listed in ("", "runs/", f"{run_prefix(ROUNDS_RUN)}/", f"{run_prefix(ROUNDS_RUN)}/checkpoints/", f"{prefix}/"):
+        assert not _s3_request(policy, "list_keys", bucket, listed), f"refscore may list {listed!r}"
+    # refscore's base access is unchanged by the component
+    for svc, method, arg, allowed in S3_MATRIX:
+        if svc == "refscore":
+            assert _s3_request(policy, method, bucket, arg) is allowed, f"with the component: {method}({arg!r})"
+    # without the component, the checkpoint stays out of refscore's reach
+    for name, plain in overlays.items():
+        base = _policies(plain)["refscore"]
+        for op, key in calls:
+            method = {"list": "list_keys", "get": "get_bytes"}[op]
+            assert not _s3_request(base, method, bucket, key), f"{name}: refscore {method}({key!r}) without rounds"
+
+
+def test_the_rounds_component_changes_only_refscores_policy(rounds_prod, overlays, tmp_path):
+    """Same identities, same trainer policy and ACLs; refscore's policy is base's plus read-only statements
+    on checkpoints' model/ only; the setup Job attaches exactly that document to refscore's user."""
+    objs, prod = rounds_prod, overlays["prod"]
+    rounds, base = _policies(objs), _policies(prod)
+    assert set(rounds) == set(base) == set(S3_SERVICES)
+    assert rounds["trainer"] == base["trainer"], "the trainer's policy must not change"
+    assert _configmap(objs, "offdpo-kafka-acls") == _configmap(prod, "offdpo-kafka-acls")
+    assert all(st in rounds["refscore"]["Statement"] for st in base["refscore"]["Statement"])
+    added = [st for st in rounds["refscore"]["Statement"] if st not in base["refscore"]["Statement"]]
+    assert added, "the component grants nothing"
+    for st in added:
+        assert st["Effect"] == "Allow" and "Principal" not in st, st
+        actions = [st["Action"]] if isinstance(st["Action"], str) else st["Action"]
+        resources = [st["Resource"]] if isinstance(st["Resource"], str) else st["Resource"]
+        if actions == ["s3:ListBucket"]:
+            assert resources == ["arn:aws:s3:::offdpo"], st
+            assert st["Condition"] == {"StringLike": {"s3:prefix": ["runs/*/checkpoints/*/model/*"]}}, st
+        else:
+            assert actions == ["s3:GetObject"], st
+            assert resources == ["arn:aws:s3:::offdpo/runs/*/checkpoints/*/model/*"], st
+    # the S3 setup Job, run against a stubbed mc: refscore's user gets the component's document
+    code, output, calls = _run_setup(objs, "offdpo-ensure-bucket", "s3-setup", tmp_path)
+    assert code == 0, output
+    mc = [c[1:] for c in calls if c[0] == "mc"]
+    mc = [c[c.index("--quiet") + 1 :] if "--quiet" in c else c for c in mc]
+    created = {c[4]: c[5] for c in mc if c[:3] == ["admin", "policy", "create"]}
+    assert set(created) == {f"offdpo-{s}" for s in S3_SERVICES}
+    with open(created["offdpo-refscore"]) as f:
+        assert json.load(f) == rounds["refscore"]
+
+
+def test_the_rounds_render_is_valid_and_refscore_can_cache_the_checkpoint(rounds_prod):
+    """The checks every overlay gets, on prod with the component and refscore pointed at a checkpoint; the
+    download cache (OFFDPO_REFSCORE_MODEL_CACHE left at <tmp>/offdpo-refscore-models) is on a writable
+    emptyDir: the root filesystem is read-only, so no volume of its own is needed."""
+    from tests.deploy import test_rendered as checks
+
+    rendered = ("prod", rounds_prod)
+    checks.test_objects_validate_strict(rendered)
+    checks.test_every_container_has_resources_and_locked_down_security_context(rendered)
+    checks.test_containers_get_exactly_the_variables_their_service_reads(rendered)
+    checks.test_network_policies_deny_by_default_and_allow_the_pipeline(rendered)
+    w = workload(rounds_prod, "offdpo-refscore")
+    c = get_container(w, "refscore")
+    env = container_env(rounds_prod, c)
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "OFFDPO_REFSCORE_MODEL_CACHE" not in env and "TMPDIR" not in env, "the cache is <tmp>/..."
+    assert "TMPDIR" not in (checks.DEPLOY / "docker" / "Dockerfile").read_text(), "the image's tmp is /tmp"
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/tmp"]
+    assert not mount.get("readOnly")
+    volume = next(v for v in pod_spec(w)["volumes"] if v["name"] == mount["name"])
+    assert "emptyDir" in volume and volume["emptyDir"].get("medium") != "Memory", volume

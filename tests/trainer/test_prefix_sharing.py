@@ -6,29 +6,19 @@ from __future__ import annotations
 
 import contextlib
 import random
-from dataclasses import dataclass
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from services.trainer.config import TrainerConfig
+from services.trainer.data import Example
 from services.trainer.losses import AnswerLogps, answer_logps, make_batch
 from services.trainer.packing import CHOSEN, REJECTED, Layout, attention_mask_4d, make_layout_batch
 from services.trainer.step import train_step
 
 
-@dataclass
-class Ex:
-    pair_id: str
-    prompt: list
-    chosen: list
-    rejected: list
-    ref_chosen: list
-    ref_rejected: list
-
-
-def random_pairs(n: int, seed: int, vocab: int = 1024) -> list[Ex]:
+def random_pairs(n: int, seed: int, vocab: int = 1024) -> list[Example]:
     rng = random.Random(seed)
     out = []
     for i in range(n):
@@ -37,7 +27,7 @@ def random_pairs(n: int, seed: int, vocab: int = 1024) -> list[Ex]:
         r = [rng.randrange(4, vocab) for _ in range(rng.randint(2 if i % 2 else 1, 30))]
         if i == 1:  # chosen and rejected start with the same token (common in real data)
             r[0] = c[0]
-        out.append(Ex(f"p{i}", p, c, r, [rng.uniform(-9, -1) for _ in c], [rng.uniform(-9, -1) for _ in r]))
+        out.append(Example(f"p{i}", p, c, r, [rng.uniform(-9, -1) for _ in c], [rng.uniform(-9, -1) for _ in r]))
     return out
 
 
@@ -134,7 +124,7 @@ def test_rejected_logps_do_not_depend_on_the_chosen_answer(base_models, layout):
     module = AnswerLogps(base_models["sdpa"])
     pairs = random_pairs(5, seed=9)
     other = [
-        Ex(e.pair_id, e.prompt, [(t * 7 + 3) % 1000 + 4 for t in e.chosen], *rest)
+        Example(e.pair_id, e.prompt, [(t * 7 + 3) % 1000 + 4 for t in e.chosen], *rest)
         for e, *rest in [(e, e.rejected, e.ref_chosen, e.ref_rejected) for e in pairs]
     ]
     with torch.no_grad():
