@@ -27,7 +27,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -139,10 +138,9 @@ class PipelineRun:
 
     def label(self, address: str, openings: list[str], k: int, workers: int = 6, swap: bool = False) -> dict:
         """Openings -> labeler (on-policy generation through refscore, reward-model strategy) -> pairs topic."""
-        from localdev.experiment import NegatedRewardModel, fan_out, write_candidates
+        from cli.demo import label_in_parallel
+        from localdev.experiment import write_candidates
         from services.labeler.config import LabelerConfig
-        from services.labeler.reward import RewardModel, RewardModelStrategy
-        from services.labeler.runner import build_labeler, close_labeler, run_file
 
         files = []
         for w in range(workers):
@@ -164,26 +162,9 @@ class PipelineRun:
                 reward_model=str(self.reward),
             )
 
-        def work(i: int, path: Path) -> dict:
-            cfg = cfg_for(i)
-            overrides = None
-            # transformers' from_pretrained is not thread-safe (it swaps process-wide attributes such as
-            # PreTrainedModel.tie_weights for the length of a load): labelers loading their reward
-            # models in overlapping threads could leave weight tying off for the rest of this process,
-            # and every causal LM loaded later (evaluation, TRL, best-of-n) with an uninitialised lm_head.
-            with _LOAD_LOCK:
-                if swap:  # test-only: chosen and rejected exchanged
-                    model = RewardModel(cfg.reward_model, cfg.reward_batch_size, cfg.reward_max_length)
-                    overrides = {
-                        "reward_model": RewardModelStrategy(NegatedRewardModel(model), cfg.pair_mode, cfg.margin)
-                    }
-                labeler = build_labeler(cfg, self.kafka, strategy_overrides=overrides, generator=self._generator(cfg))
-            try:
-                return run_file(labeler, path, "candidates", "reward_model")
-            finally:
-                close_labeler(labeler)
-
-        summaries = fan_out(work, files)
+        summaries = label_in_parallel(
+            cfg_for, self.kafka, files, "reward_model", swap=swap, generator_for=self._generator
+        )
         check_complete_load(self.reference)
         return summaries
 
@@ -351,9 +332,6 @@ class PipelineRun:
 
         prefix = f"{run_prefix(run_name)}/checkpoints/step-{step:08d}"
         return download_model(self.store, prefix, self.workdir / "checkpoints" / run_name / str(step))
-
-
-_LOAD_LOCK = threading.Lock()
 
 
 def check_complete_load(model_dir: Path) -> None:

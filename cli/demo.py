@@ -78,9 +78,10 @@ def _start(args: list[str], env: dict, log_path: Path) -> subprocess.Popen:
     return subprocess.Popen(args, env=env, cwd=REPO, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
 
 
-def label_in_parallel(cfg_for, kafka, files: list[Path], strategy: str, swap: bool = False) -> dict:
+def label_in_parallel(cfg_for, kafka, files: list[Path], strategy: str, swap: bool = False, generator_for=None) -> dict:
     """One labeler per file, in threads; the summed per-strategy summary. swap (tests only): the
-    reward model's scores negated, so chosen and rejected are exchanged."""
+    reward model's scores negated, so chosen and rejected are exchanged. generator_for(cfg), when
+    given, builds each labeler's candidate generator (default: refscore `Generate` from the config)."""
     from services.labeler.reward import RewardModel, RewardModelStrategy
     from services.labeler.runner import build_labeler, close_labeler, run_file
 
@@ -90,7 +91,8 @@ def label_in_parallel(cfg_for, kafka, files: list[Path], strategy: str, swap: bo
         if swap:
             model = RewardModel(cfg.reward_model, cfg.reward_batch_size, cfg.reward_max_length)
             overrides = {"reward_model": RewardModelStrategy(NegatedRewardModel(model), cfg.pair_mode, cfg.margin)}
-        labeler = build_labeler(cfg, kafka, strategy_overrides=overrides)
+        generator = generator_for(cfg) if generator_for is not None else None
+        labeler = build_labeler(cfg, kafka, strategy_overrides=overrides, generator=generator)
         try:
             return run_file(labeler, path, "candidates", strategy)
         finally:
