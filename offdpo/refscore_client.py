@@ -12,13 +12,17 @@ from offdpo import records
 from offdpo.v1 import refscore_pb2, refscore_pb2_grpc
 
 
+def _prompt(prompt) -> records.Prompt:
+    if isinstance(prompt, str):
+        return records.text_prompt(prompt)
+    if not isinstance(prompt, records.Prompt):
+        return records.chat_prompt(prompt)
+    return prompt
+
+
 def score_item(prompt, answer: str | Sequence[int], item_id: str = "") -> refscore_pb2.ScoreItem:
     """prompt: a Prompt, a str (plain text) or a list of (role, content) / {"role","content"} messages."""
-    if isinstance(prompt, str):
-        prompt = records.text_prompt(prompt)
-    elif not isinstance(prompt, records.Prompt):
-        prompt = records.chat_prompt(prompt)
-    item = refscore_pb2.ScoreItem(prompt=prompt, item_id=item_id)
+    item = refscore_pb2.ScoreItem(prompt=_prompt(prompt), item_id=item_id)
     if isinstance(answer, str):
         item.answer_text = answer
     else:
@@ -116,8 +120,36 @@ class RefscoreClient:
             timeout=timeout,
         )
 
-    def model_info(self, timeout: float = 30.0) -> refscore_pb2.ModelInfo:
-        return self.stub.GetModelInfo(refscore_pb2.GetModelInfoRequest(), timeout=timeout)
+    def generate(
+        self,
+        prompt,
+        n: int = 1,
+        max_tokens: int = 256,
+        *,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        timeout: float | None = 300.0,
+        expected_fingerprint_id: str = "",
+    ) -> refscore_pb2.GenerateResponse:
+        """Sample `n` answers to `prompt` (as for score_item). None leaves a sampling field unset (the
+        server's default: temperature 1, top_p 1, no seed); `expected_fingerprint_id` picks the model
+        (empty: the server's primary)."""
+        request = refscore_pb2.GenerateRequest(
+            prompt=_prompt(prompt), n=n, max_tokens=max_tokens, expected_fingerprint_id=expected_fingerprint_id
+        )
+        if temperature is not None:
+            request.temperature = temperature
+        if top_p is not None:
+            request.top_p = top_p
+        if seed is not None:
+            request.seed = seed
+        return self.stub.Generate(request, timeout=timeout)
+
+    def model_info(self, timeout: float = 30.0, fingerprint_id: str = "") -> refscore_pb2.ModelInfo:
+        """The fingerprint and limits of the model `fingerprint_id` (empty: the primary); `.served`
+        lists every model the server serves."""
+        return self.stub.GetModelInfo(refscore_pb2.GetModelInfoRequest(fingerprint_id=fingerprint_id), timeout=timeout)
 
     def close(self) -> None:
         self._raw_channel.close()

@@ -62,20 +62,22 @@ class ScoreStreamResult(_message.Message):
     def __init__(self, request_index: _Optional[int] = ..., item: _Optional[_Union[ScoredItem, _Mapping]] = ..., fingerprint: _Optional[_Union[_records_pb2.ReferenceFingerprint, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "n", "max_tokens", "temperature", "top_p", "seed")
+    __slots__ = ("prompt", "n", "max_tokens", "temperature", "top_p", "seed", "expected_fingerprint_id")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FINGERPRINT_ID_FIELD_NUMBER: _ClassVar[int]
     prompt: _records_pb2.Prompt
     n: int
     max_tokens: int
     temperature: float
     top_p: float
     seed: int
-    def __init__(self, prompt: _Optional[_Union[_records_pb2.Prompt, _Mapping]] = ..., n: _Optional[int] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    expected_fingerprint_id: str
+    def __init__(self, prompt: _Optional[_Union[_records_pb2.Prompt, _Mapping]] = ..., n: _Optional[int] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., expected_fingerprint_id: _Optional[str] = ...) -> None: ...
 
 class GeneratedAnswer(_message.Message):
     __slots__ = ("text", "token_ids", "token_logprobs", "logprob_sum", "finish_reason")
@@ -102,11 +104,13 @@ class GenerateResponse(_message.Message):
     def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., answers: _Optional[_Iterable[_Union[GeneratedAnswer, _Mapping]]] = ..., fingerprint: _Optional[_Union[_records_pb2.ReferenceFingerprint, _Mapping]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("fingerprint_id",)
+    FINGERPRINT_ID_FIELD_NUMBER: _ClassVar[int]
+    fingerprint_id: str
+    def __init__(self, fingerprint_id: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("fingerprint", "max_model_len", "max_items_per_request", "max_tokens_per_request", "max_message_bytes", "bos_token_id", "eos_token_id", "engine_settings")
+    __slots__ = ("fingerprint", "max_model_len", "max_items_per_request", "max_tokens_per_request", "max_message_bytes", "bos_token_id", "eos_token_id", "engine_settings", "served")
     class EngineSettingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +126,7 @@ class ModelInfo(_message.Message):
     BOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    SERVED_FIELD_NUMBER: _ClassVar[int]
     fingerprint: _records_pb2.ReferenceFingerprint
     max_model_len: int
     max_items_per_request: int
@@ -130,4 +135,5 @@ class ModelInfo(_message.Message):
     bos_token_id: int
     eos_token_id: int
     engine_settings: _containers.ScalarMap[str, str]
-    def __init__(self, fingerprint: _Optional[_Union[_records_pb2.ReferenceFingerprint, _Mapping]] = ..., max_model_len: _Optional[int] = ..., max_items_per_request: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., engine_settings: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    served: _containers.RepeatedCompositeFieldContainer[_records_pb2.ReferenceFingerprint]
+    def __init__(self, fingerprint: _Optional[_Union[_records_pb2.ReferenceFingerprint, _Mapping]] = ..., max_model_len: _Optional[int] = ..., max_items_per_request: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., engine_settings: _Optional[_Mapping[str, str]] = ..., served: _Optional[_Iterable[_Union[_records_pb2.ReferenceFingerprint, _Mapping]]] = ...) -> None: ...

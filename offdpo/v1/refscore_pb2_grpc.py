@@ -81,7 +81,8 @@ class RefScoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """The fingerprint and limits of the loaded model.
+        """The fingerprint and limits of a served model (the primary unless the request names another), and
+        the fingerprints of every model this server serves.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -12,6 +12,8 @@
 
 Configuration: environment variables (`offdpo config`), e.g.
     OFFDPO_REFSCORE_MODEL_DIR=models/tiny OFFDPO_REFSCORE_ENGINE=vllm python -m services.refscore serve --worker
+`serve` also serves the models of OFFDPO_REFSCORE_EXTRA_MODEL_DIRS (an engine each; requests pick one by
+fingerprint); the stream worker scores with OFFDPO_REFSCORE_MODEL_DIR's model only.
 SIGTERM/SIGINT: health goes NOT_SERVING, the worker finishes (and commits) its current batch,
 in-flight RPCs get OFFDPO_REFSCORE_GRACE_S seconds, then the engine shuts down.
 Watchdog (services/refscore/watchdog.py): the engine or stream-worker thread dead, or stuck for
@@ -28,6 +30,8 @@ import os
 import signal
 import sys
 import threading
+import time
+from collections.abc import Sequence
 from typing import Any, Literal, NoReturn
 
 from offdpo.config import ConfigError, KafkaConfig, S3Config
@@ -42,6 +46,24 @@ from services.refscore.worker import StreamWorker
 log = logging.getLogger("refscore")
 
 
+class _AllEngines:
+    """The watchdog's view (watchdog.EngineState) of every served model's engine at once: any engine
+    thread dead or stuck is the process's problem, whichever model it serves."""
+
+    def __init__(self, scorers: Sequence[Scorer]):
+        self.scorers = list(scorers)
+
+    @property
+    def stopping(self) -> bool:
+        return any(s.stopping for s in self.scorers)
+
+    def engine_alive(self) -> bool:
+        return all(s.engine_alive() for s in self.scorers)
+
+    def engine_busy_s(self, now: float | None = None) -> float:
+        return max(s.engine_busy_s(now) for s in self.scorers)
+
+
 async def _serve(cfg: RefscoreConfig, with_worker: bool) -> int:
     server = RefscoreServer(cfg)
     await server.start()
@@ -53,11 +75,12 @@ async def _serve(cfg: RefscoreConfig, with_worker: bool) -> int:
     worker_thread = None
     beat = Heartbeat()
     load = asyncio.create_task(server.load_engine())
-    if with_worker:
+    if with_worker:  # the stream worker scores with the primary model (OFFDPO_REFSCORE_MODEL_DIR) only
         worker = StreamWorker(server.scorer, cfg, KafkaConfig.from_env(), S3Config.from_env(), heartbeat=beat)
         worker_thread = threading.Thread(target=worker.run, args=(worker_stop,), name="refscore-worker", daemon=True)
         worker_thread.start()
-    watchdog = Watchdog(server.scorer, cfg.stall_s, worker_thread, beat if with_worker else None)
+    engines = server.scorer if len(server.scorers) == 1 else _AllEngines(server.scorers)
+    watchdog = Watchdog(engines, cfg.stall_s, worker_thread, beat if with_worker else None)
     ending = await _what_ends_serving(load, stop, watchdog, cfg.grace_s)
     watchdog.stopping()
     worker_stop.set()
@@ -68,7 +91,7 @@ async def _serve(cfg: RefscoreConfig, with_worker: bool) -> int:
         # Probes and load balancers see NOT_SERVING at once, whatever happens next.
         await server.health.enter_graceful_shutdown()
         if ending.stalled:
-            _exit_now(server.scorer, 1)  # a stuck thread would block any orderly stop
+            _exit_now(server.scorers, 1)  # a stuck thread would block any orderly stop
     if worker_thread is not None:
         await asyncio.to_thread(worker_thread.join, cfg.grace_s)
     await server.stop()
@@ -109,19 +132,32 @@ async def _watch(watchdog: Watchdog, every_s: float = 1.0) -> Problem:
     return problem
 
 
-def _exit_now(scorer: Scorer, code: int, engine_grace_s: float = 10.0) -> NoReturn:
-    """Exit at once, skipping the orderly stop a stuck thread would block. The engine gets a bounded
-    chance to release what lives outside this process (vLLM's engine-core process)."""
-    if scorer.engine is not None:
-        closer = threading.Thread(target=scorer.engine.shutdown, name="engine-shutdown", daemon=True)
+def _exit_now(scorers: Scorer | Sequence[Scorer], code: int, engine_grace_s: float = 10.0) -> NoReturn:
+    """Exit at once, skipping the orderly stop a stuck thread would block. Each engine gets a bounded
+    chance (`engine_grace_s` for all together) to release what lives outside this process (vLLM's
+    engine-core process)."""
+    closers = [
+        threading.Thread(target=s.engine.shutdown, name="engine-shutdown", daemon=True)
+        for s in ([scorers] if isinstance(scorers, Scorer) else scorers)
+        if s.engine is not None
+    ]
+    for closer in closers:
         closer.start()
-        closer.join(engine_grace_s)
+    deadline = time.monotonic() + engine_grace_s
+    for closer in closers:
+        closer.join(max(0.0, deadline - time.monotonic()))
     log.critical("exiting with %d without an orderly stop", code)
     logging.shutdown()
     os._exit(code)
 
 
 def _worker_only(cfg: RefscoreConfig) -> int:
+    if cfg.extra_model_dirs:
+        log.info(
+            "worker mode scores with OFFDPO_REFSCORE_MODEL_DIR's model only; the %d of"
+            " OFFDPO_REFSCORE_EXTRA_MODEL_DIRS are served by `serve` alone and are not loaded here",
+            len(cfg.extra_model_dirs),
+        )
     scorer = Scorer(cfg)
     beat = Heartbeat()
     with StopOnSignals("the worker finishes (and commits) its current batch, then stops") as stop:
@@ -173,13 +209,15 @@ def _archive_main(argv: list[str]) -> int:
         return 2
 
 
-def _check_model_source(cfg: RefscoreConfig) -> None:
+def _check_model_source(cfg: RefscoreConfig, serving: bool = True) -> None:
     """An s3:// model URI must be well formed before anything starts (its download happens while the
-    engine loads, health NOT_SERVING meanwhile: services/refscore/model_source.py)."""
+    engine loads, health NOT_SERVING meanwhile: services/refscore/model_source.py); `serving`: also the
+    extra models' (OFFDPO_REFSCORE_EXTRA_MODEL_DIRS), and that they can all be served at once."""
     from services.refscore.model_source import is_s3_uri, parse_s3_uri
 
-    if is_s3_uri(cfg.model_dir):
-        parse_s3_uri(cfg.model_dir)
+    for model_cfg in cfg.model_configs() if serving else [cfg]:
+        if is_s3_uri(model_cfg.model_dir):
+            parse_s3_uri(model_cfg.model_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = RefscoreConfig.from_env()
         cfg.engine_settings()  # refuse bad engine knobs now, not after the model has loaded
-        _check_model_source(cfg)
+        _check_model_source(cfg, serving=args.mode == "serve")
         if args.mode == "serve":  # TLS, auth file and quota settings, before anything listens or connects
             security.build(cfg)
             RefscoreQuotaConfig.from_env()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from offdpo.config import ConfigError, EnvConfig, KafkaConfig, S3Config, env
 
@@ -14,6 +15,14 @@ class RefscoreConfig(EnvConfig):
         "models/tiny",
         "Hugging Face model directory of the reference model, or a trainer checkpoint in S3"
         " (s3://<bucket>/runs/<run>/checkpoints/step-<N>/model/, downloaded once into OFFDPO_REFSCORE_MODEL_CACHE)",
+    )
+    extra_model_dirs: tuple[str, ...] = env(
+        "OFFDPO_REFSCORE_EXTRA_MODEL_DIRS",
+        (),
+        "comma-separated further reference models served beside OFFDPO_REFSCORE_MODEL_DIR (each a folder or an"
+        " s3:// checkpoint like it; empty: one model), each on an engine of its own with the same settings;"
+        " requests pick one by expected_fingerprint_id (empty: MODEL_DIR's). vLLM: (1 + their number) x"
+        " OFFDPO_REFSCORE_GPU_MEMORY_UTILIZATION must stay <= 0.95. The stream worker scores with MODEL_DIR's only",
     )
     model_cache: str = env(
         "OFFDPO_REFSCORE_MODEL_CACHE",
@@ -149,6 +158,80 @@ class RefscoreConfig(EnvConfig):
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+
+    def model_configs(self, on_gpu: bool | None = None) -> list[RefscoreConfig]:
+        """One config per reference model served: this one (OFFDPO_REFSCORE_MODEL_DIR, the primary) first,
+        then one per OFFDPO_REFSCORE_EXTRA_MODEL_DIRS entry, in order. An extra model gets the same engine
+        settings, its own model_dir and model_id "" (its fingerprint names its own model, not the primary's
+        OFFDPO_REFSCORE_MODEL_ID). ConfigError when they cannot all be served (`check_reference_memory`)."""
+        check_reference_memory(self, on_gpu)
+        return [
+            self,
+            *(dataclasses.replace(self, model_dir=d, model_id="", extra_model_dirs=()) for d in self.extra_model_dirs),
+        ]
+
+
+# vLLM reserves its OFFDPO_REFSCORE_GPU_MEMORY_UTILIZATION fraction per engine, so the engines of every
+# served model together may claim at most this much (the rest: CUDA context, activations, fragmentation).
+MAX_TOTAL_MEMORY_FRACTION = 0.95
+VLLM_DEFAULT_FRACTION = {True: 0.9, False: 0.15}  # GPU / CPU, as services/refscore/engines.py applies them
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001 - no torch or no driver: not a GPU
+        return False
+
+
+def check_reference_memory(cfg: RefscoreConfig, on_gpu: bool | None = None) -> None:
+    """Refuse, at start-up, a set of reference models this process cannot serve at once.
+
+    - The same model listed twice (OFFDPO_REFSCORE_MODEL_DIR and OFFDPO_REFSCORE_EXTRA_MODEL_DIRS): two
+      engines with one fingerprint, which no request could tell apart.
+    - The vllm engine: each engine pre-allocates its OFFDPO_REFSCORE_GPU_MEMORY_UTILIZATION fraction, so
+      (1 + extras) x that fraction must stay <= 0.95. On a GPU the fraction is of GPU memory (the default 0
+      means 0.9, so serving a second model needs the setting lowered explicitly). On the CPU backend vLLM
+      reads the same setting as the fraction of host RAM each engine reserves for its KV cache (and refuses
+      to start when it is not free: vllm/v1/worker/cpu_worker.py), so the same bound applies there (the
+      default 0 means 0.15: up to six models); the weights come on top, in RAM, as on one model.
+    - The transformers engine reserves nothing up front (weights plus one batch's activations, bounded by
+      OFFDPO_REFSCORE_TRANSFORMERS_BATCH_TOKENS and OFFDPO_REFSCORE_LOGITS_BUDGET_MB): no bound here; a
+      model that does not fit fails its load, and health never becomes SERVING.
+
+    `on_gpu`: None = ask torch (only needed when the fraction is the default 0).
+    """
+    dirs = [cfg.model_dir, *cfg.extra_model_dirs]
+    seen: set[str] = set()
+    for d in dirs:
+        if d.rstrip("/") in seen:
+            raise ConfigError(
+                f"reference model {d!r} is listed twice (OFFDPO_REFSCORE_MODEL_DIR and OFFDPO_REFSCORE_EXTRA_MODEL_DIRS):"
+                " every served model must be another one"
+            )
+        seen.add(d.rstrip("/"))
+    if any(not d.strip() for d in dirs):
+        raise ConfigError("OFFDPO_REFSCORE_MODEL_DIR and each OFFDPO_REFSCORE_EXTRA_MODEL_DIRS entry must be non-empty")
+    n = len(dirs)
+    if n == 1 or cfg.engine != "vllm":
+        return
+    fraction = cfg.gpu_memory_utilization
+    where = ""
+    if not fraction:
+        gpu = _cuda_available() if on_gpu is None else on_gpu
+        fraction = VLLM_DEFAULT_FRACTION[gpu]
+        where = f" (0 = the default, {fraction:g} on {'a GPU' if gpu else 'the CPU'})"
+    total = n * fraction
+    if total > MAX_TOTAL_MEMORY_FRACTION + 1e-9:
+        most = math.floor(MAX_TOTAL_MEMORY_FRACTION / n * 100) / 100
+        raise ConfigError(
+            f"{n} reference models (OFFDPO_REFSCORE_MODEL_DIR + {n - 1} in OFFDPO_REFSCORE_EXTRA_MODEL_DIRS) x "
+            f"OFFDPO_REFSCORE_GPU_MEMORY_UTILIZATION={cfg.gpu_memory_utilization:g}{where} = {total:.2f} of the "
+            f"memory, more than {MAX_TOTAL_MEMORY_FRACTION:g}: set OFFDPO_REFSCORE_GPU_MEMORY_UTILIZATION to at most "
+            f"{most:g} or serve fewer models"
+        )
 
 
 @dataclasses.dataclass(frozen=True, repr=False)

@@ -9,13 +9,17 @@ from __future__ import annotations
 import copy
 from typing import Self
 
+import grpc
+
 from offdpo import errors
 from offdpo.grpc_auth.quotas import QuotaExceeded
 
 __all__ = [
     "DeadlineExceeded",
+    "DuplicateReference",
     "FingerprintMismatch",
     "InvalidArgument",
+    "ModelNotAllowed",
     "NotReady",
     "QuotaExceeded",  # the shared auth layer's (offdpo.grpc_auth), raised by refscore's quotas
     "RefscoreError",
@@ -66,3 +70,18 @@ class TokenizationError(RefscoreError, errors.TokenizationError):
 
 class TooLong(TokenizationError, errors.TooLong):
     """Prompt plus answer do not fit the model's context."""
+
+
+class DuplicateReference(RefscoreError, errors.ConfigError):
+    """Two of the reference models one server serves have the same fingerprint (same weights, tokenizer,
+    chat template, dtype and model id): requests, which pick a model by fingerprint, could not tell them
+    apart. Found when the second one has loaded; the server does not start serving."""
+
+
+class ModelNotAllowed(RefscoreError):
+    """The caller's team may not use the reference model its request picked (the auth file's `models`).
+    `offdpo.errors` has no permission class (the auth interceptor refuses before a request is read);
+    this one is raised after the request named its model, so it carries the status itself."""
+
+    error_type = "permission_denied"
+    grpc_status = grpc.StatusCode.PERMISSION_DENIED

@@ -15,6 +15,13 @@
 - A caller's prompts are tokenised with a request-local cache, never the shared one: nothing is cached
   for a caller that is then refused, and no caller can time another's prompts through the cache.
 - NotReady answers UNAVAILABLE with a generic message; its detail (e.g. the engine's load error) is logged.
+- More than one reference model (OFFDPO_REFSCORE_EXTRA_MODEL_DIRS): one Scorer (engine) per model, keyed by
+  fingerprint_id, the primary (OFFDPO_REFSCORE_MODEL_DIR) first. A request picks one by its
+  `expected_fingerprint_id` (GetModelInfo: `fingerprint_id`); empty -> the primary; an id no served model
+  has -> FAILED_PRECONDITION listing the served ones (UNAVAILABLE while a model is still loading, since
+  its fingerprint is not known yet). Health is SERVING once every model has loaded. With several models a
+  team limited to some `models` (auth file) is checked against the model its request picked, once the
+  request is read; with one model the interceptor checks it before, as always.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import concurrent.futures
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -33,21 +40,24 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from offdpo import grpc_auth
 from offdpo.errors import OffdpoError
 from offdpo.grpc_auth import QuotaExceeded, Quotas, method_name, wrap_handler
 from offdpo.records import decode
-from offdpo.v1 import refscore_pb2
+from offdpo.v1 import records_pb2, refscore_pb2
 from services.refscore import metrics, security
 from services.refscore.config import RefscoreConfig, RefscoreQuotaConfig
 from services.refscore.errors import (
+    DuplicateReference,
     FingerprintMismatch,
     InvalidArgument,
+    ModelNotAllowed,
     NotReady,
     RefscoreError,
     TokenizationError,
     TooLong,
 )
-from services.refscore.scorer import GenerateParams, Scorer
+from services.refscore.scorer import GenerateParams, LoadedModel, Scorer
 from services.refscore.tokenization import request_local_cache
 
 log = logging.getLogger(__name__)
@@ -112,11 +122,90 @@ async def _result(future: concurrent.futures.Future[T]) -> T:
         raise
 
 
+class References:
+    """The reference models one server serves: their scorers in configuration order, the primary
+    (OFFDPO_REFSCORE_MODEL_DIR) first, and the loaded ones keyed by fingerprint_id."""
+
+    def __init__(self, scorers: Sequence[Scorer]):
+        if not scorers:
+            raise ValueError("a refscore server serves at least one reference model")
+        self.scorers = list(scorers)
+        self.by_fingerprint: dict[str, Scorer] = {}
+
+    @property
+    def primary(self) -> Scorer:
+        return self.scorers[0]
+
+    def register(self, scorer: Scorer) -> records_pb2.ReferenceFingerprint:
+        """Key a scorer that has loaded by its fingerprint; DuplicateReference if another has it."""
+        fp = scorer.fingerprint
+        assert fp is not None, "register() is called once the scorer has loaded"
+        other = self.by_fingerprint.get(fp.fingerprint_id)
+        if other is not None and other is not scorer:
+            raise DuplicateReference(
+                f"{scorer.cfg.model_dir!r} and {other.cfg.model_dir!r} have the same fingerprint "
+                f"{fp.fingerprint_id} ({fp.model_id}): serve each reference once (OFFDPO_REFSCORE_MODEL_DIR, "
+                "OFFDPO_REFSCORE_EXTRA_MODEL_DIRS), or give them different model ids"
+            )
+        self.by_fingerprint[fp.fingerprint_id] = scorer
+        return fp
+
+    def fingerprints(self) -> list[records_pb2.ReferenceFingerprint]:
+        """The fingerprints of the loaded models, primary first."""
+        return [s.fingerprint for s in self.scorers if s.fingerprint is not None]
+
+    def served(self) -> str:
+        return ", ".join(f"{fp.fingerprint_id} ({fp.model_id})" for fp in self.fingerprints()) or "none yet"
+
+    def select(self, fingerprint_id: str, what: str = "expected_fingerprint_id") -> tuple[Scorer, LoadedModel]:
+        """The scorer a request asks for by fingerprint id (empty: the primary) and its loaded model.
+        NotReady while that model (or, for an id not known yet, any model) is loading;
+        FingerprintMismatch for an id none of the loaded models has."""
+        if not fingerprint_id:
+            return self.primary, self.primary.model()
+        scorer = self.by_fingerprint.get(fingerprint_id) or next(
+            (s for s in self.scorers if s.fingerprint is not None and s.fingerprint.fingerprint_id == fingerprint_id),
+            None,  # loaded, not registered yet (load_engine registers each model as it loads)
+        )
+        if scorer is not None:
+            return scorer, scorer.model()
+        if any(s.fingerprint is None for s in self.scorers):
+            # A model still loading (or one that failed) may be the one asked for: retryable, not wrong.
+            raise NotReady(f"{what} {fingerprint_id!r} is not among the models loaded so far; some are still loading")
+        if len(self.scorers) == 1:  # the one-model message, as before
+            fp = self.primary.model().fingerprint
+            raise FingerprintMismatch(
+                f"{what} {fingerprint_id!r} does not match this server's {fp.fingerprint_id!r} ({fp.model_id})"
+            )
+        raise FingerprintMismatch(f"{what} {fingerprint_id!r} is not served here; this server serves {self.served()}")
+
+
+def _check_model_allowed(model: LoadedModel) -> None:
+    """A team limited to some models (the auth file's `models`) may use only those."""
+    caller = security.current_caller()
+    if caller is None or caller.models is None:
+        return
+    model_id = model.fingerprint.model_id
+    if model_id not in caller.models:
+        allowed = ", ".join(sorted(caller.models)) or "none"
+        raise ModelNotAllowed(f"team {caller.name!r} may not use model {model_id!r}; allowed: {allowed}")
+
+
 class RefScoreService:
-    def __init__(self, scorer: Scorer, cfg: RefscoreConfig, quotas: Quotas | None = None):
-        self.scorer = scorer
+    def __init__(self, scorer: Scorer | References, cfg: RefscoreConfig, quotas: Quotas | None = None):
+        self.references = scorer if isinstance(scorer, References) else References([scorer])
         self.cfg = cfg
         self.quotas = quotas or security.Quotas()
+
+    @property
+    def scorer(self) -> Scorer:
+        """The primary model's scorer."""
+        return self.references.primary
+
+    def _select(self, fingerprint_id: str, what: str = "expected_fingerprint_id") -> tuple[Scorer, LoadedModel]:
+        scorer, model = self.references.select(fingerprint_id, what)
+        _check_model_allowed(model)
+        return scorer, model
 
     def _charge(self, tokens: int) -> str:
         """Charge the caller's tokens-per-minute quota; returns the caller's name for the fair queue."""
@@ -130,19 +219,14 @@ class RefScoreService:
 
     async def _score(
         self, request: refscore_pb2.ScoreRequest, context: grpc.aio.ServicerContext
-    ) -> list[refscore_pb2.ScoredItem]:
-        fingerprint = self.scorer.model().fingerprint
-        want = request.expected_fingerprint_id
-        if want and want != fingerprint.fingerprint_id:
-            raise FingerprintMismatch(
-                f"expected_fingerprint_id {want!r} does not match this server's "
-                f"{fingerprint.fingerprint_id!r} ({fingerprint.model_id})"
-            )
+    ) -> tuple[list[refscore_pb2.ScoredItem], records_pb2.ReferenceFingerprint]:
+        """The scored items and the fingerprint of the model that scored them."""
+        scorer, model = self._select(request.expected_fingerprint_id)
         self._check_quota()
         with request_local_cache():  # nothing cached for a caller the charge below refuses
-            prepared = self.scorer.prepare_items(request.items)
+            prepared = scorer.prepare_items(request.items)
         caller = self._charge(sum(len(p.prompt_ids) + len(p.answer_ids) for p in prepared))
-        results = await _result(self.scorer.submit_score(prepared, _deadline(context), caller=caller))
+        results = await _result(scorer.submit_score(prepared, _deadline(context), caller=caller))
         return [
             refscore_pb2.ScoredItem(
                 item_index=i,
@@ -153,47 +237,52 @@ class RefScoreService:
                 logprob_sum=float(sum(logps)),
             )
             for i, (item, prep, logps) in enumerate(zip(request.items, prepared, results))
-        ]
+        ], model.fingerprint
 
     async def Score(self, raw: bytes, context: grpc.aio.ServicerContext) -> refscore_pb2.ScoreResponse:
         request = _decode(refscore_pb2.ScoreRequest, raw, self.cfg.max_message_bytes, "ScoreRequest")
-        items = await self._score(request, context)
+        items, fingerprint = await self._score(request, context)
         metrics.RPC_ITEMS.labels("Score").inc(len(items))
-        return refscore_pb2.ScoreResponse(items=items, fingerprint=self.scorer.model().fingerprint)
+        return refscore_pb2.ScoreResponse(items=items, fingerprint=fingerprint)
 
     async def ScoreStream(
         self, raw_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[refscore_pb2.ScoreStreamResult]:
         index = 0
+        last_fingerprint_id: str | None = None
         async for raw in raw_iterator:
             request = _decode(
                 refscore_pb2.ScoreRequest, raw, self.cfg.max_message_bytes, f"ScoreStream request {index}"
             )
             try:
-                items = await self._score(request, context)
+                items, fingerprint = await self._score(request, context)
             except RefscoreError as exc:
                 raise exc.at(f"request {index}") from None  # say which request on the stream it was
             except QuotaExceeded as exc:
                 raise QuotaExceeded(f"request {index}: {exc}", exc.retry_after_s) from None
             for n, item in enumerate(items):
                 result = refscore_pb2.ScoreStreamResult(request_index=index, item=item)
-                if index == 0 and n == 0:
-                    result.fingerprint.CopyFrom(self.scorer.model().fingerprint)
+                # On the stream's first result, and again where a request picked another model than the one before.
+                if n == 0 and fingerprint.fingerprint_id != last_fingerprint_id:
+                    result.fingerprint.CopyFrom(fingerprint)
+                    last_fingerprint_id = fingerprint.fingerprint_id
                 yield result
             metrics.RPC_ITEMS.labels("ScoreStream").inc(len(items))
             index += 1
 
-    def _generate_params(self, request: refscore_pb2.GenerateRequest, prompt_tokens: int) -> GenerateParams:
+    def _generate_params(
+        self, request: refscore_pb2.GenerateRequest, prompt_tokens: int, max_model_len: int
+    ) -> GenerateParams:
         n = request.n or 1
         max_tokens = request.max_tokens or 256
         if n < 1 or n > self.cfg.max_generate_n:
             raise InvalidArgument(f"n={n} must be between 1 and {self.cfg.max_generate_n}")
         if max_tokens < 1 or max_tokens > self.cfg.max_generate_tokens:
             raise InvalidArgument(f"max_tokens={max_tokens} must be between 1 and {self.cfg.max_generate_tokens}")
-        if prompt_tokens + max_tokens > self.scorer.max_model_len:
+        if prompt_tokens + max_tokens > max_model_len:
             raise TooLong(
                 f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the "
-                f"model's context of {self.scorer.max_model_len} tokens"
+                f"model's context of {max_model_len} tokens"
             )
         temperature = request.temperature if request.HasField("temperature") else 1.0
         top_p = request.top_p if request.HasField("top_p") else 1.0
@@ -204,16 +293,16 @@ class RefScoreService:
 
     async def Generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> refscore_pb2.GenerateResponse:
         request = _decode(refscore_pb2.GenerateRequest, raw, self.cfg.max_message_bytes, "GenerateRequest")
-        model = self.scorer.model()
+        scorer, model = self._select(request.expected_fingerprint_id)
         self._check_quota()
         try:
             with request_local_cache():
                 prompt = model.boundary.encode_prompt(request.prompt)
         except TokenizationError as exc:
             raise exc.at("prompt") from None
-        params = self._generate_params(request, len(prompt.ids))
+        params = self._generate_params(request, len(prompt.ids), scorer.max_model_len)
         caller = self._charge(len(prompt.ids) + params.n * params.max_tokens)  # the most it can cost
-        answers = await _result(self.scorer.submit_generate(prompt.ids, params, _deadline(context), caller=caller))
+        answers = await _result(scorer.submit_generate(prompt.ids, params, _deadline(context), caller=caller))
         return refscore_pb2.GenerateResponse(
             prompt_token_ids=prompt.ids,
             fingerprint=model.fingerprint,
@@ -230,18 +319,19 @@ class RefScoreService:
         )
 
     async def GetModelInfo(self, raw: bytes, context: grpc.aio.ServicerContext) -> refscore_pb2.ModelInfo:
-        _decode(refscore_pb2.GetModelInfoRequest, raw, 1024, "GetModelInfoRequest")
-        model = self.scorer.model()
+        request = _decode(refscore_pb2.GetModelInfoRequest, raw, 1024, "GetModelInfoRequest")
+        scorer, model = self._select(request.fingerprint_id, "fingerprint_id")
         tok = model.boundary.tok
         return refscore_pb2.ModelInfo(
             fingerprint=model.fingerprint,
-            max_model_len=self.scorer.max_model_len,
+            max_model_len=scorer.max_model_len,
             max_items_per_request=self.cfg.max_items_per_request,
             max_tokens_per_request=self.cfg.max_tokens_per_request,
             max_message_bytes=self.cfg.max_message_bytes,
             bos_token_id=-1 if tok.bos_token_id is None else tok.bos_token_id,
             eos_token_id=-1 if tok.eos_token_id is None else tok.eos_token_id,
-            engine_settings=self.scorer.engine_settings,
+            engine_settings=scorer.engine_settings,
+            served=self.references.fingerprints(),
         )
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
@@ -264,18 +354,40 @@ class RefScoreService:
 
 
 class RefscoreServer:
-    """The gRPC server around a Scorer; the engine loads in the background after the port opens."""
+    """The gRPC server around the Scorers of its reference models (one per model, the primary first);
+    the engines load in the background, one after another, after the port opens."""
 
-    def __init__(self, cfg: RefscoreConfig, scorer: Scorer | None = None, replicas: int | None = None):
-        """`replicas`: how many replicas share each team's quota (default OFFDPO_REFSCORE_REPLICAS)."""
+    def __init__(
+        self,
+        cfg: RefscoreConfig,
+        scorer: Scorer | None = None,
+        replicas: int | None = None,
+        extra_scorers: Sequence[Scorer] | None = None,
+    ):
+        """`scorer`: the primary model's (default: one for `cfg`); `extra_scorers`: the other models'
+        (default: one per OFFDPO_REFSCORE_EXTRA_MODEL_DIRS entry, `cfg.model_configs()`, which refuses a
+        set of models that cannot all be served); `replicas`: how many replicas share each team's quota
+        (default OFFDPO_REFSCORE_REPLICAS)."""
         self.cfg = cfg
-        self.scorer = scorer or Scorer(cfg)
+        if extra_scorers is None:
+            extra_scorers = [Scorer(c) for c in cfg.model_configs()[1:]]
+        self.references = References([scorer or Scorer(cfg), *extra_scorers])
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.health_port: int | None = None
         self.quotas = security.Quotas(RefscoreQuotaConfig.from_env().replicas if replicas is None else replicas)
+
+    @property
+    def scorer(self) -> Scorer:
+        """The primary model's scorer (the one the stream worker scores with)."""
+        return self.references.primary
+
+    @property
+    def scorers(self) -> list[Scorer]:
+        """Every model's scorer, the primary first."""
+        return self.references.scorers
 
     def model_id(self) -> str:
         fp = self.scorer.fingerprint
@@ -290,9 +402,20 @@ class RefscoreServer:
         # Fail on a missing or contradictory security setting before the port opens.
         secured = security.build(self.cfg)
         credentials = secured.credentials()
-        interceptors = [security.AuthInterceptor(secured.store, self.quotas, self.model_id), ErrorMappingInterceptor()]
+        # One model: a team limited to some models is refused before its request is read, as always. Several:
+        # which one a request uses is in its body, so RefScoreService checks the team against the model picked.
+        auth = (
+            security.AuthInterceptor(secured.store, self.quotas, self.model_id)
+            if len(self.scorers) == 1
+            else grpc_auth.AuthInterceptor(  # the same, without the model check
+                secured.store, self.quotas, None, service=security.SERVICE, metrics=security.METRICS
+            )
+        )
+        interceptors = [auth, ErrorMappingInterceptor()]
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
-        self.server.add_generic_rpc_handlers([RefScoreService(self.scorer, self.cfg, self.quotas).generic_handler()])
+        self.server.add_generic_rpc_handlers(
+            [RefScoreService(self.references, self.cfg, self.quotas).generic_handler()]
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         for name in ("", SERVICE_NAME):
@@ -309,11 +432,12 @@ class RefscoreServer:
             await self._start_health_port()
         await self.server.start()
         log.info(
-            "refscore listening on %s:%d (%s%s; engine loading)%s",
+            "refscore listening on %s:%d (%s%s; %s loading)%s",
             self.cfg.host,
             self.port,
             "TLS" if credentials is not None else "PLAINTEXT",
             ", mTLS" if self.cfg.tls_client_ca and credentials is not None else "",
+            "engine" if len(self.scorers) == 1 else f"{len(self.scorers)} reference models",
             f"; health-only plaintext port {self.health_port}" if self.health_port else "",
         )
         return self.port
@@ -328,8 +452,24 @@ class RefscoreServer:
         await self.health_server.start()
 
     async def load_engine(self) -> None:
-        if not self.scorer.ready.is_set():
-            await asyncio.to_thread(self.scorer.load)
+        """Load every model's engine, one after another (the primary first: vLLM sizes its memory from
+        what is free when it starts, so engines must not start side by side), then health SERVING.
+        A model that fails to load, or has the fingerprint of one loaded before (DuplicateReference),
+        raises: the server never becomes SERVING."""
+        total = len(self.scorers)
+        for n, scorer in enumerate(self.scorers, 1):
+            if not scorer.ready.is_set():
+                await asyncio.to_thread(scorer.load)
+            fp = self.references.register(scorer)
+            log.info(
+                "reference model %d/%d loaded%s: fingerprint %s, model %s, from %s",
+                n,
+                total,
+                " (primary)" if n == 1 else "",
+                fp.fingerprint_id,
+                fp.model_id,
+                scorer.cfg.model_dir,
+            )
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("refscore SERVING")
@@ -341,4 +481,12 @@ class RefscoreServer:
             await self.server.stop(grace)
         if self.health_server is not None:
             await self.health_server.stop(0)
-        await asyncio.to_thread(self.scorer.shutdown)
+        await asyncio.to_thread(self._shutdown_scorers)
+
+    def _shutdown_scorers(self) -> None:
+        """Stop every model's engine; one that fails to stop does not keep the others running."""
+        for scorer in self.scorers:
+            try:
+                scorer.shutdown()
+            except Exception:  # noqa: BLE001 - log it and stop the rest
+                log.exception("the engine of %s failed to shut down", scorer.cfg.model_dir)
