@@ -447,6 +447,19 @@ class TransformersEngine:
         from transformers.generation.utils import GenerateDecoderOnlyOutput
 
         torch = self.torch
+        if temperature <= 0 and n > 1:
+            # Greedy decoding is deterministic: n samples are n copies of one (what vLLM returns too);
+            # transformers refuses num_return_sequences > 1 without sampling.
+            one = self.generate(
+                prompt_ids,
+                n=1,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                stop_token_ids=stop_token_ids,
+            )
+            return one * n
         with torch.random.fork_rng(devices=[]), torch.inference_mode():
             if seed is not None:
                 torch.manual_seed(seed)

@@ -42,6 +42,18 @@ def test_transformers_engine_runs_with_the_configured_settings(tiny_model):
     assert len(engine.score([(ids[:7], ids[7:])])[0]) == len(ids) - 7
 
 
+def test_transformers_engine_greedy_generation_with_several_samples_gives_copies(tiny_model):
+    """Temperature 0 with n > 1: transformers refuses num_return_sequences > 1 without sampling; greedy is
+    deterministic, so the engine answers n copies of the one greedy answer, as vLLM does."""
+    engine = TransformersEngine(str(tiny_model), "float32", 256, settings=EngineSettings())
+    ids = list(range(5, 20))
+    args = dict(max_tokens=6, temperature=0.0, top_p=1.0, seed=None, stop_token_ids=[2])
+    three = engine.generate(ids, n=3, **args)
+    one = engine.generate(ids, n=1, **args)
+    assert len(three) == 3 and all(g == one[0] for g in three)
+    assert len(one[0].token_ids) >= 1
+
+
 @pytest.mark.parametrize(
     "name,value,needle",
     [
