@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -139,9 +140,13 @@ def _ours(args, batches, model_path: str, bf16: bool) -> dict:
         ref_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
         ref = AnswerLogps(ref_model.requires_grad_(False))
     share, pack = {"offline_dpo": (False, False), "offline_dpo_shared_prefix": (True, False)}.get(method, (True, True))
+    # offline_dpo_packed is the trainer's default (its layout chosen per micro-batch by layout_min_saving);
+    # the padded and shared-prefix methods are held to their layout.
     cfg = TrainerConfig(
         model=model_path, micro_batch_size=args.pairs, global_batch_size=args.pairs, share_prefix=share, pack=pack
     )
+    if method != "offline_dpo_packed":
+        cfg = dataclasses.replace(cfg, layout_min_saving=0.0)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-6)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     shape = model_flop_shape(model)

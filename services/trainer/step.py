@@ -12,7 +12,7 @@ import torch
 from services.trainer.config import TrainerConfig
 from services.trainer.distributed import all_sum
 from services.trainer.losses import Batch, answer_logps, preference_loss, sft_loss
-from services.trainer.packing import Layout, make_layout_batch, plan_micro_batches, step_flops
+from services.trainer.packing import Layout, make_layout_batch, plan_micro_batches, segment_length, step_flops
 
 Autocast = Callable[[], AbstractContextManager[Any]]
 SUM_KEYS = (
@@ -34,8 +34,29 @@ def layout_of(cfg: TrainerConfig) -> Layout:
     return Layout(share_prefix=cfg.share_prefix, pack=cfg.pack, row_tokens=cfg.pack_row_tokens, pack_mode=cfg.pack_mode)
 
 
+def padded_saving(micro: Sequence[Any], layout: Layout) -> float:
+    """The fraction of the padded layout's positions (2 rows per pair, as long as the longest) that
+    `layout` does not compute: padding dropped by packing, the prompt computed once by sharing."""
+    longest = max(len(e.prompt) + max(len(e.chosen), len(e.rejected)) for e in micro)
+    padded = 2 * len(micro) * longest
+    if layout.pack:
+        computed = sum(sum(segment_length(e, layout.share_prefix)) for e in micro)
+    else:  # one row per pair (shared) padded to the longest
+        computed = len(micro) * max(sum(segment_length(e, layout.share_prefix)) for e in micro)
+    return 1.0 - computed / padded if padded else 0.0
+
+
+def layout_for(micro: Sequence[Any], cfg: TrainerConfig) -> Layout:
+    """The configured layout, or the padded one where sharing/packing would save too little for the
+    cost of its masked attention (cfg.layout_min_saving)."""
+    layout = layout_of(cfg)
+    if (layout.share_prefix or layout.pack) and micro and padded_saving(micro, layout) < cfg.layout_min_saving:
+        return Layout(share_prefix=False, pack=False, row_tokens=layout.row_tokens, pack_mode=layout.pack_mode)
+    return layout
+
+
 def make_batch(micro: Sequence[Any], device: torch.device | str, pad_id: int, cfg: TrainerConfig) -> Batch:
-    return make_layout_batch(micro, layout_of(cfg), device, pad_id)
+    return make_layout_batch(micro, layout_for(micro, cfg), device, pad_id)
 
 
 def _losses(

@@ -3,9 +3,12 @@ micro-batches, the FLOP count, the LM-head chunk by bytes, and the MFU / padding
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from services.trainer.config import TrainerConfig
+from services.trainer.data import Example
 from services.trainer.losses import AnswerLogps, make_batch
 from services.trainer.packing import (
     Layout,
@@ -15,7 +18,8 @@ from services.trainer.packing import (
     plan_micro_batches,
     step_flops,
 )
-from services.trainer.step import step_metrics
+from services.trainer.step import layout_for, layout_of, padded_saving, step_metrics
+from services.trainer.step import make_batch as step_make_batch
 
 from .test_prefix_sharing import random_pairs
 
@@ -97,3 +101,28 @@ def test_step_metrics_log_mfu_beside_tokens_per_s():
     assert abs(v["mfu"] - expect) < 1e-12 and v["tokens_per_s"] == 500.0
     assert abs(v["padding_waste"] - 0.2) < 1e-12
     assert "mfu" not in step_metrics(sums, 4, 1.0, 1e-6, 2.0)
+
+
+def _pair(p: int, c: int, r: int, i: int = 0) -> Example:
+    return Example(f"x{i}", list(range(4, 4 + p)), [5] * c, [6] * r, [-1.0] * c, [-1.0] * r)
+
+
+def test_the_padded_layout_is_used_where_sharing_and_packing_save_too_little():
+    """Uniform short answers (bench `current`: 2% padding, a short prompt) save ~14% of the padded
+    layout's positions, less than the masked kernel costs on the CPU: the padded layout. Chat-like
+    batches (uneven answers) and long shared prompts save far more: the configured layout."""
+    default = TrainerConfig(model="m")
+    uniform = [_pair(32, 96 - i % 4, 95 - i % 3, i) for i in range(8)]
+    uneven = [_pair(40, 20 + 60 * (i % 2), 400 if i == 0 else 30, i) for i in range(8)]
+    long_prompt = [_pair(2000, 150, 200, i) for i in range(2)]
+    configured = layout_of(default)
+    assert padded_saving(uniform, configured) < default.layout_min_saving < padded_saving(uneven, configured)
+    assert padded_saving(long_prompt, configured) > 0.4  # the prompt once instead of twice
+    plain = layout_for(uniform, default)
+    assert not plain.share_prefix and not plain.pack
+    assert layout_for(uneven, default) == configured and layout_for(long_prompt, default) == configured
+    always = dataclasses.replace(default, layout_min_saving=0.0)
+    assert layout_for(uniform, always) == configured
+    # and the batch make_batch builds is that layout's: no 4-D mask for the padded one
+    assert step_make_batch(uniform, "cpu", 0, default).attention_mask.dim() == 2
+    assert step_make_batch(uneven, "cpu", 0, default).attention_mask.dim() == 4
