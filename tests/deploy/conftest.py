@@ -51,23 +51,28 @@ def overlays() -> dict[str, list[dict]]:
     return dict(_CACHE)
 
 
-@pytest.fixture(scope="session")
-def backfill_prod(tmp_path_factory) -> list[dict]:
-    """prod with deploy/components/backfill enabled as an operator would enable it: a kustomization over
-    the prod overlay adding the component, with prod's namespace and image names."""
+def _prod_with(component: str, root, **extra) -> list[dict]:
+    """prod with deploy/components/<component> enabled as an operator would enable it: a kustomization
+    over the prod overlay adding the component, with prod's namespace and image names (+ `extra` keys)."""
     prod = yaml.safe_load((DEPLOY / "overlays" / "prod" / "kustomization.yaml").read_text())
-    root = tmp_path_factory.mktemp("prod-with-backfill")
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
         "namespace": prod["namespace"],
         # kustomize wants relative paths to other roots
         "resources": [os.path.relpath(DEPLOY / "overlays" / "prod", root)],
-        "components": [os.path.relpath(DEPLOY / "components" / "backfill", root)],
+        "components": [os.path.relpath(DEPLOY / "components" / component, root)],
+        **extra,
         "images": prod["images"],
     }
     (root / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
     return render(root)
+
+
+@pytest.fixture(scope="session")
+def backfill_prod(tmp_path_factory) -> list[dict]:
+    """prod with deploy/components/backfill enabled."""
+    return _prod_with("backfill", tmp_path_factory.mktemp("prod-with-backfill"))
 
 
 # The checkpoint rounds_prod points refscore at (run, step): services/trainer/checkpoint.py writes it
@@ -78,27 +83,14 @@ ROUNDS_MODEL_DIR = f"s3://offdpo/runs/{ROUNDS_RUN}/checkpoints/step-{ROUNDS_STEP
 
 @pytest.fixture(scope="session")
 def rounds_prod(tmp_path_factory) -> list[dict]:
-    """prod with deploy/components/rounds enabled as its header says: the component over the prod overlay,
-    and refscore's ConfigMap pointed at a trainer checkpoint in S3 (OFFDPO_REFSCORE_MODEL_DIR / _MODEL_ID)."""
-    prod = yaml.safe_load((DEPLOY / "overlays" / "prod" / "kustomization.yaml").read_text())
-    root = tmp_path_factory.mktemp("prod-with-rounds")
-    kustomization = {
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "namespace": prod["namespace"],
-        "resources": [os.path.relpath(DEPLOY / "overlays" / "prod", root)],
-        "components": [os.path.relpath(DEPLOY / "components" / "rounds", root)],
-        "configMapGenerator": [
-            {
-                "name": "offdpo-refscore",
-                "behavior": "merge",
-                "literals": [
-                    f"OFFDPO_REFSCORE_MODEL_DIR={ROUNDS_MODEL_DIR}",
-                    f"OFFDPO_REFSCORE_MODEL_ID={ROUNDS_RUN}@step-{ROUNDS_STEP:08d}",
-                ],
-            }
+    """prod with deploy/components/rounds enabled as its header says, and refscore's ConfigMap pointed at
+    a trainer checkpoint in S3 (OFFDPO_REFSCORE_MODEL_DIR / _MODEL_ID)."""
+    point_refscore = {
+        "name": "offdpo-refscore",
+        "behavior": "merge",
+        "literals": [
+            f"OFFDPO_REFSCORE_MODEL_DIR={ROUNDS_MODEL_DIR}",
+            f"OFFDPO_REFSCORE_MODEL_ID={ROUNDS_RUN}@step-{ROUNDS_STEP:08d}",
         ],
-        "images": prod["images"],
     }
-    (root / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
-    return render(root)
+    return _prod_with("rounds", tmp_path_factory.mktemp("prod-with-rounds"), configMapGenerator=[point_refscore])
