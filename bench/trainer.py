@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.machine import cpu_name
+from bench.machine import cpu_name, stamp
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CACHE = REPO / ".cache" / "models"
@@ -382,6 +382,63 @@ def main(argv=None) -> int:
     fraction: dict[str, dict] = {}
     errors: dict[str, str] = {}
     waste: dict[str, dict] = {}
+    started = stamp()  # the commit and machine, as the run began
+
+    def write_result(done: bool, pending: str = "") -> dict:
+        """The results file, rewritten after every method so that a run cut short keeps what it measured."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(cfg)
+        n_params = sum(p.numel() for p in meta.parameters())  # a tied head counted once
+        spec = SIZES.get(size)
+        out = {
+            **started,
+            "status": "complete" if done else f"PARTIAL: the run has not finished; the last method done: {pending}",
+            "by_workload": by,
+            "padding_waste": waste,
+            "fraction_of_ceiling": fraction,
+            "headline": headline(by, fraction),
+            "targets": TARGETS,
+            "model": {
+                "name": f"localdev.testmodel size={size}" if spec else str(model_dir),
+                "vocab_size": cfg.vocab_size,
+                "tie_word_embeddings": cfg.tie_word_embeddings,
+                "hidden_size": cfg.hidden_size,
+                "layers": cfg.num_hidden_layers,
+                "parameters": n_params,
+                "dtype": "float32 weights",
+            },
+            "ceiling_gflops": {"fp32": ceiling["fp32"], "bf16": ceiling["bf16"]},
+            "device": device_name(),
+            "load_average_at_end": os.getloadavg(),
+            "workload": {
+                w: {
+                    "pairs_per_step": args.pairs or PAIRS[w],
+                    "timed_steps": args.steps,
+                    "warmup_steps": args.warmup,
+                    "scale": args.scale,
+                }
+                for w in workloads
+            },
+            "errors": errors,
+            "method": (
+                "each (method, workload) alone in a fresh subprocess: warm-up steps, then timed optimizer steps "
+                "(forward, backward, clip, AdamW); tokens_per_s = logical tokens (prompt + answer for each answer) / "
+                "timed seconds; peak_mem_bytes = the process's RSS high-water mark (getrusage ru_maxrss). "
+                "fraction_of_ceiling = useful FLOPs (services.trainer.packing.step_flops: 6 x body params per computed "
+                "token, 6 x head params per answer token, 12 x layers x width per attended pair; a shared prompt once) "
+                "per second / the fp32 GEMM ceiling (bench.ceiling). trl_precompute_incl_pass adds TRL's reference "
+                "pass pro rata to the timed steps' tokens. TRL: DPOTrainer 1.16 on the same token ids (no "
+                "re-tokenising), sequential sampler (step i = our step i), bf16 as the method name says."
+            ),
+            "torch_threads": int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count(),
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        return out
+
     for w in workloads:
         methods = args.methods.split(",") if args.methods else DEFAULT_MATRIX[w]
         pairs = args.pairs or PAIRS[w]
@@ -414,55 +471,8 @@ def main(argv=None) -> int:
                 f"{w:12s} {m:27s} {res['tokens_per_s']:8.1f} tokens/s  peak RSS {res['peak_rss_bytes'] / 2**30:6.2f} GiB",
                 file=sys.stderr,
             )
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(cfg)
-    n_params = sum(p.numel() for p in meta.parameters())  # a tied head counted once
-    spec = SIZES.get(size)
-    out = {
-        "by_workload": by,
-        "padding_waste": waste,
-        "fraction_of_ceiling": fraction,
-        "headline": headline(by, fraction),
-        "targets": TARGETS,
-        "model": {
-            "name": f"localdev.testmodel size={size}" if spec else str(model_dir),
-            "vocab_size": cfg.vocab_size,
-            "tie_word_embeddings": cfg.tie_word_embeddings,
-            "hidden_size": cfg.hidden_size,
-            "layers": cfg.num_hidden_layers,
-            "parameters": n_params,
-            "dtype": "float32 weights",
-        },
-        "ceiling_gflops": {"fp32": ceiling["fp32"], "bf16": ceiling["bf16"]},
-        "device": device_name(),
-        "load_average_at_end": os.getloadavg(),
-        "workload": {
-            w: {
-                "pairs_per_step": args.pairs or PAIRS[w],
-                "timed_steps": args.steps,
-                "warmup_steps": args.warmup,
-                "scale": args.scale,
-            }
-            for w in workloads
-        },
-        "errors": errors,
-        "method": (
-            "each (method, workload) alone in a fresh subprocess: warm-up steps, then timed optimizer steps "
-            "(forward, backward, clip, AdamW); tokens_per_s = logical tokens (prompt + answer for each answer) / "
-            "timed seconds; peak_mem_bytes = the process's RSS high-water mark (getrusage ru_maxrss). "
-            "fraction_of_ceiling = useful FLOPs (services.trainer.packing.step_flops: 6 x body params per computed "
-            "token, 6 x head params per answer token, 12 x layers x width per attended pair; a shared prompt once) "
-            "per second / the fp32 GEMM ceiling (bench.ceiling). trl_precompute_incl_pass adds TRL's reference "
-            "pass pro rata to the timed steps' tokens. TRL: DPOTrainer 1.16 on the same token ids (no "
-            "re-tokenising), sequential sampler (step i = our step i), bf16 as the method name says."
-        ),
-        "torch_threads": int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count(),
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+            write_result(False, f"{w}/{m}")
+    out = write_result(True)
     print(json.dumps(out["headline"], indent=2))
     return 0 if not errors else 1
 
