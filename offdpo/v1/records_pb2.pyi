@@ -101,18 +101,20 @@ class Provenance(_message.Message):
     def __init__(self, strategy: _Optional[_Union[LabelStrategy, str]] = ..., source: _Optional[str] = ..., chosen_score: _Optional[float] = ..., rejected_score: _Optional[float] = ..., verdicts: _Optional[_Iterable[_Union[JudgeVerdict, _Mapping]]] = ..., chosen_rule_hits: _Optional[_Iterable[str]] = ..., rejected_rule_hits: _Optional[_Iterable[str]] = ..., annotator: _Optional[str] = ..., judge_model: _Optional[str] = ..., reward_model: _Optional[str] = ..., labeled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class PreferencePair(_message.Message):
-    __slots__ = ("pair_id", "prompt", "chosen", "rejected", "provenance")
+    __slots__ = ("pair_id", "prompt", "chosen", "rejected", "provenance", "reference_fingerprint_id")
     PAIR_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FINGERPRINT_ID_FIELD_NUMBER: _ClassVar[int]
     pair_id: str
     prompt: Prompt
     chosen: str
     rejected: str
     provenance: Provenance
-    def __init__(self, pair_id: _Optional[str] = ..., prompt: _Optional[_Union[Prompt, _Mapping]] = ..., chosen: _Optional[str] = ..., rejected: _Optional[str] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ...) -> None: ...
+    reference_fingerprint_id: str
+    def __init__(self, pair_id: _Optional[str] = ..., prompt: _Optional[_Union[Prompt, _Mapping]] = ..., chosen: _Optional[str] = ..., rejected: _Optional[str] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., reference_fingerprint_id: _Optional[str] = ...) -> None: ...
 
 class ReferenceFingerprint(_message.Message):
     __slots__ = ("model_id", "weights_hash", "tokenizer_hash", "chat_template_hash", "dtype", "engine", "engine_version", "fingerprint_id")

@@ -13,7 +13,8 @@
 Configuration: environment variables (`offdpo config`), e.g.
     OFFDPO_REFSCORE_MODEL_DIR=models/tiny OFFDPO_REFSCORE_ENGINE=vllm python -m services.refscore serve --worker
 `serve` also serves the models of OFFDPO_REFSCORE_EXTRA_MODEL_DIRS (an engine each; requests pick one by
-fingerprint); the stream worker scores with OFFDPO_REFSCORE_MODEL_DIR's model only.
+fingerprint), and the stream worker (with `serve --worker` or `worker`) scores with all of them: each pair
+names its reference by fingerprint (empty: OFFDPO_REFSCORE_MODEL_DIR's model; one not served: dead letter).
 SIGTERM/SIGINT: health goes NOT_SERVING, the worker finishes (and commits) its current batch,
 in-flight RPCs get OFFDPO_REFSCORE_GRACE_S seconds, then the engine shuts down.
 Watchdog (services/refscore/watchdog.py): the engine or stream-worker thread dead, or stuck for
@@ -75,8 +76,15 @@ async def _serve(cfg: RefscoreConfig, with_worker: bool) -> int:
     worker_thread = None
     beat = Heartbeat()
     load = asyncio.create_task(server.load_engine())
-    if with_worker:  # the stream worker scores with the primary model (OFFDPO_REFSCORE_MODEL_DIR) only
-        worker = StreamWorker(server.scorer, cfg, KafkaConfig.from_env(), S3Config.from_env(), heartbeat=beat)
+    if with_worker:  # the stream worker scores with every served model; it starts once all have loaded
+        worker = StreamWorker(
+            server.scorer,
+            cfg,
+            KafkaConfig.from_env(),
+            S3Config.from_env(),
+            heartbeat=beat,
+            extra_scorers=server.scorers[1:],
+        )
         worker_thread = threading.Thread(target=worker.run, args=(worker_stop,), name="refscore-worker", daemon=True)
         worker_thread.start()
     engines = server.scorer if len(server.scorers) == 1 else _AllEngines(server.scorers)
@@ -152,17 +160,22 @@ def _exit_now(scorers: Scorer | Sequence[Scorer], code: int, engine_grace_s: flo
 
 
 def _worker_only(cfg: RefscoreConfig) -> int:
-    if cfg.extra_model_dirs:
-        log.info(
-            "worker mode scores with OFFDPO_REFSCORE_MODEL_DIR's model only; the %d of"
-            " OFFDPO_REFSCORE_EXTRA_MODEL_DIRS are served by `serve` alone and are not loaded here",
-            len(cfg.extra_model_dirs),
-        )
-    scorer = Scorer(cfg)
+    # The primary and the extras (OFFDPO_REFSCORE_EXTRA_MODEL_DIRS), loaded one after another (vLLM sizes
+    # its memory from what is free when it starts); pairs pick one by fingerprint.
+    scorers = [Scorer(c) for c in cfg.model_configs()]
+    scorer = scorers[0]
+    engines = scorer if len(scorers) == 1 else _AllEngines(scorers)
     beat = Heartbeat()
     with StopOnSignals("the worker finishes (and commits) its current batch, then stops") as stop:
-        scorer.load()
-        watchdog = Watchdog(scorer, cfg.stall_s, worker_beat=beat)
+        try:
+            for s in scorers:
+                s.load()
+        except BaseException:
+            for s in scorers:
+                if s.ready.is_set():
+                    s.shutdown()
+            raise
+        watchdog = Watchdog(engines, cfg.stall_s, worker_beat=beat)
         failed = threading.Event()
 
         def watch() -> None:
@@ -172,11 +185,11 @@ def _worker_only(cfg: RefscoreConfig) -> int:
                     log.error("%s; stopping with exit 1 so the container is restarted", problem)
                     failed.set()
                     if problem.stalled:
-                        _exit_now(scorer, 1)
+                        _exit_now(scorers, 1)
                     # A dead engine: the worker stops after its batch (its engine waits fail at once);
                     # should it not return within the grace period, exit anyway.
                     stop.requested.set()
-                    backstop = threading.Timer(cfg.grace_s, _exit_now, args=(scorer, 1))
+                    backstop = threading.Timer(cfg.grace_s, _exit_now, args=(scorers, 1))
                     backstop.daemon = True
                     backstop.start()
                     return
@@ -184,10 +197,13 @@ def _worker_only(cfg: RefscoreConfig) -> int:
 
         threading.Thread(target=watch, name="refscore-watchdog", daemon=True).start()
         try:
-            StreamWorker(scorer, cfg, KafkaConfig.from_env(), S3Config.from_env(), heartbeat=beat).run(stop.requested)
+            StreamWorker(
+                scorer, cfg, KafkaConfig.from_env(), S3Config.from_env(), heartbeat=beat, extra_scorers=scorers[1:]
+            ).run(stop.requested)
         finally:
             watchdog.stopping()
-            scorer.shutdown()
+            for s in scorers:
+                s.shutdown()
     return 1 if failed.is_set() else 0
 
 
@@ -209,13 +225,13 @@ def _archive_main(argv: list[str]) -> int:
         return 2
 
 
-def _check_model_source(cfg: RefscoreConfig, serving: bool = True) -> None:
+def _check_model_source(cfg: RefscoreConfig) -> None:
     """An s3:// model URI must be well formed before anything starts (its download happens while the
-    engine loads, health NOT_SERVING meanwhile: services/refscore/model_source.py); `serving`: also the
-    extra models' (OFFDPO_REFSCORE_EXTRA_MODEL_DIRS), and that they can all be served at once."""
+    engine loads, health NOT_SERVING meanwhile: services/refscore/model_source.py), the extra models'
+    (OFFDPO_REFSCORE_EXTRA_MODEL_DIRS) too, and they must fit together (both modes load them all)."""
     from services.refscore.model_source import is_s3_uri, parse_s3_uri
 
-    for model_cfg in cfg.model_configs() if serving else [cfg]:
+    for model_cfg in cfg.model_configs():
         if is_s3_uri(model_cfg.model_dir):
             parse_s3_uri(model_cfg.model_dir)
 
@@ -238,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = RefscoreConfig.from_env()
         cfg.engine_settings()  # refuse bad engine knobs now, not after the model has loaded
-        _check_model_source(cfg, serving=args.mode == "serve")
+        _check_model_source(cfg)
         if args.mode == "serve":  # TLS, auth file and quota settings, before anything listens or connects
             security.build(cfg)
             RefscoreQuotaConfig.from_env()

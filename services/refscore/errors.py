@@ -26,6 +26,7 @@ __all__ = [
     "TokenizationError",
     "TooLarge",
     "TooLong",
+    "UnknownReference",
 ]
 
 
@@ -58,6 +59,14 @@ class NotReady(RefscoreError, errors.Unavailable):
 
 class FingerprintMismatch(RefscoreError, errors.FingerprintMismatch):
     """The caller expects scores from another reference model than this server's."""
+
+
+class UnknownReference(FingerprintMismatch):
+    """A pair names a reference (`PreferencePair.reference_fingerprint_id`) that the stream worker does
+    not serve. Dead-lettered with its own type: the pair is fine, it was sent to the wrong worker (or
+    before its reference was deployed), so it can be replayed once a worker serves that reference."""
+
+    error_type = "unknown_reference"
 
 
 class DeadlineExceeded(RefscoreError, errors.DeadlineExceeded):

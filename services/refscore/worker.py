@@ -13,6 +13,14 @@ A crash anywhere before 6 redoes the batch from the committed offset. If the sha
 offset already exists (crash between 4 and 6), it is announced again and its range skipped, so a
 redo never writes a second copy of any row. Events may repeat; the trainer dedups by object key.
 
+Several references: the worker may serve more than one model (the primary, OFFDPO_REFSCORE_MODEL_DIR,
+and the extras, OFFDPO_REFSCORE_EXTRA_MODEL_DIRS). Each pair names the one it wants
+(`PreferencePair.reference_fingerprint_id`; empty: the primary); a pair naming one this worker does
+not serve is dead-lettered (`unknown_reference`). A pair is tokenised and scored by its own model
+(tokenisers can differ), and step 4 writes one shard per (partition, fingerprint) with rows, every
+fingerprint's shard of a partition covering the same offset range (the batch's), each under its
+fingerprint's prefix. How a redo finds what is written is in `_skip_existing_shards`.
+
 Topic identity: offsets restart at 0 when the pairs topic is deleted and created again, or created
 anew after a broker lost its log, while S3 keeps the old incarnation's shards. Their keys carry the
 topic id the broker gave that incarnation (`offdpo.kafka.topic_id`), so new offsets never match an
@@ -42,6 +50,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -66,6 +75,7 @@ from offdpo.s3 import ObjectStore
 from offdpo.v1 import records_pb2
 from services.refscore import metrics
 from services.refscore.config import RefscoreConfig
+from services.refscore.errors import DuplicateReference, UnknownReference
 from services.refscore.scorer import PreparedPair, ScoredRow, Scorer
 from services.refscore.watchdog import Heartbeat
 
@@ -86,11 +96,34 @@ class Record(Protocol):
 
 
 @dataclass(frozen=True)
+class _Reference:
+    """A model this worker scores with: its fingerprint and its scorer."""
+
+    fp: records_pb2.ReferenceFingerprint
+    scorer: Scorer
+
+
+@dataclass
+class _Unit:
+    """An offset range [first, last] of one partition that becomes one shard per fingerprint with rows
+    in it, all under the same range. `written`: fingerprint id -> key of the shard an earlier attempt
+    already wrote for this range (its pairs are neither scored nor written again, only re-announced)."""
+
+    tp: TopicPartition
+    first: int
+    last: int
+    recs: list[Record]
+    written: dict[str, str]
+
+
+@dataclass(frozen=True)
 class _Pending:
-    """A record whose pair is tokenised and waits for the engine."""
+    """A record whose pair is tokenised (by its reference's tokenizer) and waits for that engine."""
 
     record: Record
     pair: PreparedPair
+    unit: _Unit
+    ref: _Reference
 
     @property
     def tp(self) -> TopicPartition:
@@ -114,8 +147,13 @@ class StreamWorker:
         s3: S3Config,
         store: ObjectStore | None = None,
         heartbeat: Heartbeat | None = None,
+        *,
+        extra_scorers: Sequence[Scorer] = (),
     ):
+        """`scorer`: the primary model's (pairs that name no reference); `extra_scorers`: the other
+        models this worker serves, picked by the fingerprint id a pair names."""
         self.scorer = scorer
+        self.scorers = [scorer, *extra_scorers]
         self.heartbeat = heartbeat or Heartbeat()
         self._topic_ids: dict[str, str] = {}  # the incarnation each topic had when last seen
         self._warned_no_topic_id = False
@@ -132,10 +170,18 @@ class StreamWorker:
 
     # -- main loop -------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        while not self.scorer.ready.wait(timeout=1.0):
-            self.heartbeat.beat()  # waiting for the engine to load is progress enough
-            if stop.is_set() or self.scorer.load_error:
-                return
+        # Every model first: a pair naming a model still loading must wait, not be dead-lettered as unknown.
+        for scorer in self.scorers:
+            while not scorer.ready.wait(timeout=1.0):
+                self.heartbeat.beat()  # waiting for the engine to load is progress enough
+                if stop.is_set() or scorer.load_error:
+                    return
+        try:
+            # DuplicateReference (two models, one fingerprint: pairs could not pick) is raised: this
+            # process must not run so (the watchdog or `worker` mode's exit code says so).
+            self._references()
+        except Unavailable:  # an engine stopping before the worker started
+            return
         log.info("stream worker consuming %s as group %s", self.kafka.pairs_topic, self.cfg.group_id)
         refusals = CommitRefusals()
         try:
@@ -291,30 +337,31 @@ class StreamWorker:
 
     # -- one micro-batch ---------------------------------------------------------------------------
     def process(self, batch: list[Record]) -> None:
-        fp = self.scorer.model().fingerprint
+        refs = self._references()
         by_tp: dict[TopicPartition, list[Record]] = defaultdict(list)
         for rec in sorted(batch, key=lambda r: (r.topic, r.partition, r.offset)):
             by_tp[TopicPartition(rec.topic, rec.partition)].append(rec)
         ids = self._incarnations({tp.topic for tp in by_tp})
         commits: dict[TopicPartition, int] = {}
-        for tp in list(by_tp):
-            by_tp[tp] = self._skip_existing_shards(tp, by_tp[tp], fp, ids[tp.topic], commits)
+        units = {tp: self._skip_existing_shards(tp, recs, refs, ids[tp.topic], commits) for tp, recs in by_tp.items()}
 
-        # 1. decode + tokenise; what cannot be scored goes to the dead-letter topic
-        pending = [p for recs in by_tp.values() for p in self._prepare(recs)]
-        # 2. score every pair of the batch in one engine job
+        # 1. decode, route + tokenise; what cannot be scored goes to the dead-letter topic
+        pending = [p for tp_units in units.values() for unit in tp_units for p in self._prepare(unit, refs)]
+        # 2. score every pair of the batch, one engine job per reference
         rows = self._score(pending)
         self._dlq.flush()
         # 3. still the owner of these partitions? (raises a group change if not: the batch is redone)
-        self._fence({tp: recs[0].offset for tp, recs in by_tp.items() if recs})
-        # 4 + 5. one shard per partition, then its event
+        self._fence({tp: tp_units[0].first for tp, tp_units in units.items() if tp_units})
+        # 4 + 5. per partition and range, one shard per fingerprint with rows, then its event
         events = []
-        for tp, recs in by_tp.items():
-            if not recs:
-                continue
-            if tp_rows := rows.get(tp):
-                events.append(self._write_shard(tp, recs[0].offset, recs[-1].offset, tp_rows, fp, ids[tp.topic]))
-            commits[tp] = recs[-1].offset + 1
+        for tp, tp_units in units.items():
+            for unit in tp_units:
+                for fp_id, ref in refs.items():
+                    if (key := unit.written.get(fp_id)) is not None:
+                        events.append(self._existing_event(key, ref.fp, tp, unit.first, unit.last))
+                    elif ref_rows := rows.get((tp, unit.first, fp_id)):
+                        events.append(self._write_shard(tp, unit.first, unit.last, ref_rows, ref.fp, ids[tp.topic]))
+                commits[tp] = max(commits.get(tp, 0), unit.last + 1)
         self._publish(events)
         self._failpoint("before_commit")
         # 6. commit only what is durably written and announced
@@ -322,6 +369,21 @@ class StreamWorker:
             self._consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in commits.items()})
             log.info("committed %s", {f"{tp.topic}[{tp.partition}]": off for tp, off in commits.items()})
         metrics.WORKER_BATCH_PAIRS.observe(len(batch))
+
+    def _references(self) -> dict[str, _Reference]:
+        """The loaded models by fingerprint id, the primary first. NotReady while one is not loaded
+        (or stopping); DuplicateReference when two have the same fingerprint (pairs could not pick)."""
+        refs: dict[str, _Reference] = {}
+        for scorer in self.scorers:
+            fp = scorer.model().fingerprint
+            other = refs.get(fp.fingerprint_id)
+            if other is not None and other.scorer is not scorer:
+                raise DuplicateReference(
+                    f"{scorer.cfg.model_dir!r} and {other.scorer.cfg.model_dir!r} have the same fingerprint "
+                    f"{fp.fingerprint_id} ({fp.model_id}): serve each reference once"
+                )
+            refs[fp.fingerprint_id] = _Reference(fp, scorer)
+        return refs
 
     def _incarnations(self, topics: set[str]) -> dict[str, str | None]:
         """The topic id of each topic of the batch. Raises TopicRecreated when one differs from the id
@@ -354,47 +416,70 @@ class StreamWorker:
         if firsts:
             self._consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in firsts.items()})
 
-    def _prepare(self, recs: list[Record]) -> list[_Pending]:
+    def _prepare(self, unit: _Unit, refs: dict[str, _Reference]) -> list[_Pending]:
+        """Decode the unit's records, pick each pair's reference and tokenise it with that model's
+        tokenizer. Pairs of a reference whose shard for this range is written already are left out."""
+        primary = next(iter(refs.values()))
         pending = []
-        for rec in recs:
+        for rec in unit.recs:
             try:
                 pair = records.decode_pair(rec.value)
             except records.RecordError as exc:
                 # Over the size limit keeps its own type (the dead letter carries it by reference).
                 self._dead_letter(rec, str(exc), exc.error_type if isinstance(exc, RecordTooLarge) else INVALID_PAIR)
                 continue
+            wanted = pair.reference_fingerprint_id
+            ref = refs.get(wanted) if wanted else primary
+            if ref is None:
+                served = ", ".join(f"{fp_id} ({r.fp.model_id})" for fp_id, r in refs.items())
+                unknown = UnknownReference(
+                    f"pair {pair.pair_id} wants reference {wanted!r}, which this stream worker does not serve; "
+                    f"it serves {served} (primary {primary.fp.fingerprint_id}). Send it to a worker that serves "
+                    "it, or add that model to OFFDPO_REFSCORE_EXTRA_MODEL_DIRS"
+                )
+                self._dead_letter(rec, str(unknown), unknown.error_type)
+                continue
+            if ref.fp.fingerprint_id in unit.written:
+                continue
             try:
-                pending.append(_Pending(rec, self.scorer.prepare_pair(pair)))
+                pending.append(_Pending(rec, ref.scorer.prepare_pair(pair), unit, ref))
             except BadInput as exc:  # too long, or not tokenisable as asked
                 self._dead_letter(rec, str(exc), exc.error_type)
         return pending
 
-    def _score(self, pending: list[_Pending]) -> dict[TopicPartition, list[ScoredRow]]:
-        """Scored rows by partition, in record order. If the engine fails on the batch, pairs are
-        scored one by one and those it fails on are dead-lettered."""
-        try:
-            scored: list[ScoredRow | None] = list(self._engine([p.pair for p in pending])) if pending else []
-        except Exception as exc:  # noqa: BLE001 - isolate the pair that breaks the engine
-            if _retryable(exc):
-                raise
-            log.warning("engine failed on the batch (%s); scoring pairs one by one to isolate the cause", exc)
-            scored = [self._score_alone(p) for p in pending]
-            if all(row is None for row in scored):
-                raise Unavailable("the engine failed on every pair of the batch; treating it as an outage") from exc
-        rows: dict[TopicPartition, list[ScoredRow]] = defaultdict(list)
-        for p, row in zip(pending, scored):
-            if row is not None:
-                rows[p.tp].append(row)
+    def _score(self, pending: list[_Pending]) -> dict[tuple[TopicPartition, int, str], list[ScoredRow]]:
+        """Scored rows by (partition, unit's first offset, fingerprint id), in record order; one engine
+        call per reference. If an engine fails on its pairs, they are scored one by one and those it
+        fails on are dead-lettered."""
+        by_ref: dict[str, list[_Pending]] = defaultdict(list)
+        for p in pending:
+            by_ref[p.ref.fp.fingerprint_id].append(p)
+        rows: dict[tuple[TopicPartition, int, str], list[ScoredRow]] = defaultdict(list)
+        for fp_id, group in by_ref.items():
+            scorer = group[0].ref.scorer
+            try:
+                scored: list[ScoredRow | None] = list(self._engine([p.pair for p in group], scorer))
+            except Exception as exc:  # noqa: BLE001 - isolate the pair that breaks the engine
+                if _retryable(exc):
+                    raise
+                log.warning("engine failed on the batch (%s); scoring pairs one by one to isolate the cause", exc)
+                scored = [self._score_alone(p) for p in group]
+                if all(row is None for row in scored):
+                    raise Unavailable("the engine failed on every pair of the batch; treating it as an outage") from exc
+            for p, row in zip(group, scored):
+                if row is not None:
+                    rows[(p.tp, p.unit.first, fp_id)].append(row)
         return rows
 
-    def _engine(self, pairs: list[PreparedPair]) -> list[ScoredRow]:
-        """Score on the shared engine, waiting at most OFFDPO_REFSCORE_STALL_S (then NotReady: the batch
-        is redone) and beating the heartbeat while waiting, so the watchdog tells waiting from stuck."""
-        return self.scorer.score_pairs(pairs, timeout=self.cfg.stall_s, heartbeat=self.heartbeat.beat)
+    def _engine(self, pairs: list[PreparedPair], scorer: Scorer | None = None) -> list[ScoredRow]:
+        """Score on the shared engine (`scorer`'s; default the primary's), waiting at most
+        OFFDPO_REFSCORE_STALL_S (then NotReady: the batch is redone) and beating the heartbeat while
+        waiting, so the watchdog tells waiting from stuck."""
+        return (scorer or self.scorer).score_pairs(pairs, timeout=self.cfg.stall_s, heartbeat=self.heartbeat.beat)
 
     def _score_alone(self, p: _Pending) -> ScoredRow | None:
         try:
-            return self._engine([p.pair])[0]
+            return self._engine([p.pair], p.ref.scorer)[0]
         except Exception as exc:  # noqa: BLE001 - this pair breaks the engine: dead-letter it
             if _retryable(exc):
                 raise
@@ -459,35 +544,107 @@ class StreamWorker:
         for f in futures:
             f.get(timeout=60)  # raises if the broker did not acknowledge
 
+    def _existing_event(
+        self, key: str, fp: records_pb2.ReferenceFingerprint, tp: TopicPartition, first: int, last: int
+    ) -> records_pb2.ShardReady:
+        """The event of a shard an earlier attempt wrote (read back for its pair ids and checksum)."""
+        data = self.store.get_bytes(key, max_bytes=records.MAX_SHARD_BYTES)
+        shard = records.read_shard(data, key)
+        return self._event(key, data, shard.pair_ids, fp, tp, first, last)
+
     def _skip_existing_shards(
         self,
         tp: TopicPartition,
         recs: list[Record],
-        fp: records_pb2.ReferenceFingerprint,
+        refs: dict[str, _Reference],
         tid: str | None,
         commits: dict[TopicPartition, int],
-    ) -> list[Record]:
-        """Records at offsets a previous attempt already wrote a shard for (in this topic incarnation):
-        re-announce, skip, commit."""
+    ) -> list[_Unit]:
+        """What of this partition's records is left to do, as units (ranges), after what an earlier
+        attempt already wrote (in this topic incarnation).
+
+        Every attempt writes all fingerprints' shards of a range under the same [first, last], so a
+        redo starting at `first` finds, per fingerprint it serves, either that range's shard or none.
+        - None for any fingerprint: nothing was written from here; the rest is one new unit.
+        - One for every fingerprint: the range is done (a crash between write and commit); its shards
+          are announced again and the range skipped, as with a single model.
+        - Some, not all: a crash between two fingerprints' writes, or fingerprints without rows in that
+          range (a worker that cannot tell which without reading the records). The range is redone
+          under the same key range [first, last] as a unit that scores and writes only the fingerprints
+          whose shard is missing, and announces the others again: no already written shard is written
+          again (so no row twice, whatever the bytes), and a missing one gets the key it would have had,
+          so every fingerprint's shards keep the same boundaries and the next redo finds them. A batch
+          that does not reach `last` reads the partition on to `last` first (`_read_through`): the
+          range must not be cut elsewhere, or its rest would be scored again under a key that overlaps.
+        With one model this is the single-model behaviour: a shard found is the whole range done."""
+        units: list[_Unit] = []
         while recs:
             first = recs[0].offset
-            prefix = records.shard_key_prefix(fp.fingerprint_id, tp.topic, tp.partition, first, topic_id=tid)
-            keys = self.store.list_keys(prefix)
-            if not keys:
-                return recs
-            key = keys[0]
-            _, _, last = records.parse_shard_key(key)
-            data = self.store.get_bytes(key, max_bytes=records.MAX_SHARD_BYTES)
-            shard = records.read_shard(data, key)
-            log.info("shard %s already written by an earlier attempt; announcing it again and skipping its range", key)
-            self._publish([self._event(key, data, shard.pair_ids, fp, tp, first, last)])
+            found: dict[str, str] = {}
+            for fp_id in refs:
+                prefix = records.shard_key_prefix(fp_id, tp.topic, tp.partition, first, topic_id=tid)
+                if keys := self.store.list_keys(prefix):
+                    found[fp_id] = keys[0]
+            if not found:
+                units.append(_Unit(tp, first, recs[-1].offset, recs, {}))
+                break
+            lasts = {records.parse_shard_key(key)[2] for key in found.values()}
+            if len(lasts) > 1:  # not written by this worker's rule; redo up to the longest, skip the written
+                log.error("shards at %s[%d]@%d end at different offsets: %s", tp.topic, tp.partition, first, found)
+            last = max(lasts)
+            if len(found) < len(refs):
+                if recs[-1].offset < last:
+                    recs = recs + self._read_through(tp, last)
+                log.info(
+                    "range %s[%d] %d-%d partly written by an earlier attempt (%s): scoring the other references",
+                    tp.topic,
+                    tp.partition,
+                    first,
+                    last,
+                    ", ".join(found.values()),
+                )
+                units.append(_Unit(tp, first, last, [r for r in recs if r.offset <= last], found))
+                recs = [r for r in recs if r.offset > last]
+                continue
+            log.info(
+                "shard(s) %s already written by an earlier attempt; announcing again and skipping their range",
+                ", ".join(found.values()),
+            )
+            self._publish([self._existing_event(key, refs[fp_id].fp, tp, first, last) for fp_id, key in found.items()])
             commits[tp] = last + 1
             if last >= recs[-1].offset:
                 if last > recs[-1].offset:
                     self._consumer.seek(tp, last + 1)
-                return []
+                break
             recs = [r for r in recs if r.offset > last]
-        return recs
+        return units
+
+    def _read_through(self, tp: TopicPartition, last: int) -> list[Record]:
+        """The records of `tp` from the consumer's position up to offset `last`, polled with the other
+        partitions paused (their positions do not move); the consumer is left at last + 1. Raises
+        Unavailable (the batch is redone) when that takes longer than OFFDPO_REFSCORE_STALL_S."""
+        consumer = self._consumer
+        others = [t for t in consumer.assignment() if t != tp]
+        out: list[Record] = []
+        deadline = time.monotonic() + self.cfg.stall_s
+        if others:
+            consumer.pause(*others)
+        try:
+            while consumer.position(tp) <= last:
+                if time.monotonic() > deadline:
+                    raise Unavailable(
+                        f"reading {tp.topic}[{tp.partition}] on to offset {last}, to redo a range an earlier attempt "
+                        f"wrote, took over {self.cfg.stall_s:.0f} s"
+                    )
+                polled = consumer.poll(timeout_ms=500, max_records=self.cfg.batch_pairs)
+                self.heartbeat.beat()
+                out.extend(r for r in polled.get(tp, []) if r.offset <= last)
+        finally:
+            if others:
+                consumer.resume(*others)
+        if consumer.position(tp) > last + 1:
+            consumer.seek(tp, last + 1)
+        return out
 
     def _failpoint(self, name: str) -> None:
         if self.cfg.failpoint == name:

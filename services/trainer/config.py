@@ -52,6 +52,12 @@ class TrainerConfig(EnvConfig):
         (),
         "comma-separated fingerprint ids accepted although they differ from the reference (deliberate)",
     )
+    other_references: str = env(
+        "OFFDPO_TRAINER_OTHER_REFERENCES",
+        "",
+        "continuous mode: comma-separated fingerprint ids of other references scored into the same shard-ready "
+        "topic (refscore serving several); their events are skipped and committed past, not dead-lettered",
+    )
     # -- loss
     loss_type: str = env("OFFDPO_TRAINER_LOSS", "sigmoid", f"one of {', '.join(LOSS_TYPES)}")
     beta: float = env("OFFDPO_TRAINER_BETA", 0.1, "DPO beta (strength of the KL penalty to the reference)")

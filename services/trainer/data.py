@@ -50,7 +50,7 @@ from offdpo import errors, retry
 from offdpo import kafka as okafka
 from offdpo.config import KafkaConfig
 from offdpo.errors import BadInput, FingerprintMismatch, RecordError
-from offdpo.kafka import GROUP_CHANGED, MAX_RECORD_BYTES, DeadLetterSink, EmptyAssignmentWatch
+from offdpo.kafka import GROUP_CHANGED, MAX_RECORD_BYTES, AssignmentWatch, DeadLetterSink
 from offdpo.records import MAX_SHARD_BYTES, ReferenceFingerprint, ShardReady, decode, fingerprint_mismatch, read_shard
 from services.trainer.config import TrainerConfig
 
@@ -654,11 +654,17 @@ class StreamSource:
         evals: EvalSet | None = None,
         infra: InfraStatus | None = None,
         new_consumer: Callable[[], Any] | None = None,
+        other_references: Iterable[str] = (),
     ):
         self.store, self.consumer, self.deadletter = store, consumer, deadletter
-        # Builds a new group member in place of one left without partitions (EmptyAssignmentWatch).
+        # Fingerprint ids of the other references refscore scores into the same topic (a trainer follows
+        # one): their events are skipped, not dead-lettered (OFFDPO_TRAINER_OTHER_REFERENCES).
+        self.other_references = frozenset(other_references)
+        self.skipped_other = 0
+        # The run's group has this one member, so it must hold every partition of the topic; one left
+        # without some is replaced by a new member built by `new_consumer` (AssignmentWatch).
         self.new_consumer = new_consumer
-        self.assignment_watch = EmptyAssignmentWatch([topic])
+        self.assignment_watch = AssignmentWatch([topic])
         self.expected_fp, self.allowed_ids = expected_fp, allowed_ids
         self.max_length, self.truncation, self.vocab_size = max_length, truncation, vocab_size
         self.poll_timeout_ms, self.stop_when_idle_s, self.topic = poll_timeout_ms, stop_when_idle_s, topic
@@ -699,6 +705,23 @@ class StreamSource:
         key = event.object_key
         if key in self.done_shards or key in self._in_flight():
             log.info("shard %s announced again: already taken, skipped", key)
+            return None
+        other = event.fingerprint.fingerprint_id
+        if (
+            other in self.other_references
+            and other != self.expected_fp.fingerprint_id
+            and other not in self.allowed_ids
+        ):
+            self.skipped_other += 1
+            self.done_shards.add(key)  # announced again: skipped unread, without this line again
+            log.info(
+                "shard %s is scored under reference %s (%s), one of OFFDPO_TRAINER_OTHER_REFERENCES: skipped "
+                "(%d such shard(s) so far)",
+                key,
+                other,
+                event.fingerprint.model_id,
+                self.skipped_other,
+            )
             return None
         try:
             if event.fingerprint.fingerprint_id:  # cheap check before downloading
@@ -772,7 +795,9 @@ class StreamSource:
                 for tp in sorted(polled, key=lambda t: t.partition):
                     for rec in polled[tp]:
                         self._handle(rec)
-                if not self.consumer.assignment():  # still joining the group: idle time starts once we have partitions
+                # Still joining, or holding only some partitions: idle time starts once we hold them all
+                # (a partition nobody reads is not idle).
+                if not self.consumer.assignment() or self.assignment_watch.missing(self.consumer):
                     self.last_new = time.monotonic()
                     if self.new_consumer is not None and self.assignment_watch.needs_new_consumer(self.consumer):
                         self._replace_consumer()
@@ -872,7 +897,8 @@ class StreamSource:
         assert self.new_consumer is not None
         try:
             self.consumer.close()
-        except Exception as exc:  # noqa: BLE001 - it held no partition: nothing of it is lost
+        except Exception as exc:  # noqa: BLE001 - nothing is lost: uncommitted events come back to the new
+            # member, which recognises them as in flight or done (see the class docstring)
             log.warning("closing the Kafka consumer being replaced failed: %s", exc)
         self.consumer = self.new_consumer()
 
@@ -938,6 +964,7 @@ def open_source(
         evals=evals,
         infra=infra,
         new_consumer=new_consumer,
+        other_references=[fp.strip() for fp in cfg.other_references.split(",") if fp.strip()],
     )
 
 

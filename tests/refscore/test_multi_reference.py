@@ -403,16 +403,17 @@ def test_the_same_model_twice_is_refused_at_start_up():
 
 # -- `serve --worker` ------------------------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_serve_with_worker_gives_the_worker_the_primary_model(tiny_model, model_b, monkeypatch, caplog):
-    """With extra models, `serve --worker` still hands the stream worker the primary's scorer (the worker
-    scores pairs with OFFDPO_REFSCORE_MODEL_DIR's model only), and the watchdog watches every engine."""
+def test_serve_with_worker_gives_the_worker_every_model_primary_first(tiny_model, model_b, monkeypatch, caplog):
+    """With extra models, `serve --worker` hands the stream worker the primary's scorer (pairs naming no
+    reference) and the extra ones (pairs naming them: tests/refscore/test_worker_routing.py)."""
     from services.refscore import __main__ as entry
 
-    given = []
+    given, extras = [], []
 
     class RecordingWorker:
-        def __init__(self, scorer, cfg, *args, **kwargs):
+        def __init__(self, scorer, cfg, *args, extra_scorers=(), **kwargs):
             given.append((scorer, cfg))
+            extras.extend(extra_scorers)
 
         def run(self, stop):
             given[0][0].ready.wait(WAIT_S)
@@ -424,6 +425,7 @@ def test_serve_with_worker_gives_the_worker_the_primary_model(tiny_model, model_
     assert asyncio.run(asyncio.wait_for(entry._serve(cfg, with_worker=True), 120)) == 1
     ((scorer, worker_cfg),) = given
     assert scorer.cfg is cfg and worker_cfg is cfg  # the primary's, not B's
+    assert [e.cfg.model_dir for e in extras] == [str(model_b)]
     assert any("stream worker stopped unexpectedly" in r.getMessage() for r in caplog.records)
 
 

@@ -13,7 +13,7 @@ from kafka.structs import TopicPartition
 
 from offdpo import errors
 from offdpo.config import KafkaConfig
-from offdpo.kafka import DeadLetterSink, EmptyAssignmentWatch
+from offdpo.kafka import AssignmentWatch, DeadLetterSink
 from offdpo.records import (
     DeadLetter,
     ReferenceFingerprint,
@@ -279,25 +279,29 @@ class _Clock:
         return self.now
 
 
-def test_empty_assignment_watch_replaces_a_member_left_without_partitions_once_per_period():
+def test_assignment_watch_replaces_the_only_member_missing_partitions_once_per_period():
     broker = FakeBroker()
-    broker.create_topic(SHARDS)
+    broker.create_topic(SHARDS, partitions=3)
     consumer, clock = FakeConsumer(broker, SHARDS), _Clock()
-    watch = EmptyAssignmentWatch([SHARDS], after_s=60, clock=clock)
-    assert not watch.needs_new_consumer(consumer), "a member holding partitions is never replaced"
-    consumer.assign([])
-    assert not watch.needs_new_consumer(consumer)
-    clock.now = 59
-    assert not watch.needs_new_consumer(consumer), "still within the period: the join may be in progress"
-    clock.now = 60
-    assert watch.needs_new_consumer(consumer)
-    clock.now = 61
-    assert not watch.needs_new_consumer(consumer), "at most one replacement per period"
-    clock.now = 120
-    assert watch.needs_new_consumer(consumer)
+    watch = AssignmentWatch([SHARDS], after_s=60, check_every_s=0, clock=clock)
+    assert not watch.missing(consumer) and not watch.needs_new_consumer(consumer), "holds every partition"
+    for held in ([], [TopicPartition(SHARDS, 0), TopicPartition(SHARDS, 2)]):  # none, or some (a stale rejoin)
+        consumer.assign(held)
+        clock.now += 1000
+        assert watch.missing(consumer) == {TopicPartition(SHARDS, p) for p in range(3)} - set(held)
+        start = clock.now
+        assert not watch.needs_new_consumer(consumer)
+        clock.now = start + 59
+        assert not watch.needs_new_consumer(consumer), "still within the period: the join may be in progress"
+        clock.now = start + 60
+        assert watch.needs_new_consumer(consumer)
+        clock.now = start + 61
+        assert not watch.needs_new_consumer(consumer), "the new member gets a period of its own"
+        consumer.assign([TopicPartition(SHARDS, p) for p in range(3)])
+        assert not watch.needs_new_consumer(consumer)
 
 
-def test_empty_assignment_watch_waits_while_the_topic_has_no_partition_or_no_metadata():
+def test_assignment_watch_waits_while_the_topic_has_no_partition_or_no_metadata():
     class NoMetadata(FakeConsumer):
         def partitions_for_topic(self, topic):
             raise KafkaTimeoutError("metadata")
@@ -305,13 +309,13 @@ def test_empty_assignment_watch_waits_while_the_topic_has_no_partition_or_no_met
     broker = FakeBroker()
     clock = _Clock()
     empty_topic = FakeConsumer(broker)  # subscribed to nothing: the topic has no partitions in its metadata
-    watch = EmptyAssignmentWatch(["nothing.here"], after_s=10, clock=clock)
+    watch = AssignmentWatch(["nothing.here"], after_s=10, check_every_s=0, clock=clock)
     assert not watch.needs_new_consumer(empty_topic)
     clock.now = 100
     assert not watch.needs_new_consumer(empty_topic), "no partition to hold: a new member would hold none either"
     broker.create_topic(SHARDS)
     down = NoMetadata(broker)
-    watch = EmptyAssignmentWatch([SHARDS], after_s=10, clock=clock)
+    watch = AssignmentWatch([SHARDS], after_s=10, check_every_s=0, clock=clock)
     watch.needs_new_consumer(down)
     clock.now = 200
     assert not watch.needs_new_consumer(down), "the broker cannot describe the topic: keep waiting"
@@ -333,7 +337,77 @@ def test_stream_replaces_a_consumer_that_holds_no_partition_and_trains_through_t
         return built[-1]
 
     s.source.new_consumer = new_consumer
-    s.source.assignment_watch = EmptyAssignmentWatch([SHARDS], after_s=0.0)
+    s.source.assignment_watch = AssignmentWatch([SHARDS], after_s=0.0, check_every_s=0)
     batch = s.source.next_batch(4)
     assert batch is not None and sorted(ids(batch)) == sorted(r.pair.pair_id for r in rows)
     assert stuck.closed and len(built) == 1 and s.source.consumer is built[0]
+
+
+def test_stream_skips_events_of_a_listed_other_reference_and_deadletters_an_unlisted_one(caplog):
+    """OFFDPO_TRAINER_OTHER_REFERENCES: refscore serving several references announces every one's
+    shards on the same topic; a trainer follows one. Events of a listed other reference are done
+    (skipped, committed past, one INFO line per shard), not dead-lettered; any other fingerprint that
+    does not match is still a misconfiguration and dead-lettered."""
+    third_fp = with_fingerprint_id(
+        ReferenceFingerprint(model_id="tiny", weights_hash="w3", tokenizer_hash="t", dtype="float32")
+    )
+    s = Stream()
+    s.source.other_references = frozenset({OTHER_FP.fingerprint_id})
+    rows = [row(str(i)) for i in range(4)]
+    good = put_shard(s.store, rows, 0)
+    listed = put_shard(s.store, [row("o", OTHER_FP)], 0, OTHER_FP)
+    unlisted = put_shard(s.store, [row("u", third_fp)], 0, third_fp)
+    s.announce(listed, [row("o", OTHER_FP)], OTHER_FP)  # offset 0
+    s.announce(good, rows)  # 1
+    s.announce(listed, [row("o", OTHER_FP)], OTHER_FP)  # 2: announced again
+    s.announce(unlisted, [row("u", third_fp)], third_fp)  # 3
+
+    with caplog.at_level("INFO", logger="services.trainer.data"):
+        batch = s.source.next_batch(4)
+        assert s.source.next_batch(4) is None  # idle: nothing left
+    assert sorted(ids(batch)) == sorted(r.pair.pair_id for r in rows)
+    letters = [DeadLetter.FromString(v or b"") for v in s.broker.values(DEADLETTERS)]
+    assert [(dl.error_type, dl.offset) for dl in letters] == [("fingerprint_mismatch", 3)]
+    assert unlisted in letters[0].reason
+    skipped = [r.getMessage() for r in caplog.records if "OFFDPO_TRAINER_OTHER_REFERENCES" in r.getMessage()]
+    assert len(skipped) == 1 and listed in skipped[0] and OTHER_FP.fingerprint_id in skipped[0], skipped
+    assert s.source.skipped_other == 1
+    s.source.mark_trained(batch or [])
+    s.source.commit()
+    assert s.committed() == 4, "committed past the skipped events and the dead-lettered one"
+
+
+def test_stream_holding_only_some_partitions_does_not_idle_out_and_replaces_its_consumer():
+    """CI failure of test_broker_killed_and_restarted_mid_stream: after the broker restart the trainer's
+    rejoin got a stale assignment without one partition; its pairs never trained and the idle clock
+    (nothing new on the partitions it held) ended the run."""
+    s = Stream()
+    s.broker.topics[SHARDS].append([])  # a second partition of the shard-ready topic
+    rows = [row(str(i)) for i in range(4)]
+    key = put_shard(s.store, rows, 0)
+    event = ShardReady(bucket=s.store.bucket, object_key=key, row_count=len(rows))
+    event.pair_ids.extend(r.pair.pair_id for r in rows)
+    event.fingerprint.CopyFrom(FP)
+    s.broker.append(SHARDS, event.SerializeToString(), key.encode(), partition=1)
+    stop = threading.Event()
+
+    class Counting(FakeConsumer):
+        polls = 0
+
+        def poll(self, *args, **kwargs):
+            Counting.polls += 1
+            if Counting.polls == 20:
+                stop.set()
+            return super().poll(*args, **kwargs)
+
+    partial = Counting(s.broker, SHARDS, group=s.group)
+    partial.assign([TopicPartition(SHARDS, 0)])
+    s.source.consumer, s.source.stop = partial, stop
+    s.source.assignment_watch = AssignmentWatch([SHARDS], after_s=3600, check_every_s=0)
+    assert s.source.next_batch(4) is None and Counting.polls == 20, "stopped, not idled out (idle is 0.05 s)"
+
+    stop.clear()
+    s.source.new_consumer = lambda: FakeConsumer(s.broker, SHARDS, group=s.group)
+    s.source.assignment_watch = AssignmentWatch([SHARDS], after_s=0.0, check_every_s=0)
+    batch = s.source.next_batch(4)
+    assert batch is not None and sorted(ids(batch)) == sorted(r.pair.pair_id for r in rows)
