@@ -125,3 +125,28 @@ def vllm_server(tiny_model, stack, vllm_topics, tmp_path_factory):
 def vllm_client(vllm_server):
     with RefscoreClient(vllm_server.target) as client:
         yield client
+
+
+# -- the transformers engine in-process (no vLLM): helpers shared by the tests that run it ------------
+def transformers_cfg(model_dir, **kw):
+    """A refscore config on the transformers engine for `model_dir` (small limits, quick batching)."""
+    from services.refscore.config import RefscoreConfig
+
+    return RefscoreConfig(model_dir=str(model_dir), engine="transformers", max_model_len=512, batch_wait_s=0.3, **kw)
+
+
+def load_scorer(model_dir, **kw):
+    """A loaded Scorer on the transformers engine; the caller shuts it down."""
+    from services.refscore.scorer import Scorer
+
+    scorer = Scorer(transformers_cfg(model_dir, **kw))
+    scorer.load()
+    return scorer
+
+
+@pytest.fixture(scope="session")
+def model_b(tmp_path_factory):
+    """A second tiny test model: the same architecture and tokenizer as `tiny_model`, other weights."""
+    from localdev.testmodel import build_test_model
+
+    return build_test_model(tmp_path_factory.mktemp("models") / "tiny-b", size="tiny", seed=1)

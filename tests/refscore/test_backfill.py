@@ -29,32 +29,13 @@ from offdpo.s3 import ObjectStore
 from offdpo.v1 import records_pb2
 from services.refscore import backfill
 from tests.pairs import make_pairs
+from tests.refscore.conftest import load_scorer as _scorer
+from tests.refscore.conftest import transformers_cfg as _cfg
 from tests.test_archive import archive_topic
 
 REPO = Path(__file__).resolve().parents[2]
 N_PAIRS = 64
 TOLERANCE = 1e-5
-
-
-def _cfg(model_dir, **kw):
-    from services.refscore.config import RefscoreConfig
-
-    return RefscoreConfig(model_dir=str(model_dir), engine="transformers", max_model_len=512, batch_wait_s=0.3, **kw)
-
-
-def _scorer(model_dir):
-    from services.refscore.scorer import Scorer
-
-    scorer = Scorer(_cfg(model_dir))
-    scorer.load()
-    return scorer
-
-
-@pytest.fixture(scope="module")
-def model_b(tmp_path_factory):
-    from localdev.testmodel import build_test_model
-
-    return build_test_model(tmp_path_factory.mktemp("models") / "tiny-b", size="tiny", seed=1)
 
 
 @pytest.fixture(scope="module")

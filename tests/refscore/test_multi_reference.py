@@ -104,13 +104,6 @@ def _error(call) -> grpc.RpcError:
     return info.value
 
 
-@pytest.fixture(scope="module")
-def model_b(tmp_path_factory):
-    from localdev.testmodel import build_test_model
-
-    return build_test_model(tmp_path_factory.mktemp("models") / "tiny-b", size="tiny", seed=1)
-
-
 def _loaded(model_dir) -> Scorer:
     scorer = Scorer(_cfg(model_dir))
     scorer.load()

@@ -18,43 +18,24 @@ import threading
 import uuid
 
 import pytest
-from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 
 from localdev.process import wait_until
 from offdpo import records
 from offdpo.config import KafkaConfig, S3Config
-from offdpo.kafka import DeadLetterSink, ensure_topics, make_producer, next_offsets, read_topic
+from offdpo.kafka import DeadLetterSink, ensure_topics, make_producer, read_topic
 from offdpo.s3 import ObjectStore
 from offdpo.v1 import records_pb2
 from tests.fakes import FakeBroker, FakeConsumer, FakeObjectStore, FakeProducer
 from tests.pairs import make_pairs
+from tests.test_archive import _committed_all
 
+from .conftest import load_scorer as _scorer
 from .conftest import start_refscore
+from .conftest import transformers_cfg as _cfg
 
 TOLERANCE = 1e-5
 UNKNOWN = "0123456789abcdef"  # a fingerprint id no model here has
-
-
-def _cfg(model_dir, **kw):
-    from services.refscore.config import RefscoreConfig
-
-    return RefscoreConfig(model_dir=str(model_dir), engine="transformers", max_model_len=512, batch_wait_s=0.3, **kw)
-
-
-def _scorer(model_dir, **kw):
-    from services.refscore.scorer import Scorer
-
-    scorer = Scorer(_cfg(model_dir, **kw))
-    scorer.load()
-    return scorer
-
-
-@pytest.fixture(scope="module")
-def model_b(tmp_path_factory):
-    from localdev.testmodel import build_test_model
-
-    return build_test_model(tmp_path_factory.mktemp("models") / "tiny-b", size="tiny", seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -93,15 +74,6 @@ def _produce(kafka, pairs):
         producer.send(kafka.pairs_topic, key=pair.pair_id.encode(), value=pair.SerializeToString())
     producer.flush()
     producer.close()
-
-
-def _committed_all(kafka, group) -> bool:
-    ends = next_offsets(read_topic(kafka, kafka.pairs_topic, idle_s=1.0))
-    consumer = KafkaConsumer(**kafka.client_kwargs(), group_id=group, enable_auto_commit=False)
-    try:
-        return bool(ends) and all((consumer.committed(tp) or 0) == end for tp, end in ends.items())
-    finally:
-        consumer.close()
 
 
 def _rows(store, fp_id, topic):
@@ -159,9 +131,16 @@ def _check_scored(stack, kafka, store, pairs, wants, a, b):
         assert e.object_key.startswith(f"scores/{e.fingerprint.fingerprint_id}/"), e.object_key
         assert e.fingerprint.fingerprint_id in (fp_a, fp_b)
         assert e.sha256 == records.sha256_hex(store.get_bytes(e.object_key))
-    # The two references' shards of a partition share their offset ranges (the redo relies on it).
+    # The references' shards of a partition never cut each other's ranges: two ranges are the same range
+    # (both references had pairs there) or disjoint (only one had; e.g. a batch of B and unknown pairs
+    # writes no A shard). The redo relies on it.
+    ranges_a = {records.parse_shard_key(k) for k in keys_a}
     ranges_b = {records.parse_shard_key(k) for k in keys_b}
-    assert ranges_b <= {records.parse_shard_key(k) for k in keys_a}
+    for part, first, last in ranges_b:
+        for part_a, first_a, last_a in ranges_a:
+            if part_a == part and (first, last) != (first_a, last_a):
+                assert last < first_a or last_a < first, f"B's range {first}-{last} cuts A's {first_a}-{last_a}"
+    assert ranges_a & ranges_b, "the same ranges where both references had pairs"
     return events
 
 
