@@ -7,8 +7,8 @@ experiment (Rafailov et al. 2023, section 6.1) in miniature, through the real pi
    topic under its own fingerprint (the dtype comparison), and the bench writes a third set of shards
    whose reference log-probs are the sampled tokens' log-probs from `Generate` (the seed's claim).
 2. The sweep replays the shards (trainer `--mode replay --prefix ...`): beta in {0.1, 0.5} at lr 1e-4,
-   checkpoints every 50 steps; the over-optimisation regime (beta 0.05, lr 1e-3); seeds 1 and 2 of the
-   headline setting; the bf16 and generation-log-prob references.
+   checkpoints every 20 steps (headline: beta 0.5, 80 steps); the over-optimisation regime (beta 0.05,
+   lr 1e-3); seeds 1 and 2 of the headline setting; the bf16 and generation-log-prob references.
 3. Every checkpoint is evaluated by `offdpo eval` (localdev.experiment.evaluate_policy): >= 400 held-out openings, one sample
    each at T=1 without top-k/top-p, ground-truth reward, KL(policy || reference) from refscore `Score`.
 4. Best-of-n from the reference (n = 2, 4, 16; picked by the reward model; KL = log n - (n-1)/n,
@@ -669,22 +669,26 @@ def _optional(result: dict, key: str, fn) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=1600, help="held-in openings through the pipeline")
+    parser.add_argument("--prompts", type=int, default=800, help="held-in openings through the pipeline")
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--eval-samples", type=int, default=400)
     parser.add_argument("--eval-seed", type=int, default=1)
-    parser.add_argument("--steps", type=int, nargs="+", default=[50, 100, 150, 200])
+    parser.add_argument("--steps", type=int, nargs="+", default=[20, 40, 60, 80, 100])
     parser.add_argument(
-        "--sweep-steps", type=int, nargs="+", default=None, help="checkpoints of the other betas (default: --steps)"
+        "--sweep-steps",
+        type=int,
+        nargs="+",
+        default=[50, 100],
+        help="checkpoints of the other betas (default: --steps)",
     )
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--betas", type=float, nargs="+", default=[0.1, 0.5])
     parser.add_argument("--headline-beta", type=float, default=0.5)
-    parser.add_argument("--headline-steps", type=int, default=100)
+    parser.add_argument("--headline-steps", type=int, default=80)
     parser.add_argument("--overopt", type=float, nargs=2, default=[0.05, 1e-3], metavar=("BETA", "LR"))
     parser.add_argument("--trl-seeds", type=int, default=3, help="0: skip TRL")
     parser.add_argument("--trl-exclude-heldout", action="store_true", default=True)
-    parser.add_argument("--overopt-steps", type=int, nargs="+", default=[100, 200])
+    parser.add_argument("--overopt-steps", type=int, nargs="+", default=[25, 50])
     parser.add_argument("--skip-dtype", action="store_true")
     parser.add_argument("--skip-genlogprobs", action="store_true")
     parser.add_argument("--workdir", default=str(REPO / ".cache" / "bench-learning"))
