@@ -22,6 +22,7 @@ Methods (services.trainer.step.train_step unless TRL):
   trl_precompute              TRL with precompute_ref_log_probs=True: its training steps only
   trl_precompute_incl_pass    the same run, its reference pass counted (pro rata over the timed steps)
   *_bf16                      bf16 autocast (CPU: AVX-512 BF16), TRL's DPOConfig(bf16=True)
+  *_gc                        gradient checkpointing (non-reentrant) in both trainers: memory for compute
 Each (method, workload) runs in its own subprocess, so its peak RSS (ru_maxrss) is its own. tokens/s counts
 the same logical tokens for every method (prompt + answer for each answer: a shared prompt counts twice),
 so a method that computes fewer positions for the same pairs shows as faster.
@@ -52,7 +53,9 @@ WORKLOADS = ("current", "chat_like", "long_prompt")
 # (pairs per step) for the default run; the matrix of methods per workload keeps `make bench-trainer` bounded.
 PAIRS = {"current": 8, "chat_like": 4, "long_prompt": 2}
 DEFAULT_MATRIX = {
-    "chat_like": OURS + TRL + ("offline_dpo_packed_bf16", "trl_precompute_bf16"),
+    "chat_like": OURS
+    + TRL
+    + ("offline_dpo_packed_bf16", "trl_precompute_bf16", "offline_dpo_packed_gc", "trl_precompute_gc"),
     "long_prompt": ("offline_dpo", "offline_dpo_shared_prefix", "offline_dpo_packed", "trl_precompute"),
     "current": ("offline_dpo", "offline_dpo_packed", "sft", "trl_precompute"),
 }
@@ -122,6 +125,13 @@ def padding_waste(batches, row_tokens: int = 4096) -> dict:
     return out
 
 
+def variant(worker: str) -> tuple[str, bool, bool]:
+    """'offline_dpo_packed_gc' -> ('offline_dpo_packed', bf16 False, gradient checkpointing True)."""
+    gc = worker.endswith("_gc")
+    worker = worker.removesuffix("_gc")
+    return worker.removesuffix("_bf16"), worker.endswith("_bf16"), gc
+
+
 # -- one (method, workload) in its own process -------------------------------------------------------------
 def _ours(args, batches, model_path: str, bf16: bool) -> dict:
     import torch
@@ -132,8 +142,10 @@ def _ours(args, batches, model_path: str, bf16: bool) -> dict:
     from services.trainer.packing import model_flop_shape, step_flops
     from services.trainer.step import train_step
 
-    method = args.worker.removesuffix("_bf16")
+    method, _, gc = variant(args.worker)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).train()
+    if gc:  # what OFFDPO_TRAINER_GRADIENT_CHECKPOINTING does in services/trainer/train.py
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = AnswerLogps(model)
     ref = None
     if method == "live_ref_dpo":
@@ -183,7 +195,7 @@ def _trl(args, batches, model_path: str, bf16: bool) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    method = args.worker.removesuffix("_bf16")
+    method, _, gc = variant(args.worker)
     precompute = method == "trl_precompute"
     pass_s: list[float] = []
 
@@ -231,6 +243,8 @@ def _trl(args, batches, model_path: str, bf16: bool) -> dict:
         max_grad_norm=1.0,
         bf16=bf16,
         fp16=False,
+        gradient_checkpointing=gc,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gc else None,
         use_cpu=True,
         seed=0,
         max_length=None,
@@ -262,7 +276,7 @@ def worker(args) -> dict:
 
     vocab = AutoConfig.from_pretrained(args.model).vocab_size
     batches = workload_batches(args.workload, args.steps + args.warmup, args.pairs, vocab, args.scale)
-    bf16 = args.worker.endswith("_bf16")
+    bf16 = variant(args.worker)[1]
     res = (_trl if args.worker.startswith("trl_") else _ours)(args, batches, args.model, bf16)
     res.update(
         method=args.worker,
@@ -322,6 +336,13 @@ def headline(by: dict, fraction: dict) -> dict:
             tps("chat_like", "offline_dpo_packed_bf16"), tps("chat_like", "trl_precompute_bf16")
         ),
         "mem_vs_trl_precompute": _ratio(mem("chat_like", "offline_dpo_packed"), mem("chat_like", "trl_precompute")),
+        # both with gradient checkpointing (opt-in in each trainer): memory and speed, like with like
+        "mem_vs_trl_precompute_gc": _ratio(
+            mem("chat_like", "offline_dpo_packed_gc"), mem("chat_like", "trl_precompute_gc")
+        ),
+        "vs_trl_precompute_gc": _ratio(
+            tps("chat_like", "offline_dpo_packed_gc"), tps("chat_like", "trl_precompute_gc")
+        ),
         "vs_trl_live_ref": _ratio(tps("chat_like", "offline_dpo_packed"), tps("chat_like", "trl_live_ref")),
         "shared_prefix_long_prompt": _ratio(
             tps("long_prompt", "offline_dpo_shared_prefix"), tps("long_prompt", "offline_dpo")

@@ -214,6 +214,16 @@ def test_trainer_headline_ratios_and_verdicts():
     assert met["vs_trl_precompute"] and met["mem_vs_trl_precompute"] and met["vs_trl_live_ref"]
     assert met["shared_prefix_long_prompt"] and met["packing_chat_like"] and met["ratio_vs_sft"]
     assert met["fraction_of_ceiling"] is False and set(met) == set(TARGETS)
+    assert h["mem_vs_trl_precompute_gc"] is None  # not measured: no ratio, never a made-up one
+
+
+def test_trainer_method_variants():
+    from bench.trainer import variant
+
+    assert variant("offline_dpo_packed") == ("offline_dpo_packed", False, False)
+    assert variant("trl_precompute_bf16") == ("trl_precompute", True, False)
+    assert variant("offline_dpo_packed_gc") == ("offline_dpo_packed", False, True)
+    assert variant("trl_precompute_bf16_gc") == ("trl_precompute", True, True)
 
 
 def test_trainer_bench_quick_runs(tmp_path):
