@@ -14,6 +14,9 @@ experiment (Rafailov et al. 2023, section 6.1) in miniature, through the real pi
 4. Best-of-n from the reference (n = 2, 4, 16; picked by the reward model; KL = log n - (n-1)/n,
    the standard bound) is the baseline curve; TRL's DPOTrainer with a live reference (its default) on
    the exported shards, same settings, 3 seeds.
+5. The rules strategy (localdev.reviews.RULES_YAML: the exact rule as a `python` check) labels the same
+   openings through the pipeline again, on its own topics; the headline setting is trained on those
+   pairs (`--only-rules` adds just this arm to an existing results file).
 
 Writes bench/results/learning.json and learning.png. Never reports accuracy without KL.
 """
@@ -136,35 +139,51 @@ class PipelineRun:
         with RefscoreClient(address) as client:
             return client.model_info().fingerprint
 
-    def label(self, address: str, openings: list[str], k: int, workers: int = 6, swap: bool = False) -> dict:
-        """Openings -> labeler (on-policy generation through refscore, reward-model strategy) -> pairs topic."""
+    def label(
+        self,
+        address: str,
+        openings: list[str],
+        k: int,
+        workers: int = 6,
+        swap: bool = False,
+        strategy: str = "reward_model",
+    ) -> dict:
+        """Openings -> labeler (on-policy generation through refscore; the reward-model strategy, or the
+        rules strategy with localdev.reviews.RULES_YAML: the ground-truth rule as a `python` check) -> pairs topic."""
         from cli.demo import label_in_parallel
+        from localdev import reviews
         from localdev.experiment import write_candidates
         from services.labeler.config import LabelerConfig
 
         files = []
         for w in range(workers):
-            path = self.workdir / f"candidates-{w}.jsonl"
-            write_candidates(path, openings[w::workers], k)
+            path = self.workdir / f"candidates-{strategy}-{w}.jsonl"
+            write_candidates(path, openings[w::workers], k, strategy)
             files.append(path)
+        rules = {}
+        if strategy == "rules":
+            rules_path = self.workdir / "reviews-rules.yaml"
+            rules_path.write_text(reviews.RULES_YAML)
+            rules = {"OFFDPO_LABELER_RULES": str(rules_path)}
+            # RuleSet.load reads where `callable:` may import from in this process's environment
+            os.environ["OFFDPO_LABELER_RULES_CALLABLE_PACKAGES"] = "localdev"
 
         def cfg_for(i: int) -> LabelerConfig:
             return LabelerConfig.from_env(
                 {
                     **self.env,
+                    **rules,
                     "OFFDPO_LABELER_REFSCORE_ADDR": address,
                     "OFFDPO_LABELER_GENERATE_N": str(k),
                     "OFFDPO_LABELER_GENERATE_MAX_TOKENS": "96",
                     "OFFDPO_LABELER_GENERATE_TEMPERATURE": "1.0",
                     "OFFDPO_LABELER_BATCH": "16",
                 },
-                state_dir=str(self.workdir / f"labeler-{i}"),
+                state_dir=str(self.workdir / f"labeler-{strategy}-{i}"),
                 reward_model=str(self.reward),
             )
 
-        summaries = label_in_parallel(
-            cfg_for, self.kafka, files, "reward_model", swap=swap, generator_for=self._generator
-        )
+        summaries = label_in_parallel(cfg_for, self.kafka, files, strategy, swap=swap, generator_for=self._generator)
         check_complete_load(self.reference)
         return summaries
 
@@ -418,6 +437,41 @@ def sweep_run(
     }
 
 
+def rules_arm(run: PipelineRun, args, result: dict) -> None:
+    """The same experiment labelled by the labeler's rules strategy (the ground-truth rule as a check):
+    its own topics, pairs through the pipeline, the headline setting replayed and evaluated."""
+    import copy
+
+    from localdev import reviews
+
+    address = run.start_refscore()
+    fp = run.fingerprint(address)
+    t0 = time.monotonic()
+    openings = reviews.review_prompts(args.prompts, seed=0, split="held_in")
+    summaries = run.label(address, openings, args.k, strategy="rules")
+    pairs = run.pair_count()
+    scored = run.wait_scored(fp, pairs)
+    pipeline = {"labeler": summaries, "pairs": pairs, "scored": scored, "wall_s": round(time.monotonic() - t0, 1)}
+    _say(f"  rules strategy: {pairs} pairs, {scored} scored ({pipeline['wall_s']} s)")
+    rules_args = copy.copy(args)
+    rules_args.pairs_made = pairs
+    r = sweep_run(
+        run, address, run.shard_prefix(fp), "rules", args.headline_beta, args.lr, [args.headline_steps], rules_args
+    )
+    p = r["points"][0]
+    out = {"runs": [dict(p, labels="rules strategy", wall_s=r["wall_s"])], "pipeline": pipeline}
+    head = result.get("headline")
+    if head:
+        out["reward_model_headline"] = {
+            k: head[k] for k in ("positive_share", "reward_mean", "reward_se", "kl", "kl_se")
+        }
+        out["reward_diff_se"] = round(
+            (p["reward_mean"] - head["reward_mean"]) / math.hypot(p["reward_se"], head["reward_se"]), 2
+        )
+        out["kl_diff"] = round(p["kl"] - head["kl"], 4)
+    result["rules"] = out
+
+
 def best_of_n(reference_dir: Path, reward_dir: Path, ns: list[int], samples: int, seed: int) -> list[dict]:
     """Best-of-n from the reference, picked by the reward model, scored by the ground truth.
     KL(best-of-n || reference) <= log n - (n-1)/n (the standard analytical value)."""
@@ -612,8 +666,9 @@ def plot(result: dict, path: Path) -> None:
         "trl": "TRL DPOTrainer, live reference (one point per seed)",
         "dtype": "bf16-scored references",
         "generation_logprobs": "references from generation log-probs",
+        "rules": "labelled by the rules strategy (the exact rule)",
     }
-    for key, marker in (("trl", "D"), ("dtype", "P"), ("generation_logprobs", "X")):
+    for key, marker in (("trl", "D"), ("dtype", "P"), ("generation_logprobs", "X"), ("rules", "v")):
         runs = result.get(key, {}).get("runs", [])
         if runs:
             ax.errorbar(
@@ -691,6 +746,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overopt-steps", type=int, nargs="+", default=[25, 50])
     parser.add_argument("--skip-dtype", action="store_true")
     parser.add_argument("--skip-genlogprobs", action="store_true")
+    parser.add_argument("--skip-rules", action="store_true")
+    parser.add_argument(
+        "--only-rules",
+        action="store_true",
+        help="run only the rules-strategy arm and add it to the existing --out file (its headline as the comparison)",
+    )
     parser.add_argument("--workdir", default=str(REPO / ".cache" / "bench-learning"))
     parser.add_argument("--models", default=str(REPO / ".cache" / "models"))
     parser.add_argument("--out", default=str(RESULTS / "learning.json"))
@@ -721,6 +782,19 @@ def main(argv: list[str] | None = None) -> int:
         _save(result, out)
         if "sweep" in result:
             plot(result, out.with_suffix(".png"))
+
+    if args.only_rules:
+        if not out.exists():
+            raise SystemExit(f"bench.learning --only-rules: {out} does not exist; run the whole bench first")
+        result = json.loads(out.read_text())
+        with PipelineRun(Path(args.workdir), Path(args.models), args.verbose) as run:
+            _say("[9] the rules strategy: the same experiment labelled by the exact rule")
+            rules_arm(run, args, result)
+        result["rules"]["measured"] = {**stamp(), "wall_s": round(time.monotonic() - started, 1)}
+        _save(result, out)
+        plot(result, out.with_suffix(".png"))
+        _say(json.dumps({k: v for k, v in result["rules"].items() if k != "runs"}, indent=1))
+        return 0
 
     with PipelineRun(Path(args.workdir), Path(args.models), args.verbose) as run:
         _say(f"[1] pipeline: stack, refscore (float32) on {run.reference.name}")
@@ -889,6 +963,16 @@ def main(argv: list[str] | None = None) -> int:
         for beta in [b for b in args.betas if b != args.headline_beta]:
             _say(f"[8] beta {beta} sweep, steps {args.sweep_steps or args.steps}")
             _optional(result, f"beta{beta}", lambda beta=beta: beta_sweep(beta, args.sweep_steps or args.steps))
+            checkpoint_result()
+
+        def rules() -> None:
+            # its own topics and refscore on the same local stack
+            with PipelineRun(Path(args.workdir), Path(args.models), args.verbose, stack=run.stack) as rules_run:
+                rules_arm(rules_run, args, result)
+
+        if not args.skip_rules:
+            _say("[9] the rules strategy: the same experiment labelled by the exact rule")
+            _optional(result, "rules", rules)
             checkpoint_result()
     _say(json.dumps(result.get("summary"), indent=1))
     _say(f"wrote {out} and {out.with_suffix('.png')} in {result['wall_s'] / 60:.1f} min")
