@@ -162,11 +162,9 @@ class PipelineRun:
             files.append(path)
         rules = {}
         if strategy == "rules":
-            rules_path = self.workdir / "reviews-rules.yaml"
-            rules_path.write_text(reviews.RULES_YAML)
-            rules = {"OFFDPO_LABELER_RULES": str(rules_path)}
+            rules = {"OFFDPO_LABELER_RULES": str(reviews.write_rules_file(self.workdir))}
             # RuleSet.load reads where `callable:` may import from in this process's environment
-            os.environ["OFFDPO_LABELER_RULES_CALLABLE_PACKAGES"] = "localdev"
+            os.environ["OFFDPO_LABELER_RULES_CALLABLE_PACKAGES"] = reviews.RULES_CALLABLE_PACKAGES
 
         def cfg_for(i: int) -> LabelerConfig:
             return LabelerConfig.from_env(

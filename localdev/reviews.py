@@ -38,6 +38,7 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 AGREE_PROB = 0.9  # probability that a polar adjective agrees with its review's hidden polarity
@@ -532,3 +533,13 @@ margin: 0
 rules:
   - {name: sentiment, type: python, callable: "localdev.reviews:sentiment_check", weight: 1}
 """
+# what OFFDPO_LABELER_RULES_CALLABLE_PACKAGES must allow for RULES_YAML's `callable:` to load
+RULES_CALLABLE_PACKAGES = "localdev"
+
+
+def write_rules_file(directory: str | Path) -> Path:
+    """RULES_YAML as a file for the labeler's OFFDPO_LABELER_RULES (the experiments' rules strategy)."""
+    path = Path(directory) / "reviews-rules.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(RULES_YAML)
+    return path

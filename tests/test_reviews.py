@@ -162,7 +162,7 @@ def test_reward_model_loads_in_the_labeler_and_reads_sentiment(tmp_path):
     assert len(scores) == 2 and all(math.isfinite(s) for s in scores)
 
 
-def test_rules_file_labels_by_the_ground_truth():
+def test_rules_file_labels_by_the_ground_truth(tmp_path):
     import yaml
 
     from offdpo.v1 import labeler_pb2
@@ -175,6 +175,9 @@ def test_rules_file_labels_by_the_ground_truth():
     neutral, _ = rules.score("it runs for two hours .", cs)
     assert good == pytest.approx((1 / 4 + 1) / 2) and bad == pytest.approx((-1 / 4 + 1) / 2)
     assert good > neutral > bad
+    # the same rules as the file the experiments hand to the labeler (OFFDPO_LABELER_RULES)
+    loaded = RuleSet.load(reviews.write_rules_file(tmp_path), callable_packages=(reviews.RULES_CALLABLE_PACKAGES,))
+    assert loaded.score("the film was great .", cs)[0] == good
 
 
 def test_evaluation_refuses_a_model_that_loaded_with_missing_weights(monkeypatch):
