@@ -218,7 +218,9 @@ def test_trainer_headline_ratios_and_verdicts():
 
 
 def test_trainer_method_variants():
-    from bench.trainer import variant
+    from bench.trainer import bf16_native, variant
+
+    assert bf16_native({"fp32": 458.0, "bf16": 964.0}) and not bf16_native({"fp32": 175.0, "bf16": 21.5})
 
     assert variant("offline_dpo_packed") == ("offline_dpo_packed", False, False)
     assert variant("trl_precompute_bf16") == ("trl_precompute", True, False)
