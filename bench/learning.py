@@ -160,11 +160,7 @@ class PipelineRun:
             path = self.workdir / f"candidates-{strategy}-{w}.jsonl"
             write_candidates(path, openings[w::workers], k, strategy)
             files.append(path)
-        rules = {}
-        if strategy == "rules":
-            rules = {"OFFDPO_LABELER_RULES": str(reviews.write_rules_file(self.workdir))}
-            # RuleSet.load reads where `callable:` may import from in this process's environment
-            os.environ["OFFDPO_LABELER_RULES_CALLABLE_PACKAGES"] = reviews.RULES_CALLABLE_PACKAGES
+        rules = reviews.rules_env(self.workdir) if strategy == "rules" else {}
 
         def cfg_for(i: int) -> LabelerConfig:
             return LabelerConfig.from_env(

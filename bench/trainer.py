@@ -132,6 +132,19 @@ def bf16_native(ceiling: dict) -> bool:
     return ceiling.get("bf16", 0.0) > ceiling.get("fp32", 0.0)
 
 
+def optimizer_step(module, batch, cfg, opt, autocast, ref_module=None, objective: str = "dpo") -> dict:
+    """One timed unit of the benchmarks: forward/backward (services.trainer.step.train_step), clip, AdamW."""
+    import torch
+
+    from services.trainer.step import train_step
+
+    sums = train_step(module, batch, cfg, 0, 1, "cpu", autocast, ref_module=ref_module, objective=objective)
+    torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return sums
+
+
 def variant(worker: str) -> tuple[str, bool, bool]:
     """'offline_dpo_packed_gc' -> ('offline_dpo_packed', bf16 False, gradient checkpointing True)."""
     gc = worker.endswith("_gc")
@@ -147,7 +160,6 @@ def _ours(args, batches, model_path: str, bf16: bool) -> dict:
     from services.trainer.config import TrainerConfig
     from services.trainer.losses import AnswerLogps
     from services.trainer.packing import model_flop_shape, step_flops
-    from services.trainer.step import train_step
 
     method, _, gc = variant(args.worker)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).train()
@@ -173,12 +185,7 @@ def _ours(args, batches, model_path: str, bf16: bool) -> dict:
     step_s = []
     for i, batch in enumerate(batches):
         t0 = time.perf_counter()
-        sums = train_step(
-            module, batch, cfg, 0, 1, "cpu", autocast, ref_module=ref, objective="sft" if method == "sft" else "dpo"
-        )
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        sums = optimizer_step(module, batch, cfg, opt, autocast, ref, "sft" if method == "sft" else "dpo")
         dt = time.perf_counter() - t0
         if i >= args.warmup:
             step_s.append(dt)

@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 
-from bench.trainer import MODEL_CACHE, workload_batches
+from bench.trainer import MODEL_CACHE, optimizer_step, workload_batches
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,10 +26,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from services.trainer.config import TrainerConfig
     from services.trainer.losses import AnswerLogps
-    from services.trainer.step import train_step
 
     argv = sys.argv[1:] if argv is None else argv
-    rounds = int(argv[0]) if argv else 2
+    rounds = max(1, int(argv[0])) if argv else 2
     torch.set_num_threads(2)
     path = str(MODEL_CACHE / "bench-qwen-vocab")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
@@ -40,10 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def step(batch, objective: str) -> float:
         t0 = time.perf_counter()
-        train_step(module, batch, cfg, 0, 1, "cpu", contextlib.nullcontext, ref_module=None, objective=objective)
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(module, batch, cfg, opt, contextlib.nullcontext, objective=objective)
         return time.perf_counter() - t0
 
     step(batches[0], "dpo")  # warm-up

@@ -170,8 +170,7 @@ class Rounds:
 
         if self.s.strategy == "rules" and not env.get("OFFDPO_LABELER_RULES"):
             # the review experiment's own rules (the exact rule as a python check) unless the user set a file
-            env = {**env, "OFFDPO_LABELER_RULES": str(reviews.write_rules_file(self.workdir))}
-            os.environ.setdefault("OFFDPO_LABELER_RULES_CALLABLE_PACKAGES", reviews.RULES_CALLABLE_PACKAGES)
+            env = {**env, **reviews.rules_env(self.workdir)}
 
         def cfg_for(i: int) -> LabelerConfig:
             return LabelerConfig.from_env(

@@ -543,3 +543,13 @@ def write_rules_file(directory: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(RULES_YAML)
     return path
+
+
+def rules_env(directory: str | Path) -> dict[str, str]:
+    """The labeler settings for the experiments' rules strategy: RULES_YAML written under `directory`.
+    RuleSet.load reads where `callable:` may import from in this process's environment, so that is
+    allowed here unless the user set it."""
+    import os
+
+    os.environ.setdefault("OFFDPO_LABELER_RULES_CALLABLE_PACKAGES", RULES_CALLABLE_PACKAGES)
+    return {"OFFDPO_LABELER_RULES": str(write_rules_file(directory))}
