@@ -238,11 +238,22 @@ def export_trl(
     if not src.keys:
         raise ExportError(f"no *.parquet shards under {src.description}")
     out = Path(out)
-    occupied = any(out.iterdir()) if out.is_dir() else out.exists()
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file: an export is a folder; choose another path")
+    occupied = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if occupied:
         if not overwrite:
             raise ExportError(f"{out} already exists and is not empty: choose another path or pass overwrite")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+        foreign = [name for name in occupied if not _export_artefact(name)]
+        if foreign:
+            # overwrite replaces an earlier export, never a folder that holds something else (a model,
+            # a checkpoint): a mistyped path must not delete it.
+            raise ExportError(
+                f"{out} holds files an export does not write ({', '.join(foreign[:5])}"
+                f"{', ...' if len(foreign) > 5 else ''}): overwrite replaces only an earlier export; "
+                "choose another path"
+            )
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (".offdpo-export.parquet" if format == "disk" else PARQUET_FILE_NAME + ".partial")
     stats: dict = {}
@@ -275,6 +286,16 @@ def export_trl(
         _parquet_to_disk(tmp, out, _description(fingerprint, src.description, pairs))
     log.info("exported %d pairs from %d shards (%d duplicates dropped) to %s", pairs, shards, stats["duplicates"], out)
     return ExportResult(out, format, shards, pairs, stats["duplicates"], fingerprint)
+
+
+def _export_artefact(name: str) -> bool:
+    """A file an export writes (either format, finished or interrupted)."""
+    return (
+        name in (PARQUET_FILE_NAME, "dataset_info.json", "state.json")
+        or name.startswith(".offdpo-")
+        or name.startswith(PARQUET_FILE_NAME)
+        or (name.startswith("data-") and name.endswith(".arrow"))
+    )
 
 
 def _parquet_to_disk(parquet_path: Path, out: Path, description: str) -> None:

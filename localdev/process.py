@@ -7,6 +7,7 @@ period, then SIGKILL) for every process the project starts.
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import time
@@ -17,31 +18,62 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def free_port() -> int:
+# Ports handed out by this process. A port is free when we check it and is bound only later by the
+# child we start, so without this record two calls could return the same port (or a port inside a
+# block) and the second server dies with "address in use" (CI, stop 24: Tansu got a SeaweedFS port).
+_HANDED_OUT: set[int] = set()
+# Ports below the kernel's ephemeral range, where outgoing connections never take a port between our
+# check and the child's bind.
+_LOW, _HIGH = 20000, 32000
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _pick_range() -> tuple[int, int]:
+    eph_low, eph_high = _ephemeral_range()
+    if eph_low > _HIGH:
+        return _LOW, _HIGH
+    if eph_high < 64000:
+        return eph_high + 1, 65500  # the ephemeral range sits low: pick above it
+    return 1024, 65500  # it covers everything: no port is safe from outgoing connections; pick any
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port_block(count: int) -> int:
-    """First port of `count` consecutive ports that are free right now."""
-    for _ in range(200):
-        base = free_port()
-        if base + count >= 65535:
+    """First of `count` consecutive ports that are free now and not handed out before by this process.
+
+    Picked at random outside the kernel's ephemeral range, so parallel test processes rarely try the
+    same port and no outgoing connection can take one before the server we start binds it.
+    """
+    low, high = _pick_range()
+    rng = random.SystemRandom()
+    for _ in range(500):
+        base = rng.randrange(low, high - count)
+        block = range(base, base + count)
+        if any(port in _HANDED_OUT for port in block) or not all(_bindable(port) for port in block):
             continue
-        try:
-            socks = []
-            for port in range(base, base + count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError(f"no block of {count} free ports found on 127.0.0.1")
+        _HANDED_OUT.update(block)
+        return base
+    raise RuntimeError(f"no block of {count} free ports found on 127.0.0.1 in {low}..{high}")
+
+
+def free_port() -> int:
+    """A port that is free now and not handed out before by this process (see `free_port_block`)."""
+    return free_port_block(1)
 
 
 def stop_process(proc: subprocess.Popen | None, grace_s: float = 60) -> int | None:
@@ -80,8 +112,11 @@ def wait_until(
     while True:
         if proc is not None and proc.poll() is not None:
             tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+            hint = ""
+            if any(sign in tail.lower() for sign in ("addrinuse", "address already in use", "address in use")):
+                hint = " (a port it listens on is taken by another process: stop that process or choose free ports)"
             raise RuntimeError(
-                f"{what}: the process exited with code {proc.returncode} while starting; log tail:\n{tail}"
+                f"{what}: the process exited with code {proc.returncode} while starting{hint}; log tail:\n{tail}"
             )
         try:
             value = check()

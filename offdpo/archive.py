@@ -42,7 +42,7 @@ from kafka.structs import OffsetAndMetadata
 
 from offdpo import errors, records, retry
 from offdpo.config import EnvConfig, KafkaConfig, S3Config, env
-from offdpo.kafka import GROUP_CHANGED, CommitRefusals, make_consumer, rewind, topic_id
+from offdpo.kafka import GROUP_CHANGED, CommitRefusals, OffsetHoleGuard, make_consumer, rewind, topic_id
 from offdpo.s3 import ObjectStore, safe_key_part
 
 log = logging.getLogger(__name__)
@@ -249,6 +249,7 @@ class Archiver:
         self.store = store or ObjectStore(s3)
         self.topics = topics or [kafka.pairs_topic]
         self.consumer: KafkaConsumer | None = None
+        self.offset_holes = OffsetHoleGuard.for_config(kafka)  # several labelers publish to one partition
         self.objects_written = 0
         self.records_archived = 0
 
@@ -322,8 +323,8 @@ class Archiver:
             wait_s = 0.5 if deadline is None else deadline - time.monotonic()
             if wait_s <= 0:
                 break
-            polled = consumer.poll(
-                timeout_ms=int(min(wait_s, 0.5) * 1000), max_records=self.cfg.batch_records - len(batch)
+            polled = self.offset_holes.poll(
+                consumer, timeout_ms=int(min(wait_s, 0.5) * 1000), max_records=self.cfg.batch_records - len(batch)
             )
             for recs in polled.values():
                 batch.extend(recs)

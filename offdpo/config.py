@@ -130,6 +130,14 @@ class KafkaConfig(EnvConfig):
         30000,
         "refresh topic metadata at least this often (new partitions, topics back after an outage)",
     )
+    # Tansu's S3 storage reserves a batch's offsets before it writes the batch, so a reader can see a
+    # later batch first and step over one still being written (offdpo.kafka.OffsetHoleGuard).
+    offset_hole_wait_ms: int = env(
+        "OFFDPO_KAFKA_OFFSET_HOLE_WAIT_MS",
+        15000,
+        "hold records that arrive after a hole in a partition's offsets this long for the hole to fill "
+        "(0: off; Apache Kafka shows holes only with transactions or compaction)",
+    )
 
     def client_kwargs(self) -> dict[str, Any]:
         """Connection settings shared by kafka-python producers, consumers and admin clients."""

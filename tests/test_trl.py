@@ -164,8 +164,21 @@ def test_export_cli_parquet_and_disk_agree(scored, exported, stack, tmp_path, mo
     assert meta["offdpo.pairs"] == N_PAIRS and meta["offdpo.source"] == f"s3://{store.bucket}/{prefix}"
     assert from_parquet.to_list() == exported.to_list()
     assert sorted(exported["pair_id"]) == sorted(p.pair_id for p in pairs)
-    # A second export onto the same path is refused, not silently mixed.
+    # A second export onto the same path is refused, not silently mixed; --overwrite replaces it.
     assert main(["export-trl", f"s3://{store.bucket}/{prefix}", str(out), "--format", "parquet"]) == 2
+    (out / "unrelated.txt").write_text("x")
+    assert main(["export-trl", f"s3://{store.bucket}/{prefix}", str(out), "--format", "parquet"]) == 2
+    (out / "unrelated.txt").unlink()
+    assert main(["export-trl", f"s3://{store.bucket}/{prefix}", str(out), "--format", "parquet", "--overwrite"]) == 0
+    assert load_trl_dataset(out, cache_dir=tmp_path / "hf-cache-2").to_list() == exported.to_list()
+    # --overwrite never deletes a folder that holds something else (a model, a checkpoint).
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(ExportError, match="holds files an export does not write .config.json, model.safetensors"):
+        export_trl(ShardSource.from_store(store, prefix), model_dir, overwrite=True)
+    assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "model.safetensors"]
     # A local folder of shards works too, and a shard seen twice exports its pairs once.
     local = tmp_path / "shards"
     local.mkdir()

@@ -17,7 +17,15 @@ from kafka.structs import OffsetAndMetadata
 from offdpo import retry
 from offdpo.config import KafkaConfig
 from offdpo.errors import OffdpoError
-from offdpo.kafka import GROUP_CHANGED, CommitRefusals, DeadLetterSink, make_consumer, make_producer, rewind
+from offdpo.kafka import (
+    GROUP_CHANGED,
+    CommitRefusals,
+    DeadLetterSink,
+    OffsetHoleGuard,
+    make_consumer,
+    make_producer,
+    rewind,
+)
 from offdpo.v1 import records_pb2
 from services.labeler import inputs
 from services.labeler.base import Strategy
@@ -196,6 +204,7 @@ def run_kafka(
         return make_consumer(kafka, cfg.group_id, [kafka.candidates_topic], max_poll_records=cfg.batch_size)
 
     consumer = new_consumer()
+    offset_holes = OffsetHoleGuard.for_config(kafka)  # candidates from several producers: see the class
     stop = stop or threading.Event()
     last_record = time.monotonic()
     # Set while an outage left sets unlabelled (the consumer was rewound to them): an empty poll then is
@@ -212,7 +221,7 @@ def run_kafka(
         OffdpoError (Outage, PublishError, ...) after rewinding to the first unlabelled set."""
         nonlocal consumer, last_record, redo
         heartbeat()
-        polled = consumer.poll(timeout_ms=500)
+        polled = offset_holes.poll(consumer, timeout_ms=500)
         recs = sorted((r for batch in polled.values() for r in batch), key=lambda r: (r.topic, r.partition, r.offset))
         if not recs:
             return redo or not (idle_exit_s is not None and time.monotonic() - last_record > idle_exit_s)

@@ -65,6 +65,7 @@ from offdpo.kafka import (
     GROUP_CHANGED,
     CommitRefusals,
     DeadLetterSink,
+    OffsetHoleGuard,
     make_consumer,
     make_producer,
     now_timestamp,
@@ -160,6 +161,9 @@ class StreamWorker:
         self.cfg = cfg
         self.kafka = kafka
         self.store = store or ObjectStore(s3)
+        # Pairs after a hole in a partition's offsets wait for it to fill: several labelers publish to
+        # one partition, and Tansu can serve a later batch before an earlier one is written.
+        self.offset_holes = OffsetHoleGuard.for_config(kafka)
         self.consumer: KafkaConsumer | None = None
         self.producer: KafkaProducer | None = None
         self.dlq: DeadLetterSink | None = None
@@ -309,8 +313,8 @@ class StreamWorker:
             wait_s = 0.5 if deadline is None else deadline - time.monotonic()
             if wait_s <= 0:
                 break
-            polled = consumer.poll(
-                timeout_ms=int(min(wait_s, 0.5) * 1000), max_records=self.cfg.batch_pairs - len(batch)
+            polled = self.offset_holes.poll(
+                consumer, timeout_ms=int(min(wait_s, 0.5) * 1000), max_records=self.cfg.batch_pairs - len(batch)
             )
             self.heartbeat.beat()
             for recs in polled.values():

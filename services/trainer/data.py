@@ -50,7 +50,7 @@ from offdpo import errors, retry
 from offdpo import kafka as okafka
 from offdpo.config import KafkaConfig
 from offdpo.errors import BadInput, FingerprintMismatch, RecordError
-from offdpo.kafka import GROUP_CHANGED, MAX_RECORD_BYTES, AssignmentWatch, DeadLetterSink
+from offdpo.kafka import GROUP_CHANGED, MAX_RECORD_BYTES, AssignmentWatch, DeadLetterSink, OffsetHoleGuard
 from offdpo.records import MAX_SHARD_BYTES, ReferenceFingerprint, ShardReady, decode, fingerprint_mismatch, read_shard
 from services.trainer.config import TrainerConfig
 
@@ -655,8 +655,12 @@ class StreamSource:
         infra: InfraStatus | None = None,
         new_consumer: Callable[[], Any] | None = None,
         other_references: Iterable[str] = (),
+        offset_holes: OffsetHoleGuard | None = None,
     ):
         self.store, self.consumer, self.deadletter = store, consumer, deadletter
+        # Events after a hole in a partition's offsets wait for it to fill (several refscore replicas
+        # announce into one partition; see OffsetHoleGuard). None: polled as they come.
+        self.offset_holes = offset_holes or OffsetHoleGuard(wait_s=0)
         # Fingerprint ids of the other references refscore scores into the same topic (a trainer follows
         # one): their events are skipped, not dead-lettered (OFFDPO_TRAINER_OTHER_REFERENCES).
         self.other_references = frozenset(other_references)
@@ -791,7 +795,9 @@ class StreamSource:
             while len(self.buffer) < size:
                 if self.stop is not None and self.stop.is_set():
                     return None  # the buffered pairs are not trained, so not committed: they come back
-                polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=self.max_poll_records)
+                polled = self.offset_holes.poll(
+                    self.consumer, timeout_ms=self.poll_timeout_ms, max_records=self.max_poll_records
+                )
                 for tp in sorted(polled, key=lambda t: t.partition):
                     for rec in polled[tp]:
                         self._handle(rec)
@@ -965,6 +971,7 @@ def open_source(
         infra=infra,
         new_consumer=new_consumer,
         other_references=[fp.strip() for fp in cfg.other_references.split(",") if fp.strip()],
+        offset_holes=OffsetHoleGuard.for_config(kafka),
     )
 
 

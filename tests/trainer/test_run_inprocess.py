@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import urllib.request
 
 import pytest
 import torch
 from safetensors.torch import load
 
+from localdev.process import free_port
 from localdev.testmodel import build_test_model, tree_digest
 from services.trainer import train
 from services.trainer.config import TrainerConfig
@@ -50,18 +50,12 @@ def _jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_heldout_pairs_are_evaluated_every_n_steps_and_never_trained(fake_store, tiny_model, tmp_path):
     before = tree_digest(tiny_model)
     fp = reference_fingerprint(tiny_model)
     rows = scored_pairs(tiny_model, synthetic_tokens(40, seed=21), fp)
     upload_shards(fake_store, rows, fp, "evaltopic", per_shard=10)
-    port = _free_port()
+    port = free_port()
     cfg = _cfg(tiny_model, tmp_path, epochs=2, eval_fraction=0.25, eval_every=2, metrics_port=port)
     summary = train.run(cfg)
     heldout = {r.pair.pair_id for r in rows if is_heldout(r.pair.pair_id, 0.25)}
