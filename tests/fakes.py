@@ -210,7 +210,7 @@ class FakeConsumer:
         for tp in tps or list(self._positions):
             self._positions[tp] = 0
 
-    def end_offsets(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+    def end_offsets(self, tps: Iterable[TopicPartition], timeout_ms: int | None = None) -> dict[TopicPartition, int]:
         return {tp: len(self.broker.topics[tp.topic][tp.partition]) for tp in tps}
 
     def committed(self, tp: TopicPartition) -> int | None:

@@ -169,6 +169,11 @@ def is_infrastructure(exc: BaseException) -> bool:
     return not _is_missing(exc)
 
 
+# How often an idle stream trainer asks the broker whether it is there, and how long it waits for it.
+KAFKA_PROBE_EVERY_S = 10.0
+KAFKA_PROBE_TIMEOUT_MS = 3000
+
+
 @dataclass
 class InfraStatus:
     """What the sources report about infrastructure trouble (read by metrics.py at scrape time)."""
@@ -682,6 +687,8 @@ class StreamSource:
         self.buffered: set[str] = set()
         self.events: list[_Event] = []  # in flight, in arrival order
         self.last_offset: dict[int, int] = {}  # per partition, the last event handled by this process
+        self._kafka_probed_at: float | None = None
+        self._kafka_down = False
         self.floor: dict[int, int] = {}  # per partition, the watermark of the checkpoint resumed from
         self.done_offsets: dict[int, set[int]] = {}  # done events at or above the watermark
         self.owed: dict[tuple[int, int], set[str]] = {}  # the checkpoint's in-flight events, not seen again yet
@@ -808,6 +815,9 @@ class StreamSource:
                     if self.new_consumer is not None and self.assignment_watch.needs_new_consumer(self.consumer):
                         self._replace_consumer()
                     continue
+                if not polled and not self._kafka_reachable():
+                    self.last_new = time.monotonic()  # an outage is not a quiet topic: never idle-stop on it
+                    continue
                 if not polled and self.stop_when_idle_s and time.monotonic() - self.last_new > self.stop_when_idle_s:
                     if len(self.buffer) >= min_size:
                         break
@@ -898,6 +908,27 @@ class StreamSource:
             self.recent.add(pid)
         for key in state.get("done_shards", []):
             self.done_shards.add(key)
+
+    def _kafka_reachable(self) -> bool:
+        """After an empty poll: does the broker answer? kafka-python retries a lost broker inside poll(),
+        which then returns nothing, just as for a quiet topic; asking for the end offsets (every
+        KAFKA_PROBE_EVERY_S) tells them apart. An outage is reported to `infra` (the readiness probe and
+        the metrics see it, as they see S3's) and is not counted as idle time."""
+        now = time.monotonic()
+        if self._kafka_probed_at is not None and now - self._kafka_probed_at < KAFKA_PROBE_EVERY_S:
+            return not self._kafka_down
+        self._kafka_probed_at = now
+        partitions = list(self.consumer.assignment()) or [TopicPartition(self.topic, 0)]
+        try:
+            self.consumer.end_offsets(partitions, timeout_ms=KAFKA_PROBE_TIMEOUT_MS)
+        except Exception as exc:  # noqa: BLE001 - any failure to answer is the broker's, not the data's
+            self._kafka_down = True
+            self.infra.failed(f"Kafka ({self.topic} end offsets)", exc, KAFKA_PROBE_EVERY_S)
+            return False
+        if self._kafka_down:
+            self._kafka_down = False
+            self.infra.recovered()
+        return True
 
     def _replace_consumer(self) -> None:
         assert self.new_consumer is not None

@@ -25,6 +25,7 @@ from offdpo.records import (
     text_prompt,
     with_fingerprint_id,
 )
+from services.trainer import data as data_mod
 from services.trainer.data import DataError, Example, ReplaySource, StreamSource, examples_from_shard
 from tests.fakes import FakeBroker, FakeConsumer, FakeObjectStore, FakeProducer
 
@@ -375,6 +376,35 @@ def test_stream_skips_events_of_a_listed_other_reference_and_deadletters_an_unli
     s.source.mark_trained(batch or [])
     s.source.commit()
     assert s.committed() == 4, "committed past the skipped events and the dead-lettered one"
+
+
+def test_a_broker_outage_is_reported_and_never_taken_for_an_idle_topic(monkeypatch):
+    """kafka-python retries a lost broker inside poll(), which returns nothing, as for a quiet topic:
+    the trainer asks for the end offsets to tell them apart, reports the outage to the readiness
+    probe's InfraStatus and does not idle-stop on it; once the broker answers, idle time counts again."""
+    monkeypatch.setattr(data_mod, "KAFKA_PROBE_EVERY_S", 0.0)
+    s = Stream()
+    down = {"now": True}
+    asked: list[int | None] = []
+
+    def end_offsets(tps, timeout_ms=None):
+        asked.append(timeout_ms)
+        if down["now"]:
+            raise KafkaTimeoutError("Failed to get offsets by timestamps in 3000 ms")
+        return dict.fromkeys(tps, 0)
+
+    s.consumer.end_offsets = end_offsets
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(s.source.next_batch(4)), daemon=True)
+    thread.start()
+    thread.join(timeout=1.0)  # 20x the 0.05 s idle stop: it would have stopped long ago
+    assert thread.is_alive(), "a broker outage was taken for an idle topic and the run stopped"
+    assert s.source.infra.waiting_since is not None and "end offsets" in s.source.infra.what
+    assert asked and asked[-1] == data_mod.KAFKA_PROBE_TIMEOUT_MS, "the probe must be bounded"
+    down["now"] = False
+    thread.join(timeout=10)
+    assert not thread.is_alive() and result == [None], "the broker answers: the quiet topic idles out"
+    assert s.source.infra.waiting_since is None and s.source.infra.errors_total >= 1
 
 
 def test_stream_holding_only_some_partitions_does_not_idle_out_and_replaces_its_consumer():
