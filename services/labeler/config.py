@@ -35,6 +35,12 @@ class LabelerConfig(EnvConfig):
         "OFFDPO_LABELER_LEDGER", True, "remember published pair ids per topic so a rerun does not send them again"
     )
     rules_file: str = env("OFFDPO_LABELER_RULES", "", "YAML rules file for the rules strategy")
+    reference: str = env(
+        "OFFDPO_LABELER_REFERENCE",
+        "",
+        "fingerprint id of the reference refscore scores these pairs with (a worker serving several; "
+        "empty: its primary model); a pair that names its own keeps it",
+    )
     pair_mode: str = env(
         "OFFDPO_LABELER_PAIR_MODE",
         PairMode.BEST_WORST.value,

@@ -306,6 +306,9 @@ class Labeler:
 
     def _publish(self, strategy: str, pairs: Sequence[records_pb2.PreferencePair], report: SetReport) -> None:
         for pair in pairs:
+            if self.cfg.reference and not pair.reference_fingerprint_id:
+                # Routes the pair to that model in a refscore worker serving several (multi-reference).
+                pair.reference_fingerprint_id = self.cfg.reference
             if self.publisher.publish(pair):
                 report.pair_ids.append(pair.pair_id)
             else:

@@ -116,6 +116,24 @@ def item(cs: labeler_pb2.CandidateSet, offset: int) -> inputs.Item[labeler_pb2.C
     return inputs.Item(source="in.jsonl", offset=offset, raw=cs.SerializeToString(), value=cs)
 
 
+def test_a_labeler_with_a_reference_names_it_on_every_pair_it_makes(broker, fake_cfg):
+    # A refscore worker serving several models scores a pair with the one it names (empty: its primary).
+    cfg = dataclasses.replace(fake_cfg, reference="fp-generation-2")
+    lab = labeler_on(broker, cfg)
+    try:
+        assert run_file(lab, SAMPLES / "candidates.jsonl")["rules"]["pairs"] == 18
+        imported = records.make_pair(records_pb2.Prompt(text="an imported prompt"), "a", "b")
+        imported.reference_fingerprint_id = "fp-its-own"
+        lab.publish_pairs([inputs.Item(source="import", offset=0, raw=b"", value=imported)], "imported")
+        lab.confirm()
+    finally:
+        close_labeler(lab)
+    named = {p.pair_id: p.reference_fingerprint_id for p in pairs_on(broker)}
+    assert named.pop(imported.pair_id) == "fp-its-own", "a pair that names its reference keeps it"
+    assert len(named) == 18 and set(named.values()) == {"fp-generation-2"}
+    assert not LabelerConfig(state_dir="x").reference, "by default pairs name no reference"
+
+
 def test_every_reject_carries_the_error_type_of_its_class(broker, fake_cfg):
     pair = records.make_pair(records.text_prompt("q"), "good", "bad")
     strategy = Scripted(
