@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast lint format faults screenshots protos check-protos stack-up stack-down bench-refscore bench-trainer bench-learning bench-rounds clean
+.PHONY: setup demo test test-fast lint format faults screenshots protos check-protos stack-up stack-down bench-refscore bench-trainer bench-learning bench-rounds bench-offset-holes clean
 
 setup:
 	@bash scripts/setup.sh
@@ -58,6 +58,10 @@ bench-trainer: setup
 # The DPO paper's controlled-sentiment experiment in miniature, through the real pipeline.
 bench-learning: setup
 	$(PY) -m bench.learning
+
+# Records a consumer never reads on the local broker (Tansu), with and without OffsetHoleGuard.
+bench-offset-holes: setup
+	$(PY) -m bench.offset_holes
 
 # Iterative DPO: 3 rounds vs one offline pass on the same labelling budget (into learning.json/png).
 bench-rounds: setup

@@ -528,10 +528,11 @@ class Scorer:
         finally:
             self._busy_since = None
         elapsed = time.perf_counter() - started
-        metrics.ENGINE_BATCH_SEQS.observe(len(seqs))
-        metrics.ENGINE_TOKENS.inc(sum(len(p) + len(a) for p, a in seqs))
-        metrics.ENGINE_SHARED_TOKENS.inc(getattr(engine, "shared_prompt_tokens", 0) - shared_before)
-        metrics.ENGINE_SECONDS.inc(elapsed)
+        model = self.fingerprint.fingerprint_id if self.fingerprint else ""
+        metrics.ENGINE_BATCH_SEQS.labels(model).observe(len(seqs))
+        metrics.ENGINE_TOKENS.labels(model).inc(sum(len(p) + len(a) for p, a in seqs))
+        metrics.ENGINE_SHARED_TOKENS.labels(model).inc(getattr(engine, "shared_prompt_tokens", 0) - shared_before)
+        metrics.ENGINE_SECONDS.labels(model).inc(elapsed)
         offset = 0
         for j in live:
             j.future.set_result(results[offset : offset + len(j.sequences)])

@@ -511,8 +511,8 @@ class StreamWorker:
         self._failpoint("after_shard_write")
         self.shards_written += 1
         self.pairs_scored += len(rows)
-        metrics.WORKER_SHARDS.inc()
-        metrics.WORKER_PAIRS.inc(len(rows))
+        metrics.WORKER_SHARDS.labels(fp.fingerprint_id).inc()
+        metrics.WORKER_PAIRS.labels(fp.fingerprint_id).inc(len(rows))
         return self._event(key, data, [r.prepared.pair.pair_id for r in rows], fp, tp, first, last)
 
     def _event(

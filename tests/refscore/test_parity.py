@@ -128,14 +128,22 @@ def test_engines_share_a_fingerprint_identity(vllm_client, transformers_scorer):
     assert vllm_fp.engine != transformers_scorer.fingerprint.engine
 
 
-def _counter(port: int, name: str) -> float:
+def _counter(port: int, name: str, model: str) -> float:
+    """Counter `name` of the reference whose fingerprint id is `model` (0 before its first sample)."""
     import urllib.request
 
+    from prometheus_client.parser import text_string_to_metric_families
+
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise AssertionError(f"{name} not exported")
+        text = resp.read().decode()
+    families = {f.name for f in text_string_to_metric_families(text)}
+    assert name.removesuffix("_total") in families, f"{name} not exported"
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == name and s.labels.get("model") == model
+    )
 
 
 @pytest.mark.vllm
@@ -153,9 +161,11 @@ def test_vllm_computes_a_pairs_shared_prompt_once_with_unchanged_logprobs(vllm_s
         rejected = (common + " " + " ".join(rng.choice(words) for _ in range(rng.randint(5, 25)))).strip()
         items += [score_item(prompt, chosen, item_id=f"{n}c"), score_item(prompt, rejected, item_id=f"{n}r")]
     port = int(vllm_server.env["OFFDPO_REFSCORE_METRICS_PORT"])
-    before = _counter(port, "refscore_engine_shared_prompt_tokens_total")
+    model = vllm_client.model_info().fingerprint.fingerprint_id  # the series of the model that scored
+    before = _counter(port, "refscore_engine_shared_prompt_tokens_total", model)
     response = vllm_client.score(items)
-    shared = _counter(port, "refscore_engine_shared_prompt_tokens_total") - before
+    shared = _counter(port, "refscore_engine_shared_prompt_tokens_total", model) - before
+    assert response.fingerprint.fingerprint_id == model
     _check_parity(response.items, reference)
     prompt_tokens = sum(len(i.prompt_token_ids) for i in response.items[1::2])
     # The cache works in whole blocks (128 tokens on CPU): with prompts of ~200-300 tokens at least a

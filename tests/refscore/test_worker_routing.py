@@ -151,6 +151,7 @@ def test_one_worker_routes_pairs_to_their_reference(stack, scorers, unique):
     kafka = _topics(stack, unique)
     pairs, wants = _routed_pairs(unique, a.fingerprint.fingerprint_id, b.fingerprint.fingerprint_id)
     _produce(kafka, pairs)
+    before = {fp: _worker_pairs(fp) for fp in (a.fingerprint.fingerprint_id, b.fingerprint.fingerprint_id)}
     cfg = _cfg(a.cfg.model_dir, group_id=f"route-{unique}", batch_pairs=16)
     worker = StreamWorker(a, cfg, kafka, stack.s3, extra_scorers=[b])
     stop = threading.Event()
@@ -164,6 +165,18 @@ def test_one_worker_routes_pairs_to_their_reference(stack, scorers, unique):
     assert not thread.is_alive()
     store = ObjectStore(stack.s3)
     _check_scored(stack, kafka, store, pairs, wants, a, b)
+    # The worker's pairs counter is kept per reference (metrics label `model`: its fingerprint id).
+    for fp, named in (
+        (a.fingerprint.fingerprint_id, ("", a.fingerprint.fingerprint_id)),
+        (b.fingerprint.fingerprint_id, (b.fingerprint.fingerprint_id,)),
+    ):
+        assert _worker_pairs(fp) - before[fp] == sum(wants[p.pair_id] in named for p in pairs)
+
+
+def _worker_pairs(fingerprint_id: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("refscore_worker_pairs_total", {"model": fingerprint_id}) or 0.0
 
 
 def test_worker_killed_mid_batch_then_before_commit_and_restarted_writes_no_row_twice(
