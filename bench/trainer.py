@@ -394,6 +394,12 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=int, default=1800, help="seconds per (method, workload) process")
     p.add_argument("--quick", action="store_true", help="tiny model, workloads scaled to 1/20, one step: a test")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "trainer.json"))
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep what --out already holds (same machine only) and add or replace this run's methods: "
+        "finishes a run cut short, or adds methods, without redoing the rest",
+    )
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
@@ -419,6 +425,27 @@ def main(argv=None) -> int:
     skipped: dict[str, str] = {}
     waste: dict[str, dict] = {}
     started = stamp()  # the commit and machine, as the run began
+    earlier: list[dict] = []  # the runs a --merge keeps measurements of
+    earlier_workloads: dict[str, dict] = {}
+    model_name = f"localdev.testmodel size={size}" if SIZES.get(size) else str(model_dir)
+    if args.merge and Path(args.out).exists():
+        previous = json.loads(Path(args.out).read_text())
+        for what, theirs, ours in (
+            ("machine", previous.get("machine"), started["machine"]),
+            ("model", previous.get("model", {}).get("name"), model_name),
+        ):
+            if theirs != ours:
+                raise SystemExit(
+                    f"--merge: {args.out} was measured with {what} {theirs!r}, this run has {ours!r}; not merged"
+                )
+        earlier_workloads = previous.get("workload", {})
+        by, fraction, waste = (
+            previous.get("by_workload", {}),
+            previous.get("fraction_of_ceiling", {}),
+            previous.get("padding_waste", {}),
+        )
+        errors, skipped = previous.get("errors", {}), previous.get("skipped", {})
+        earlier = [*previous.get("merged_runs", []), {k: previous.get(k) for k in ("commit", "date", "status")}]
 
     def write_result(done: bool, pending: str = "") -> dict:
         """The results file, rewritten after every method so that a run cut short keeps what it measured."""
@@ -428,17 +455,18 @@ def main(argv=None) -> int:
         with torch.device("meta"):
             meta = AutoModelForCausalLM.from_config(cfg)
         n_params = sum(p.numel() for p in meta.parameters())  # a tied head counted once
-        spec = SIZES.get(size)
         out = {
             **started,
             "status": "complete" if done else f"PARTIAL: the run has not finished; the last method done: {pending}",
+            # --merge: earlier runs whose measurements this file keeps where this run did not redo them
+            "merged_runs": earlier,
             "by_workload": by,
             "padding_waste": waste,
             "fraction_of_ceiling": fraction,
             "headline": headline(by, fraction),
             "targets": TARGETS,
             "model": {
-                "name": f"localdev.testmodel size={size}" if spec else str(model_dir),
+                "name": model_name,
                 "vocab_size": cfg.vocab_size,
                 "tie_word_embeddings": cfg.tie_word_embeddings,
                 "hidden_size": cfg.hidden_size,
@@ -449,7 +477,8 @@ def main(argv=None) -> int:
             "ceiling_gflops": {"fp32": ceiling["fp32"], "bf16": ceiling["bf16"]},
             "device": device_name(),
             "load_average_at_end": os.getloadavg(),
-            "workload": {
+            "workload": earlier_workloads
+            | {
                 w: {
                     "pairs_per_step": args.pairs or PAIRS[w],
                     "timed_steps": args.steps,
@@ -491,6 +520,8 @@ def main(argv=None) -> int:
                 print(f"{w:12s} {m:27s} skipped: {skipped[f'{w}/{m}']}", file=sys.stderr)
                 continue
             res = _run_one(args, model_dir, m, w, pairs)
+            errors.pop(f"{w}/{m}", None)
+            skipped.pop(f"{w}/{m}", None)
             if "error" in res:
                 errors[f"{w}/{m}"] = res["error"]
                 print(f"{w:12s} {m:27s} FAILED\n{res['error']}", file=sys.stderr)

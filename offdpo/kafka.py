@@ -183,6 +183,9 @@ def _known_positions(consumer: KafkaConsumer) -> dict[TopicPartition, int]:
     return out
 
 
+COMMITTED_TIMEOUT_MS = 5000  # how long OffsetHoleGuard waits for a partition's committed offset
+
+
 class OffsetHoleGuard:
     """Polls a consumer and holds back records that come after a hole in their partition's offsets,
     until the hole fills or `wait_s` passes.
@@ -213,10 +216,23 @@ class OffsetHoleGuard:
             return polled
         out: dict[TopicPartition, list] = {}
         for tp, recs in polled.items():
-            kept = self._contiguous(consumer, tp, before.get(tp), recs)
+            # A member that had no position yet (just assigned) started at the group's committed offset.
+            expected = before[tp] if tp in before else self._committed(consumer, tp)
+            kept = self._contiguous(consumer, tp, expected, recs)
             if kept:
                 out[tp] = kept
         return out
+
+    @staticmethod
+    def _committed(consumer: KafkaConsumer, tp: TopicPartition) -> int | None:
+        """The group's committed offset of `tp`; None when there is none (the member started from the
+        reset policy: nothing to compare with) or the broker did not say in time."""
+        try:
+            committed = consumer.committed(tp, timeout_ms=COMMITTED_TIMEOUT_MS)
+        except Exception:  # noqa: BLE001 - unknown: the first records are taken as they come
+            return None
+        offset = getattr(committed, "offset", committed)
+        return offset if isinstance(offset, int) and offset >= 0 else None
 
     def _contiguous(self, consumer: KafkaConsumer, tp: TopicPartition, expected: int | None, recs: list) -> list:
         """The records of `tp` up to the first hole that may still fill; seeks back to that hole."""

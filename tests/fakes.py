@@ -213,7 +213,7 @@ class FakeConsumer:
     def end_offsets(self, tps: Iterable[TopicPartition], timeout_ms: int | None = None) -> dict[TopicPartition, int]:
         return {tp: len(self.broker.topics[tp.topic][tp.partition]) for tp in tps}
 
-    def committed(self, tp: TopicPartition) -> int | None:
+    def committed(self, tp: TopicPartition, timeout_ms: int | None = None) -> int | None:
         return self.broker.committed.get((self.group, tp))
 
     def fail_commits(self, n: int, exc: BaseException) -> None:

@@ -231,10 +231,15 @@ def test_trainer_method_variants():
 def test_trainer_bench_quick_runs(tmp_path):
     out = tmp_path / "trainer.json"
     cmd = [sys.executable, "-m", "bench.trainer", "--quick", "--workloads", "chat_like"]
-    cmd += ["--methods", "offline_dpo_packed,trl_precompute", "--out", str(out), "--tmp", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    cmd += ["--out", str(out), "--tmp", str(tmp_path)]
+    # Two invocations, the second merged into the first's file (a run cut short, finished later).
+    for methods, merge in (("offline_dpo_packed", []), ("trl_precompute", ["--merge"])):
+        proc = subprocess.run(
+            cmd + ["--methods", methods, *merge], cwd=REPO, capture_output=True, text=True, timeout=1200
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
+    assert [run["status"] for run in res["merged_runs"]] == ["complete"]
     by = res["by_workload"]["chat_like"]
     assert {"offline_dpo_packed", "trl_precompute", "trl_precompute_incl_pass"} <= set(by)
     assert all(v["tokens_per_s"] > 0 and v["peak_mem_bytes"] > 0 for v in by.values())

@@ -345,3 +345,13 @@ def test_an_oversized_body_is_still_resource_exhausted(server, pki):
         err = code_of(lambda: call(ops, body=b"x" * (33 << 20)))
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
         assert call(ops) == b"ops"
+
+
+def test_one_model_check_for_the_interceptor_and_a_multi_model_server():
+    # The auth file's `models`: the interceptor (one-model servers) and refscore's per-request check
+    # (several models) both ask Team.model_refusal, so they refuse alike.
+    limited = Team("ranking", models=frozenset({"reviews-b", "reviews-a"}))
+    assert limited.model_refusal("reviews-a") is None
+    assert limited.model_refusal("other") == "team 'ranking' may not use model 'other'; allowed: reviews-a, reviews-b"
+    assert Team("none-allowed", models=frozenset()).model_refusal("x").endswith("allowed: none")
+    assert Team("any").model_refusal("whatever") is None

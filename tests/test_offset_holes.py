@@ -32,6 +32,7 @@ class FakeConsumer:
 
     def __init__(self, tp: TopicPartition, position: int, answers: list[list[int]]):
         self.tp, self.answers, self.seeks = tp, list(answers), []
+        self.group_committed: int | None = None
         self._position = position
         self._subscription = self  # OffsetHoleGuard reads consumer._subscription.assignment
 
@@ -49,6 +50,26 @@ class FakeConsumer:
     def seek(self, tp, offset):
         self.seeks.append(offset)
         self._position = offset
+
+    def committed(self, tp, timeout_ms=None):
+        return self.group_committed
+
+
+class JustAssigned(FakeConsumer):
+    """A member with no position before its first poll: kafka-python sets it from the group's committed
+    offset inside that poll (and may return records in the same call)."""
+
+    def __init__(self, tp, committed, answers):
+        super().__init__(tp, committed, answers)
+        self.group_committed, self._known = committed, False
+
+    @property
+    def assignment(self):
+        return super().assignment if self._known else {}
+
+    def poll(self, **kw):
+        self._known = True
+        return super().poll(**kw)
 
 
 class Clock:
@@ -92,6 +113,16 @@ def test_a_hole_that_never_fills_is_stepped_over_after_the_wait(caplog):
     clock.now = 15.0
     assert _offsets(guard.poll(consumer)) == [15, 16]
     assert "offsets 10..14 never appeared in 15 s" in caplog.text
+
+
+def test_a_member_just_assigned_compares_its_first_records_with_the_committed_offset():
+    consumer = JustAssigned(TP, 10, [[15, 16], [10, 11, 12, 13, 14, 15, 16]])
+    guard = OffsetHoleGuard(wait_s=15, clock=Clock())
+    assert _offsets(guard.poll(consumer)) == [] and consumer.seeks == [10]
+    assert _offsets(guard.poll(consumer)) == [10, 11, 12, 13, 14, 15, 16]
+    nothing_committed = JustAssigned(TP, 0, [[15, 16]])
+    nothing_committed.group_committed = None  # started from the reset policy: nothing to compare with
+    assert _offsets(OffsetHoleGuard(wait_s=15, clock=Clock()).poll(nothing_committed)) == [15, 16]
 
 
 def test_wait_zero_turns_the_guard_off():

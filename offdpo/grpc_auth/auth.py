@@ -51,6 +51,13 @@ class Team:
     def __repr__(self) -> str:  # never print the hashes either
         return f"Team({self.name!r})"
 
+    def model_refusal(self, model_id: str) -> str | None:
+        """Why this team may not use `model_id` (the auth file's `models`), or None when it may."""
+        if self.models is None or model_id in self.models:
+            return None
+        allowed = ", ".join(sorted(self.models)) or "none"
+        return f"team {self.name!r} may not use model {model_id!r}; allowed: {allowed}"
+
 
 ANONYMOUS = Team("anonymous")
 

@@ -138,14 +138,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 team.name,
             )
         if self.model_id is not None and team.models is not None:
-            model = self.model_id()
-            if model not in team.models:
-                allowed = ", ".join(sorted(team.models)) or "none"
-                return Refusal(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"team {team.name!r} may not use model {model!r}; allowed: {allowed}",
-                    team.name,
-                )
+            refusal = team.model_refusal(self.model_id())
+            if refusal is not None:
+                return Refusal(grpc.StatusCode.PERMISSION_DENIED, refusal, team.name)
         return team
 
     async def intercept_service(

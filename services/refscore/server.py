@@ -183,12 +183,9 @@ class References:
 def _check_model_allowed(model: LoadedModel) -> None:
     """A team limited to some models (the auth file's `models`) may use only those."""
     caller = security.current_caller()
-    if caller is None or caller.models is None:
-        return
-    model_id = model.fingerprint.model_id
-    if model_id not in caller.models:
-        allowed = ", ".join(sorted(caller.models)) or "none"
-        raise ModelNotAllowed(f"team {caller.name!r} may not use model {model_id!r}; allowed: {allowed}")
+    refusal = caller.model_refusal(model.fingerprint.model_id) if caller is not None else None
+    if refusal is not None:
+        raise ModelNotAllowed(refusal)
 
 
 class RefScoreService:
