@@ -2,7 +2,7 @@
 
 Tansu's S3 storage reserves a batch's offsets before it writes the batch object, so while several
 producers write one partition a fetch can return a later batch first, and a plain consumer's position
-moves past the earlier one for good (the demo's scoring stalled on it, CI stop 24). Each round: a fresh
+moves past the earlier one for good (the demo's scoring stalled on it in a CI run, 2026-11-30). Each round: a fresh
 local stack, one single-partition topic, `--producers` producers sending `--records` records each
 (flushing every 3, so many produce requests overlap), and two consumer groups reading at the same time,
 one polling plainly and one through the guard. Written to bench/results/offset_holes.json:

@@ -193,11 +193,11 @@ class OffsetHoleGuard:
     Tansu's S3 storage (dynostore) reserves a batch's offsets (advances the watermark) before it
     writes the batch object, and a fetch returns whichever batch objects exist. With two producers on
     one partition, a fetch can find the later batch while the earlier one is still being written; the
-    consumer's position then moves past the earlier batch and this member never reads it (CI, stop 24:
-    5 pairs of partition 0 never scored, so the demo's scoring never finished). A hole is re-read from
-    its start until its records appear; one that stays `wait_s` (a produce whose write failed after its
-    offsets were reserved) is stepped over with a warning. On Apache Kafka a topic without
-    transactions or compaction has no holes, and this only compares offsets.
+    consumer's position then moves past the earlier batch and this member never reads it (a fresh-clone
+    CI run, 2026-11-30: 5 pairs of partition 0 never scored, so the demo's scoring never finished). A
+    hole is re-read from its start until its records appear; one that stays `wait_s` (a produce whose
+    write failed after its offsets were reserved) is stepped over with a warning. On Apache Kafka a
+    topic without transactions or compaction has no holes, and this only compares offsets.
     """
 
     def __init__(self, wait_s: float, clock=time.monotonic):

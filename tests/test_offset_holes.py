@@ -1,9 +1,9 @@
 """Holes in a partition's offsets (offdpo.kafka.OffsetHoleGuard).
 
 Tansu's S3 storage reserves a batch's offsets before it writes the batch object; a reader that fetches
-in between sees the later batch and, unguarded, steps over the earlier one for good (CI, stop 24: the
-demo's scoring never finished). The real-broker test makes that hole on purpose: it moves the first
-batch's object out of Tansu's bucket, polls, and puts it back.
+in between sees the later batch and, unguarded, steps over the earlier one for good (a CI run on
+2026-11-30: the demo's scoring never finished). The real-broker test makes that hole on purpose: it
+moves the middle one of three batch objects out of Tansu's bucket, polls, and puts it back.
 """
 
 from __future__ import annotations
