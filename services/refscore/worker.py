@@ -262,7 +262,13 @@ class StreamWorker:
                 self.kafka, self.cfg.group_id, [self.kafka.pairs_topic], max_poll_records=self.cfg.batch_pairs
             )
         if self.producer is None:
-            self.producer = make_producer(self.kafka, "refscore-worker")
+            # Not idempotent. A ShardReady event names its shard, so a duplicate is harmless (the trainer
+            # skips a shard it has done or holds). Tansu's idempotent produce records the producer's
+            # sequence before it writes the batch: killed in between, the client's retry is answered
+            # as a duplicate, reported delivered, and the event is lost (fault test broker_kill in CI,
+            # 2026-11-30: a 12-pair shard never trained). acks=all and one request in flight keep
+            # at-least-once and the order.
+            self.producer = make_producer(self.kafka, "refscore-worker", enable_idempotence=False)
             self.dlq = DeadLetterSink(self.producer, self.kafka, "refscore")
 
     @property
