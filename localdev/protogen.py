@@ -43,19 +43,34 @@ def generate(out_dir: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
-    return sorted(p.relative_to(out_dir) for p in (out_dir / "offdpo").rglob("*_pb2*.py*"))
+    return generated_files(out_dir)
 
 
-def stale_files() -> list[str]:
-    """Generated files that differ from (or are missing in) the repository, and checked-in ones no proto makes."""
+# What protoc writes for a.proto: a_pb2.py, a_pb2.pyi and a_pb2_grpc.py. Only these count as generated
+# code; what Python caches next to them (__pycache__/a_pb2.cpython-311.pyc, written on every import
+# where bytecode writing is on, as on users' machines) is never part of the check.
+_GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+
+
+def generated_files(root: Path) -> list[Path]:
+    """The generated modules under root/offdpo, relative to root."""
+    return sorted(
+        p.relative_to(root)
+        for p in (root / "offdpo").rglob("*_pb2*")
+        if p.is_file() and p.name.endswith(_GENERATED_SUFFIXES) and "__pycache__" not in p.parts
+    )
+
+
+def stale_files(repo: Path = REPO) -> list[str]:
+    """Generated files that differ from (or are missing in) `repo`, and checked-in ones no proto makes."""
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate(Path(tmp))
         problems = [
             str(rel)
             for rel in fresh
-            if not (REPO / rel).exists() or not filecmp.cmp(Path(tmp) / rel, REPO / rel, shallow=False)
+            if not (repo / rel).exists() or not filecmp.cmp(Path(tmp) / rel, repo / rel, shallow=False)
         ]
-        checked_in = {p.relative_to(REPO) for p in (REPO / "offdpo").rglob("*_pb2*.py*")}
+        checked_in = set(generated_files(repo))
         problems += [f"{rel} (no proto generates it)" for rel in sorted(checked_in - set(fresh))]
         return problems
 

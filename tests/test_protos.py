@@ -1,3 +1,7 @@
+import py_compile
+import shutil
+from pathlib import Path
+
 from localdev import protogen
 from offdpo import records
 from offdpo.v1 import records_pb2, refscore_pb2
@@ -19,6 +23,36 @@ def test_stale_check_detects_an_edit(tmp_path, monkeypatch):
     rec.write_text(rec.read_text().replace("message ChatMessage {", "message ChatMessage {\n  string name = 99;"))
     monkeypatch.setattr(protogen, "PROTO_ROOT", proto_root)
     assert "offdpo/v1/records_pb2.py" in protogen.stale_files()
+
+
+def _copy_generated(repo: Path) -> None:
+    for rel in protogen.generated_files(protogen.REPO):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(protogen.REPO / rel, repo / rel)
+
+
+def test_bytecode_caches_are_not_generated_code(tmp_path):
+    # Where Python writes bytecode (every user's machine), importing the generated modules leaves
+    # __pycache__/*_pb2*.pyc next to them: they are caches, never stale generated code.
+    _copy_generated(tmp_path)
+    for rel in protogen.generated_files(tmp_path):
+        if rel.suffix == ".py":
+            cache = tmp_path / rel.parent / "__pycache__" / f"{rel.stem}.cpython-311.pyc"
+            cache.parent.mkdir(exist_ok=True)
+            py_compile.compile(str(tmp_path / rel), cfile=str(cache), doraise=True)
+    assert list(tmp_path.rglob("__pycache__/*_pb2*.pyc"))
+    assert protogen.stale_files(tmp_path) == []
+
+
+def test_hand_edited_generated_module_is_stale(tmp_path):
+    _copy_generated(tmp_path)
+    edited = tmp_path / "offdpo/v1/records_pb2.py"
+    edited.write_text(edited.read_text() + "\n# edited by hand\n")
+    (tmp_path / "offdpo/v1/extra_pb2.py").write_text("# no proto makes this\n")
+    assert protogen.stale_files(tmp_path) == [
+        "offdpo/v1/records_pb2.py",
+        "offdpo/v1/extra_pb2.py (no proto generates it)",
+    ]
 
 
 def test_versioned_packages():
