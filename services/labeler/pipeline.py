@@ -121,28 +121,49 @@ class PairPublisher:
         self._lock = threading.Lock()
 
     def publish(self, pair: records_pb2.PreferencePair) -> bool:
-        """False if this pair id was already published (this run, or acknowledged in an earlier one)."""
+        """False if this pair id was already published (this run, or acknowledged in an earlier one).
+
+        An id counts as published from the moment `send` queued it until `confirm` finds it was not
+        acknowledged: then it is forgotten again, so a retry (the caller's, or the consumer's redo of
+        its batch) sends it anew instead of answering "duplicate" for a pair that never reached Kafka.
+        """
         with self._lock:
             if pair.pair_id in self._seen or (self.ledger and self.ledger.has(self.scope, pair.pair_id)):
                 return False
+            try:
+                # kafka-python blocks up to max_block_ms for metadata or buffer space, then raises
+                # (KafkaTimeoutError while the broker is down): nothing was queued.
+                fut = self.producer.send(self.topic, key=pair.pair_id.encode(), value=pair.SerializeToString())
+            except Exception as exc:  # noqa: BLE001 - any failure to queue means not sent
+                # The whole batch is abandoned: the caller redoes it, and the pairs queued before this
+                # one must then be sent again, not answered as duplicates (arrivals are deduplicated
+                # downstream by their content-derived ids).
+                self._seen.difference_update(pid for pid, _ in self._pending)
+                self._pending = []
+                raise PublishError(f"Kafka did not take pair {pair.pair_id} ({type(exc).__name__}: {exc})") from exc
             self._seen.add(pair.pair_id)
-            fut = self.producer.send(self.topic, key=pair.pair_id.encode(), value=pair.SerializeToString())
             self._pending.append((pair.pair_id, fut))
             return True
 
     def confirm(self) -> list[str]:
-        """Block until every pending pair is acknowledged (acks=all); raise PublishError otherwise."""
+        """Block until every pending pair is acknowledged (acks=all); raise PublishError otherwise
+        (every pair of the batch is then forgotten, so the redo sends them all again: the pairs that
+        did arrive are deduplicated downstream by their content-derived ids)."""
         with self._lock:
             pending, self._pending = self._pending, []
         if not pending:
             return []
-        self.producer.flush(timeout=self.ack_timeout_s)
         failed: list[str] = []
-        for pid, fut in pending:
-            try:
-                fut.get(timeout=self.ack_timeout_s)
-            except Exception as exc:  # noqa: BLE001 - any failure means not durable
-                failed.append(f"{pid}: {exc}")
+        try:
+            self.producer.flush(timeout=self.ack_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - a flush that times out leaves every ack unknown: not durable
+            failed = [f"{pid}: flush {type(exc).__name__}: {exc}" for pid, _ in pending]
+        if not failed:
+            for pid, fut in pending:
+                try:
+                    fut.get(timeout=self.ack_timeout_s)
+                except Exception as exc:  # noqa: BLE001 - any failure means not durable
+                    failed.append(f"{pid}: {exc}")
         if failed:
             with self._lock:
                 self._seen.difference_update(pid for pid, _ in pending)

@@ -80,3 +80,17 @@ def test_entrypoints_are_this_distributions_modules():
     text = DOCKERFILE.read_text()
     assert "pip wheel --no-cache-dir --no-deps -w /wheels ." in text
     assert not re.search(r"^COPY (?!--from)\S*services/\w+", text, re.M)
+
+
+def test_image_context_leaves_out_caches_and_local_state():
+    # On a developer's machine Python writes __pycache__ next to every imported module and the set-up
+    # leaves .venv, .cache and .stack: none of it belongs in an image. The context is an allow-list
+    # ("*" first, then the source folders), with the caches inside those folders excluded again.
+    lines = [
+        ln for ln in (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().splitlines() if ln and ln[0] != "#"
+    ]
+    assert lines[0] == "*"
+    allowed = [ln[1:] for ln in lines if ln.startswith("!")]
+    assert not any(a.startswith((".venv", ".cache", ".stack")) for a in allowed)
+    last_allow = max(i for i, ln in enumerate(lines) if ln.startswith("!"))
+    assert {"**/__pycache__", "**/*.pyc"} <= set(lines[last_allow + 1 :])  # after the allows, so they win

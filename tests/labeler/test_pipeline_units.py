@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import pytest
+from kafka.errors import KafkaTimeoutError
 
 from offdpo import errors, records
 from offdpo.config import KafkaConfig
@@ -297,3 +298,53 @@ def test_strategy_names_are_defined_once():
     with pytest.raises(SystemExit):
         _parser().parse_args(["label", "f", "--strategy", "human"])
     assert _parser().parse_args(["label", "f", "--strategy", "llm_judge"]).strategy == "llm_judge"
+
+
+class _BrokerDownProducer(FakeProducer):
+    """kafka-python while the broker is unreachable: `send` blocks for max_block_ms, then raises
+    KafkaTimeoutError (no future); `flush` raises the same when acknowledgements do not come."""
+
+    def __init__(self, broker):
+        super().__init__(broker)
+        self.down_sends = 0
+        self.down_flushes = 0
+
+    def send(self, topic, value=None, key=None, partition=None, **kw):
+        if self.down_sends:
+            self.down_sends -= 1
+            raise KafkaTimeoutError("Failed to update metadata after 60.0 secs.")
+        return super().send(topic, value, key, partition, **kw)
+
+    def flush(self, timeout=None):
+        if self.down_flushes:
+            self.down_flushes -= 1
+            raise KafkaTimeoutError("Timeout waiting for future")
+        super().flush(timeout)
+
+
+@pytest.mark.parametrize("where", ["send", "flush"])
+def test_broker_down_at_publish_loses_no_pair(broker, fake_cfg, where):
+    # Audit path 1 (issue 27): a KafkaTimeoutError from send/flush left the ids "seen"; the caller's
+    # retry after recovery was answered duplicate_pair_ids and the pairs never reached the topic.
+    producer = _BrokerDownProducer(broker)
+    lab = build_labeler(fake_cfg, KAFKA, producer=producer)
+    sets = [cset([str(i), "Sorry, I cannot."], set_id=f"s{i}", reference=str(i)) for i in range(3)]
+    if where == "send":
+        first = lab.label_candidates([item(sets[0], 0)])  # queued, not yet confirmed
+        assert first[0].pair_ids
+        producer.down_sends = 1  # the batch's next pair cannot be queued
+        with pytest.raises(PublishError, match="KafkaTimeoutError") as err:
+            lab.label_candidates([item(cs, i) for i, cs in enumerate(sets[1:], 1)])
+        lab.publisher.confirm()  # nothing of the abandoned batch is pending
+    else:
+        producer.down_flushes = 1
+        lab.label_candidates([item(cs, i) for i, cs in enumerate(sets)])
+        with pytest.raises(PublishError, match="3 of 3 pairs not acknowledged") as err:
+            lab.confirm()
+    assert err.value.retryable  # UNAVAILABLE to a gRPC caller, a rewind in the Kafka loop
+    producer.down_sends = 0
+    reports = lab.label_candidates([item(cs, i) for i, cs in enumerate(sets)])  # the caller's retry
+    lab.confirm()
+    # Sent anew, not answered as duplicates of pairs Kafka never acknowledged.
+    assert [(len(r.pair_ids), r.duplicate_ids) for r in reports] == [(1, [])] * 3
+    assert {pid for r in reports for pid in r.pair_ids} <= {p.pair_id for p in pairs_on(broker)}
