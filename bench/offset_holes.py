@@ -24,7 +24,8 @@ from pathlib import Path
 
 from bench.machine import stamp
 from localdev.stack import LocalStack
-from offdpo.kafka import OffsetHoleGuard, ensure_topics, make_consumer, make_producer
+from offdpo.broker_profile import OffsetHoleGuard
+from offdpo.kafka import ensure_topics, make_consumer, make_producer
 
 TOPIC = "bench.holes"
 

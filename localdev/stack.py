@@ -110,6 +110,9 @@ class LocalStack:
             bootstrap_servers=f"127.0.0.1:{self.stack.kafka_port}",
             security_protocol="PLAINTEXT",
             sasl_mechanism="",
+            # The broker this stack runs is Tansu: its divergences are handled by that profile
+            # (offdpo.broker_profile), for every client the services and tests make from this config.
+            broker_profile="tansu",
         )
         self._procs: dict[str, subprocess.Popen] = {}
 
@@ -163,6 +166,8 @@ class LocalStack:
             "OFFDPO_KAFKA_MAX_POLL_INTERVAL_MS": str(self.kafka.max_poll_interval_ms),
             "OFFDPO_KAFKA_REQUEST_TIMEOUT_MS": str(self.kafka.request_timeout_ms),
             "OFFDPO_KAFKA_METADATA_MAX_AGE_MS": str(self.kafka.metadata_max_age_ms),
+            "OFFDPO_KAFKA_BROKER_PROFILE": self.kafka.broker_profile,
+            "OFFDPO_KAFKA_OFFSET_HOLE_WAIT_MS": str(self.kafka.offset_hole_wait_ms),
             "OFFDPO_TOPIC_PAIRS": self.kafka.pairs_topic,
             "OFFDPO_TOPIC_SHARDS": self.kafka.shards_topic,
             "OFFDPO_TOPIC_CANDIDATES": self.kafka.candidates_topic,

@@ -40,9 +40,9 @@ import pyarrow.parquet as pq
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from offdpo import errors, records, retry
+from offdpo import broker_profile, errors, records, retry
 from offdpo.config import EnvConfig, KafkaConfig, S3Config, env
-from offdpo.kafka import GROUP_CHANGED, CommitRefusals, OffsetHoleGuard, make_consumer, rewind, topic_id
+from offdpo.kafka import GROUP_CHANGED, CommitRefusals, make_consumer, rewind, topic_id
 from offdpo.s3 import ObjectStore, safe_key_part
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ class Archiver:
         self.store = store or ObjectStore(s3)
         self.topics = topics or [kafka.pairs_topic]
         self.consumer: KafkaConsumer | None = None
-        self.offset_holes = OffsetHoleGuard.for_config(kafka)  # several labelers publish to one partition
+        self.offset_holes = broker_profile.poller(kafka)  # several labelers publish to one partition
         self.objects_written = 0
         self.records_archived = 0
 

@@ -94,6 +94,9 @@ class S3Config(EnvConfig):
     retry_max_s: float = env("OFFDPO_S3_RETRY_MAX_S", 300.0, "give up an S3 operation after retrying this long")
 
 
+BROKER_PROFILES = ("kafka", "tansu")  # offdpo.broker_profile.BrokerProfile
+
+
 @dataclasses.dataclass(frozen=True, repr=False)
 class KafkaConfig(EnvConfig):
     bootstrap_servers: str = env("OFFDPO_KAFKA_BOOTSTRAP", "127.0.0.1:9092", "comma-separated Kafka bootstrap servers")
@@ -130,14 +133,25 @@ class KafkaConfig(EnvConfig):
         30000,
         "refresh topic metadata at least this often (new partitions, topics back after an outage)",
     )
-    # Tansu's S3 storage reserves a batch's offsets before it writes the batch, so a reader can see a
-    # later batch first and step over one still being written (offdpo.kafka.OffsetHoleGuard).
+    # What the local broker does differently from Apache Kafka is handled in one place,
+    # offdpo.broker_profile, and only when this says so; production runs the plain `kafka` profile.
+    broker_profile: str = env(
+        "OFFDPO_KAFKA_BROKER_PROFILE",
+        "kafka",
+        "kafka (Apache Kafka, Strimzi, MSK, Confluent) or tansu (the local stack's broker: see offdpo.broker_profile)",
+    )
     offset_hole_wait_ms: int = env(
         "OFFDPO_KAFKA_OFFSET_HOLE_WAIT_MS",
         15000,
-        "hold records that arrive after a hole in a partition's offsets this long for the hole to fill "
-        "(0: off; Apache Kafka shows holes only with transactions or compaction)",
+        "tansu profile only: hold records that arrive after a hole in a partition's offsets this long for "
+        "the hole to fill (0: off)",
     )
+
+    def __post_init__(self) -> None:
+        if self.broker_profile not in BROKER_PROFILES:
+            raise ConfigError(
+                f"OFFDPO_KAFKA_BROKER_PROFILE={self.broker_profile!r}: expected one of {', '.join(BROKER_PROFILES)}"
+            )
 
     def client_kwargs(self) -> dict[str, Any]:
         """Connection settings shared by kafka-python producers, consumers and admin clients."""

@@ -24,7 +24,7 @@ from kafka.errors import (
     UnknownMemberIdError,
 )
 
-from offdpo import errors
+from offdpo import broker_profile, errors
 from offdpo.config import KafkaConfig
 from offdpo.v1 import records_pb2
 
@@ -93,188 +93,6 @@ class CommitRefusals:
         return True
 
 
-# How long the only member of a group may lack partitions of its topics before it is replaced by a new
-# member (AssignmentWatch), and how often its assignment is compared with the topics' metadata.
-INCOMPLETE_ASSIGNMENT_NEW_CONSUMER_S = 60.0
-ASSIGNMENT_CHECK_EVERY_S = 5.0
-
-
-class AssignmentWatch:
-    """For a group of ONE member (a trainer run's group): is the member missing partitions of its
-    topics, and has it been long enough that it must be replaced by a new member?
-
-    A member that joined or rejoined while the broker could not describe its topics (Tansu with its
-    storage down answers UnknownError for the topic's metadata, or fewer partitions right after a
-    restart) is assigned fewer partitions than the topic has, or none. kafka-python notices at its next
-    metadata refresh (metadata_max_age_ms) and rejoins, but Tansu 0.6 answers that rejoin with the same
-    generation and the assignment it stored before, so the member would never read the missing
-    partitions (their pairs never trained; seen in CI, 66 of 80 pairs trained after a broker restart);
-    a new member id gets the leader's current assignment. In a group with several members a partial
-    assignment is normal: do not use this there.
-    """
-
-    def __init__(
-        self,
-        topics: Iterable[str],
-        after_s: float = INCOMPLETE_ASSIGNMENT_NEW_CONSUMER_S,
-        check_every_s: float = ASSIGNMENT_CHECK_EVERY_S,
-        clock=time.monotonic,
-    ):
-        self.topics, self.after_s, self.check_every_s, self.clock = list(topics), after_s, check_every_s, clock
-        self.incomplete_since: float | None = None
-        self._checked_at: float | None = None
-        self._missing: set[TopicPartition] = set()
-
-    def missing(self, consumer: KafkaConsumer) -> set[TopicPartition]:
-        """Partitions of the topics (as the consumer's metadata lists them) the consumer does not hold;
-        compared at most every check_every_s (the answer in between is the last one). Empty while the
-        metadata cannot be had (the broker is down): nothing can be told then."""
-        now = self.clock()
-        if self._checked_at is not None and now - self._checked_at < self.check_every_s:
-            return self._missing
-        self._checked_at = now
-        held = consumer.assignment()
-        missing: set[TopicPartition] = set()
-        try:
-            for topic in self.topics:
-                missing |= {TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()}
-        except Exception as exc:  # noqa: BLE001 - the broker is down: the member may well be complete
-            log.debug("topic metadata unavailable (%s): assignment not checked", exc)
-            missing = set()
-        self._missing = missing - held
-        return self._missing
-
-    def needs_new_consumer(self, consumer: KafkaConsumer) -> bool:
-        missing = self.missing(consumer)
-        if not missing:
-            self.incomplete_since = None
-            return False
-        now = self.clock()
-        if self.incomplete_since is None:
-            self.incomplete_since = now
-        if now - self.incomplete_since < self.after_s:
-            return False
-        self.incomplete_since = None  # the new member gets after_s of its own
-        self._checked_at = None
-        log.warning(
-            "the Kafka consumer has lacked %s for %.0f s (the only member of its group, so they are nobody's): "
-            "replacing it with a new member",
-            ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(missing)),
-            self.after_s,
-        )
-        return True
-
-
-def _known_positions(consumer: KafkaConsumer) -> dict[TopicPartition, int]:
-    """The next offset the consumer will return for each partition whose position it already holds.
-
-    KafkaConsumer.position() refreshes committed offsets over the network first; this reads the
-    subscription state it keeps (kafka-python 3.0), and is empty if that ever changes shape."""
-    try:
-        states = list(consumer._subscription.assignment.items())
-    except AttributeError:
-        return {}
-    out = {}
-    for tp, state in states:
-        position = getattr(state, "position", None)
-        offset = getattr(position, "offset", position)
-        if isinstance(offset, int) and offset >= 0:
-            out[tp] = offset
-    return out
-
-
-COMMITTED_TIMEOUT_MS = 5000  # how long OffsetHoleGuard waits for a partition's committed offset
-
-
-class OffsetHoleGuard:
-    """Polls a consumer and holds back records that come after a hole in their partition's offsets,
-    until the hole fills or `wait_s` passes.
-
-    Tansu's S3 storage (dynostore) reserves a batch's offsets (advances the watermark) before it
-    writes the batch object, and a fetch returns whichever batch objects exist. With two producers on
-    one partition, a fetch can find the later batch while the earlier one is still being written; the
-    consumer's position then moves past the earlier batch and this member never reads it (a fresh-clone
-    CI run, 2026-11-30: 5 pairs of partition 0 never scored, so the demo's scoring never finished). A
-    hole is re-read from its start until its records appear; one that stays `wait_s` (a produce whose
-    write failed after its offsets were reserved) is stepped over with a warning. On Apache Kafka a
-    topic without transactions or compaction has no holes, and this only compares offsets.
-    """
-
-    def __init__(self, wait_s: float, clock=time.monotonic):
-        self.wait_s, self.clock = wait_s, clock
-        self._first_seen: dict[tuple[TopicPartition, int], float] = {}  # (partition, hole start) -> when
-
-    @classmethod
-    def for_config(cls, cfg: KafkaConfig) -> OffsetHoleGuard:
-        return cls(cfg.offset_hole_wait_ms / 1000)
-
-    def poll(self, consumer: KafkaConsumer, **poll_kwargs) -> dict[TopicPartition, list]:
-        """consumer.poll(**poll_kwargs), less any records after a hole that may still fill."""
-        before = _known_positions(consumer)
-        polled = consumer.poll(**poll_kwargs)
-        if self.wait_s <= 0:
-            return polled
-        out: dict[TopicPartition, list] = {}
-        for tp, recs in polled.items():
-            # A member that had no position yet (just assigned) started at the group's committed offset.
-            expected = before[tp] if tp in before else self._committed(consumer, tp)
-            kept = self._contiguous(consumer, tp, expected, recs)
-            if kept:
-                out[tp] = kept
-        return out
-
-    @staticmethod
-    def _committed(consumer: KafkaConsumer, tp: TopicPartition) -> int | None:
-        """The group's committed offset of `tp`; None when there is none (the member started from the
-        reset policy: nothing to compare with) or the broker did not say in time."""
-        try:
-            committed = consumer.committed(tp, timeout_ms=COMMITTED_TIMEOUT_MS)
-        except Exception:  # noqa: BLE001 - unknown: the first records are taken as they come
-            return None
-        offset = getattr(committed, "offset", committed)
-        return offset if isinstance(offset, int) and offset >= 0 else None
-
-    def _contiguous(self, consumer: KafkaConsumer, tp: TopicPartition, expected: int | None, recs: list) -> list:
-        """The records of `tp` up to the first hole that may still fill; seeks back to that hole."""
-        for i, rec in enumerate(recs):
-            if expected is None or rec.offset <= expected:
-                expected = rec.offset + 1
-                continue
-            hole = (tp, expected)
-            now = self.clock()
-            first_seen = self._first_seen.setdefault(hole, now)
-            if now - first_seen >= self.wait_s:
-                log.warning(
-                    "%s[%d]: offsets %d..%d never appeared in %.0f s; reading on from %d",
-                    tp.topic,
-                    tp.partition,
-                    expected,
-                    rec.offset - 1,
-                    self.wait_s,
-                    rec.offset,
-                )
-                del self._first_seen[hole]
-                expected = rec.offset + 1
-                continue
-            if first_seen == now:
-                log.info(
-                    "%s[%d]: offsets %d..%d not readable yet (a batch still being written?); re-reading from %d",
-                    tp.topic,
-                    tp.partition,
-                    expected,
-                    rec.offset - 1,
-                    expected,
-                )
-            try:
-                consumer.seek(tp, expected)
-            except Exception:  # noqa: BLE001 - partition revoked meanwhile: its new owner reads it
-                log.warning("could not seek %s back to %d", tp, expected)
-            return recs[:i]
-        for key in [k for k in self._first_seen if k[0] == tp and k[1] < (expected or 0)]:
-            del self._first_seen[key]  # filled
-        return recs
-
-
 def ensure_topics(cfg: KafkaConfig, topics: Iterable[str], partitions: int) -> None:
     admin = KafkaAdminClient(**cfg.client_kwargs(), client_id="offdpo-admin")
     try:
@@ -294,6 +112,7 @@ def ensure_topics(cfg: KafkaConfig, topics: Iterable[str], partitions: int) -> N
 def make_producer(cfg: KafkaConfig, client_id: str, **overrides) -> KafkaProducer:
     kwargs = dict(
         cfg.client_kwargs(),
+        **broker_profile.producer_settings(cfg),
         client_id=client_id,
         acks="all",
         retries=10,
@@ -320,6 +139,7 @@ def make_consumer(cfg: KafkaConfig, group_id: str, topics: Iterable[str] | None 
         heartbeat_interval_ms=cfg.heartbeat_interval_ms,
         max_poll_interval_ms=cfg.max_poll_interval_ms,
         **consumer_size_settings(),
+        **broker_profile.consumer_settings(cfg),
     )
     kwargs.update(overrides)
     consumer = KafkaConsumer(**kwargs)

@@ -1,4 +1,4 @@
-"""Holes in a partition's offsets (offdpo.kafka.OffsetHoleGuard).
+"""Holes in a partition's offsets (offdpo.broker_profile.OffsetHoleGuard).
 
 Tansu's S3 storage reserves a batch's offsets before it writes the batch object; a reader that fetches
 in between sees the later batch and, unguarded, steps over the earlier one for good (a CI run on
@@ -16,7 +16,8 @@ import pytest
 from kafka import TopicPartition
 
 from localdev.stack import TANSU_BUCKET
-from offdpo.kafka import OffsetHoleGuard, ensure_topics, make_consumer, make_producer
+from offdpo.broker_profile import OffsetHoleGuard
+from offdpo.kafka import ensure_topics, make_consumer, make_producer
 from offdpo.s3 import make_minio_client
 
 
@@ -133,7 +134,7 @@ def test_wait_zero_turns_the_guard_off():
 def test_the_position_is_read_from_kafka_pythons_subscription_state(stack, unique):
     # OffsetHoleGuard reads kafka-python's own record of positions (position() would ask the broker):
     # if an upgrade changes its shape, this says so instead of the guard going blind.
-    from offdpo.kafka import _known_positions
+    from offdpo.broker_profile import _known_positions
 
     topic = f"test.positions.{unique}"
     ensure_topics(stack.kafka, [topic], partitions=1)

@@ -14,14 +14,13 @@ from typing import Any, TypeVar
 from kafka import TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from offdpo import retry
+from offdpo import broker_profile, retry
 from offdpo.config import KafkaConfig
 from offdpo.errors import OffdpoError
 from offdpo.kafka import (
     GROUP_CHANGED,
     CommitRefusals,
     DeadLetterSink,
-    OffsetHoleGuard,
     make_consumer,
     make_producer,
     rewind,
@@ -84,7 +83,7 @@ def build_labeler(
 ) -> Labeler:
     """A labeler publishing to `kafka` (through `producer` when given: tests pass an in-memory one)."""
     if producer is None:
-        producer = make_producer(kafka, SERVICE, enable_idempotence=True)
+        producer = make_producer(kafka, SERVICE)
     ledger = Ledger(Path(cfg.state_dir) / "published.sqlite") if cfg.ledger else None
     if generator is None and cfg.generate_n > 0:
         generator = RefScoreGenerator(cfg)
@@ -204,7 +203,7 @@ def run_kafka(
         return make_consumer(kafka, cfg.group_id, [kafka.candidates_topic], max_poll_records=cfg.batch_size)
 
     consumer = new_consumer()
-    offset_holes = OffsetHoleGuard.for_config(kafka)  # candidates from several producers: see the class
+    offset_holes = broker_profile.poller(kafka)  # candidates from several producers
     stop = stop or threading.Event()
     last_record = time.monotonic()
     # Set while an outage left sets unlabelled (the consumer was rewound to them): an empty poll then is

@@ -58,14 +58,13 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from offdpo import records, retry
+from offdpo import broker_profile, records, retry
 from offdpo.config import KafkaConfig, S3Config
 from offdpo.errors import BadInput, OffdpoError, RecordTooLarge, Unavailable
 from offdpo.kafka import (
     GROUP_CHANGED,
     CommitRefusals,
     DeadLetterSink,
-    OffsetHoleGuard,
     make_consumer,
     make_producer,
     now_timestamp,
@@ -161,9 +160,8 @@ class StreamWorker:
         self.cfg = cfg
         self.kafka = kafka
         self.store = store or ObjectStore(s3)
-        # Pairs after a hole in a partition's offsets wait for it to fill: several labelers publish to
-        # one partition, and Tansu can serve a later batch before an earlier one is written.
-        self.offset_holes = OffsetHoleGuard.for_config(kafka)
+        # Several labelers publish to one partition: the broker profile says how to poll that.
+        self.offset_holes = broker_profile.poller(kafka)
         self.consumer: KafkaConsumer | None = None
         self.producer: KafkaProducer | None = None
         self.dlq: DeadLetterSink | None = None
@@ -262,13 +260,9 @@ class StreamWorker:
                 self.kafka, self.cfg.group_id, [self.kafka.pairs_topic], max_poll_records=self.cfg.batch_pairs
             )
         if self.producer is None:
-            # Not idempotent. A ShardReady event names its shard, so a duplicate is harmless (the trainer
-            # skips a shard it has done or holds). Tansu's idempotent produce records the producer's
-            # sequence before it writes the batch: killed in between, the client's retry is answered
-            # as a duplicate, reported delivered, and the event is lost (fault test broker_kill in CI,
-            # 2026-11-30: a 12-pair shard never trained). acks=all and one request in flight keep
-            # at-least-once and the order.
-            self.producer = make_producer(self.kafka, "refscore-worker", enable_idempotence=False)
+            # A ShardReady event names its shard, so a duplicate is harmless (the trainer skips a shard
+            # it has done or holds): idempotence is the broker profile's choice.
+            self.producer = make_producer(self.kafka, "refscore-worker")
             self.dlq = DeadLetterSink(self.producer, self.kafka, "refscore")
 
     @property

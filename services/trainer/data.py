@@ -46,11 +46,11 @@ import tenacity
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from offdpo import errors, retry
+from offdpo import broker_profile, errors, retry
 from offdpo import kafka as okafka
 from offdpo.config import KafkaConfig
 from offdpo.errors import BadInput, FingerprintMismatch, RecordError
-from offdpo.kafka import GROUP_CHANGED, MAX_RECORD_BYTES, AssignmentWatch, DeadLetterSink, OffsetHoleGuard
+from offdpo.kafka import GROUP_CHANGED, MAX_RECORD_BYTES, DeadLetterSink
 from offdpo.records import MAX_SHARD_BYTES, ReferenceFingerprint, ShardReady, decode, fingerprint_mismatch, read_shard
 from services.trainer.config import TrainerConfig
 
@@ -660,20 +660,22 @@ class StreamSource:
         infra: InfraStatus | None = None,
         new_consumer: Callable[[], Any] | None = None,
         other_references: Iterable[str] = (),
-        offset_holes: OffsetHoleGuard | None = None,
+        offset_holes: broker_profile.Poller | None = None,
+        assignment_watch: broker_profile.MemberWatch | None = None,
     ):
         self.store, self.consumer, self.deadletter = store, consumer, deadletter
         # Events after a hole in a partition's offsets wait for it to fill (several refscore replicas
-        # announce into one partition; see OffsetHoleGuard). None: polled as they come.
-        self.offset_holes = offset_holes or OffsetHoleGuard(wait_s=0)
+        # announce into one partition; the broker profile's poller). None: polled as they come.
+        self.offset_holes = offset_holes or broker_profile.PlainPoller()
         # Fingerprint ids of the other references refscore scores into the same topic (a trainer follows
         # one): their events are skipped, not dead-lettered (OFFDPO_TRAINER_OTHER_REFERENCES).
         self.other_references = frozenset(other_references)
         self.skipped_other = 0
         # The run's group has this one member, so it must hold every partition of the topic; one left
-        # without some is replaced by a new member built by `new_consumer` (AssignmentWatch).
+        # without some is replaced by a new member built by `new_consumer`, on a broker whose profile
+        # says a rejoin may not mend it. None: never replaced.
         self.new_consumer = new_consumer
-        self.assignment_watch = AssignmentWatch([topic])
+        self.assignment_watch = assignment_watch or broker_profile.member_watch([topic])
         self.expected_fp, self.allowed_ids = expected_fp, allowed_ids
         self.max_length, self.truncation, self.vocab_size = max_length, truncation, vocab_size
         self.poll_timeout_ms, self.stop_when_idle_s, self.topic = poll_timeout_ms, stop_when_idle_s, topic
@@ -1002,7 +1004,8 @@ def open_source(
         infra=infra,
         new_consumer=new_consumer,
         other_references=[fp.strip() for fp in cfg.other_references.split(",") if fp.strip()],
-        offset_holes=OffsetHoleGuard.for_config(kafka),
+        offset_holes=broker_profile.poller(kafka),
+        assignment_watch=broker_profile.assignment_watch(kafka, [kafka.shards_topic]),
     )
 
 

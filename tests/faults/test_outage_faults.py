@@ -102,7 +102,7 @@ def test_a_failed_dead_letter_produce_blocks_the_commit_and_is_retried(
 
     lcfg = _labeler_cfg(case, tmp_path, group)
     # A real producer with the client's own bounds tightened, so a dead broker fails a send in seconds.
-    producer = make_producer(case.kafka, "labeler", enable_idempotence=True, max_block_ms=2000)
+    producer = make_producer(case.kafka, "labeler", max_block_ms=2000)
     labeler = build_labeler(lcfg, case.kafka, producer=producer)
     sink = labeler.deadletters
     assert sink is not None

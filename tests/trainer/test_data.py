@@ -12,8 +12,9 @@ from kafka.errors import KafkaTimeoutError, RebalanceInProgressError
 from kafka.structs import TopicPartition
 
 from offdpo import errors
+from offdpo.broker_profile import AssignmentWatch
 from offdpo.config import KafkaConfig
-from offdpo.kafka import AssignmentWatch, DeadLetterSink
+from offdpo.kafka import DeadLetterSink
 from offdpo.records import (
     DeadLetter,
     ReferenceFingerprint,

@@ -15,10 +15,10 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from offdpo import records
+from offdpo import broker_profile, records
 from offdpo.config import KafkaConfig
 from offdpo.errors import OffdpoError
-from offdpo.kafka import GROUP_CHANGED, OffsetHoleGuard, make_consumer, now_timestamp
+from offdpo.kafka import GROUP_CHANGED, make_consumer, now_timestamp
 from offdpo.v1 import labeler_pb2, records_pb2
 from services.labeler import inputs
 from services.labeler.annotate.agreement import cohen_kappa, krippendorff_alpha_nominal
@@ -146,7 +146,7 @@ def consume(annotation: Annotation, kafka: KafkaConfig, group_id: str, stop: thr
     """Fill the queue from the candidates topic until `stop`; commit only what is queued or dead-lettered."""
     cfg = annotation.labeler.cfg
     consumer = make_consumer(kafka, group_id, [kafka.candidates_topic], max_poll_records=cfg.batch_size)
-    offset_holes = OffsetHoleGuard.for_config(kafka)  # candidates from several producers: see the class
+    offset_holes = broker_profile.poller(kafka)  # candidates from several producers
     try:
         while not stop.is_set():
             polled = offset_holes.poll(consumer, timeout_ms=500)
