@@ -695,6 +695,9 @@ class StreamSource:
         self.done_offsets: dict[int, set[int]] = {}  # done events at or above the watermark
         self.owed: dict[tuple[int, int], set[str]] = {}  # the checkpoint's in-flight events, not seen again yet
         self.owed_keys: dict[tuple[int, int], str] = {}
+        # The incarnation of the topic the offsets above belong to (its topic id; None: not known yet,
+        # or a broker without topic ids). A topic deleted and created again restarts its offsets at 0.
+        self.topic_id: str | None = None
         self.last_new = time.monotonic()
 
     def _in_flight(self) -> set[str]:
@@ -791,7 +794,38 @@ class StreamSource:
             self._finished(ev)
         self.last_new = time.monotonic()
 
+    def _topic_recreated(self) -> bool:
+        """Whether the topic now has another id than the one this source's offsets belong to. Then its
+        offsets (the checkpoint's watermarks, done and owed events, the group's committed offsets)
+        say nothing about the new topic: they are dropped, and the new topic is read from its beginning.
+        Nothing is trained twice: a shard already trained is still skipped by its key (done_shards) and
+        its pairs by their ids (recent)."""
+        tid = okafka.topic_id(self.consumer, self.topic)
+        if tid is None:
+            return False
+        old, self.topic_id = self.topic_id, tid
+        if old is None or old == tid:
+            return False
+        log.warning(
+            "topic %s was deleted and created again (topic id %s -> %s): the offsets of the checkpoint and "
+            "of the group belong to the old topic; reading the new one from its beginning",
+            self.topic,
+            old,
+            tid,
+        )
+        self.floor, self.done_offsets, self.last_offset = {}, {}, {}
+        self.owed, self.owed_keys = {}, {}
+        for ev in self.events:
+            ev.offset = -1  # its pairs still train; its old offset must never mark a new event done
+        partitions = [tp for tp in self.consumer.assignment() if tp.topic == self.topic]
+        if partitions:
+            self.consumer.seek_to_beginning(*partitions)
+        return True
+
     def _finished(self, ev: _Event) -> None:
+        if ev.offset < 0:  # an event of a topic since recreated
+            self.done_shards.add(ev.key)
+            return
         self.done_offsets.setdefault(ev.partition, set()).add(ev.offset)
         self.done_shards.add(ev.key)
 
@@ -807,6 +841,8 @@ class StreamSource:
                 polled = self.offset_holes.poll(
                     self.consumer, timeout_ms=self.poll_timeout_ms, max_records=self.max_poll_records
                 )
+                if polled and self._topic_recreated():
+                    continue  # read again from the new topic's beginning
                 for tp in sorted(polled, key=lambda t: t.partition):
                     for rec in polled[tp]:
                         self._handle(rec)
@@ -845,7 +881,7 @@ class StreamSource:
         """Per partition, the first offset not done (the watermark): what Kafka may forget is before it."""
         out = {}
         for part in set(self.last_offset) | set(self.floor):
-            pending = [e.offset for e in self.events if e.partition == part]
+            pending = [e.offset for e in self.events if e.partition == part and e.offset >= 0]
             pending += [o for (p, o) in self.owed if p == part]
             if pending:
                 out[part] = min(pending)
@@ -884,6 +920,7 @@ class StreamSource:
         in_flight = [
             {"partition": e.partition, "offset": e.offset, "key": e.key, "pending": sorted(e.pending)}
             for e in self.events
+            if e.offset >= 0  # an event of a topic since recreated cannot be read again
         ] + [
             {"partition": p, "offset": o, "key": self.owed_keys.get((p, o), ""), "pending": sorted(ids)}
             for (p, o), ids in self.owed.items()
@@ -897,10 +934,12 @@ class StreamSource:
             "recent_pair_ids": list(self.recent),
             "done_shards": list(self.done_shards),
             "topic": self.topic,
+            "topic_id": self.topic_id,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.floor = {int(p): int(o) for p, o in state.get("offsets", {}).items()}
+        self.topic_id = state.get("topic_id")
         self.done_offsets = {int(p): set(map(int, d)) for p, d in state.get("done_offsets", {}).items()}
         for ev in state.get("in_flight", []):
             self.owed[(int(ev["partition"]), int(ev["offset"]))] = set(ev["pending"])

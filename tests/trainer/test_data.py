@@ -6,6 +6,8 @@ through a FakeBroker to a FakeConsumer; dead letters land on a FakeProducer's to
 from __future__ import annotations
 
 import threading
+import types
+import uuid
 
 import pytest
 from kafka.errors import KafkaTimeoutError, RebalanceInProgressError
@@ -442,3 +444,60 @@ def test_stream_holding_only_some_partitions_does_not_idle_out_and_replaces_its_
     s.source.assignment_watch = AssignmentWatch([SHARDS], after_s=0.0, check_every_s=0)
     batch = s.source.next_batch(4)
     assert batch is not None and sorted(ids(batch)) == sorted(r.pair.pair_id for r in rows)
+
+
+class _Cluster:
+    """kafka-python's cluster metadata, as far as `offdpo.kafka.topic_id` reads it."""
+
+    def __init__(self, ids: dict[str, uuid.UUID]):
+        self.ids = ids
+
+    def topic_id(self, topic: str) -> uuid.UUID | None:
+        return self.ids.get(topic)
+
+
+def test_a_recreated_shards_topic_is_read_from_its_beginning():
+    # Audit path 3 (issue 27): the checkpoint's watermark (offset 12 of the old topic) skipped every
+    # event of the topic created again under the same name: a resumed run trained 0 of its pairs.
+    s = Stream()
+    s.consumer._client = types.SimpleNamespace(cluster=_Cluster({SHARDS: uuid.uuid4()}))
+    old = [row(f"old{i}") for i in range(12)]
+    for i in range(12):
+        s.announce(put_shard(s.store, old[i : i + 1], i), old[i : i + 1])
+    batch = s.source.next_batch(12)
+    s.source.mark_trained(batch)
+    state = s.source.state()
+    assert len(batch) == 12 and state["offsets"] == {"0": 12} and state["topic_id"]
+
+    s.broker = FakeBroker()  # the topic deleted and created again: offsets restart at 0
+    s.broker.create_topic(SHARDS)
+    new = [row(f"new{i}") for i in range(8)]
+    for i in range(8):
+        s.announce(put_shard(s.store, new[i : i + 1], 100 + i), new[i : i + 1])
+    s.announce(put_shard(s.store, old[:1], 0), old[:1])  # an old shard announced again: trained once only
+    resumed = s.open()
+    s.consumer._client = types.SimpleNamespace(cluster=_Cluster({SHARDS: uuid.uuid4()}))
+    resumed.load_state(state)
+    taken: list = []
+    while (batch := resumed.next_batch(4)) is not None:
+        resumed.mark_trained(batch)
+        taken += ids(batch)
+    assert sorted(taken) == sorted(r.pair.pair_id for r in new)
+    assert resumed.state()["offsets"] == {"0": 9}
+
+
+def test_the_same_topic_keeps_the_checkpoint_watermark():
+    s = Stream()
+    tid = uuid.uuid4()
+    s.consumer._client = types.SimpleNamespace(cluster=_Cluster({SHARDS: tid}))
+    rows = [row(f"r{i}") for i in range(4)]
+    for i in range(4):
+        s.announce(put_shard(s.store, rows[i : i + 1], i), rows[i : i + 1])
+    batch = s.source.next_batch(4)
+    s.source.mark_trained(batch)
+    state = s.source.state()
+    assert len(batch) == 4 and state["offsets"] == {"0": 4}
+    resumed = Stream.open(s)  # the same topic, read again from offset 0 (no commit happened)
+    s.consumer._client = types.SimpleNamespace(cluster=_Cluster({SHARDS: tid}))
+    resumed.load_state(state)
+    assert resumed.next_batch(4) is None  # every event below the watermark: none trained twice
