@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast lint format faults screenshots protos check-protos stack-up stack-down bench-refscore bench-trainer bench-learning bench-rounds bench-offset-holes clean
+.PHONY: setup lock demo test test-fast lint format faults screenshots protos check-protos stack-up stack-down bench-refscore bench-trainer bench-learning bench-rounds bench-offset-holes clean
 
 setup:
 	@bash scripts/setup.sh
@@ -36,6 +36,10 @@ screenshots: setup
 # The fault-injection suite, publishing its tables to bench/results/faults.{json,md}.
 faults: setup
 	OFFDPO_RESULTS_DIR=bench/results $(PY) -m pytest -m faults tests/faults $(PYTEST_ARGS)
+
+# Re-resolve the CPU set-up's exact versions into scripts/requirements-cpu.lock (after changing dependencies).
+lock:
+	@bash scripts/lock.sh
 
 protos: setup
 	$(PY) -m localdev.protogen
