@@ -51,22 +51,53 @@ def overlays() -> dict[str, list[dict]]:
     return dict(_CACHE)
 
 
-def _prod_with(component: str, root, **extra) -> list[dict]:
-    """prod with deploy/components/<component> enabled as an operator would enable it: a kustomization
-    over the prod overlay adding the component, with prod's namespace and image names (+ `extra` keys)."""
+def _prod_with(component: str | list[str], root, **extra) -> list[dict]:
+    """prod with deploy/components/<component> (or several, in order) enabled as an operator would enable
+    them: a kustomization over the prod overlay adding the components, with prod's namespace and image
+    names (+ `extra` keys)."""
     prod = yaml.safe_load((DEPLOY / "overlays" / "prod" / "kustomization.yaml").read_text())
+    components = [component] if isinstance(component, str) else component
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
         "namespace": prod["namespace"],
         # kustomize wants relative paths to other roots
         "resources": [os.path.relpath(DEPLOY / "overlays" / "prod", root)],
-        "components": [os.path.relpath(DEPLOY / "components" / component, root)],
+        "components": [os.path.relpath(DEPLOY / "components" / c, root) for c in components],
         **extra,
         "images": prod["images"],
     }
     (root / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
     return render(root)
+
+
+# The component combinations deploy/README.md names ("Components"), each rendered once per session.
+# (prod + backfill and prod + rounds have fixtures of their own below.)
+COMBOS: dict[str, list[str]] = {
+    "prod+cert-manager": ["cert-manager"],
+    "prod+keda": ["keda"],
+    "prod+observability": ["observability"],
+    "prod+kueue": ["kueue"],
+    "prod+platform": ["cert-manager", "keda", "observability", "kueue", "backfill"],
+}
+_COMBO_CACHE: dict[str, list[dict]] = {}
+
+
+def render_combo(name: str, tmp_path_factory) -> list[dict]:
+    if name not in _COMBO_CACHE:
+        _COMBO_CACHE[name] = _prod_with(COMBOS[name], tmp_path_factory.mktemp(name.replace("+", "-")))
+    return _COMBO_CACHE[name]
+
+
+@pytest.fixture(scope="session")
+def combos(tmp_path_factory) -> dict[str, list[dict]]:
+    """name -> rendered objects of every combination in COMBOS."""
+    return {name: render_combo(name, tmp_path_factory) for name in COMBOS}
+
+
+@pytest.fixture(scope="session", params=sorted(COMBOS))
+def combo(request, tmp_path_factory) -> tuple[str, list[dict]]:
+    return request.param, render_combo(request.param, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -1,16 +1,18 @@
 """Least privilege in the rendered manifests (issue #18): one S3 identity and one Kafka identity per
 service, each able to reach exactly its prefixes and topics, and every client pointed at TLS.
 
-Offline: the MinIO policy documents and the Kafka ACL table are read from the rendered ConfigMaps the
-setup Jobs apply (deploy/base/security/), tied to the identities through the Secrets each workload
-and each setup Job reads, and evaluated here with a small IAM-style evaluator (explicit Deny wins,
-otherwise an Allow whose action, resource and conditions all match) and an ACL matcher (literal or
-prefixed patterns; Read and Write imply Describe, as in Kafka).
+Offline: the MinIO policy documents are read from the rendered ConfigMap the S3 setup Job applies
+(deploy/base/security/), the Kafka ACLs from the rendered KafkaUsers Strimzi's User Operator applies
+(generated from deploy/base/security/kafka-acls.tsv and the components' tables by
+deploy/tools/gen_strimzi.py), tied to the identities through the Secrets each workload reads, and
+evaluated here with a small IAM-style evaluator (explicit Deny wins, otherwise an Allow whose action,
+resource and conditions all match) and an ACL matcher (literal or prefixed patterns; Read and Write
+imply Describe, as in Kafka).
 
 deploy/components/backfill (the pairs archiver and the rescore Job) is checked on prod with the component
 enabled (conftest.backfill_prod): each has its own identities with exactly the access its code uses (its
 real S3 calls recorded over an in-memory store), and the live services still cannot reach archive/.
-The setup Jobs' scripts are also run with bash against stubbed kafka-*.sh and mc.
+The S3 setup Job's script is also run with bash against a stubbed mc.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import re
 import pytest
 
 from tests.deploy.test_rendered import (
+    KAFKA_CA_SECRET,
+    KAFKA_CLUSTER,
     by_kind,
     configmap_data,
     container_env,
@@ -146,21 +150,46 @@ def s3_allowed(policy: dict, action: str, bucket: str, key: str | None = None, p
 
 # -- a Kafka ACL matcher ----------------------------------------------------------------------------------
 def parse_acls(objs) -> list[dict]:
-    """Every ACL table of the rendered ConfigMap (base's acls.tsv, a component's own), topic variables
-    resolved from the client ConfigMap."""
-    tables = _configmap(objs, "offdpo-kafka-acls")
-    assert "acls.tsv" in tables and all(name.endswith(".tsv") for name in tables), sorted(tables)
+    """Every ACL of the rendered KafkaUsers (what Strimzi's User Operator applies), one row per
+    operation, pattern types in kafka-acls.sh's words (Strimzi's `prefix` is `prefixed`)."""
+    rows = []
+    for user in by_kind(objs, "KafkaUser"):
+        assert user["metadata"]["labels"]["strimzi.io/cluster"] == KAFKA_CLUSTER, user["metadata"]["name"]
+        authz = user["spec"]["authorization"]
+        assert authz["type"] == "simple"
+        for acl in authz["acls"]:
+            assert acl.get("type", "allow") == "allow" and acl.get("host", "*") == "*", acl
+            res = acl["resource"]
+            pattern = {"literal": "literal", "prefix": "prefixed"}[res.get("patternType", "literal")]
+            for operation in acl["operations"]:
+                rows.append(
+                    {
+                        "principal": user["metadata"]["name"],
+                        "operation": operation,
+                        "resource": res["type"],
+                        "pattern": pattern,
+                        "name": res.get("name", "*"),
+                    }
+                )
+    return rows
+
+
+def table_acls(objs, *tables: str) -> list[dict]:
+    """The rows of ACL tables (deploy/<table>), topic variables resolved from the rendered client ConfigMap."""
+    from tests.deploy.test_rendered import DEPLOY
+
     client = _configmap(objs, "offdpo-kafka-client")
     rows = []
-    for line in "\n".join(tables.values()).splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        principal, operation, resource, pattern, name = line.split()
-        if name.startswith("OFFDPO_"):
-            name = client[name]
-        rows.append(
-            {"principal": principal, "operation": operation, "resource": resource, "pattern": pattern, "name": name}
-        )
+    for table in tables:
+        for line in (DEPLOY / table).read_text().splitlines():
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            principal, operation, resource, pattern, name = line.split()
+            if name.startswith("OFFDPO_"):
+                name = client[name]
+            rows.append(
+                {"principal": principal, "operation": operation, "resource": resource, "pattern": pattern, "name": name}
+            )
     return rows
 
 
@@ -184,9 +213,12 @@ def _identities(objs) -> dict[str, dict[str, set[str]]]:
         for var in ("OFFDPO_S3_ACCESS_KEY", "OFFDPO_S3_SECRET_KEY"):
             if (name := _secret_ref(objs, c, var)) is not None:
                 out[svc]["s3"].add(name)
-        for var in ("OFFDPO_KAFKA_SASL_USERNAME", "OFFDPO_KAFKA_SASL_PASSWORD"):
-            if (name := _secret_ref(objs, c, var)) is not None:
-                out[svc]["kafka"].add(name)
+        if (name := _secret_ref(objs, c, "OFFDPO_KAFKA_SASL_PASSWORD")) is not None:
+            out[svc]["kafka"].add(name)
+            # the user name is the KafkaUser whose Secret holds the password
+            assert env_value(objs, c, "OFFDPO_KAFKA_SASL_USERNAME") == name, (c["name"], name)
+            ref = container_env(objs, c)["OFFDPO_KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]
+            assert ref["key"] == "password", "the key Strimzi's User Operator writes"
     return out
 
 
@@ -194,9 +226,11 @@ def test_each_service_has_its_own_identities_and_the_labeler_no_s3_one(rendered)
     _, objs = rendered
     ids = _identities(objs)
     for svc in SERVICES:
-        assert ids[svc]["kafka"] == {f"offdpo-kafka-{svc}"}, (svc, ids[svc])
+        assert ids[svc]["kafka"] == {f"offdpo-{svc}"}, (svc, ids[svc])
         assert ids[svc]["s3"] == ({f"offdpo-s3-{svc}"} if svc in S3_SERVICES else set()), (svc, ids[svc])
-    # no workload of the pipeline holds MinIO's root credentials or the brokers' admin password
+    users = {u["metadata"]["name"] for u in by_kind(objs, "KafkaUser")}
+    assert {f"offdpo-{svc}" for svc in SERVICES} <= users
+    # no workload of the pipeline holds MinIO's root credentials or another identity's Kafka password
     for w in workloads(objs):
         for c in containers(w):
             refs = {
@@ -206,20 +240,19 @@ def test_each_service_has_its_own_identities_and_the_labeler_no_s3_one(rendered)
             }
             if w["metadata"]["name"] not in ("offdpo-ensure-bucket", "offdpo-minio"):
                 assert "offdpo-minio-root" not in refs, f"{w['metadata']['name']} holds MinIO's root credentials"
-            if w["metadata"]["name"] not in ("offdpo-create-topics", "offdpo-kafka"):
-                assert "offdpo-kafka-admin" not in refs, f"{w['metadata']['name']} holds the Kafka admin password"
+            svc = service_of(c)
+            if svc:
+                assert not (refs & users) - {f"offdpo-{svc}"}, f"{w['metadata']['name']} holds another Kafka identity"
     # the labeler's pods cannot even reach MinIO (network policy label)
     for w in workloads(objs):
         if w["metadata"]["name"].startswith("offdpo-labeler"):
             assert w["spec"]["template"]["metadata"]["labels"].get("offdpo.io/s3-client") != "true"
 
 
-def test_dev_secrets_name_the_acl_principals(overlays):
-    """(prod's Secrets are created out of band; the setup Job refuses a user name that is not the principal)"""
+def test_dev_s3_secrets_are_one_user_per_service(overlays):
+    """(prod's Secrets are created out of band; Kafka's are Strimzi's in both overlays: none rendered)"""
     objs = overlays["dev"]
-    for svc in SERVICES:
-        secret = get(objs, "Secret", f"offdpo-kafka-{svc}")
-        assert base64.b64decode(secret["data"]["username"]).decode() == f"offdpo-{svc}"
+    assert not [s for s in by_kind(objs, "Secret") if s["metadata"]["name"].startswith("offdpo-kafka")]
     keys = {base64.b64decode(get(objs, "Secret", f"offdpo-s3-{svc}")["data"]["access-key"]) for svc in S3_SERVICES}
     root = base64.b64decode(get(objs, "Secret", "offdpo-minio-root")["data"]["root-user"])
     assert len(keys) == len(S3_SERVICES) and root not in keys, "each service its own MinIO user, none the root"
@@ -443,51 +476,39 @@ def _configured_groups(objs) -> dict[str, str]:
     return groups
 
 
-def test_the_setup_job_creates_one_scram_user_per_service_and_applies_the_acl_table(rendered):
+def test_one_scram_kafka_user_per_service_with_exactly_its_table(rendered):
     _, objs = rendered
-    _check_kafka_setup(objs, SERVICES)
-    script = _script(get_container(get(objs, "Job", "offdpo-create-topics"), "create-topics"))
-    # every admin call authenticates as the admin over the clients' protocol
-    calls = [ln for ln in script.splitlines() if re.search(r"\$bin/kafka-(topics|configs|acls)\.sh", ln)]
-    assert calls and all('--command-config "$admin"' in ln for ln in calls), calls
+    _check_kafka_users(objs, SERVICES)
+    assert sorted(map(_acl_key, parse_acls(objs))) == sorted(
+        map(_acl_key, table_acls(objs, "base/security/kafka-acls.tsv"))
+    ), "the rendered KafkaUsers are the table (deploy/tools/gen_strimzi.py)"
 
 
-def _check_kafka_setup(objs, identities) -> None:
-    """One SCRAM user per principal of the ACL tables, each from its own Secret, and every table applied."""
-    job = get(objs, "Job", "offdpo-create-topics")
-    c = get_container(job, "create-topics")
-    script, env = _script(c), container_env(objs, c)
-    assert "tables=(/etc/offdpo/kafka-acls/*.tsv)" in script and 'for principal in "${!principals[@]}"; do' in script
-    assert '--entity-type users --entity-name "$user" --add-config "SCRAM-SHA-512=[password=$password]"' in script
-    assert 'if [ "$user" != "$principal" ]; then' in script, "the user name must be the ACL principal"
-    principals = {a["principal"] for a in parse_acls(objs)}
-    assert principals == {f"offdpo-{i}" for i in identities}, principals
-    for i in identities:
-        assert env[f"KAFKA_USER_{i.upper()}"]["valueFrom"]["secretKeyRef"]["name"] == f"offdpo-kafka-{i}"
-        assert env[f"KAFKA_PASSWORD_{i.upper()}"]["valueFrom"]["secretKeyRef"]["name"] == f"offdpo-kafka-{i}"
-    users = {n.removeprefix("KAFKA_USER_").lower() for n in env if n.startswith("KAFKA_USER_")}
-    assert users == set(identities), f"Kafka users in the setup Job without ACLs: {users - set(identities)}"
-    vol = _volume_for(job, c, "/etc/offdpo/kafka-acls/acls.tsv")
-    assert vol and vol["configMap"]["name"] == _configmap_name(objs, "offdpo-kafka-acls")
-    assert "items" not in vol["configMap"], "every table of the ConfigMap"
-    assert 'done < "$table"' in script and '--allow-principal "User:$principal"' in script
+def _acl_key(a: dict) -> tuple:
+    return (a["principal"], a["operation"], a["resource"], a["pattern"], a["name"])
+
+
+def _check_kafka_users(objs, identities) -> None:
+    """One KafkaUser per identity (SCRAM-SHA-512, in the cluster), each the principal of its ACLs and
+    the Secret (written by Strimzi) its workload reads."""
+    users = {u["metadata"]["name"]: u for u in by_kind(objs, "KafkaUser")}
+    assert set(users) == {f"offdpo-{i}" for i in identities}, sorted(users)
+    for name, user in users.items():
+        assert user["spec"]["authentication"] == {"type": "scram-sha-512"}, name
+        assert "password" not in user["spec"]["authentication"], "Strimzi generates the password"
+    assert {a["principal"] for a in parse_acls(objs)} == set(users)
 
 
 def test_the_brokers_deny_what_no_acl_allows(rendered):
     _, objs = rendered
-    script = _script(get_container(get(objs, "StatefulSet", "offdpo-kafka"), "kafka"))
-    for line in (
-        "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
-        "allow.everyone.if.no.acl.found=false",
-        "super.users=User:admin",
-        "listener.name.client.sasl.enabled.mechanisms=SCRAM-SHA-512",
-        "listener.security.protocol.map=CLIENT:$protocol,CONTROLLER:$protocol",
-    ):
-        assert line in script, line
-    assert "PLAINTEXT://" not in script and "CLIENT:PLAINTEXT" not in script
+    (kafka,) = by_kind(objs, "Kafka")
+    spec = kafka["spec"]["kafka"]
+    assert spec["authorization"]["type"] == "simple" and not spec["authorization"].get("superUsers")
+    assert str(spec["config"].get("allow.everyone.if.no.acl.found", "false")).lower() == "false"
+    for listener in spec["listeners"]:
+        assert listener["tls"] is True and listener["authentication"]["type"] == "scram-sha-512", listener
     principals = {a["principal"] for a in parse_acls(objs)}
-    assert principals == {f"offdpo-{s}" for s in SERVICES}, "ACLs only for the services, never the admin"
-    assert set(_configmap(objs, "offdpo-kafka-acls")) == {"acls.tsv"}, "components add their tables"
+    assert principals == {f"offdpo-{s}" for s in SERVICES}, "ACLs only for the services; components add theirs"
 
 
 def _kafka_matrix(objs):
@@ -582,7 +603,6 @@ def test_every_client_authenticates_and_prod_clients_use_tls(rendered):
 
 
 def _check_clients_tls(name: str, objs) -> None:
-    cluster = _configmap(objs, "offdpo-kafka-cluster")
     kafka_clients = list(_kafka_clients(objs))
     assert {service_of(c) for _, c in kafka_clients} >= set(SERVICES)
     for w, c in kafka_clients:
@@ -590,15 +610,13 @@ def _check_clients_tls(name: str, objs) -> None:
         protocol = env_value(objs, c, "OFFDPO_KAFKA_SECURITY_PROTOCOL")
         assert protocol.startswith("SASL_"), f"{what}: every Kafka client authenticates ({protocol})"
         assert env_value(objs, c, "OFFDPO_KAFKA_SASL_MECHANISM") == "SCRAM-SHA-512"
-        assert (protocol == "SASL_SSL") == (cluster["KAFKA_TLS"] == "true"), f"{what}: clients and brokers agree on TLS"
-        if name == "prod":
-            assert protocol == "SASL_SSL", what
-        if protocol == "SASL_SSL":
-            ca = env_value(objs, c, "OFFDPO_KAFKA_SSL_CAFILE")
-            vol = _volume_for(w, c, ca)
-            assert vol and vol.get("secret", {}).get("secretName") == "offdpo-ca", (
-                f"{what}: CA {ca} from the offdpo-ca Secret"
-            )
+        # Strimzi's listener is TLS in every overlay (it issues the certificates itself)
+        assert protocol == "SASL_SSL", what
+        ca = env_value(objs, c, "OFFDPO_KAFKA_SSL_CAFILE")
+        vol = _volume_for(w, c, ca)
+        assert vol and vol.get("secret", {}).get("secretName") == KAFKA_CA_SECRET, (
+            f"{what}: CA {ca} from Strimzi's {KAFKA_CA_SECRET} Secret"
+        )
     s3_clients = list(_s3_clients(objs))
     assert {service_of(c) for _, c in s3_clients if service_of(c)} == set(S3_SERVICES)
     assert any(c["name"] == "s3-setup" for _, c in s3_clients)
@@ -619,14 +637,8 @@ def _check_clients_tls(name: str, objs) -> None:
 
 def test_prod_servers_serve_tls_from_secrets(overlays):
     objs = overlays["prod"]
-    assert _configmap(objs, "offdpo-kafka-cluster")["KAFKA_TLS"] == "true"
-    kafka = get(objs, "StatefulSet", "offdpo-kafka")
-    kc = get_container(kafka, "kafka")
-    assert _volume_for(kafka, kc, "/etc/kafka/tls/tls.crt")["secret"]["secretName"] == "offdpo-kafka-tls"
-    script = _script(kc)
-    assert (
-        "ssl.keystore.location=/tmp/kafka/keystore.pem" in script and "ssl.enabled.protocols=TLSv1.3,TLSv1.2" in script
-    )
+    (kafka,) = by_kind(objs, "Kafka")
+    assert all(listener["tls"] is True for listener in kafka["spec"]["kafka"]["listeners"])
     minio = get(objs, "StatefulSet", "offdpo-minio")
     mc = get_container(minio, "minio")
     certs_dir = mc["args"][mc["args"].index("--certs-dir") + 1]
@@ -667,12 +679,12 @@ def test_backfill_workloads_hold_their_own_identities_only(backfill_prod):
         assert secrets == {
             "OFFDPO_S3_ACCESS_KEY": f"offdpo-s3-{identity}",
             "OFFDPO_S3_SECRET_KEY": f"offdpo-s3-{identity}",
-            "OFFDPO_KAFKA_SASL_USERNAME": f"offdpo-kafka-{identity}",
-            "OFFDPO_KAFKA_SASL_PASSWORD": f"offdpo-kafka-{identity}",
+            "OFFDPO_KAFKA_SASL_PASSWORD": f"offdpo-{identity}",
         }, f"{name}: its own S3 and Kafka identities and no other Secret"
+        assert env_value(objs, c, "OFFDPO_KAFKA_SASL_USERNAME") == f"offdpo-{identity}"
         # the server-side Secrets of refscore stay with refscore: the backfill serves no gRPC
         mounted = {v.get("secret", {}).get("secretName") for v in spec.get("volumes", [])} - {None}
-        assert mounted == {"offdpo-ca"}, f"{name} mounts {mounted}"
+        assert mounted == {"offdpo-ca", KAFKA_CA_SECRET}, f"{name} mounts {mounted}"
         labels = w["spec"]["template"]["metadata"]["labels"]
         assert labels.get("offdpo.io/kafka-client") == "true" and labels.get("offdpo.io/s3-client") == "true"
     # nothing uses the shared credential of before, and the live services keep theirs
@@ -683,19 +695,21 @@ def test_backfill_workloads_hold_their_own_identities_only(backfill_prod):
                 assert not ref or ref["name"] != "offdpo-s3", f"{w['metadata']['name']}: the shared offdpo-s3 Secret"
     ids = _identities(objs)
     for svc in SERVICES:
-        assert ids[svc]["kafka"] == {f"offdpo-kafka-{svc}"}, (svc, ids[svc])
+        assert ids[svc]["kafka"] == {f"offdpo-{svc}"}, (svc, ids[svc])
         assert ids[svc]["s3"] == ({f"offdpo-s3-{svc}"} if svc in S3_SERVICES else set()), (svc, ids[svc])
     # the archiver's consumer group is the one its ACL names
     archiver = get_container(workload(objs, "offdpo-pairs-archiver"), "pairs-archiver")
     assert env_value(objs, archiver, "OFFDPO_ARCHIVE_GROUP") == "offdpo-archiver"
 
 
-def test_the_setup_jobs_create_the_backfill_identities_only_with_the_component(backfill_prod, overlays):
+def test_the_backfill_identities_exist_only_with_the_component(backfill_prod, overlays):
     objs = backfill_prod
     policies = _policies(objs)
     assert set(policies) == set(S3_SERVICES) | set(BACKFILL_IDS)
-    _check_kafka_setup(objs, SERVICES + BACKFILL_IDS)
-    assert set(_configmap(objs, "offdpo-kafka-acls")) == {"acls.tsv", "backfill.tsv"}
+    _check_kafka_users(objs, SERVICES + BACKFILL_IDS)
+    assert sorted(map(_acl_key, parse_acls(objs))) == sorted(
+        map(_acl_key, table_acls(objs, "base/security/kafka-acls.tsv", "components/backfill/security/kafka-acls.tsv"))
+    )
     # the live services' documents are the same with or without the component
     backfill_principals = {f"offdpo-{i}" for i in BACKFILL_IDS}
     live_acls = [a for a in parse_acls(objs) if a["principal"] not in backfill_principals]
@@ -1008,15 +1022,13 @@ _STUB = """#!/bin/sh
 
 
 def _secret_value(name: str, key: str) -> str:
-    """Made-up Secret values; a Kafka username is its principal (the dev overlay's values are checked above)."""
-    if key == "username":
-        return "offdpo-" + name.removeprefix("offdpo-kafka-")
+    """Made-up Secret values."""
     return f"{name}-{key}"
 
 
 def _run_setup(objs, job: str, container: str, tmp_path, drop: str | None = None):
     """Run a setup Job's script with bash: its ConfigMap volumes as files, its Secrets as made-up values,
-    kafka-*.sh and mc replaced by stubs that log their arguments. -> (exit code, output, logged calls)."""
+    mc replaced by a stub that log their arguments. -> (exit code, output, logged calls)."""
     import shutil
     import subprocess
 
@@ -1026,7 +1038,7 @@ def _run_setup(objs, job: str, container: str, tmp_path, drop: str | None = None
     etc, tools, tmp = root / "etc", root / "bin", root / "tmp"
     for d in (etc, tools, tmp):
         d.mkdir(parents=True)
-    for tool in ("kafka-topics.sh", "kafka-configs.sh", "kafka-acls.sh", "mc"):
+    for tool in ("mc",):
         (tools / tool).write_text(_STUB)
         (tools / tool).chmod(0o755)
     volumes = {v["name"]: v for v in pod_spec(w)["volumes"]}
@@ -1049,7 +1061,7 @@ def _run_setup(objs, job: str, container: str, tmp_path, drop: str | None = None
             continue
         ref = src.get("valueFrom", {}).get("secretKeyRef")
         environ[var] = _secret_value(ref["name"], ref["key"]) if ref else local(str(env_value(objs, c, var)))
-    script = local(_script(c)).replace("/opt/kafka/bin", str(tools))
+    script = local(_script(c))
     assert c["command"] == ["/bin/bash", "-ec"]
     bash = shutil.which("bash")
     assert bash, "bash is needed to run the setup scripts"
@@ -1064,26 +1076,8 @@ def _flag(call: list[str], name: str) -> str:
 
 
 @pytest.mark.parametrize("which", ["dev", "prod", "prod+backfill"])
-def test_the_setup_scripts_create_exactly_the_documented_identities(overlays, backfill_prod, tmp_path, which):
+def test_the_s3_setup_script_creates_exactly_the_documented_identities(overlays, backfill_prod, tmp_path, which):
     objs = backfill_prod if which == "prod+backfill" else overlays[which]
-    identities = SERVICES + (BACKFILL_IDS if which == "prod+backfill" else ())
-    # Kafka: one SCRAM user per principal, then every ACL line of every table
-    code, output, calls = _run_setup(objs, "offdpo-create-topics", "create-topics", tmp_path)
-    assert code == 0, output
-    users = {_flag(c, "--entity-name") for c in calls if c[0] == "kafka-configs.sh"}
-    assert users == {f"offdpo-{i}" for i in identities}
-    applied = [
-        (_flag(c, "--allow-principal"), _flag(c, "--operation"), next(a for a in ("--topic", "--group") if a in c), c)
-        for c in calls
-        if c[0] == "kafka-acls.sh" and "--add" in c
-    ]
-    expected = [
-        (f"User:{a['principal']}", a["operation"], f"--{a['resource']}", a["name"], a["pattern"])
-        for a in parse_acls(objs)
-    ]
-    assert sorted(
-        (p, op, res, _flag(c, res), _flag(c, "--resource-pattern-type")) for p, op, res, c in applied
-    ) == sorted(expected)
     # S3: one MinIO user per policy document, with the keys of its own Secret and that document
     code, output, calls = _run_setup(objs, "offdpo-ensure-bucket", "s3-setup", tmp_path)
     assert code == 0, output
@@ -1102,16 +1096,12 @@ def test_the_setup_scripts_create_exactly_the_documented_identities(overlays, ba
     assert len(attached) == len(s3_ids), "no user gets a second policy"
 
 
-def test_the_setup_scripts_stop_on_an_identity_without_its_secret(backfill_prod, tmp_path):
-    code, output, _ = _run_setup(
+def test_the_s3_setup_script_stops_on_an_identity_without_its_secret(backfill_prod, tmp_path):
+    code, output, calls = _run_setup(
         backfill_prod, "offdpo-ensure-bucket", "s3-setup", tmp_path, drop="S3_SECRET_KEY_RESCORE"
     )
     assert code == 2 and "offdpo-s3-rescore" in output, output
-    code, output, calls = _run_setup(
-        backfill_prod, "offdpo-create-topics", "create-topics", tmp_path / "k", drop="KAFKA_USER_ARCHIVER"
-    )
-    assert code == 2 and "offdpo-kafka-archiver" in output and "KAFKA_USER_ARCHIVER" in output, output
-    assert not any(c[0] == "kafka-acls.sh" and "--add" in c for c in calls), "no ACL before every user exists"
+    assert not any(c[:4] == ["mc", "--config-dir"] and "attach" in c for c in calls)
 
 
 def test_the_backfill_render_is_valid_and_locked_down(backfill_prod):
@@ -1128,11 +1118,11 @@ def test_the_backfill_render_is_valid_and_locked_down(backfill_prod):
     # the backfill pods reach Kafka and MinIO through the same network policies as the services
     for name in BACKFILL:
         labels = workload(backfill_prod, name)["spec"]["template"]["metadata"]["labels"]
-        for port, target in ((9092, "kafka"), (9000, "minio")):
-            dst = next(w for w in workloads(backfill_prod) if w["metadata"]["name"] == f"offdpo-{target}")
-            peer = dst["spec"]["template"]["metadata"]["labels"]
-            for direction in ("egress", "ingress"):
-                assert checks._allowed(backfill_prod, labels, peer, port, direction), (name, target, direction)
+        dst = next(w for w in workloads(backfill_prod) if w["metadata"]["name"] == "offdpo-minio")
+        peer = dst["spec"]["template"]["metadata"]["labels"]
+        for direction in ("egress", "ingress"):
+            assert checks._allowed(backfill_prod, labels, peer, 9000, direction), (name, "minio", direction)
+    checks.check_kafka_flows(backfill_prod, list(BACKFILL))
 
 
 # -- deploy/components/rounds: refscore serves a trainer checkpoint from S3 ---------------------------------
@@ -1261,7 +1251,7 @@ def test_the_rounds_component_changes_only_refscores_policy(rounds_prod, overlay
     rounds, base = _policies(objs), _policies(prod)
     assert set(rounds) == set(base) == set(S3_SERVICES)
     assert rounds["trainer"] == base["trainer"], "the trainer's policy must not change"
-    assert _configmap(objs, "offdpo-kafka-acls") == _configmap(prod, "offdpo-kafka-acls")
+    assert parse_acls(objs) == parse_acls(prod)
     assert all(st in rounds["refscore"]["Statement"] for st in base["refscore"]["Statement"])
     added = [st for st in rounds["refscore"]["Statement"] if st not in base["refscore"]["Statement"]]
     assert added, "the component grants nothing"

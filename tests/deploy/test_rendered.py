@@ -13,6 +13,7 @@ import yaml
 
 from cli.service_configs import service_config_classes, service_env_vars
 from offdpo.config import DEV_ACCESS_KEY, DEV_SECRET_KEY, KafkaConfig, S3Config
+from tests.deploy import crd_schemas
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 # Kubernetes versions the manifests must be valid for: the oldest supported one, and the newest
@@ -21,8 +22,9 @@ MIN_K8S = "1.30.0"
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "Job", "DaemonSet", "CronJob"}
 GRPC_HEALTH_SERVICE = {"refscore": "offdpo.v1.RefScore", "labeler": "offdpo.v1.Labeler"}
 # Which env contract each container name has: a service of cli.service_configs, a fixed set,
-# or None for third-party images (Kafka, MinIO) that read no OFFDPO_* settings of ours.
-THIRD_PARTY = {"kafka", "minio", "create-topics"}
+# or None for third-party images (MinIO) that read no OFFDPO_* settings of ours. Kafka is Strimzi's
+# (custom resources, no workload of ours).
+THIRD_PARTY = {"minio"}
 # The S3 setup Job (MinIO's mc) reads the S3 client ConfigMap; its credentials (MinIO's root, the
 # services' keys it creates users for) are its own variables, from Secrets.
 TOOLS = {
@@ -30,6 +32,12 @@ TOOLS = {
     "build-model": set(),
 }
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|ACCESS_KEY|CREDENTIAL", re.I)
+# Strimzi (components/kafka-strimzi): the Kafka resource's name, and the Secrets its operators write.
+KAFKA_CLUSTER = "offdpo"
+KAFKA_CA_SECRET = f"{KAFKA_CLUSTER}-cluster-ca-cert"  # Strimzi's cluster CA certificate (ca.crt)
+# Variables the services' config marks secret that may be a literal: a Kafka user name is no secret
+# (the ACLs name it), and the Secret Strimzi's User Operator writes has no username key to point at.
+LITERAL_OK = {"OFFDPO_KAFKA_SASL_USERNAME"}
 
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -114,6 +122,8 @@ def test_overlays_exist(overlays):
 
 
 def test_objects_validate_strict(rendered):
+    """Core kinds against Kubernetes' schemas (kubernetes-validate --strict); custom resources against
+    their CRDs' schemas (tests/deploy/crd_schemas.py); a kind neither knows fails."""
     import kubernetes_validate
     from kubernetes_validate import utils
 
@@ -121,14 +131,39 @@ def test_objects_validate_strict(rendered):
     assert tuple(int(x) for x in latest.split(".")[:2]) >= (1, 30)
     _, objs = rendered
     assert objs
+    custom = [o for o in objs if crd_schemas.has_vendored_schema(o) or crd_schemas.is_npm_modelled(o)]
     for version in (MIN_K8S, latest):
         for obj in objs:
+            if any(obj is c for c in custom):
+                continue
             try:
                 kubernetes_validate.validate(obj, version, strict=True)
             except kubernetes_validate.ValidationError as exc:
                 pytest.fail(
                     f"{obj['kind']}/{obj['metadata']['name']} invalid for Kubernetes {version}: {exc.message} at {list(exc.path)}"
                 )
+            except kubernetes_validate.SchemaNotFoundError:
+                pytest.fail(
+                    f"{obj['apiVersion']} {obj['kind']}: no schema (a CRD? add it to tests/deploy/crd_schemas.py)"
+                )
+    validate_custom_resources(custom)
+
+
+def validate_custom_resources(objs) -> None:
+    for obj in objs:
+        if crd_schemas.has_vendored_schema(obj):
+            errors = crd_schemas.vendored_errors(obj)
+            assert not errors, f"{obj['kind']}/{obj['metadata']['name']} against its CRD: {errors}"
+    npm = [o for o in objs if crd_schemas.is_npm_modelled(o)]
+    if not npm:
+        return
+    try:
+        results = crd_schemas.npm_errors(npm)
+    except crd_schemas.SetupError as exc:
+        pytest.skip(f"cannot validate {sorted({o['kind'] for o in npm})}: {exc}")
+    for o in npm:
+        error = results[(o["kind"], o["metadata"]["name"])]
+        assert error is None, f"{o['kind']}/{o['metadata']['name']} against its CRD: {error}"
 
 
 # -- pods: resources, security ----------------------------------------------------------------------
@@ -161,7 +196,11 @@ def test_namespaces_enforce_restricted_pod_security(rendered):
     _, objs = rendered
     (ns,) = by_kind(objs, "Namespace")
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
-    assert all(o["metadata"].get("namespace") == ns["metadata"]["name"] for o in objs if o["kind"] != "Namespace")
+    cluster_scoped = {"Namespace", "PriorityClass"}
+    assert all(
+        o["metadata"].get("namespace") == ns["metadata"]["name"] for o in objs if o["kind"] not in cluster_scoped
+    )
+    assert all("namespace" not in o["metadata"] for o in objs if o["kind"] in cluster_scoped)
 
 
 # -- gRPC probes -----------------------------------------------------------------------------------
@@ -326,6 +365,10 @@ def test_containers_get_exactly_the_variables_their_service_reads(rendered):
             assert not extra, f"{what} sets variables its service does not read (or left at defaults): {sorted(extra)}"
             assert not missing, f"{what} lacks {sorted(missing)}: set them or list them in deploy/env-defaults.yaml"
             for n in secret_vars & set(env):
+                if n in LITERAL_OK and "value" in env[n]:
+                    users = {u["metadata"]["name"] for u in by_kind(objs, "KafkaUser")}
+                    assert env[n]["value"] in users, f"{what}: {n}={env[n]['value']} names no KafkaUser"
+                    continue
                 assert "secretKeyRef" in env[n].get("valueFrom", {}), f"{what}: {n} must come from a Secret"
     assert checked == set(service_config_classes()), "every service is deployed"
 
@@ -383,10 +426,6 @@ def test_no_plaintext_secrets_outside_dev_placeholders(rendered):
         values = {k: base64.b64decode(v).decode() for k, v in s.get("data", {}).items()}
         values.update(s.get("stringData", {}))
         for k, v in values.items():
-            if k == "username" and s["metadata"]["name"].startswith("offdpo-kafka-"):
-                # a Kafka identity's name is no secret: the ACLs name it (offdpo-<service>)
-                assert v == "offdpo-" + s["metadata"]["name"].removeprefix("offdpo-kafka-"), v
-                continue
             assert v in allowed or "dev-placeholder" in v, (
                 f"Secret {s['metadata']['name']}/{k} is not a dev placeholder"
             )
@@ -404,74 +443,134 @@ def test_dev_credentials_appear_only_in_the_dev_overlay():
             assert DEV_SECRET_KEY not in text and DEV_ACCESS_KEY not in text, path
 
 
-# -- Kafka, MinIO, topics, scaling ---------------------------------------------------------------------
-def test_kafka_size_agrees_with_its_configuration(rendered):
+# -- Kafka (Strimzi), MinIO, topics, scaling -------------------------------------------------------------
+def kafka_topics(objs) -> dict[str, dict]:
+    """topic name -> its KafkaTopic."""
+    return {o["spec"].get("topicName", o["metadata"]["name"]): o for o in by_kind(objs, "KafkaTopic")}
+
+
+def node_pools(objs) -> dict[str, dict]:
+    """role -> the KafkaNodePool with exactly that role."""
+    pools = {}
+    for pool in by_kind(objs, "KafkaNodePool"):
+        assert pool["metadata"]["labels"]["strimzi.io/cluster"] == KAFKA_CLUSTER
+        (role,) = pool["spec"]["roles"]  # dedicated controllers and brokers, never both in one node
+        assert role not in pools, f"two {role} pools"
+        pools[role] = pool
+    return pools
+
+
+def test_kafka_is_strimzi_kraft_with_dedicated_controllers_and_brokers(rendered):
     name, objs = rendered
-    cluster = configmap_data(
+    (kafka,) = by_kind(objs, "Kafka")
+    assert kafka["metadata"]["name"] == KAFKA_CLUSTER
+    assert not [w for w in workloads(objs) if "kafka" in w["metadata"]["name"]], "no hand-written Kafka"
+    pools = node_pools(objs)
+    assert set(pools) == {"controller", "broker"}
+    for pool in pools.values():
+        storage = pool["spec"]["storage"]
+        volumes = storage.get("volumes", [storage])
+        assert all(v["type"] == "persistent-claim" and v.get("deleteClaim") is False for v in volumes)
+    assert any(v.get("kraftMetadata") == "shared" for v in pools["controller"]["spec"]["storage"]["volumes"])
+    brokers, controllers = pools["broker"]["spec"]["replicas"], pools["controller"]["spec"]["replicas"]
+    config = kafka["spec"]["kafka"]["config"]
+    rf, isr = int(config["default.replication.factor"]), int(config["min.insync.replicas"])
+    assert 1 <= isr <= rf <= brokers
+    assert int(config["offsets.topic.replication.factor"]) == rf
+    assert config["auto.create.topics.enable"] is False and config["unclean.leader.election.enable"] is False
+    assert str(config.get("allow.everyone.if.no.acl.found", "false")).lower() == "false"
+    if name == "prod":
+        assert (controllers, brokers, rf, isr) == (3, 3, 3, 2)
+    else:
+        assert (controllers, brokers) == (1, 1)
+    # every client: TLS + SCRAM-SHA-512 on the one listener, the authorizer on, no super user
+    (listener,) = kafka["spec"]["kafka"]["listeners"]
+    assert listener["tls"] is True and listener["authentication"] == {"type": "scram-sha-512"}
+    assert kafka["spec"]["kafka"]["authorization"] == {"type": "simple"}, "no superUsers"
+    assert kafka["spec"]["entityOperator"].keys() >= {"topicOperator", "userOperator"}
+
+
+def test_clients_reach_strimzis_listener_with_its_ca(rendered):
+    _, objs = rendered
+    (kafka,) = by_kind(objs, "Kafka")
+    (listener,) = kafka["spec"]["kafka"]["listeners"]
+    client = configmap_data(
         objs,
         next(
             c["metadata"]["name"]
             for c in by_kind(objs, "ConfigMap")
-            if c["metadata"]["name"].startswith("offdpo-kafka-cluster")
+            if c["metadata"]["name"].startswith("offdpo-kafka-client")
         ),
     )
-    sts = get(objs, "StatefulSet", "offdpo-kafka")
-    assert sts["spec"]["replicas"] == int(cluster["BROKERS"])
-    assert sts["spec"]["volumeClaimTemplates"], "Kafka needs persistent volumes"
-    rf, isr = int(cluster["REPLICATION_FACTOR"]), int(cluster["MIN_INSYNC_REPLICAS"])
-    assert 1 <= isr <= rf <= sts["spec"]["replicas"]
-    if name == "prod":
-        assert (sts["spec"]["replicas"], rf, isr) == (3, 3, 2)
-    else:
-        assert sts["spec"]["replicas"] == 1
-    script = "\n".join(get_container(sts, "kafka")["args"])
-    assert "process.roles=broker,controller" in script and "min.insync.replicas=$MIN_INSYNC_REPLICAS" in script
+    # Strimzi's bootstrap Service is <cluster>-kafka-bootstrap; its certificates are signed by the
+    # cluster CA, whose certificate is in the Secret <cluster>-cluster-ca-cert.
+    assert client["OFFDPO_KAFKA_BOOTSTRAP"] == f"{KAFKA_CLUSTER}-kafka-bootstrap:{listener['port']}"
+    assert client["OFFDPO_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert client["OFFDPO_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
+    peers = listener["networkPolicyPeers"]
+    assert peers == [{"podSelector": {"matchLabels": {"offdpo.io/kafka-client": "true"}}}], peers
 
 
-def test_topics_job_creates_every_topic_the_services_use(rendered):
-    _, objs = rendered
-    job = get(objs, "Job", "offdpo-create-topics")
-    c = get_container(job, "create-topics")
-    env = container_env(objs, c)
-    script = "\n".join(c["args"])
-    topic_vars = {n for n in KafkaConfig.env_vars() if n.startswith("OFFDPO_TOPIC_")}
-    for var in topic_vars:
-        assert f'"${var}"' in script, var
-        # the job reads the topic names from the same ConfigMap as the services
-        assert (
-            env[var]["configMap"]
-            == container_env(objs, get_container(get(objs, "Deployment", "offdpo-refscore"), "refscore"))[var][
-                "configMap"
-            ]
-        )
-    assert '--partitions "$TOPIC_PARTITIONS"' in script and "--if-not-exists" in script
+def test_kafka_topics_are_every_topic_the_services_use(rendered):
+    name, objs = rendered
+    client = configmap_data(
+        objs,
+        next(
+            c["metadata"]["name"]
+            for c in by_kind(objs, "ConfigMap")
+            if c["metadata"]["name"].startswith("offdpo-kafka-client")
+        ),
+    )
+    topics = kafka_topics(objs)
+    wanted = {client[v] for v in KafkaConfig.env_vars() if v.startswith("OFFDPO_TOPIC_")}
+    assert set(topics) == wanted, "one KafkaTopic per topic the services read from the ConfigMap"
+    brokers = node_pools(objs)["broker"]["spec"]["replicas"]
+    for topic, kt in topics.items():
+        assert kt["metadata"]["labels"]["strimzi.io/cluster"] == KAFKA_CLUSTER
+        spec, config = kt["spec"], kt["spec"]["config"]
+        assert 1 <= int(config["min.insync.replicas"]) <= spec["replicas"] <= brokers, topic
+        assert int(config["max.message.bytes"]) == 16777216, "deploy/README.md, Record size limits"
+        assert int(config["retention.ms"]) > 0, topic
+        if name == "prod":
+            assert (spec["replicas"], int(config["min.insync.replicas"])) == (3, 2), topic
+    (kafka,) = by_kind(objs, "Kafka")
+    assert int(kafka["spec"]["kafka"]["config"]["message.max.bytes"]) == 16777216
 
 
 def test_refscore_scaling_is_bounded_by_partitions(rendered):
     name, objs = rendered
-    cluster = configmap_data(
+    client = configmap_data(
         objs,
         next(
             c["metadata"]["name"]
             for c in by_kind(objs, "ConfigMap")
-            if c["metadata"]["name"].startswith("offdpo-kafka-cluster")
+            if c["metadata"]["name"].startswith("offdpo-kafka-client")
         ),
     )
-    partitions = int(cluster["TOPIC_PARTITIONS"])
+    partitions = kafka_topics(objs)[client["OFFDPO_TOPIC_PAIRS"]]["spec"]["partitions"]
+    check_refscore_scaling(name, objs, partitions)
+
+
+def check_refscore_scaling(name, objs, partitions: int) -> None:
     d = get(objs, "Deployment", "offdpo-refscore")
     hpas = by_kind(objs, "HorizontalPodAutoscaler")
+    scaled = by_kind(objs, "ScaledObject")
+    assert len(hpas) + len(scaled) <= 1, "one autoscaler per Deployment (KEDA's ScaledObject replaces the HPA)"
     if name == "prod":
-        (hpa,) = hpas
-        assert hpa["spec"]["scaleTargetRef"] == {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "name": "offdpo-refscore",
-        }
-        assert 2 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"] <= partitions
+        (scaler,) = hpas + scaled
+        target = scaler["spec"]["scaleTargetRef"]
+        assert target["name"] == "offdpo-refscore" and target.get("kind", "Deployment") == "Deployment"
+    most_replicas = d["spec"]["replicas"]
+    if hpas:
+        assert 2 <= hpas[0]["spec"]["minReplicas"] <= hpas[0]["spec"]["maxReplicas"] <= partitions
+        most_replicas = hpas[0]["spec"]["maxReplicas"]
+    if scaled:
+        spec = scaled[0]["spec"]
+        assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] <= partitions
+        most_replicas = spec["maxReplicaCount"]
     assert d["spec"]["replicas"] <= partitions
     # Each replica enforces 1/N of every team's quota: N must be the most replicas that can serve at
     # once, or a team's quota is multiplied by the replica count.
-    most_replicas = hpas[0]["spec"]["maxReplicas"] if hpas else d["spec"]["replicas"]
     assert int(env_value(objs, get_container(d, "refscore"), "OFFDPO_REFSCORE_REPLICAS")) == most_replicas
 
 
@@ -557,6 +656,27 @@ def _allowed(objs, src, dst, port, direction):
     return False
 
 
+def strimzi_pod_labels(objs) -> dict[str, dict[str, str]]:
+    """The labels Strimzi's cluster operator puts on the pods it runs for the Kafka `offdpo` (Strimzi 1.2.0,
+    operator-common Labels.java and the model classes: strimzi.io/cluster, /kind, /name, /pool-name,
+    /broker-role, /controller-role), plus a node pool's template labels. -> role -> labels."""
+    common = {"strimzi.io/cluster": KAFKA_CLUSTER, "strimzi.io/kind": "Kafka"}
+    out = {}
+    for role, pool in node_pools(objs).items():
+        out[role] = {
+            **pool["spec"].get("template", {}).get("pod", {}).get("metadata", {}).get("labels", {}),
+            **common,
+            "strimzi.io/name": f"{KAFKA_CLUSTER}-kafka",
+            "strimzi.io/pool-name": pool["metadata"]["name"],
+            "strimzi.io/broker-role": str(role == "broker").lower(),
+            "strimzi.io/controller-role": str(role == "controller").lower(),
+            "app.kubernetes.io/name": "kafka",
+        }
+    out["entity-operator"] = {**common, "strimzi.io/name": f"{KAFKA_CLUSTER}-entity-operator"}
+    out["kafka-exporter"] = {**common, "strimzi.io/name": f"{KAFKA_CLUSTER}-kafka-exporter"}
+    return out
+
+
 def test_network_policies_deny_by_default_and_allow_the_pipeline(rendered):
     _, objs = rendered
     deny = [
@@ -569,13 +689,10 @@ def test_network_policies_deny_by_default_and_allow_the_pipeline(rendered):
     ]
     assert deny, "no default-deny policy"
     labels = {w["metadata"]["name"]: pod_labels(w) for w in workloads(objs)}
+    check_kafka_flows(
+        objs, [n for n in labels if n.startswith(("offdpo-labeler", "offdpo-refscore", "offdpo-trainer"))]
+    )
     flows = [
-        ("offdpo-labeler", "offdpo-kafka", 9092),
-        ("offdpo-labeler-api", "offdpo-kafka", 9092),
-        ("offdpo-refscore", "offdpo-kafka", 9092),
-        ("offdpo-trainer", "offdpo-kafka", 9092),
-        ("offdpo-create-topics", "offdpo-kafka", 9092),
-        ("offdpo-kafka", "offdpo-kafka", 9093),
         ("offdpo-refscore", "offdpo-minio", 9000),
         ("offdpo-trainer", "offdpo-minio", 9000),
         ("offdpo-ensure-bucket", "offdpo-minio", 9000),
@@ -589,3 +706,32 @@ def test_network_policies_deny_by_default_and_allow_the_pipeline(rendered):
     # and not everything is allowed: the labeler cannot reach MinIO, the trainer cannot reach refscore
     assert not _allowed(objs, labels["offdpo-labeler"], labels["offdpo-minio"], 9000, "ingress")
     assert not _allowed(objs, labels["offdpo-trainer"], labels["offdpo-refscore"], 50051, "ingress")
+
+
+def check_kafka_flows(objs, clients: list[str]) -> None:
+    """Kafka clients reach the brokers' listener: egress by our policies, ingress by the policy Strimzi
+    generates from the listener's networkPolicyPeers. The nodes reach each other (9090 control plane,
+    9091 replication) and the entity operator and the exporter the brokers (9091): egress by our
+    policies (Strimzi generates the ingress side for its own ports)."""
+    strimzi = strimzi_pod_labels(objs)
+    (kafka,) = by_kind(objs, "Kafka")
+    (listener,) = kafka["spec"]["kafka"]["listeners"]
+    labels = {w["metadata"]["name"]: pod_labels(w) for w in workloads(objs)}
+    assert clients
+    for name in clients:
+        assert labels[name].get("offdpo.io/kafka-client") == "true", name
+        assert _allowed(objs, labels[name], strimzi["broker"], listener["port"], "egress"), f"{name} -> brokers"
+        assert any(_selects(p.get("podSelector"), labels[name]) for p in listener["networkPolicyPeers"]), name
+        assert not _allowed(objs, labels[name], strimzi["controller"], listener["port"], "egress"), name
+    for src, dst, port in [
+        ("broker", "controller", 9090),
+        ("controller", "controller", 9090),
+        ("broker", "broker", 9091),
+        ("controller", "broker", 9091),
+        ("entity-operator", "broker", 9091),
+        ("kafka-exporter", "broker", 9091),
+    ]:
+        assert _allowed(objs, strimzi[src], strimzi[dst], port, "egress"), f"{src} -> {dst}:{port}"
+    # a client pod cannot reach the brokers' internal ports
+    for name in clients:
+        assert not _allowed(objs, labels[name], strimzi["broker"], 9091, "egress"), name
