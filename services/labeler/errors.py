@@ -56,6 +56,20 @@ class GenerateFailed(errors.Unavailable):
     error_type = "generate_failed"
 
 
+class GenerateRefused(errors.RecordError):
+    """refscore refused to generate for this set (INVALID_ARGUMENT / OUT_OF_RANGE: a prompt over the
+    model's length, an unknown reference it names): retrying cannot fix it, so it is dead-lettered."""
+
+    error_type = "generate_refused"
+
+
+class JudgeRefused(errors.RecordError):
+    """The judge endpoint refused the request made for this set (HTTP 400, 413 or 422: a prompt over
+    the judge's context length, content it rejects): retrying cannot fix it, so it is dead-lettered."""
+
+    error_type = "judge_refused"
+
+
 class JudgeError(errors.Unavailable):
     """The judge endpoint failed (after the client's retries, or with an error retrying cannot fix)."""
 

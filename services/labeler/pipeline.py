@@ -27,6 +27,7 @@ from services.labeler.config import JudgeConfig, LabelerConfig
 from services.labeler.errors import (
     GenerateFailed,
     GenerateNotConfigured,
+    GenerateRefused,
     InvalidCandidateSet,
     PublishError,
     StrategyUnavailable,
@@ -382,6 +383,8 @@ class Labeler:
             )
         try:
             new = self.generator.generate(cs.prompt, n)
+        except GenerateRefused:
+            raise  # refscore says this set's request is wrong: dead-lettered, not retried
         except Exception as exc:  # noqa: BLE001 - whatever the generator raised rejects this set, with its reason
             raise GenerateFailed(f"on-policy generation failed: {exc}") from exc
         seen = set(cs.answers)

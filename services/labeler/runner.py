@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
 from kafka import TopicPartition
 from kafka.structs import OffsetAndMetadata
 
@@ -29,6 +30,7 @@ from offdpo.v1 import records_pb2
 from services.labeler import inputs
 from services.labeler.base import Strategy
 from services.labeler.config import JudgeConfig, LabelerConfig
+from services.labeler.errors import GenerateRefused
 from services.labeler.names import InputKind, StrategyName
 from services.labeler.pipeline import (
     SERVICE,
@@ -65,7 +67,15 @@ class RefScoreGenerator:
     def generate(self, prompt: records_pb2.Prompt, n: int) -> list[str]:
         req = self._pb.GenerateRequest(n=n, max_tokens=self.max_tokens, temperature=self.temperature)
         req.prompt.CopyFrom(prompt)
-        resp = self.client.stub.Generate(req, timeout=self.timeout_s)
+        try:
+            resp = self.client.stub.Generate(req, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            if code is grpc.StatusCode.INVALID_ARGUMENT or code is grpc.StatusCode.OUT_OF_RANGE:
+                raise GenerateRefused(
+                    f"refscore refused to generate for this set ({code.name}): {exc.details()}"
+                ) from None
+            raise  # UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...: an outage, retried
         return [a.text for a in resp.answers]
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from services.labeler.config import JudgeConfig
-from services.labeler.errors import JudgeError
+from services.labeler.errors import JudgeError, JudgeRefused
 from services.labeler.judge import GSB_LABELS, GsbAsk, LLMJudgeStrategy, OpenAIJudgeClient, VerdictCache
 from services.labeler.judge.gsb import GsbMethod
 from services.labeler.judge.reference import ReferenceAsk, ReferenceMethod
@@ -125,12 +125,40 @@ def status_server():
     srv.shutdown()
 
 
-def test_client_does_not_retry_what_retrying_cannot_fix(status_server):
-    _Status.status = 400
+@pytest.mark.parametrize("status", [400, 413, 422])
+def test_a_request_the_judge_refuses_is_this_sets_error_not_an_outage(status_server, status):
+    # Audit path 2 (issue 27): a 400 (context length) was an outage, retried forever: the set's
+    # partition stalled. Now it is a record error, dead-lettered with the reason.
+    _Status.status = status
     client = OpenAIJudgeClient(JudgeConfig(base_url=status_server, model="m", max_retries=3, backoff_s=0.01))
-    with pytest.raises(JudgeError, match=r"failed after 1 attempt\(s\): BadRequestError"):
+    with pytest.raises(JudgeRefused, match=rf"refused the request for this set \(HTTP {status}: ") as err:
         client.complete("q", GSB_LABELS)
+    assert not err.value.retryable and err.value.error_type == "judge_refused"
     assert client.calls == 1 and len(_Status.attempts) == 1
+
+
+@pytest.mark.parametrize("status", [401, 404])
+def test_a_judge_setting_problem_is_an_outage_that_loses_no_set(status_server, status):
+    # A wrong key or model name is the operator's to fix: the sets wait (readiness reports it).
+    _Status.status = status
+    client = OpenAIJudgeClient(JudgeConfig(base_url=status_server, model="m", max_retries=3, backoff_s=0.01))
+    with pytest.raises(JudgeError, match=r"failed after 1 attempt\(s\)") as err:
+        client.complete("q", GSB_LABELS)
+    assert err.value.retryable
+
+
+def test_only_the_set_the_judge_refused_is_dead_lettered():
+    class RefusesLong:
+        model = "short-context"
+
+        def complete(self, prompt, choices):
+            if "Paris" in prompt:
+                raise JudgeRefused("HTTP 400: maximum context length exceeded")
+            return "Good" if "[Answer A]\n4" in prompt else "Bad"
+
+    ok, refused = strategy(RefusesLong()).label_batch([cset(["4", "5"]), cset(["Paris", "Lyon"])], "s")
+    assert len(ok.pairs) == 1
+    assert isinstance(refused, JudgeRefused) and not refused.retryable and "context length" in str(refused)
 
 
 def test_client_spaces_retries_by_the_judge_backoff_settings(status_server):

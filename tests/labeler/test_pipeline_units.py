@@ -3,22 +3,24 @@ published once, duplicates counted, rejects dead-lettered with the error_type of
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 
+import grpc
 import pytest
 from kafka.errors import KafkaTimeoutError
 
 from offdpo import errors, records
 from offdpo.config import KafkaConfig
-from offdpo.v1 import labeler_pb2, records_pb2
+from offdpo.v1 import labeler_pb2, records_pb2, refscore_pb2_grpc
 from services.labeler import inputs
 from services.labeler.base import Outcome
 from services.labeler.config import LabelerConfig
 from services.labeler.errors import InvalidCandidateSet, JudgeError, LabelError, PublishError, RulesError
 from services.labeler.judge import LLMJudgeStrategy, VerdictCache
 from services.labeler.names import CANDIDATE_STRATEGIES, StrategyName
-from services.labeler.runner import build_labeler, close_labeler, run_file, run_kafka
+from services.labeler.runner import RefScoreGenerator, build_labeler, close_labeler, run_file, run_kafka
 from tests.fakes import FakeBroker, FakeConsumer, FakeProducer
 
 from .conftest import SAMPLES
@@ -348,3 +350,38 @@ def test_broker_down_at_publish_loses_no_pair(broker, fake_cfg, where):
     # Sent anew, not answered as duplicates of pairs Kafka never acknowledged.
     assert [(len(r.pair_ids), r.duplicate_ids) for r in reports] == [(1, [])] * 3
     assert {pid for r in reports for pid in r.pair_ids} <= {p.pair_id for p in pairs_on(broker)}
+
+
+class _RefusingRefscore(refscore_pb2_grpc.RefScoreServicer):
+    """A refscore whose Generate answers `code` (a real gRPC server, in this process)."""
+
+    def __init__(self, code):
+        self.code = code
+
+    def Generate(self, request, context):
+        context.abort(self.code, "prompt is 9000 tokens, over max_model_len 4096: shorten it")
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE])
+def test_refscore_refusing_a_set_dead_letters_it_and_an_outage_does_not(broker, fake_cfg, code):
+    # Audit path 2 (issue 27): every Generate error, INVALID_ARGUMENT included, was an outage: one
+    # set whose prompt refscore can never take stalled its partition forever.
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    refscore_pb2_grpc.add_RefScoreServicer_to_server(_RefusingRefscore(code), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        cfg = dataclasses.replace(fake_cfg, refscore_address=f"127.0.0.1:{port}", generate_timeout_s=10.0)
+        generator = RefScoreGenerator(cfg)
+        lab = labeler_on(broker, cfg, generator=generator)
+        (report,) = lab.label_candidates([item(cset(["x"], generate_n=2), 7)])
+        lab.confirm()
+        generator.close()
+    finally:
+        server.stop(0)
+    letters = [(d.offset, d.error_type) for d in letters_on(broker)]
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        assert letters == [(7, "generate_refused")] and not report.retry
+        assert "over max_model_len" in report.error
+    else:
+        assert letters == [] and report.retry  # redone when refscore is back

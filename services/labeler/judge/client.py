@@ -19,7 +19,12 @@ import openai
 
 from offdpo.errors import ConfigError
 from services.labeler.config import JudgeConfig
-from services.labeler.errors import JudgeError
+from services.labeler.errors import JudgeError, JudgeRefused
+
+# Statuses that refuse this request whatever the judge's state: the set is dead-lettered. Others (401,
+# 403, 404: a key or model setting; 429, 5xx, timeouts: the endpoint's state) are outages, retried, and
+# the labeler's readiness reports them after OFFDPO_LABELER_OUTAGE_READY_S; no set is lost to them.
+_REFUSED_FOR_THIS_REQUEST = (400, 413, 422)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +92,17 @@ class OpenAIJudgeClient:
                 temperature=self.cfg.temperature,
                 extra_body={"structured_outputs": {"choice": list(choices)}} if self.cfg.structured_output else None,
             )
+        except openai.APIStatusError as exc:
+            if exc.status_code in _REFUSED_FOR_THIS_REQUEST:
+                raise JudgeRefused(
+                    f"judge {self.model} at {self.cfg.base_url} refused the request for this set "
+                    f"(HTTP {exc.status_code}: {exc.message}); e.g. the prompt and answers are over the judge's "
+                    "context length: shorten them or use a judge with a longer context"
+                ) from None
+            raise JudgeError(
+                f"judge {self.model} at {self.cfg.base_url} failed after {max(1, self._attempts.n)} "
+                f"attempt(s): {type(exc).__name__}: {exc}"
+            ) from None
         except openai.OpenAIError as exc:
             raise JudgeError(
                 f"judge {self.model} at {self.cfg.base_url} failed after {max(1, self._attempts.n)} "

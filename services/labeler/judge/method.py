@@ -16,7 +16,7 @@ from typing import ClassVar, Generic, TypeVar
 from offdpo import records
 from offdpo.v1 import labeler_pb2, records_pb2
 from services.labeler.base import Outcome, Result, base_provenance
-from services.labeler.errors import JudgeError, LabelError
+from services.labeler.errors import JudgeError, JudgeRefused, LabelError
 from services.labeler.inputs import prompt_text
 from services.labeler.judge.cache import VerdictCache
 from services.labeler.judge.client import JudgeClient
@@ -126,6 +126,8 @@ class JudgeMethod(ABC, Generic[A]):
         if plan.error is not None:
             return plan.error
         failed = next((q.error for ask in plan.asks for q in self.questions(ask) if q.error), None)
+        if isinstance(failed, JudgeRefused):
+            return failed  # this set's request can never succeed: dead-lettered
         if failed is not None:
             return JudgeError(str(failed))
         return self.outcome(plan.cs, plan.asks, source)
