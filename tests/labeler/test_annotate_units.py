@@ -9,6 +9,7 @@ import http.server
 import json
 import random
 import threading
+import time
 
 import pytest
 
@@ -393,3 +394,77 @@ def test_calibrate_command_reports_a_position_biased_judge(tmp_path, monkeypatch
     assert out["kappa"] == 0.0 and out["judge_wins"] == 0
     again = Queue(state / "annotate.sqlite")
     assert set(again.judge_verdicts().values()) == {TIE}, "the verdicts are kept for the stats page"
+
+
+# -- background loops ------------------------------------------------------------------------------
+def test_the_ingest_loop_survives_a_failing_queue_and_kafka(tmp_path, monkeypatch):
+    # Audit path 6 (issue 27): a Kafka or SQLite error killed the consumer thread silently while
+    # /healthz said ok; nothing was queued again until a restart.
+    import sqlite3
+
+    from kafka.errors import KafkaTimeoutError
+
+    from services.labeler.annotate import service
+    from tests.fakes import FakeConsumer
+
+    ann, broker = annotation(tmp_path)
+    for i in range(3):
+        broker.append(KAFKA.candidates_topic, cs(i).SerializeToString(), key=b"k")
+    made: list[FakeConsumer] = []
+    failures = [sqlite3.OperationalError("database is locked"), KafkaTimeoutError("commit")]
+
+    def make_consumer(kafka, group, topics, **kw):
+        made.append(FakeConsumer(broker, *topics, group=group))
+        if len(made) == 2:  # the second consumer's commit times out once
+            real = made[-1].commit
+
+            def commit(offsets=None):
+                if failures:
+                    raise failures.pop(0)
+                real(offsets)
+
+            made[-1].commit = commit
+        return made[-1]
+
+    real_ingest = ann.ingest
+
+    def ingest(items):
+        if len(made) == 1:
+            raise failures.pop(0)
+        return real_ingest(items)
+
+    monkeypatch.setattr(service, "make_consumer", make_consumer)
+    monkeypatch.setattr(service, "RETRY_MIN_S", 0.01)
+    monkeypatch.setattr(ann, "ingest", ingest)
+    stop = threading.Event()
+    t = threading.Thread(target=service.consume, args=(ann, KAFKA, "g", stop), daemon=True)
+    t.start()
+
+    def committed() -> int:
+        return sum(offset for (group, _), offset in broker.committed.items() if group == "g")
+
+    try:
+        deadline = time.monotonic() + 20
+        while ann.queue.counts()["items"] < 3 or committed() < 3:
+            assert time.monotonic() < deadline, f"not queued: {ann.queue.counts()}, {len(made)} consumers"
+            assert t.is_alive()
+            stop.wait(0.05)
+    finally:
+        stop.set()
+        t.join(10)
+    assert failures == [] and len(made) == 3 and ann.health.problem(0) is None
+
+
+def test_health_reports_a_loop_failing_longer_than_the_outage_limit():
+    from services.labeler.annotate.service import LoopHealth
+
+    now = [100.0]
+    health = LoopHealth(clock=lambda: now[0])
+    health.failed("ingest", OSError("broker down"))
+    now[0] += 60
+    health.failed("ingest", OSError("broker still down"))
+    assert health.problem(120) is None
+    now[0] += 61
+    assert health.problem(120) == "ingest failing for 121 s (OSError: broker still down)"
+    health.ok("ingest")
+    assert health.problem(0) is None

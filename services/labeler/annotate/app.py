@@ -203,6 +203,9 @@ def create_app(cfg: AnnotateConfig, annotation: Annotation, tokens: auth.Tokens,
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(request: Request) -> Response:
+        problem = annotation.health.problem(annotation.labeler.cfg.outage_ready_s)
+        if problem:
+            return PlainTextResponse(problem, status_code=503)
         return PlainTextResponse("ok")
 
     return Starlette(

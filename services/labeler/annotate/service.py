@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -88,6 +89,40 @@ def pair_for(item: Item, judgements: list[Judgement], outcome: str) -> records_p
     return records.make_pair(item.prompt, chosen, rejected, prov)
 
 
+class LoopHealth:
+    """Whether the background loops (ingest from Kafka, publish decided items) are working. A loop that
+    fails keeps retrying (it never dies: a dead thread behind an "ok" health check queued nothing while
+    people waited); one failing for longer than `outage_s` turns /healthz to 503 with the reason."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self._failing: dict[str, tuple[float, str]] = {}  # loop -> (failing since, last error)
+        self._lock = threading.Lock()
+
+    def ok(self, loop: str) -> None:
+        with self._lock:
+            self._failing.pop(loop, None)
+
+    def failed(self, loop: str, exc: BaseException) -> None:
+        with self._lock:
+            since = self._failing.get(loop, (self.clock(), ""))[0]
+            self._failing[loop] = (since, f"{type(exc).__name__}: {exc}")
+
+    def problem(self, outage_s: float) -> str | None:
+        """Why the page is not healthy, or None."""
+        now = self.clock()
+        with self._lock:
+            long = [
+                f"{loop} failing for {now - since:.0f} s ({error})"
+                for loop, (since, error) in sorted(self._failing.items())
+                if now - since >= outage_s
+            ]
+        return "; ".join(long) or None
+
+
+RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0  # a failing background loop's waits, doubling
+
+
 class Annotation:
     """The queue plus the labeler's publisher and dead-letter sink."""
 
@@ -95,6 +130,7 @@ class Annotation:
         self.queue, self.labeler = queue, labeler
         self.published = 0
         self._publish_lock = threading.Lock()
+        self.health = LoopHealth()
 
     # -- filling the queue --------------------------------------------------------------------
     def ingest(self, items: Iterable[inputs.Item[labeler_pb2.CandidateSet]]) -> int:
@@ -145,35 +181,54 @@ class Annotation:
 def consume(annotation: Annotation, kafka: KafkaConfig, group_id: str, stop: threading.Event) -> None:
     """Fill the queue from the candidates topic until `stop`; commit only what is queued or dead-lettered."""
     cfg = annotation.labeler.cfg
-    consumer = make_consumer(kafka, group_id, [kafka.candidates_topic], max_poll_records=cfg.batch_size)
     offset_holes = broker_profile.poller(kafka)  # candidates from several producers
+    consumer = None
+    wait_s = RETRY_MIN_S
     try:
         while not stop.is_set():
-            polled = offset_holes.poll(consumer, timeout_ms=500)
-            recs = [r for batch in polled.values() for r in batch]
-            if not recs:
-                continue
             try:
-                annotation.ingest(inputs.candidate_item(r, cfg.max_input_bytes) for r in recs)
-            except OffdpoError as exc:  # a dead letter not acknowledged: nothing committed, redelivered
-                log.warning("candidates not queued, will be redelivered: %s", exc)
-                consumer.close(autocommit=False)
-                consumer = make_consumer(kafka, group_id, [kafka.candidates_topic], max_poll_records=cfg.batch_size)
-                continue
-            try:
-                consumer.commit()
-            except GROUP_CHANGED as exc:  # redelivered after the rebalance; the queue ignores repeats
-                log.info("commit refused (%s); the records will be read again and ignored", exc)
+                if consumer is None:
+                    consumer = make_consumer(kafka, group_id, [kafka.candidates_topic], max_poll_records=cfg.batch_size)
+                polled = offset_holes.poll(consumer, timeout_ms=500)
+                recs = [r for batch in polled.values() for r in batch]
+                if recs:
+                    annotation.ingest(inputs.candidate_item(r, cfg.max_input_bytes) for r in recs)
+                    try:
+                        consumer.commit()
+                    except GROUP_CHANGED as exc:  # redelivered after the rebalance; the queue ignores repeats
+                        log.info("commit refused (%s); the records will be read again and ignored", exc)
+                annotation.health.ok("ingest")
+                wait_s = RETRY_MIN_S
+            except Exception as exc:  # noqa: BLE001 - Kafka, the queue's database, an unacknowledged letter
+                # Nothing of the batch is committed: a new consumer reads it again from the committed
+                # offsets, and the queue ignores the items it already holds.
+                annotation.health.failed("ingest", exc)
+                log.warning("candidates not queued, retrying in %.0f s: %s: %s", wait_s, type(exc).__name__, exc)
+                if consumer is not None:
+                    _close_quietly(consumer)
+                    consumer = None
+                stop.wait(wait_s)
+                wait_s = min(2 * wait_s, RETRY_MAX_S)
     finally:
+        if consumer is not None:
+            _close_quietly(consumer)
+
+
+def _close_quietly(consumer) -> None:
+    try:
         consumer.close(autocommit=False)
+    except Exception:  # noqa: BLE001 - a consumer of an unreachable broker may fail to close
+        log.debug("closing the Kafka consumer failed", exc_info=True)
 
 
 def publish_loop(annotation: Annotation, interval_s: float, stop: threading.Event) -> None:
     while not stop.wait(interval_s):
         try:
             annotation.publish_due()
-        except OffdpoError as exc:  # Kafka down: the items stay due and are tried again
-            log.warning("publishing decided items failed, retrying: %s", exc)
+            annotation.health.ok("publish")
+        except Exception as exc:  # noqa: BLE001 - Kafka down, the queue's database: the items stay due
+            annotation.health.failed("publish", exc)
+            log.warning("publishing decided items failed, retrying: %s: %s", type(exc).__name__, exc)
 
 
 # -- statistics -------------------------------------------------------------------------------
