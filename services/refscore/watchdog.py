@@ -31,9 +31,27 @@ class Heartbeat:
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
         self.last = clock()
+        # Since when every batch has failed because the engine fails (not the data), and why; None while
+        # batches succeed. A loop that keeps beating while it retries a broken engine is not stuck, but
+        # it is not working either: the watchdog restarts the process after stall_s of it.
+        self.failing_since: float | None = None
+        self.failing_reason = ""
 
     def beat(self) -> None:
         self.last = self._clock()
+
+    def failing(self, reason: str) -> None:
+        if self.failing_since is None:
+            self.failing_since = self._clock()
+        self.failing_reason = reason
+
+    def working(self) -> None:
+        self.failing_since = None
+
+    def failing_s(self, now: float | None = None) -> float:
+        if self.failing_since is None:
+            return 0.0
+        return (self._clock() if now is None else now) - self.failing_since
 
     def age(self, now: float | None = None) -> float:
         return (self._clock() if now is None else now) - self.last
@@ -96,6 +114,12 @@ class Watchdog:
             )
         if self.worker_thread is not None and not self.worker_thread.is_alive():
             return Problem("the stream worker stopped unexpectedly (traceback above)", stalled=False)
+        if self.worker_beat is not None and self.worker_beat.failing_s(now) > self.stall_s:
+            return Problem(
+                f"the stream worker's engine has failed every batch for {self.worker_beat.failing_s(now):.0f} s "
+                f"(OFFDPO_REFSCORE_STALL_S={self.stall_s:g}): {self.worker_beat.failing_reason}",
+                stalled=False,
+            )
         if self.worker_beat is not None and self.worker_beat.age(now) > self.stall_s:
             return Problem(
                 f"the stream worker has not come round its loop for {self.worker_beat.age(now):.0f} s "

@@ -155,6 +155,7 @@ class StreamWorker:
         self.scorer = scorer
         self.scorers = [scorer, *extra_scorers]
         self.heartbeat = heartbeat or Heartbeat()
+        self._canary: dict[str, PreparedPair] = {}  # per reference, a pair its engine scored
         self._topic_ids: dict[str, str] = {}  # the incarnation each topic had when last seen
         self._warned_no_topic_id = False
         self.cfg = cfg
@@ -467,9 +468,24 @@ class StreamWorker:
                 if _retryable(exc):
                     raise
                 log.warning("engine failed on the batch (%s); scoring pairs one by one to isolate the cause", exc)
-                scored = [self._score_alone(p) for p in group]
-                if all(row is None for row in scored):
-                    raise Unavailable("the engine failed on every pair of the batch; treating it as an outage") from exc
+                alone = [self._score_alone(p) for p in group]
+                if all(isinstance(r, Exception) for r in alone) and not self._engine_works(fp_id, scorer):
+                    # Not these pairs: the engine fails on a pair it scored before. An outage: the batch
+                    # is redone after a backoff, and the watchdog restarts the process if it lasts.
+                    self.heartbeat.failing(f"{type(exc).__name__}: {exc}")
+                    raise Unavailable(
+                        "the engine failed on every pair of the batch and on a pair it scored before"
+                    ) from exc
+                for p, r in zip(group, alone):
+                    if isinstance(r, Exception):
+                        self._dead_letter(
+                            p.record, f"the engine failed on pair {p.pair.pair.pair_id}: {r}", "engine_error"
+                        )
+                scored = [r if not isinstance(r, Exception) else None for r in alone]
+            self.heartbeat.working()
+            for p, row in zip(group, scored):
+                if row is not None and fp_id not in self._canary:
+                    self._canary[fp_id] = p.pair
             for p, row in zip(group, scored):
                 if row is not None:
                     rows[(p.tp, p.unit.first, fp_id)].append(row)
@@ -481,14 +497,33 @@ class StreamWorker:
         waiting, so the watchdog tells waiting from stuck."""
         return (scorer or self.scorer).score_pairs(pairs, timeout=self.cfg.stall_s, heartbeat=self.heartbeat.beat)
 
-    def _score_alone(self, p: _Pending) -> ScoredRow | None:
+    def _score_alone(self, p: _Pending) -> ScoredRow | Exception:
+        """The pair's row, or what the engine raised on it alone (not retryable: the caller decides)."""
         try:
             return self._engine([p.pair], p.ref.scorer)[0]
-        except Exception as exc:  # noqa: BLE001 - this pair breaks the engine: dead-letter it
+        except Exception as exc:  # noqa: BLE001 - the caller tells a pair that breaks the engine from a broken engine
             if _retryable(exc):
                 raise
-            self._dead_letter(p.record, f"the engine failed on pair {p.pair.pair.pair_id}: {exc}", "engine_error")
-            return None
+            return exc
+
+    def _engine_works(self, fp_id: str, scorer: Scorer) -> bool:
+        """Whether the engine still scores a pair it scored before (this process's first good pair of
+        that reference; before there is one, a tiny pair of our own), which tells a broken engine
+        (an outage: retried, nothing dead-lettered) from a batch whose every pair breaks it."""
+        canary = self._canary.get(fp_id)
+        try:
+            if canary is None:
+                canary = scorer.prepare_pair(records.make_pair(records.text_prompt("Hello"), " yes", " no"))
+        except Exception:  # noqa: BLE001 - no canary: the safe answer is "broken" (retried, not lost)
+            log.warning("could not build a canary pair to test the engine with", exc_info=True)
+            return False
+        try:
+            self._engine([canary], scorer)
+        except Exception as exc:  # noqa: BLE001 - any failure on a known-good pair means the engine
+            if _retryable(exc):
+                raise
+            return False
+        return True
 
     def _dead_letter(self, rec: Record, reason: str, error_type: str) -> None:
         self._dlq.send_record(rec, reason, error_type)

@@ -12,6 +12,7 @@ import collections
 import concurrent.futures
 import threading
 import time
+import types
 
 import pytest
 
@@ -248,4 +249,22 @@ def test_the_watchdog_sees_the_real_scorer_hang_and_die(make_scorer):
     assert problem is not None and problem.stalled, problem
     engine.release.set()
     future.result(WAIT_S)
+    assert dog.problem() is None
+
+
+def test_a_worker_whose_engine_fails_every_batch_past_stall_s_is_a_problem():
+    now = [0.0]
+    beat = Heartbeat(clock=lambda: now[0])
+    scorer = types.SimpleNamespace(stopping=False, engine_alive=lambda: True, engine_busy_s=lambda now=None: 0.0)
+    dog = Watchdog(scorer, stall_s=60, worker_beat=beat, clock=lambda: now[0])
+    beat.failing("RuntimeError: CUDA error: an illegal memory access")
+    for t in (30.0, 60.0):
+        now[0] = t
+        beat.beat()  # the loop keeps coming round while it retries: not stuck, but not working
+        assert dog.problem() is None
+    now[0] = 61.0
+    beat.beat()
+    problem = dog.problem()
+    assert problem is not None and not problem.stalled and "illegal memory access" in str(problem)
+    beat.working()
     assert dog.problem() is None

@@ -391,3 +391,41 @@ def test_a_member_evicted_while_scoring_writes_nothing_and_redoes_the_batch(harn
     assert len([c for c in store.calls if c[0] == "put"]) == 1, store.calls
     assert len(broker.values(kafka.shards_topic)) == 1
     assert len(engine.calls) == 2, "the refused batch was scored, then redone"
+
+
+def test_a_batch_whose_every_pair_breaks_a_working_engine_is_dead_lettered(harness, tiny_model):
+    # Audit path 6 (issue 27): a batch the engine failed on every pair of was "an outage", redone
+    # forever: one poison pair alone in its batch stalled the partition for good.
+    broker, store, timeline, kafka, run = harness
+    pairs = make_pairs(1, "alone")
+    scorer = Scorer(RefscoreConfig(model_dir=str(tiny_model)))
+    scorer.load(FakeEngine())
+    try:
+        poison = scorer.prepare_pair(pairs[0]).chosen_ids
+    finally:
+        scorer.shutdown()
+    _produce(broker, kafka.pairs_topic, pairs, partition_of=lambda i: 0)
+    engine = FakeEngine(poison=poison)
+    worker = run(engine, until=lambda: _committed(broker) == {0: 1})
+    (letter,) = [records_pb2.DeadLetter.FromString(v) for v in broker.values(kafka.deadletter_topic)]
+    assert letter.error_type == "engine_error" and pairs[0].pair_id in letter.reason
+    assert worker.heartbeat.failing_since is None
+
+
+class BrokenEngine(FakeEngine):
+    """An engine that fails on everything (a CUDA error, a corrupted state)."""
+
+    def score(self, seqs):
+        self.calls.append(len(seqs))
+        raise RuntimeError("injected: the engine is broken")
+
+
+def test_a_broken_engine_is_an_outage_nothing_dead_lettered_and_the_watchdog_told(harness):
+    broker, store, timeline, kafka, run = harness
+    pairs = make_pairs(3, "broken")
+    _produce(broker, kafka.pairs_topic, pairs, partition_of=lambda i: 0)
+    engine = BrokenEngine()
+    # batch, each pair alone, the canary; then the same again after the retry's backoff
+    worker = run(engine, until=lambda: len(engine.calls) >= 10)
+    assert broker.values(kafka.deadletter_topic) == [] and _committed(broker) == {}
+    assert worker.heartbeat.failing_since is not None and "engine is broken" in worker.heartbeat.failing_reason
