@@ -51,7 +51,15 @@ from offdpo import kafka as okafka
 from offdpo.config import KafkaConfig
 from offdpo.errors import BadInput, FingerprintMismatch, RecordError
 from offdpo.kafka import GROUP_CHANGED, MAX_RECORD_BYTES, DeadLetterSink
-from offdpo.records import MAX_SHARD_BYTES, ReferenceFingerprint, ShardReady, decode, fingerprint_mismatch, read_shard
+from offdpo.records import (
+    MAX_SHARD_BYTES,
+    ReferenceFingerprint,
+    ShardReady,
+    decode,
+    fingerprint_mismatch,
+    parse_shard_key,
+    read_shard,
+)
 from services.trainer.config import TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -612,6 +620,67 @@ class _Recent:
         return iter(self.order)
 
 
+class TrainedShards:
+    """Exactly which shards are done, in state that grows with the gaps between them, not with the run.
+
+    A shard key made by refscore (`records.shard_key`) names one partition's offset range of the pairs
+    topic under its reference and topic incarnation: scores/<fp>/<topic>/[id-<tid>/]pNNNN-<first>-<last>.
+    The done ranges of each such partition are kept merged (adjacent or overlapping ranges become one),
+    so a run that trains its stream in order holds one interval per partition however long it runs,
+    and a shard announced again any time later (a redo, `offdpo deadletter replay`, a replica that
+    lost its group) is known done exactly, never forgotten. Keys of another form are kept as they are.
+    """
+
+    def __init__(self) -> None:
+        self.ranges: dict[str, list[list[int]]] = {}  # "<dir>/pNNNN" -> sorted disjoint [first, last]
+        self.keys: set[str] = set()
+
+    @staticmethod
+    def _split(key: str) -> tuple[str, int, int] | None:
+        head, _, name = key.rpartition("/")
+        try:
+            partition, first, last = parse_shard_key(name)
+        except ValueError:
+            return None
+        if not name.endswith(".parquet") or first > last:
+            return None
+        return f"{head}/p{partition:04d}", first, last
+
+    def add(self, key: str) -> None:
+        split = self._split(key)
+        if split is None:
+            self.keys.add(key)
+            return
+        group, first, last = split
+        out: list[list[int]] = []
+        for a, b in sorted(self.ranges.get(group, []) + [[first, last]]):
+            if out and a <= out[-1][1] + 1:  # overlapping or adjacent offsets: one range
+                out[-1][1] = max(out[-1][1], b)
+            else:
+                out.append([a, b])
+        self.ranges[group] = out
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        split = self._split(key)
+        if split is None:
+            return key in self.keys
+        group, first, last = split
+        return any(a <= first and last <= b for a, b in self.ranges.get(group, ()))
+
+    def state(self) -> dict[str, Any]:
+        return {"ranges": self.ranges, "keys": sorted(self.keys)}
+
+    def load(self, state: dict[str, Any]) -> None:
+        for group, ranges in state.get("ranges", {}).items():
+            for a, b in ranges:
+                name = f"p{int(group.rsplit('/p', 1)[1]):04d}-{int(a):012d}-{int(b):012d}.parquet"
+                self.add(f"{group.rsplit('/', 1)[0]}/{name}")
+        for key in state.get("keys", []):
+            self.keys.add(key)
+
+
 class StreamSource:
     """Follows the shard-ready topic. Not thread-safe; lives on rank 0.
 
@@ -636,7 +705,6 @@ class StreamSource:
     """
 
     COMMIT_ATTEMPTS = 5
-    DONE_SHARDS_KEPT = 1024  # keys of recently finished shards: a re-announcement is skipped unread
 
     def __init__(
         self,
@@ -684,7 +752,7 @@ class StreamSource:
         self.evals = evals or EvalSet(0.0, 0)
         self.infra = infra if infra is not None else InfraStatus()  # shared with the readiness probe
         self.recent = _Recent(dedup_window)  # pair ids trained most recently
-        self.done_shards = _Recent(self.DONE_SHARDS_KEPT)  # object keys whose every pair is trained
+        self.done_shards = TrainedShards()  # shards whose every pair is trained (or skipped), exactly
         self.buffer: list[Example] = []
         self.buffered: set[str] = set()
         self.events: list[_Event] = []  # in flight, in arrival order
@@ -932,7 +1000,7 @@ class StreamSource:
             "done_offsets": {str(p): sorted(d) for p, d in self.done_offsets.items() if d},
             "in_flight": in_flight,
             "recent_pair_ids": list(self.recent),
-            "done_shards": list(self.done_shards),
+            "trained_shards": self.done_shards.state(),
             "topic": self.topic,
             "topic_id": self.topic_id,
         }
@@ -947,7 +1015,8 @@ class StreamSource:
         # Checkpoints before format 2 held every pair id trained: the most recent ones fill the window.
         for pid in state.get("recent_pair_ids", state.get("trained_pair_ids", [])):
             self.recent.add(pid)
-        for key in state.get("done_shards", []):
+        self.done_shards.load(state.get("trained_shards", {}))
+        for key in state.get("done_shards", []):  # checkpoints before trained_shards: the last 1,024 keys
             self.done_shards.add(key)
 
     def _kafka_reachable(self) -> bool:

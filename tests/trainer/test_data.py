@@ -219,7 +219,7 @@ def test_stream_commit_covers_only_what_the_checkpoint_holds():
     s.source.mark_trained(batch or [])
     s.source.commit()  # the first event's pairs are all trained; the second's are not
     assert s.committed() == 1
-    assert s.source.state()["done_shards"] == [first] and s.source.state()["offsets"] == {"0": 1}
+    assert first in s.source.done_shards and s.source.state()["offsets"] == {"0": 1}
 
     # A restart from that checkpoint gets the second event again and trains only its pairs.
     state = s.source.state()
@@ -501,3 +501,40 @@ def test_the_same_topic_keeps_the_checkpoint_watermark():
     s.consumer._client = types.SimpleNamespace(cluster=_Cluster({SHARDS: tid}))
     resumed.load_state(state)
     assert resumed.next_batch(4) is None  # every event below the watermark: none trained twice
+
+
+def test_trained_shards_are_exact_and_compact():
+    from services.trainer.data import TrainedShards
+
+    def key(first, last, part=0, fp="fpA", tid="id-x"):
+        return shard_key(fp, "pairs", part, first, last, topic_id=tid[3:])
+
+    done = TrainedShards()
+    for i in range(5000):  # a long run trains its stream in order: one range, however long
+        done.add(key(10 * i, 10 * i + 9))
+    assert done.state()["ranges"] == {key(0, 0).rsplit("/", 1)[0] + "/p0000": [[0, 49999]]}
+    assert key(0, 9) in done and key(120, 129) in done and key(0, 49999) in done  # never forgotten
+    assert key(49990, 50000) not in done and key(0, 9, part=1) not in done and key(0, 9, fp="fpB") not in done
+    done.add(key(60000, 60009))  # a gap: a range of its own until it is filled
+    assert key(50000, 50009) not in done
+    done.add(key(50000, 59999))
+    assert len(done.state()["ranges"][key(0, 0).rsplit("/", 1)[0] + "/p0000"]) == 1
+    done.add("uploads/someone-elses.parquet")  # not a refscore key: kept as it is
+    again = TrainedShards()
+    again.load(done.state())
+    assert again.state() == done.state() and "uploads/someone-elses.parquet" in again
+
+
+def test_a_shard_announced_again_after_thousands_of_others_is_not_trained_twice():
+    # Audit path 4 (issue 27): only the last 1,024 shard keys were kept, so a re-announcement after a
+    # long freeze (a replica redoing another's range, `offdpo deadletter replay`) trained its pairs again.
+    s = Stream()
+    first = [row("early")]
+    early = put_shard(s.store, first, 0)
+    s.announce(early, first)
+    s.source.mark_trained(s.source.next_batch(1))
+    for i in range(1, 1500):
+        s.source.done_shards.add(shard_key(FP.fingerprint_id, "pairs", 0, i, i))
+    s.source.recent = data_mod._Recent(1)  # the pair-id window long past it too
+    s.announce(early, first)
+    assert s.source.next_batch(1) is None
