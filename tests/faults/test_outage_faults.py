@@ -15,6 +15,7 @@ producer and consumer; refscore's stream worker and the trainer run as subproces
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -25,10 +26,12 @@ import pytest
 from localdev.process import free_port
 from localdev.stack import LocalStack
 from offdpo import records
+from offdpo.config import KafkaConfig
 from offdpo.kafka import make_producer, read_topic
 from services.labeler import inputs
 from services.labeler.config import JudgeConfig, LabelerConfig
 from services.labeler.runner import build_labeler, close_labeler, run_kafka
+from tests.fakes import FakeBroker, FakeProducer
 
 from .harness import REPO, wait_for
 
@@ -70,6 +73,21 @@ def _labeler_cfg(case, tmp_path, group: str, **kw) -> LabelerConfig:
         ack_timeout_s=ACK_TIMEOUT_S,
         **kw,
     )
+
+
+def _expected_pair_ids(sets: list, lcfg: LabelerConfig) -> set[str]:
+    """The pairs the deterministic rules labeler makes of `sets`, computed in memory (an in-memory
+    broker), independently of what reached the real pairs topic: a pair the run under test lost
+    fails the case instead of silently shrinking what it is checked against."""
+    broker = FakeBroker()
+    kafka = KafkaConfig()
+    labeler = build_labeler(dataclasses.replace(lcfg, ledger=False), kafka, producer=FakeProducer(broker))
+    items = [
+        inputs.Item(source="expected", offset=i, raw=cs.SerializeToString(), value=cs) for i, cs in enumerate(sets)
+    ]
+    labeler.label_candidates(items, "rules")
+    labeler.confirm()
+    return {records.decode_pair(v).pair_id for v in broker.values(kafka.pairs_topic)}
 
 
 def _labelled(case) -> list:
@@ -141,9 +159,13 @@ def test_a_failed_dead_letter_produce_blocks_the_commit_and_is_retried(
     assert case.committed(group, case.kafka.candidates_topic)[0] == end, "the labeler finished the partition"
     assert summary["total"]["inputs"] == end, summary
 
-    labelled = _labelled(case)
-    assert labelled, summary
-    case.valid_ids |= {p.pair_id for p in labelled}
+    expected = _expected_pair_ids(_good_sets(), lcfg)
+    labelled = {p.pair_id for p in _labelled(case)}
+    assert expected and labelled == expected, (
+        f"pairs on the topic vs the rules labeler's in memory: missing {len(expected - labelled)}, "
+        f"unexpected {len(labelled - expected)}"
+    )
+    case.valid_ids |= expected
     rc = _score_and_train(case)
     case.events.append(f"refscore SIGTERM exit {rc}; trainer exit 0")
     letters = case.dead_letters()
