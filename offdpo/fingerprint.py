@@ -75,8 +75,10 @@ def model_fingerprint(
     engine_version: str,
     model_id: str | None = None,
     chat_template: str | None = None,
+    parallel_layout: str = "",
 ) -> records_pb2.ReferenceFingerprint:
-    """Fingerprint of the model in `model_dir` as run by `engine` in `dtype`.
+    """Fingerprint of the model in `model_dir` as run by `engine` in `dtype` (split over GPUs as
+    `parallel_layout` says: "tp=2,pp=1"; "" on one device).
 
     `chat_template` defaults to the tokenizer's own template (chat_template.jinja or tokenizer_config).
     """
@@ -95,5 +97,6 @@ def model_fingerprint(
         dtype=dtype,
         engine=engine,
         engine_version=engine_version,
+        parallel_layout=parallel_layout,
     )
     return with_fingerprint_id(fp)

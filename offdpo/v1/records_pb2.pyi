@@ -117,7 +117,7 @@ class PreferencePair(_message.Message):
     def __init__(self, pair_id: _Optional[str] = ..., prompt: _Optional[_Union[Prompt, _Mapping]] = ..., chosen: _Optional[str] = ..., rejected: _Optional[str] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., reference_fingerprint_id: _Optional[str] = ...) -> None: ...
 
 class ReferenceFingerprint(_message.Message):
-    __slots__ = ("model_id", "weights_hash", "tokenizer_hash", "chat_template_hash", "dtype", "engine", "engine_version", "fingerprint_id")
+    __slots__ = ("model_id", "weights_hash", "tokenizer_hash", "chat_template_hash", "dtype", "engine", "engine_version", "fingerprint_id", "parallel_layout")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_HASH_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class ReferenceFingerprint(_message.Message):
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_ID_FIELD_NUMBER: _ClassVar[int]
+    PARALLEL_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     weights_hash: str
     tokenizer_hash: str
@@ -134,7 +135,8 @@ class ReferenceFingerprint(_message.Message):
     engine: str
     engine_version: str
     fingerprint_id: str
-    def __init__(self, model_id: _Optional[str] = ..., weights_hash: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., chat_template_hash: _Optional[str] = ..., dtype: _Optional[str] = ..., engine: _Optional[str] = ..., engine_version: _Optional[str] = ..., fingerprint_id: _Optional[str] = ...) -> None: ...
+    parallel_layout: str
+    def __init__(self, model_id: _Optional[str] = ..., weights_hash: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., chat_template_hash: _Optional[str] = ..., dtype: _Optional[str] = ..., engine: _Optional[str] = ..., engine_version: _Optional[str] = ..., fingerprint_id: _Optional[str] = ..., parallel_layout: _Optional[str] = ...) -> None: ...
 
 class ScoredPair(_message.Message):
     __slots__ = ("pair", "fingerprint", "prompt_token_ids", "chosen_token_ids", "rejected_token_ids", "chosen_logprobs", "rejected_logprobs", "chosen_logprob_sum", "rejected_logprob_sum")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 from offdpo.config import ConfigError, EnvConfig, KafkaConfig, S3Config, env
 
@@ -37,6 +38,16 @@ class RefscoreConfig(EnvConfig):
     max_model_len: int = env("OFFDPO_REFSCORE_MAX_MODEL_LEN", 2048, "longest prompt+answer in tokens")
     gpu_memory_utilization: float = env(
         "OFFDPO_REFSCORE_GPU_MEMORY_UTILIZATION", 0.0, "vLLM memory fraction (0 = 0.9 on GPU, 0.15 of RAM on CPU)"
+    )
+    tensor_parallel_size: int = env(
+        "OFFDPO_REFSCORE_TENSOR_PARALLEL_SIZE",
+        1,
+        "vllm: GPUs each layer is split over (a reference larger than one GPU); `offdpo plan` says how many",
+    )
+    pipeline_parallel_size: int = env(
+        "OFFDPO_REFSCORE_PIPELINE_PARALLEL_SIZE",
+        1,
+        "vllm: stages the layers are split into (GPUs = tensor x pipeline parallel size)",
     )
     host: str = env("OFFDPO_REFSCORE_HOST", "127.0.0.1", "gRPC listen address (0.0.0.0 in a pod)")
     port: int = env("OFFDPO_REFSCORE_PORT", 50051, "gRPC port")
@@ -155,6 +166,8 @@ class RefscoreConfig(EnvConfig):
                 logprob_chunk_tokens=self.logprob_chunk_tokens,
                 logits_budget_mb=self.logits_budget_mb,
                 share_prompts=self.share_prompts,
+                tensor_parallel_size=self.tensor_parallel_size,
+                pipeline_parallel_size=self.pipeline_parallel_size,
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
@@ -232,6 +245,42 @@ def check_reference_memory(cfg: RefscoreConfig, on_gpu: bool | None = None) -> N
             f"memory, more than {MAX_TOTAL_MEMORY_FRACTION:g}: set OFFDPO_REFSCORE_GPU_MEMORY_UTILIZATION to at most "
             f"{most:g} or serve fewer models"
         )
+
+
+def check_fits_gpus(
+    cfg: RefscoreConfig, model_dir: str | Path, gpu_mem_bytes: int | None = None, gpus: int | None = None
+) -> None:
+    """Refuse, at start-up, a vllm reference that cannot fit the GPUs its layout splits it over, with the
+    bytes needed, the bytes available and the settings to change (offdpo.memplan.fits_vllm reads only
+    config.json), instead of an out-of-memory error minutes into loading. `gpu_mem_bytes`/`gpus`: one
+    GPU's memory and the GPUs visible (None: ask torch; on the CPU backend nothing is checked here)."""
+    from offdpo.memplan import ModelShape, fits_vllm
+
+    if gpu_mem_bytes is None:
+        if not _cuda_available():
+            return
+        import torch
+
+        gpu_mem_bytes = torch.cuda.get_device_properties(0).total_memory
+        gpus = torch.cuda.device_count()
+    needed = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+    if gpus is not None and gpus < needed:
+        raise ConfigError(
+            f"OFFDPO_REFSCORE_TENSOR_PARALLEL_SIZE={cfg.tensor_parallel_size} x OFFDPO_REFSCORE_PIPELINE_PARALLEL_SIZE="
+            f"{cfg.pipeline_parallel_size} needs {needed} GPUs; {gpus} visible to this process (give the pod "
+            f"{needed} GPUs: nvidia.com/gpu in deploy/components/gpu)"
+        )
+    result = fits_vllm(
+        ModelShape.load(model_dir),
+        cfg.tensor_parallel_size,
+        cfg.pipeline_parallel_size,
+        gpu_mem_bytes,
+        cfg.gpu_memory_utilization or VLLM_DEFAULT_FRACTION[True],
+        cfg.dtype,
+        max_model_len=cfg.max_model_len,
+    )
+    if not result.fits:
+        raise ConfigError(f"reference {model_dir}: {result.message}")
 
 
 @dataclasses.dataclass(frozen=True, repr=False)

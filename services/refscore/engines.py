@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     import torch
     from vllm.config.model import ModelDType
 
+from offdpo.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 Sequences = Sequence[tuple[list[int], list[int]]]
@@ -49,9 +51,21 @@ class EngineSettings:
     logprob_chunk_tokens: int = 0  # 0: from logits_budget_mb and the model's vocabulary
     logits_budget_mb: int = 512
     share_prompts: bool = True
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+    @property
+    def parallel_layout(self) -> str:
+        """How the model is split over GPUs, for the fingerprint ("" on one device): per-token numerics
+        can change with it (a tensor-parallel all-reduce sums in another order)."""
+        if self.tensor_parallel_size == 1 and self.pipeline_parallel_size == 1:
+            return ""
+        return f"tp={self.tensor_parallel_size},pp={self.pipeline_parallel_size}"
 
     def __post_init__(self):
         for name, minimum in (
+            ("tensor_parallel_size", 1),
+            ("pipeline_parallel_size", 1),
             ("cpu_threads", 0),
             ("cpu_reserved_cores", 0),
             ("max_batched_tokens", 0),
@@ -160,7 +174,6 @@ class VLLMEngine:
         dtype: str,
         max_model_len: int,
         gpu_memory_utilization: float,
-        tensor_parallel_size: int = 1,
         settings: EngineSettings = EngineSettings(),
     ):
         self.on_cpu = not _cuda_available()
@@ -198,7 +211,8 @@ class VLLMEngine:
             # skips reading the cache, so its log-probs never depend on which requests ran before it.
             enable_prefix_caching=settings.share_prompts,
             gpu_memory_utilization=gpu_memory_utilization or (0.15 if self.on_cpu else 0.9),
-            tensor_parallel_size=tensor_parallel_size,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            pipeline_parallel_size=settings.pipeline_parallel_size,
             seed=0,
             # Lets effective_settings() ask the worker processes what they actually run with.
             worker_extension_cls="services.refscore.vllm_worker.SettingsReadback",
@@ -215,6 +229,8 @@ class VLLMEngine:
             "max_batched_tokens": str(config.scheduler_config.max_num_batched_tokens),
             "max_num_seqs": str(config.scheduler_config.max_num_seqs),
             "prefix_caching": str(bool(config.cache_config.enable_prefix_caching)).lower(),
+            "tensor_parallel_size": str(config.parallel_config.tensor_parallel_size),
+            "pipeline_parallel_size": str(config.parallel_config.pipeline_parallel_size),
         }
         worker = self.llm.collective_rpc("offdpo_settings")[0]  # rank 0: the worker that computes
         settings.update({k: str(v) for k, v in worker.items()})
@@ -378,6 +394,11 @@ class TransformersEngine:
         import transformers
         from transformers import AutoModelForCausalLM
 
+        if settings.parallel_layout:
+            raise ConfigError(
+                "the transformers engine runs the model on one device: OFFDPO_REFSCORE_TENSOR_PARALLEL_SIZE and "
+                "OFFDPO_REFSCORE_PIPELINE_PARALLEL_SIZE must be 1 (use OFFDPO_REFSCORE_ENGINE=vllm to split a model)"
+            )
         self.torch = torch
         if settings.cpu_threads or settings.cpu_reserved_cores:
             torch.set_num_threads(len(settings.cpu_bind_list().split(",")))

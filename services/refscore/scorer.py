@@ -27,7 +27,7 @@ from typing import Generic, TypeVar
 from offdpo.fingerprint import model_fingerprint
 from offdpo.v1 import records_pb2, refscore_pb2
 from services.refscore import metrics
-from services.refscore.config import RefscoreConfig
+from services.refscore.config import RefscoreConfig, check_fits_gpus
 from services.refscore.engines import Engine, Generated, load_engine
 from services.refscore.errors import DeadlineExceeded, InvalidArgument, NotReady, TokenizationError, TooLarge, TooLong
 from services.refscore.tokenization import BoundaryTokenizer, EncodedPrompt
@@ -223,6 +223,9 @@ class Scorer:
                 self.cfg.model_dir, self.cfg.model_cache, S3Config.from_env() if is_s3_uri(self.cfg.model_dir) else None
             )
             model_dir = resolved.path
+            settings = self.cfg.engine_settings()
+            if engine is None and self.cfg.engine == "vllm":
+                check_fits_gpus(self.cfg, model_dir)
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
             boundary = BoundaryTokenizer(tokenizer, _stop_token_ids(model_dir))
             if engine is None:
@@ -232,7 +235,7 @@ class Scorer:
                     self.cfg.dtype,
                     self.cfg.max_model_len,
                     self.cfg.gpu_memory_utilization,
-                    self.cfg.engine_settings(),
+                    settings,
                 )
             self.engine = engine
             self.max_model_len = engine.max_model_len
@@ -246,6 +249,7 @@ class Scorer:
                 engine_version=engine.version,
                 model_id=self.cfg.model_id or resolved.model_id,
                 chat_template=boundary.chat_template,
+                parallel_layout=settings.parallel_layout,
             )
             self._model = LoadedModel(boundary, fingerprint)
             self._thread = threading.Thread(target=self._engine_loop, name="refscore-engine", daemon=True)
