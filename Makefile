@@ -24,6 +24,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+	bash scripts/lint-protos.sh
 
 format: setup
 	$(VENV)/bin/ruff check --fix .
