@@ -183,7 +183,7 @@ def test_keda_scales_the_worker_on_its_lag_within_the_partitions(combos):
     assert not by_kind(objs, "HorizontalPodAutoscaler"), "KEDA's ScaledObject replaces the HPA"
     d = get(objs, "Deployment", so["spec"]["scaleTargetRef"]["name"])
     c = get_container(d, "refscore")
-    assert "--worker" in c["args"], "the target runs the stream worker"
+    assert c["args"] == ["worker"], "the target runs the stream worker alone (never the API)"
     (trigger,) = so["spec"]["triggers"]
     meta = trigger["metadata"]
     client = _configmap(objs, "offdpo-kafka-client")

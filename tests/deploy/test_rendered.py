@@ -251,21 +251,36 @@ def test_labeler_consume_has_a_liveness_probe_on_its_health_port(rendered):
     assert env_value(objs, c, "OFFDPO_LABELER_GRPC_HOST") == "0.0.0.0", "kubelet probes the pod IP, not loopback"
 
 
-def test_refscore_drains_within_termination_grace(rendered):
+def test_refscore_api_and_worker_are_two_deployments_that_drain_within_grace(rendered):
+    """The API (`serve`, no worker) and the stream worker (`worker`) scale apart: each its own Deployment,
+    PodDisruptionBudget and engine; only the API is behind the Services (ClusterIP and headless)."""
     _, objs = rendered
-    d = get(objs, "Deployment", "offdpo-refscore")
-    (c,) = [c for c in containers(d, init=False) if c["name"] == "refscore"]
-    grace = float(env_value(objs, c, "OFFDPO_REFSCORE_GRACE_S"))
-    # worker join (grace) + in-flight RPCs (grace) + engine shutdown margin
-    assert pod_spec(d)["terminationGracePeriodSeconds"] >= 2 * grace + 10
-    assert c["startupProbe"]["grpc"]["port"] == c["readinessProbe"]["grpc"]["port"]
-    assert env_value(objs, c, "OFFDPO_REFSCORE_WORKER") == "true"
-    pdbs = [
-        p
-        for p in by_kind(objs, "PodDisruptionBudget")
-        if p["spec"]["selector"]["matchLabels"].items() <= pod_labels(d).items()
-    ]
-    assert pdbs, "refscore has no PodDisruptionBudget"
+    api, worker = get(objs, "Deployment", "offdpo-refscore"), get(objs, "Deployment", "offdpo-refscore-worker")
+    a, w = get_container(api, "refscore"), get_container(worker, "refscore")
+    assert a["args"] == ["serve"] and env_value(objs, a, "OFFDPO_REFSCORE_WORKER") == "false"
+    assert w["args"] == ["worker"] and not any(p["name"] in ("grpc", "health") for p in w["ports"])
+    grace = float(env_value(objs, a, "OFFDPO_REFSCORE_GRACE_S"))
+    # in-flight RPCs (grace; 2 x grace should the worker be turned on in the API) + engine shutdown margin
+    assert pod_spec(api)["terminationGracePeriodSeconds"] >= 2 * grace + 10
+    assert pod_spec(worker)["terminationGracePeriodSeconds"] >= grace + 10  # the batch's commit + the engine
+    assert a["startupProbe"]["grpc"]["port"] == a["readinessProbe"]["grpc"]["port"]
+    # the worker holds no gRPC secret; the API no Kafka network access
+    assert {v["name"] for v in pod_spec(worker)["volumes"]}.isdisjoint({"refscore-tls", "refscore-auth"})
+    assert pod_labels(worker).get("offdpo.io/kafka-client") == "true"
+    assert "offdpo.io/kafka-client" not in pod_labels(api)
+    for d in (api, worker):
+        pdbs = [
+            p
+            for p in by_kind(objs, "PodDisruptionBudget")
+            if p["spec"]["selector"]["matchLabels"].items() <= pod_labels(d).items()
+        ]
+        assert len(pdbs) == 1, f"{d['metadata']['name']}: {len(pdbs)} PodDisruptionBudgets"
+    for svc in ("offdpo-refscore", "offdpo-refscore-headless"):
+        sel = get(objs, "Service", svc)["spec"]["selector"]
+        assert sel.items() <= pod_labels(api).items() and not sel.items() <= pod_labels(worker).items(), svc
+    headless = get(objs, "Service", "offdpo-refscore-headless")
+    assert headless["spec"]["clusterIP"] == "None" and not headless["spec"].get("publishNotReadyAddresses")
+    assert [p["port"] for p in headless["spec"]["ports"]] == [int(env_value(objs, a, "OFFDPO_REFSCORE_PORT"))]
 
 
 def _secret_mount(objs, w, c, path: str) -> str | None:
@@ -308,11 +323,12 @@ def gpu_limit(c):
 def test_gpu_workloads_have_gpu_limits(rendered):
     name, objs = rendered
     refscore = get(objs, "Deployment", "offdpo-refscore")
+    worker = get(objs, "Deployment", "offdpo-refscore-worker")
     trainer = get(objs, "Job", "offdpo-trainer")
     if name == "dev":
         assert all(gpu_limit(c) == 0 for w in workloads(objs) for c in containers(w)), "dev is CPU-only"
         return
-    for w, cname in ((refscore, "refscore"), (trainer, "trainer")):
+    for w, cname in ((refscore, "refscore"), (worker, "refscore"), (trainer, "trainer")):
         (c,) = [c for c in containers(w, init=False) if c["name"] == cname]
         assert gpu_limit(c) >= 1, f"{cname}: no nvidia.com/gpu limit"
         assert c["resources"]["requests"].get("nvidia.com/gpu") == c["resources"]["limits"]["nvidia.com/gpu"]
@@ -552,26 +568,28 @@ def test_refscore_scaling_is_bounded_by_partitions(rendered):
 
 
 def check_refscore_scaling(name, objs, partitions: int) -> None:
-    d = get(objs, "Deployment", "offdpo-refscore")
+    """The autoscaler scales the stream worker's Deployment (never the API's) within the partitions; the
+    API's replicas are fixed and are the quota divisor."""
+    api, worker = get(objs, "Deployment", "offdpo-refscore"), get(objs, "Deployment", "offdpo-refscore-worker")
     hpas = by_kind(objs, "HorizontalPodAutoscaler")
     scaled = by_kind(objs, "ScaledObject")
     assert len(hpas) + len(scaled) <= 1, "one autoscaler per Deployment (KEDA's ScaledObject replaces the HPA)"
     if name == "prod":
         (scaler,) = hpas + scaled
         target = scaler["spec"]["scaleTargetRef"]
-        assert target["name"] == "offdpo-refscore" and target.get("kind", "Deployment") == "Deployment"
-    most_replicas = d["spec"]["replicas"]
+        assert target["name"] == "offdpo-refscore-worker" and target.get("kind", "Deployment") == "Deployment"
+    most_workers = worker["spec"]["replicas"]
     if hpas:
-        assert 2 <= hpas[0]["spec"]["minReplicas"] <= hpas[0]["spec"]["maxReplicas"] <= partitions
-        most_replicas = hpas[0]["spec"]["maxReplicas"]
+        assert 1 <= hpas[0]["spec"]["minReplicas"] <= hpas[0]["spec"]["maxReplicas"] <= partitions
+        most_workers = hpas[0]["spec"]["maxReplicas"]
     if scaled:
         spec = scaled[0]["spec"]
         assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] <= partitions
-        most_replicas = spec["maxReplicaCount"]
-    assert d["spec"]["replicas"] <= partitions
-    # Each replica enforces 1/N of every team's quota: N must be the most replicas that can serve at
-    # once, or a team's quota is multiplied by the replica count.
-    assert int(env_value(objs, get_container(d, "refscore"), "OFFDPO_REFSCORE_REPLICAS")) == most_replicas
+        most_workers = spec["maxReplicaCount"]
+    assert worker["spec"]["replicas"] <= most_workers <= partitions
+    # Each API replica enforces 1/N of every team's quota: N must be the API's replicas, or a team's
+    # quota is multiplied (or divided) by the replica count. Autoscaling the worker does not change it.
+    assert int(env_value(objs, get_container(api, "refscore"), "OFFDPO_REFSCORE_REPLICAS")) == api["spec"]["replicas"]
 
 
 def test_minio_is_distributed_in_prod(rendered):
@@ -690,10 +708,14 @@ def test_network_policies_deny_by_default_and_allow_the_pipeline(rendered):
     assert deny, "no default-deny policy"
     labels = {w["metadata"]["name"]: pod_labels(w) for w in workloads(objs)}
     check_kafka_flows(
-        objs, [n for n in labels if n.startswith(("offdpo-labeler", "offdpo-refscore", "offdpo-trainer"))]
+        objs,
+        [n for n in labels if n.startswith(("offdpo-labeler", "offdpo-refscore-worker", "offdpo-trainer"))],
     )
+    # refscore's API serves gRPC only: it has no way to Kafka (the worker consumes)
+    assert not labels["offdpo-refscore"].get("offdpo.io/kafka-client")
     flows = [
         ("offdpo-refscore", "offdpo-minio", 9000),
+        ("offdpo-refscore-worker", "offdpo-minio", 9000),
         ("offdpo-trainer", "offdpo-minio", 9000),
         ("offdpo-ensure-bucket", "offdpo-minio", 9000),
         ("offdpo-minio", "offdpo-minio", 9000),
