@@ -69,6 +69,18 @@ class _PlaintextBearer(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClient
         return continuation(self._with_token(details), request_iterator)
 
 
+def channel_options(target: str, max_message_bytes: int) -> list[tuple[str, object]]:
+    """gRPC channel options: message limits, and round robin over every address of a dns:/// target
+    (a headless Service resolves to every refscore pod; grpc's default, pick_first, uses one)."""
+    options: list[tuple[str, object]] = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+    if target.startswith("dns:///"):
+        options.append(("grpc.lb_policy_name", "round_robin"))
+    return options
+
+
 class RefscoreClient:
     """`credentials`: grpc.ChannelCredentials (see channel_credentials) for TLS, None for plaintext;
     `token`: this team's bearer token, sent as `authorization` metadata on every call (grpc's
@@ -81,10 +93,7 @@ class RefscoreClient:
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
     ):
-        options = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ]
+        options = channel_options(target, max_message_bytes)
         if credentials is not None:
             if token:
                 credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))

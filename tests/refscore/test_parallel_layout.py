@@ -93,3 +93,11 @@ def test_a_reference_too_big_for_its_gpus_is_refused_naming_bytes_and_settings(t
         check_fits_gpus(
             RefscoreConfig(**{**cfg.__dict__, "tensor_parallel_size": 4}), model, gpu_mem_bytes=80 * GIB, gpus=2
         )
+
+
+def test_a_dns_target_is_balanced_round_robin():
+    # A headless Service resolves to every pod; pick_first (grpc's default) would send every call to one.
+    from offdpo.refscore_client import channel_options
+
+    assert ("grpc.lb_policy_name", "round_robin") in channel_options("dns:///refscore-headless.ns.svc:50051", 1 << 20)
+    assert all(k != "grpc.lb_policy_name" for k, _ in channel_options("localhost:50051", 1 << 20))
