@@ -52,6 +52,12 @@ class RefscoreConfig(EnvConfig):
     host: str = env("OFFDPO_REFSCORE_HOST", "127.0.0.1", "gRPC listen address (0.0.0.0 in a pod)")
     port: int = env("OFFDPO_REFSCORE_PORT", 50051, "gRPC port")
     metrics_port: int = env("OFFDPO_REFSCORE_METRICS_PORT", 9400, "Prometheus metrics port (0 = off)")
+    http_port: int = env(
+        "OFFDPO_REFSCORE_HTTP_PORT",
+        0,
+        "OpenAI-compatible HTTP port (POST /v1/completions with echo/logprobs/prompt_logprobs, GET /v1/models)"
+        " on the same engines, team tokens, quotas and TLS as gRPC (services/refscore/http_door.py; 0 = off)",
+    )
     max_message_bytes: int = env("OFFDPO_REFSCORE_MAX_MESSAGE_BYTES", 16 * 1024 * 1024, "largest gRPC message")
     max_items_per_request: int = env("OFFDPO_REFSCORE_MAX_ITEMS", 1024, "most items in one Score request")
     max_tokens_per_request: int = env(

@@ -7,6 +7,8 @@
 - Domain errors (`offdpo.errors` classes) answer with their own status code, in one interceptor.
 - Message sizes are limited explicitly; oversized messages get RESOURCE_EXHAUSTED from grpc itself.
 - SIGTERM: health goes NOT_SERVING, in-flight RPCs get `grace_s` to finish, then the engine stops.
+- OFFDPO_REFSCORE_HTTP_PORT: an OpenAI-compatible HTTP door (http_door.py) in the same event loop, on
+  the same RefScoreService, interceptor and quotas; it starts and stops (same grace) with the gRPC server.
 - Security (the `security` package over the shared `offdpo.grpc_auth`): TLS/mTLS (certificates reloaded
   without a restart) or explicit plaintext; every RefScore RPC is authenticated (token or client
   certificate) and authorised by one interceptor before its body is read (health and reflection stay
@@ -33,7 +35,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -59,6 +61,9 @@ from services.refscore.errors import (
 )
 from services.refscore.scorer import GenerateParams, LoadedModel, Scorer
 from services.refscore.tokenization import request_local_cache
+
+if TYPE_CHECKING:
+    from services.refscore.http_door import HttpDoor
 
 log = logging.getLogger(__name__)
 
@@ -214,16 +219,17 @@ class RefScoreService:
         """Refuse a caller whose tokens-per-minute bucket is empty before any tokenising is done."""
         self.quotas.check(security.current_caller() or security.ANONYMOUS)
 
-    async def _score(
-        self, request: refscore_pb2.ScoreRequest, context: grpc.aio.ServicerContext
+    async def score(
+        self, request: refscore_pb2.ScoreRequest, deadline: float | None
     ) -> tuple[list[refscore_pb2.ScoredItem], records_pb2.ReferenceFingerprint]:
-        """The scored items and the fingerprint of the model that scored them."""
+        """The scored items and the fingerprint of the model that scored them (`deadline`: time.monotonic()).
+        Score, ScoreStream and the HTTP door (http_door.py) all score through here, as the current caller."""
         scorer, model = self._select(request.expected_fingerprint_id)
         self._check_quota()
         with request_local_cache():  # nothing cached for a caller the charge below refuses
             prepared = scorer.prepare_items(request.items)
         caller = self._charge(sum(len(p.prompt_ids) + len(p.answer_ids) for p in prepared))
-        results = await _result(scorer.submit_score(prepared, _deadline(context), caller=caller))
+        results = await _result(scorer.submit_score(prepared, deadline, caller=caller))
         return [
             refscore_pb2.ScoredItem(
                 item_index=i,
@@ -238,7 +244,7 @@ class RefScoreService:
 
     async def Score(self, raw: bytes, context: grpc.aio.ServicerContext) -> refscore_pb2.ScoreResponse:
         request = _decode(refscore_pb2.ScoreRequest, raw, self.cfg.max_message_bytes, "ScoreRequest")
-        items, fingerprint = await self._score(request, context)
+        items, fingerprint = await self.score(request, _deadline(context))
         metrics.RPC_ITEMS.labels("Score").inc(len(items))
         return refscore_pb2.ScoreResponse(items=items, fingerprint=fingerprint)
 
@@ -252,7 +258,7 @@ class RefScoreService:
                 refscore_pb2.ScoreRequest, raw, self.cfg.max_message_bytes, f"ScoreStream request {index}"
             )
             try:
-                items, fingerprint = await self._score(request, context)
+                items, fingerprint = await self.score(request, _deadline(context))
             except RefscoreError as exc:
                 raise exc.at(f"request {index}") from None  # say which request on the stream it was
             except QuotaExceeded as exc:
@@ -290,6 +296,12 @@ class RefScoreService:
 
     async def Generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> refscore_pb2.GenerateResponse:
         request = _decode(refscore_pb2.GenerateRequest, raw, self.cfg.max_message_bytes, "GenerateRequest")
+        return await self.generate(request, _deadline(context))
+
+    async def generate(
+        self, request: refscore_pb2.GenerateRequest, deadline: float | None
+    ) -> refscore_pb2.GenerateResponse:
+        """Samples for one prompt, as the current caller (Generate and the HTTP door)."""
         scorer, model = self._select(request.expected_fingerprint_id)
         self._check_quota()
         try:
@@ -299,7 +311,7 @@ class RefScoreService:
             raise exc.at("prompt") from None
         params = self._generate_params(request, len(prompt.ids), scorer.max_model_len)
         caller = self._charge(len(prompt.ids) + params.n * params.max_tokens)  # the most it can cost
-        answers = await _result(scorer.submit_generate(prompt.ids, params, _deadline(context), caller=caller))
+        answers = await _result(scorer.submit_generate(prompt.ids, params, deadline, caller=caller))
         return refscore_pb2.GenerateResponse(
             prompt_token_ids=prompt.ids,
             fingerprint=model.fingerprint,
@@ -374,6 +386,8 @@ class RefscoreServer:
         self.health_server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.health_port: int | None = None
+        self.http: HttpDoor | None = None
+        self.http_port: int | None = None
         self.quotas = security.Quotas(RefscoreQuotaConfig.from_env().replicas if replicas is None else replicas)
 
     @property
@@ -410,9 +424,8 @@ class RefscoreServer:
         )
         interceptors = [auth, ErrorMappingInterceptor()]
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
-        self.server.add_generic_rpc_handlers(
-            [RefScoreService(self.references, self.cfg, self.quotas).generic_handler()]
-        )
+        service = RefScoreService(self.references, self.cfg, self.quotas)
+        self.server.add_generic_rpc_handlers([service.generic_handler()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         for name in ("", SERVICE_NAME):
@@ -427,6 +440,11 @@ class RefscoreServer:
             raise OSError(f"cannot listen on {address}")
         if self.cfg.health_port:
             await self._start_health_port()
+        if self.cfg.http_port:  # the OpenAI-compatible door: the same service, interceptor and quotas
+            from services.refscore.http_door import HttpDoor  # starlette and uvicorn only when it is on
+
+            self.http = HttpDoor(service, auth, self.cfg)
+            self.http_port = await self.http.start()
         await self.server.start()
         log.info(
             "refscore listening on %s:%d (%s%s; %s loading)%s",
@@ -474,8 +492,11 @@ class RefscoreServer:
     async def stop(self, grace_s: float | None = None) -> None:
         grace = self.cfg.grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()  # probes see NOT_SERVING; load balancers drain us
-        if self.server is not None:
-            await self.server.stop(grace)
+        # Both doors stop taking requests; those in flight share one grace period, then the engines stop.
+        await asyncio.gather(
+            *([self.server.stop(grace)] if self.server is not None else []),
+            *([self.http.stop(grace)] if self.http is not None else []),
+        )
         if self.health_server is not None:
             await self.health_server.stop(0)
         await asyncio.to_thread(self._shutdown_scorers)

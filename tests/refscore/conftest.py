@@ -100,13 +100,14 @@ def vllm_topics(stack):
 def vllm_server(tiny_model, stack, vllm_topics, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("refscore") / "vllm-server.log"
     metrics = {"OFFDPO_REFSCORE_METRICS_PORT": str(free_port())}  # tests read counters (test_parity.py)
+    http = {"OFFDPO_REFSCORE_HTTP_PORT": str(free_port())}  # the OpenAI-compatible door (test_http_door.py)
     server = start_refscore(
         tiny_model,
         log_path,
         engine="vllm",
         stack=stack,
         worker=True,
-        extra_env={**vllm_topics, **VLLM_ENGINE_SETTINGS, **metrics},
+        extra_env={**vllm_topics, **VLLM_ENGINE_SETTINGS, **metrics, **http},
     )
     client = RefscoreClient(server.target)
     try:
