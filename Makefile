@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup lock demo test test-fast lint format faults screenshots protos check-protos stack-up stack-down bench-refscore bench-trainer bench-learning bench-rounds bench-offset-holes clean
+.PHONY: setup lock demo test test-fast lint format faults screenshots protos check-protos stack-up stack-down bench-refscore bench-trainer bench-learning bench-rounds bench-offset-holes bench-scale clean
 
 setup:
 	@bash scripts/setup.sh
@@ -67,6 +67,10 @@ bench-learning: setup
 # Records a consumer never reads on the local broker (Tansu), with and without OffsetHoleGuard.
 bench-offset-holes: setup
 	$(PY) -m bench.offset_holes
+
+# Sharded state (issue 28): per-rank memory of FSDP over gloo at world sizes 1, 2, 4 (into scale.json/png).
+bench-scale: setup
+	$(PY) -m bench.scale
 
 # Iterative DPO: 3 rounds vs one offline pass on the same labelling budget (into learning.json/png).
 bench-rounds: setup

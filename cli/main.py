@@ -10,6 +10,8 @@ offdpo deadletter list|replay    dead letters by service and error type; republi
 offdpo rescore --from P --model M stored pairs (scored shards or the archive) scored under a new reference
 offdpo archive [--until-idle S]  archive the pairs topic to S3 as Parquet (replayable after Kafka forgets)
 offdpo rounds [--rounds N]       iterative DPO on the local stack: each round's policy the next one's reference
+offdpo plan --model M --gpus N --gpu-mem 80GiB   per-GPU memory of trainer and refscore, and the settings that fit
+offdpo train --config run.yaml   the trainer (python -m services.trainer, same flags); --print-config shows all settings
 """
 
 from __future__ import annotations
@@ -217,6 +219,22 @@ def main(argv: list[str] | None = None) -> int:
     add_rounds_arguments(p)
     p.set_defaults(fn=_rounds_cmd)
 
+    from cli.plan import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
+
+    p = sub.add_parser(
+        "train",
+        help="train: python -m services.trainer with the same flags (--config run.yaml, --print-config)",
+        add_help=False,  # `offdpo train --help` is the trainer's own help
+    )
+    p.set_defaults(fn=None)
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # every flag after it is the trainer's
+        from services.trainer.train import main as train_main
+
+        return train_main(argv[1:], prog="offdpo train")
     args = parser.parse_args(argv)
     return args.fn(args)
 

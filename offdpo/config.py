@@ -66,6 +66,21 @@ class EnvConfig:
         return cls(**values)
 
     @classmethod
+    def from_sources(
+        cls, file_values: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None, **overrides: Any
+    ):
+        """Defaults < `file_values` (a config file's, see load_config_file) < environment < `overrides`
+        (command-line flags): a file sets a run up, a pod's manifest still overrides it."""
+        environ = os.environ if environ is None else environ
+        values = dict(file_values or {})
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            name = f.metadata["env"]
+            if name in environ:
+                values[f.name] = _parse(environ[name], f.default, name)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
     def env_vars(cls) -> dict[str, dict[str, Any]]:
         return {
             f.metadata["env"]: {"default": f.default, "help": f.metadata["help"], "secret": f.metadata["secret"]}
@@ -197,3 +212,141 @@ def describe(*config_classes: type[EnvConfig]) -> str:
             default = "(secret)" if spec["secret"] and spec["default"] else repr(spec["default"])
             lines.append(f"  {name} = {default}  # {spec['help']}")
     return "\n".join(lines)
+
+
+# -- configuration files (issue 32) -----------------------------------------------------------------
+# A YAML file holds the same settings as the environment, by field name: one class's fields at the top
+# level (flat, as TRL or axolotl configs are) and other classes' in named sections (`kafka:`, `s3:`).
+# Precedence, lowest first: the field's default, the file, the environment variable, a command-line flag
+# (the pods' manifests keep overriding what a file says). Values are checked against the type of the
+# field's default, strictly: `pack: "yes"` is a string, not a bool, and says so.
+
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string", tuple: "a list of strings"}
+
+
+def _file_value(value: Any, default: Any, where: str) -> Any:
+    """`value` as read from YAML, checked against the type of `default`; ConfigError (one line) if wrong."""
+    kind = type(default)
+    ok = False
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is tuple:
+        if isinstance(value, str):  # "a,b" as in the environment variable
+            value, ok = tuple(part.strip() for part in value.split(",") if part.strip()), True
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value, ok = tuple(value), True
+    elif kind is str:
+        ok = isinstance(value, str)
+    else:  # a field type this loader does not know: take the value as given
+        ok = True
+    if not ok:
+        got = "nothing" if value is None else repr(value)
+        hint = " (quote it)" if kind is str and isinstance(value, int | float | bool) else ""
+        raise ConfigError(f"{where}: expected {_EXPECTED.get(kind, kind.__name__)}, got {got}{hint}")
+    return value
+
+
+def _section_values(
+    raw: Mapping[str, Any], cls: type[EnvConfig], where: str, prefix: str, listing: str
+) -> dict[str, Any]:
+    import difflib
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            maybe = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown setting {prefix}{key!r}{maybe}; every setting: {listing}")
+        values[key] = _file_value(value, fields[key].default, f"{where}: {prefix}{key}")
+    return values
+
+
+def load_config_file(
+    path: str | os.PathLike[str],
+    top: type[EnvConfig],
+    sections: Mapping[str, type[EnvConfig]],
+    listing: str,
+) -> dict[type[EnvConfig], dict[str, Any]]:
+    """Read a YAML configuration file: `top`'s fields at the top level, each class of `sections` under its
+    key. Returns the values given, by class (pass them to `EnvConfig.from_sources`). Every problem is a
+    ConfigError of one line that names the file and the setting; `listing` says where the valid names are."""
+    import yaml
+
+    where = str(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read the configuration file: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML: {problem}{at}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected `setting: value` lines at the top level, got {type(raw).__name__}")
+    out: dict[type[EnvConfig], dict[str, Any]] = {cls: {} for cls in (top, *sections.values())}
+    top_raw = {k: v for k, v in raw.items() if k not in sections}
+    out[top] = _section_values(top_raw, top, where, "", listing)
+    for name, cls in sections.items():
+        section = raw.get(name)
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            raise ConfigError(f"{where}: {name}: expected a section of `setting: value` lines, got {section!r}")
+        out[cls] = _section_values(section, cls, where, f"{name}.", listing)
+    return out
+
+
+def _yaml_scalar(value: Any) -> str:
+    import yaml
+
+    if isinstance(value, tuple):
+        value = list(value)
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, allow_unicode=True).strip()
+    return text[: -len("...")].strip() if text.endswith("...") else text
+
+
+def config_yaml_lines(cfg: EnvConfig, indent: str = "") -> list[str]:
+    """`cfg` as YAML lines `name: value  # help`; a secret is never written (a comment names its variable)."""
+    lines = []
+    for f in dataclasses.fields(cfg):  # type: ignore[arg-type]
+        if f.metadata.get("secret"):
+            lines.append(f"{indent}# {f.name}: (secret, not written: set {f.metadata['env']})")
+            continue
+        lines.append(f"{indent}{f.name}: {_yaml_scalar(getattr(cfg, f.name))}  # {f.metadata['help']}")
+    return lines
+
+
+def resolved_config_yaml(
+    trainer_cfg: EnvConfig, kafka_cfg: KafkaConfig, s3_cfg: S3Config, **sections: EnvConfig
+) -> str:
+    """The resolved configuration of a trainer run as a YAML file that `--config` reloads: the trainer's
+    settings at the top level, then `kafka:`, `s3:` and any other `sections` (e.g. trackers=...). Secrets
+    are left out (a rerun takes them from its environment, as the pods do), so the file can be stored
+    next to the checkpoints and printed."""
+    lines = ["# offdpo trainer configuration (reload with --config; secrets come from the environment)"]
+    lines += config_yaml_lines(trainer_cfg)
+    for name, cfg in {"kafka": kafka_cfg, "s3": s3_cfg, **sections}.items():
+        lines += ["", f"{name}:"]
+        lines += config_yaml_lines(cfg, "  ")
+    return "\n".join(lines) + "\n"
+
+
+def config_params(trainer_cfg: EnvConfig, **sections: EnvConfig) -> dict[str, Any]:
+    """Flat `name` / `section.name` -> value of the non-secret settings, for experiment trackers' params."""
+    out: dict[str, Any] = {}
+    for prefix, cfg in {"": trainer_cfg, **{f"{k}.": v for k, v in sections.items()}}.items():
+        for f in dataclasses.fields(cfg):  # type: ignore[arg-type]
+            if not f.metadata.get("secret"):
+                out[prefix + f.name] = getattr(cfg, f.name)
+    return out

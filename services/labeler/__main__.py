@@ -220,4 +220,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from offdpo.errors import ConfigError
+
+    try:
+        code = main()
+    except ConfigError as exc:  # a bad setting: one line naming it, no traceback (issue 32)
+        print(f"labeler: {exc}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

@@ -139,6 +139,30 @@ class TrainerConfig(EnvConfig):
     distributed: str = env(
         "OFFDPO_TRAINER_DISTRIBUTED", "ddp", "under torchrun: 'ddp' (small models) or 'fsdp' (sharded)"
     )
+    fsdp_mixed_precision: str = env(
+        "OFFDPO_TRAINER_FSDP_MIXED_PRECISION",
+        "auto",
+        "FSDP: 'on' (bfloat16 parameters and compute, float32 gradient reduction and master weights), 'off' "
+        "(float32), 'auto' (on for CUDA, off on the CPU)",
+    )
+    # -- sharded checkpoints (issue 28)
+    checkpoint_format: str = env(
+        "OFFDPO_TRAINER_CHECKPOINT_FORMAT",
+        "auto",
+        "'sharded' (each rank writes its own shard of weights and optimizer state with torch.distributed."
+        "checkpoint; resumes at any world size), 'full' (rank 0 writes the whole state), 'auto' (sharded under "
+        "FSDP, full otherwise)",
+    )
+    checkpoint_file_bytes: int = env(
+        "OFFDPO_TRAINER_CHECKPOINT_FILE_BYTES",
+        1 << 30,
+        "sharded checkpoints: about this many bytes per file a rank writes and uploads (one file in memory at a time)",
+    )
+    export_shard_bytes: int = env(
+        "OFFDPO_TRAINER_EXPORT_SHARD_BYTES",
+        2 << 30,
+        "sharded checkpoints: largest safetensors file of the exported model/ folder (rank 0 holds one at a time)",
+    )
     # -- checkpoints and metrics
     save_every: int = env("OFFDPO_TRAINER_SAVE_EVERY", 100, "checkpoint every N optimizer steps (and at the end)")
     resume: bool = env("OFFDPO_TRAINER_RESUME", True, "resume from runs/<run_name>/latest when it exists")

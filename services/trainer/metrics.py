@@ -1,4 +1,5 @@
-"""Training metrics: a progress bar, metrics.jsonl, Prometheus gauges and a PNG of the curves."""
+"""Training metrics: a progress bar, metrics.jsonl, Prometheus gauges, a PNG of the curves and the
+experiment trackers of `report_to` (trackers.py), which get the same scalars as metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from services.trainer.trackers import Trackers
 
 KEYS = (
     "loss",
@@ -63,7 +67,16 @@ class _InfraCollector:
 
 
 class MetricsLog:
-    def __init__(self, log_dir: Path, resume_step: int, port: int = 0, progress: bool = True, total: int | None = None):
+    def __init__(
+        self,
+        log_dir: Path,
+        resume_step: int,
+        port: int = 0,
+        progress: bool = True,
+        total: int | None = None,
+        trackers: Trackers | None = None,
+    ):
+        self.trackers = trackers
         self.dir = Path(log_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
@@ -96,6 +109,8 @@ class MetricsLog:
             f.write(json.dumps({"step": step, **values}) + "\n")
         with self.pairs_path.open("a") as f:
             f.write(json.dumps({"step": step, "pair_ids": pair_ids}) + "\n")
+        if self.trackers is not None:
+            self.trackers.log_scalars(step, values)
         if self.gauges:
             for k in KEYS:
                 self.gauges[k].set(values[k])
@@ -117,6 +132,8 @@ class MetricsLog:
     def log_eval(self, step: int, values: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.trackers is not None:
+            self.trackers.log_scalars(step, values)
         if self.gauges:
             for k in EVAL_KEYS:
                 self.gauges[k].set(values[k])
@@ -129,6 +146,8 @@ class MetricsLog:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
     def plot(self) -> Path | None:
         rows = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln] if self.path.exists() else []

@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.distributed.tensor import DTensor
 
-from offdpo.config import KafkaConfig, S3Config
+from offdpo.config import ConfigError, KafkaConfig, S3Config, load_config_file, resolved_config_yaml
 from offdpo.errors import BadInput
 from offdpo.health import LoopHealth, LoopHealthServer
 from offdpo.records import ReferenceFingerprint
@@ -92,6 +92,7 @@ from services.trainer.metrics import MetricsLog
 from services.trainer.packing import matmul_ceiling_gflops, model_flop_shape
 from services.trainer.schedule import lr_schedule
 from services.trainer.step import eval_metrics, eval_step, step_metrics, train_step
+from services.trainer.trackers import TrackerConfig, check_installed, open_trackers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -100,12 +101,14 @@ log = logging.getLogger("offdpo.trainer")
 
 
 # -- command line ---------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None = None) -> tuple[TrainerConfig, argparse.Namespace]:
-    base = TrainerConfig.from_env()
-    p = argparse.ArgumentParser(
-        prog="python -m services.trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for f in dataclasses.fields(TrainerConfig):
+# A config file's sections besides the trainer's own settings (which sit at its top level).
+CONFIG_SECTIONS = {"kafka": KafkaConfig, "s3": S3Config, "trackers": TrackerConfig}
+SETTINGS_LISTING = "`offdpo train --print-config` (or python -m services.trainer --print-config)"
+
+
+def _add_flags(p: argparse._ActionsContainer, cls: type, base: Any) -> None:
+    """One flag per field of `cls`, its default the value from the file and the environment (`base`)."""
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(base, f.name)
         help_ = f"{f.metadata['help']} [{f.metadata['env']}={default!r}]"
@@ -115,6 +118,46 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainerConfig, argparse.N
             p.add_argument(flag, dest=f.name, action="append", default=None, help=help_ + " (repeatable)")
         else:
             p.add_argument(flag, dest=f.name, type=type(f.default), default=default, help=help_)
+
+
+def _flag_values(ns: argparse.Namespace, cls: type, base: Any) -> dict[str, Any]:
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)}
+    for f in dataclasses.fields(cls):
+        if isinstance(f.default, tuple):  # repeated and/or comma-separated, as the environment variable
+            given = values[f.name]
+            values[f.name] = (
+                tuple(part.strip() for v in given for part in v.split(",") if part.strip())
+                if given
+                else getattr(base, f.name)
+            )
+    return values
+
+
+def parse_args(
+    argv: list[str] | None = None, prog: str = "python -m services.trainer"
+) -> tuple[TrainerConfig, argparse.Namespace]:
+    """The trainer's settings: defaults < --config FILE < OFFDPO_* environment variables < flags. The
+    namespace also carries the resolved s3_config, kafka_config and tracker_config (the file's `s3:`,
+    `kafka:` and `trackers:` sections under their environment variables and flags). Bad settings raise
+    ConfigError (one line naming the setting)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    files = load_config_file(known.config, TrainerConfig, CONFIG_SECTIONS, SETTINGS_LISTING) if known.config else {}
+    base = TrainerConfig.from_sources(files.get(TrainerConfig))
+    tracker_base = TrackerConfig.from_sources(files.get(TrackerConfig))
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML file of settings: the flags' names with underscores at the top level, `kafka:`, `s3:` and "
+        "`trackers:` sections (examples/*.yaml); environment variables and flags override it",
+    )
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved configuration as YAML (a --config file)"
+    )
+    _add_flags(p, TrainerConfig, base)
+    _add_flags(p.add_argument_group("experiment trackers (the `trackers:` section)"), TrackerConfig, tracker_base)
     # Fault injection for the crash/resume tests, off unless given: SIGKILL ourselves right after
     # this optimizer step, or right after the checkpoint of this step is written and before its
     # offsets are committed; or answer every shard read with S3's AccessDenied for this many
@@ -123,15 +166,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainerConfig, argparse.N
     p.add_argument("--fault-kill-after-checkpoint", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--fault-deny-shard-reads-s", type=float, default=0.0, help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
-    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainerConfig)}
-    values["allow_fingerprint"] = tuple(values["allow_fingerprint"] or base.allow_fingerprint)
-    return validate(TrainerConfig(**values)), ns
+    cfg = TrainerConfig(**_flag_values(ns, TrainerConfig, base))
+    ns.tracker_config = TrackerConfig(**_flag_values(ns, TrackerConfig, tracker_base))
+    ns.kafka_config = KafkaConfig.from_sources(files.get(KafkaConfig))
+    ns.s3_config = S3Config.from_sources(files.get(S3Config))
+    return validate(cfg, require_model=not ns.print_config), ns
 
 
-def validate(cfg: TrainerConfig) -> TrainerConfig:
+def validate(cfg: TrainerConfig, *, require_model: bool = True) -> TrainerConfig:
+    """Refuse settings that cannot work together; ConfigError lists every problem on one line."""
     problems = []
-    if not cfg.model:
-        problems.append("--model (OFFDPO_TRAINER_MODEL) is required: the initial policy's directory")
+    if require_model and not cfg.model:
+        problems.append(
+            "model is required (`model:` in --config, --model or OFFDPO_TRAINER_MODEL): the initial policy's directory"
+        )
     try:
         safe_key_part(cfg.run_name, "run name")
     except ValueError as exc:
@@ -145,6 +193,18 @@ def validate(cfg: TrainerConfig) -> TrainerConfig:
         ),
         (cfg.precision in ("auto", "bf16", "fp32"), f"--precision {cfg.precision!r}: use auto, bf16 or fp32"),
         (cfg.distributed in ("ddp", "fsdp"), f"--distributed {cfg.distributed!r}: use ddp or fsdp"),
+        (
+            cfg.fsdp_mixed_precision in ("auto", "on", "off"),
+            f"--fsdp-mixed-precision {cfg.fsdp_mixed_precision!r}: use auto, on or off",
+        ),
+        (
+            cfg.checkpoint_format in ("auto", "sharded", "full"),
+            f"--checkpoint-format {cfg.checkpoint_format!r}: use auto, sharded or full",
+        ),
+        (
+            cfg.checkpoint_file_bytes > 0 and cfg.export_shard_bytes > 0,
+            "--checkpoint-file-bytes and --export-shard-bytes must be positive",
+        ),
         (cfg.global_batch_size > 0 and cfg.micro_batch_size > 0, "batch sizes must be positive"),
         (cfg.beta > 0, "--beta must be positive"),
         (0 <= cfg.label_smoothing < 0.5, "--label-smoothing must be in [0, 0.5)"),
@@ -159,7 +219,7 @@ def validate(cfg: TrainerConfig) -> TrainerConfig:
     ]
     problems += [msg for ok, msg in checks if not ok]
     if problems:
-        raise SystemExit("trainer configuration: " + "; ".join(problems))
+        raise ConfigError("; ".join(problems))
     return cfg
 
 
@@ -274,12 +334,26 @@ def prepare(
     return source, Plan(total, expected.fingerprint_id, resume_from)
 
 
-def build_policy(cfg: TrainerConfig, node: Node, store: ObjectStore, plan: Plan) -> ckpt.Policy:
-    """The initial policy, or the checkpoint's weights on resume; wrapped, with AdamW and the schedule."""
+def build_policy(cfg: TrainerConfig, node: Node, store: ckpt.Store, plan: Plan) -> ckpt.Policy:
+    """The initial policy, or the checkpoint's weights on resume; wrapped, with AdamW and the schedule.
+    FSDP: built on the meta device and sharded before any weight is read; each rank then reads only
+    its own slices (of the model folder, or, resuming a sharded checkpoint, in ckpt.restore)."""
+    resume_from = plan.resume_from
+    sharded_resume = (
+        resume_from is not None and ckpt.read_state(store, resume_from).get("checkpoint_format") == "sharded"
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        weights = ckpt.download_model(store, plan.resume_from, Path(tmp)) if plan.resume_from else cfg.model
-        model = load_policy(weights, cfg, node.device)
-    module = wrap(model, cfg, node.world, node.device)
+        if distributed.is_sharded(cfg, node.world):
+            # A sharded checkpoint fills the shards in restore(); a full one (an older run, one
+            # process) has a model/ folder each rank reads its slices of, as of the initial model.
+            weights: str | Path | None = cfg.model
+            if resume_from:
+                weights = None if sharded_resume else ckpt.download_model(store, resume_from, Path(tmp))
+            model, module = distributed.build_sharded(cfg.model, cfg, node.device, weights)
+        else:
+            folder = ckpt.download_model(store, resume_from, Path(tmp)) if resume_from else cfg.model
+            model = load_policy(folder, cfg, node.device)
+            module = wrap(model, cfg, node.world, node.device)
     optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     scheduler = lr_schedule(optimizer, cfg.warmup_steps, plan.total_steps, cfg.min_lr_ratio)
     return ckpt.Policy(model, module, optimizer, scheduler)
@@ -326,6 +400,7 @@ def save_and_commit(
     source: Source | None,
     plan: Plan,
     faults: Faults | None = None,
+    config_yaml: str = "",
 ) -> None:
     """Checkpoint `step`; then the source may forget what it covers. Every rank calls it."""
     bad = nonfinite_weights(policy, node)
@@ -338,6 +413,7 @@ def save_and_commit(
             "fingerprint": plan.fingerprint_id,
             "config": dataclasses.asdict(cfg),
             "world_size": node.world,
+            "config_yaml": config_yaml,
         }
     ckpt.save(store, cfg, node, step, policy, tokenizer, extra, source.infra if source is not None else None)
     if faults and faults.kill_after_checkpoint == step:  # the test's crash between checkpoint and commit
@@ -393,6 +469,7 @@ def run(
     kafka: KafkaConfig | None = None,
     fault_kill_after_step: int = 0,
     faults: Faults | None = None,
+    trackers: TrackerConfig | None = None,
 ) -> dict[str, Any]:
     """Train; returns a summary. Raises DataError when data is refused (replay mode).
     Stopped by SIGTERM/SIGINT, it checkpoints and returns with `stopped_by` set to the signal's name."""
@@ -403,7 +480,8 @@ def run(
         StopOnSignals("stopping after the current step and saving a checkpoint") as stop,
         health_server(cfg, infra),
     ):
-        return _run(cfg, s3 or S3Config.from_env(), kafka or KafkaConfig.from_env(), faults, stop, infra)
+        trackers = trackers or TrackerConfig.from_env()
+        return _run(cfg, s3 or S3Config.from_env(), kafka or KafkaConfig.from_env(), faults, stop, infra, trackers)
 
 
 def trainer_health(cfg: TrainerConfig, infra: InfraStatus) -> LoopHealth:
@@ -437,12 +515,15 @@ def _run(
     faults: Faults,
     stop: StopOnSignals,
     infra: InfraStatus | None = None,
+    trackers: TrackerConfig | None = None,
 ) -> dict[str, Any]:
     node = distributed.setup()
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and node.device.type == "cuda")
     autocast = (lambda: torch.autocast(node.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     torch.manual_seed(cfg.seed)
     store = ObjectStore(s3)
+    # Saved with every checkpoint (step-N/config.yaml): `offdpo train --config` of it reruns this run.
+    config_yaml = resolved_config_yaml(cfg, kafka, s3, **({"trackers": trackers} if trackers is not None else {}))
 
     # Rank 0 opens the data and finds the checkpoint to resume; every rank follows its plan, and a
     # refusal stops every rank with the same message. The source and the metrics live on rank 0 only.
@@ -468,7 +549,10 @@ def _run(
             log.info("resumed from %s at step %d", plan.resume_from, step)
         if node.is_main:
             progress = cfg.progress and sys.stderr.isatty()
-            metrics = MetricsLog(Path(cfg.log_dir) / cfg.run_name, step, cfg.metrics_port, progress, plan.total_steps)
+            tracking = open_trackers(trackers, cfg, s3, kafka, step) if trackers is not None else None
+            metrics = MetricsLog(
+                Path(cfg.log_dir) / cfg.run_name, step, cfg.metrics_port, progress, plan.total_steps, tracking
+            )
             metrics.watch_infra(source.infra if source is not None else InfraStatus())
 
         saved_step, evaluated_step, stopped_by, skipped = step, -1, None, 0
@@ -529,13 +613,13 @@ def _run(
 
             # 6. Checkpoint (continuous mode: then commit the stream offsets it covers).
             if step % cfg.save_every == 0:
-                save_and_commit(store, cfg, node, step, policy, tokenizer, source, plan, faults)
+                save_and_commit(store, cfg, node, step, policy, tokenizer, source, plan, faults, config_yaml)
                 saved_step = step
 
         if cfg.eval_fraction > 0 and step > evaluated_step and not stopped_by:
             evaluate(cfg, node, step, policy, source, metrics, autocast, pad_id)
         if step > saved_step:
-            save_and_commit(store, cfg, node, step, policy, tokenizer, source, plan, faults)
+            save_and_commit(store, cfg, node, step, policy, tokenizer, source, plan, faults, config_yaml)
         if stopped_by:
             log.warning("%s: checkpoint saved at step %d; rerun the same command to resume", stopped_by, step)
         summary: dict[str, Any] = {
@@ -554,12 +638,22 @@ def _run(
             metrics.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m services.trainer") -> int:
+    """The command line (also `offdpo train`). A bad setting (file, environment variable, flag) is one
+    line on stderr, `trainer: <what is wrong>`, and exit 2; no traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg, ns = parse_args(argv)
+    try:
+        cfg, ns = parse_args(argv, prog)
+        if ns.print_config:
+            print(resolved_config_yaml(cfg, ns.kafka_config, ns.s3_config, trackers=ns.tracker_config), end="")
+            return 0
+        check_installed(ns.tracker_config)  # before the model loads
+    except ConfigError as exc:
+        print(f"trainer: {exc}", file=sys.stderr)
+        return 2
     try:
         faults = Faults(ns.fault_kill_after_step, ns.fault_kill_after_checkpoint, ns.fault_deny_shard_reads_s)
-        summary = run(cfg, faults=faults)
+        summary = run(cfg, ns.s3_config, ns.kafka_config, faults=faults, trackers=ns.tracker_config)
         log.info("done: %s", summary)
         distributed.finish()
         if summary.get("stopped_by"):
@@ -569,6 +663,10 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         log.error("refused: %s", exc)
         print(f"trainer: data refused: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:  # met while starting (a tracker, Kafka's client settings)
+        log.error("configuration error: %s", exc)
+        print(f"trainer: {exc}", file=sys.stderr)
         return 2
     finally:
         distributed.teardown()

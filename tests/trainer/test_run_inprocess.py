@@ -83,6 +83,12 @@ def test_heldout_pairs_are_evaluated_every_n_steps_and_never_trained(fake_store,
     ):
         assert name in scraped, name
     assert tree_digest(tiny_model) == before, "training never writes into the model folder"
+    # The resolved configuration goes with the checkpoint, and reruns the same run (issue 32).
+    prefix = json.loads(fake_store.get_bytes(f"runs/{cfg.run_name}/latest"))["prefix"]
+    saved = tmp_path / "config.yaml"
+    saved.write_bytes(fake_store.get_bytes(f"{prefix}/config.yaml"))
+    rerun, _ = train.parse_args(["--config", str(saved)])
+    assert rerun == cfg
 
 
 def test_a_step_whose_loss_is_not_finite_is_skipped_counted_and_never_checkpointed(fake_store, tiny_model, tmp_path):
