@@ -299,6 +299,14 @@ def worker(args) -> dict:
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         rss_at_start_bytes=rss_start,
     )
+    if variant(args.worker)[0] == "offline_dpo_packed":
+        # The LM head's transient per micro-batch (issue 29): fused head vs the old one, on the last step's
+        # answer tokens; after the peak RSS above is taken, so it does not move it.
+        from bench.head import head_peaks
+
+        conf = AutoConfig.from_pretrained(args.model)
+        answers = [t for e in batches[-1] for t in (*e.chosen, *e.rejected)]
+        res.update(head_peaks(answers, conf.vocab_size, conf.hidden_size, bf16=bf16))
     return res
 
 
@@ -370,6 +378,12 @@ def headline(by: dict, fraction: dict) -> dict:
         "fraction_of_ceiling": fraction.get("chat_like", {}).get("offline_dpo_packed"),
         "fraction_of_ceiling_bf16": fraction.get("chat_like", {}).get("offline_dpo_packed_bf16"),
         "ratio_vs_sft": _ratio(tps("chat_like", "offline_dpo_packed"), tps("chat_like", "sft")),
+        # the LM head's transient bytes per micro-batch (bench.head.head_peaks), fused head / the old head
+        "head_peak_bytes": by.get("chat_like", {}).get("offline_dpo_packed", {}).get("head_peak_bytes"),
+        "head_peak_ratio_vs_old": _ratio(
+            by.get("chat_like", {}).get("offline_dpo_packed", {}).get("head_peak_bytes"),
+            by.get("chat_like", {}).get("offline_dpo_packed", {}).get("head_peak_bytes_old"),
+        ),
     }
     met = {}
     for k, target in TARGETS.items():
@@ -528,6 +542,9 @@ def main(argv=None) -> int:
                 continue
             entry = {"tokens_per_s": res["tokens_per_s"], "peak_mem_bytes": res["peak_rss_bytes"]}
             entry["step_seconds"] = [round(s, 2) for s in res["step_seconds"]]
+            for k in ("head_peak_bytes", "head_peak_bytes_old", "head_answer_positions"):
+                if k in res:
+                    entry[k] = res[k]
             by.setdefault(w, {})[m] = entry
             if "useful_flops" in res:
                 peak = ceiling["bf16" if m.endswith("_bf16") else "fp32"] * 1e9

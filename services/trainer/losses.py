@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from offdpo.logprobs import gather_token_logprobs
+from offdpo.logprobs import fused_token_logprobs, gather_token_logprobs
 
 
 @dataclass
@@ -83,17 +83,26 @@ class AnswerLogps(torch.nn.Module):
     chunks (offdpo.logprobs), so no [tokens x vocab] float32 tensor is ever materialised. A chunk holds
     as many positions as fit `chunk_bytes` of float32 logits (128 MiB: 220 positions at a 151,936
     vocabulary, 8,192 at 4,096), capped at `chunk_size` positions (0: no cap).
-    DDP/FSDP wrap this module, so their hooks see the whole computation.
+    The head is the fused one (offdpo.logprobs.fused_token_logprobs: one reused logits buffer, the
+    logits recomputed once in backward, one weight-gradient buffer); `fused_head=False` runs the earlier
+    autograd head (each chunk checkpointed when `checkpoint_head`), kept as a reference for tests and
+    bench/head.py. DDP/FSDP wrap this module, so their hooks see the whole computation.
     """
 
     def __init__(
-        self, model, chunk_size: int = 0, checkpoint_head: bool = True, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+        self,
+        model,
+        chunk_size: int = 0,
+        checkpoint_head: bool = True,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        fused_head: bool = True,
     ):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.chunk_bytes = chunk_bytes
         self.checkpoint_head = checkpoint_head
+        self.fused_head = fused_head
 
     def head_chunk_positions(self) -> int:
         vocab = self.model.get_output_embeddings().weight.shape[0]
@@ -116,13 +125,15 @@ class AnswerLogps(torch.nn.Module):
         else:
             hidden = self._hidden(input_ids, attention_mask, position_ids)
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, hidden_index)
-        token_logps = gather_token_logprobs(
-            h,
-            self.model.get_output_embeddings(),
-            targets,
-            chunk_size=self.head_chunk_positions(),
-            checkpoint=self.checkpoint_head,
-        )
+        head = self.model.get_output_embeddings()
+        if self.fused_head:
+            token_logps = fused_token_logprobs(
+                h, head.weight, getattr(head, "bias", None), targets, self.head_chunk_positions()
+            )
+        else:
+            token_logps = gather_token_logprobs(
+                h, head, targets, chunk_size=self.head_chunk_positions(), checkpoint=self.checkpoint_head
+            )
         return torch.zeros(num_rows, dtype=torch.float32, device=token_logps.device).index_add(
             0, seq_index, token_logps
         )
