@@ -78,6 +78,7 @@ COMBOS: dict[str, list[str]] = {
     "prod+keda": ["keda"],
     "prod+observability": ["observability"],
     "prod+kueue": ["kueue"],
+    "prod+kubeflow-trainer": ["kubeflow-trainer"],
     "prod+platform": ["cert-manager", "keda", "observability", "kueue", "backfill"],
 }
 _COMBO_CACHE: dict[str, list[dict]] = {}

@@ -22,6 +22,7 @@ from tests.deploy.test_rendered import (
     DEPLOY,
     KAFKA_CA_SECRET,
     by_kind,
+    container_env,
     containers,
     env_value,
     get,
@@ -37,6 +38,8 @@ README = (DEPLOY / "README.md").read_text()
 # -- every combination ----------------------------------------------------------------------------------------
 def test_each_combination_is_valid_and_locked_down(combo):
     name, objs = combo
+    if "kubeflow-trainer" in COMBOS[name]:  # the checks below look at the pods the operator makes from it
+        objs = [*objs, trainjob_as_job(objs, trainer_runtime())]
     rendered = ("prod", objs)
     checks.test_objects_validate_strict(rendered)
     checks.test_every_container_has_resources_and_locked_down_security_context(rendered)
@@ -370,3 +373,185 @@ def test_readme_lists_the_install_order_and_the_runbook():
     for operator in ("Strimzi", "cert-manager", "KEDA", "Kueue", "Prometheus Operator"):
         assert operator in README[order : README.index("## Components")], operator
     assert "## Runbook" in README
+
+
+# -- Kubeflow Trainer ----------------------------------------------------------------------------------------------
+TRAINER_OPERATOR = "Kubeflow Trainer v2.3.0"  # tests/deploy/schemas/kubeflow-trainer-v2.3.0.json
+
+
+def trainer_runtime() -> dict:
+    (runtime,) = render(DEPLOY / "components" / "kubeflow-trainer" / "cluster")
+    return runtime
+
+
+def trainjob_as_job(objs, runtime) -> dict:
+    """The batch Job (one per replicated Job) the operator makes from the TrainJob `offdpo-trainer` on the
+    runtime, as Kubeflow Trainer v2.3.0's plugins build it (pkg/runtime/framework/plugins: plainml sets the
+    node count from spec.trainer.numNodes, else the runtime's mlPolicy.numNodes, else 1; jobset puts the
+    TrainJob's image, command/args, resourcesPerNode and env (upserted by name) into the container `node` of
+    the replicated Job labelled trainjob-ancestor-step=trainer; JobSet sets completions = parallelism and the
+    pods' subdomain, the TrainJob's name). Named like base's Job, so the checks written for it apply. The
+    operator's PET_* variables are left out: they are torchrun's, outside the services' env contract."""
+    import copy
+
+    tj = get(objs, "TrainJob", "offdpo-trainer")
+    assert tj["spec"]["runtimeRef"]["name"] == runtime["metadata"]["name"]
+    assert tj["spec"]["runtimeRef"].get("kind", "ClusterTrainingRuntime") == "ClusterTrainingRuntime"
+    trainer = tj["spec"]["trainer"]
+    (rjob,) = [
+        r
+        for r in runtime["spec"]["template"]["spec"]["replicatedJobs"]
+        if r["template"]["metadata"]["labels"].get("trainer.kubeflow.org/trainjob-ancestor-step") == "trainer"
+    ]
+    spec = copy.deepcopy(rjob["template"]["spec"])
+    nodes = trainer.get("numNodes", runtime["spec"]["mlPolicy"].get("numNodes", 1))
+    spec.update(completions=nodes, parallelism=nodes, completionMode="Indexed")
+    pod = spec["template"]["spec"]
+    pod["subdomain"] = tj["metadata"]["name"]
+    (node,) = [c for c in pod["containers"] if c["name"] == "node"]
+    node["image"] = trainer.get("image", node["image"])
+    for key in ("command", "args"):
+        if key in trainer:
+            node[key] = trainer[key]
+    if "resourcesPerNode" in trainer:
+        node["resources"] = trainer["resourcesPerNode"]
+    env = {e["name"]: e for e in node.get("env", [])}
+    env.update({e["name"]: e for e in trainer.get("env", [])})
+    node["env"] = list(env.values())
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": tj["metadata"]["name"], "namespace": tj["metadata"]["namespace"]},
+        "spec": spec,
+    }
+
+
+def test_the_trainjob_runs_the_trainer_command_with_one_node_count(combos):
+    objs = combos["prod+kubeflow-trainer"]
+    runtime = trainer_runtime()
+    assert "namespace" not in runtime["metadata"], "cluster-scoped"
+    for o in (runtime, get(objs, "TrainJob", "offdpo-trainer")):
+        assert not crd_schemas.vendored_errors(o), crd_schemas.vendored_errors(o)
+    assert not [j for j in by_kind(objs, "Job") if j["metadata"]["name"] == "offdpo-trainer"] and not [
+        s for s in by_kind(objs, "Service") if s["metadata"]["name"] == "offdpo-trainer"
+    ], "base's Job and its headless Service go (JobSet makes a Service named after the TrainJob)"
+    assert "torch" in runtime["spec"]["mlPolicy"]
+    tj = get(objs, "TrainJob", "offdpo-trainer")
+    job = trainjob_as_job(objs, runtime)
+    c = get_container(job, "node")
+    base_job = get(render(DEPLOY / "overlays" / "prod"), "Job", "offdpo-trainer")
+    base = get_container(base_job, "trainer")
+    # the same command, without the node count and ranks per node, which torchrun takes from PET_NNODES and
+    # PET_NPROC_PER_NODE (the torch plugin sets them from numNodes and the GPUs); rendezvous at node 0
+    same = [a for a in base["args"] if not a.startswith(("--nnodes", "--nproc-per-node", "--rdzv-endpoint"))]
+    assert c["command"] == base["command"] == ["torchrun"]
+    assert sorted(c["args"]) == sorted([*same, "--rdzv-endpoint=$(PET_MASTER_ADDR):$(PET_MASTER_PORT)"])
+    assert not any(a.startswith(("--nnodes", "--nproc-per-node", "--node-rank")) for a in c["args"])
+    # one place sets the number of nodes: the TrainJob (the runtime has no mlPolicy.numNodes, nothing else
+    # in the TrainJob names a count, and no PET_* variable is set by hand: the webhook refuses those)
+    assert "numNodes" not in runtime["spec"]["mlPolicy"]
+    assert tj["spec"]["trainer"]["numNodes"] == job["spec"]["parallelism"] == job["spec"]["completions"] >= 1
+    assert "numProcPerNode" not in tj["spec"]["trainer"], "auto: one rank per GPU of resourcesPerNode"
+    assert not [e for e in tj["spec"]["trainer"]["env"] if e["name"].startswith("PET_")]
+    # the same pod as base's Job in prod: security, volumes, probes, ports, identities, labels, GPUs
+    bpod, pod = pod_spec(base_job), pod_spec(job)
+    by_name = lambda items: sorted(items or [], key=lambda v: v["name"])  # noqa: E731 (strategic merge: order is not kept)
+    assert by_name(pod["volumes"]) == by_name(bpod["volumes"])
+    for key in (
+        "securityContext",
+        "serviceAccountName",
+        "automountServiceAccountToken",
+        "restartPolicy",
+        "terminationGracePeriodSeconds",
+        "affinity",
+        "nodeSelector",
+        "tolerations",
+    ):
+        assert pod.get(key) == bpod.get(key), key
+    for key in ("securityContext", "volumeMounts", "ports", "readinessProbe", "resources", "image"):
+        assert c.get(key) == base.get(key), key
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert base_job["spec"]["template"]["metadata"]["labels"].items() <= labels.items()
+    assert job["spec"]["podFailurePolicy"] == base_job["spec"]["podFailurePolicy"]
+    # the environment: exactly the keys of the ConfigMaps base's Job takes whole, each from its ConfigMap
+    # (kustomize's hashed names reach the TrainJob), and the same Secret references
+    want = {
+        k: src["configMapRef"]["name"]
+        for src in base["envFrom"]
+        for k in checks.configmap_data(objs, src["configMapRef"]["name"])
+    }
+    refs = {
+        e["name"]: e["valueFrom"]["configMapKeyRef"] for e in c["env"] if "configMapKeyRef" in e.get("valueFrom", {})
+    }
+    assert set(refs) == set(want), set(refs) ^ set(want)
+    for name, ref in refs.items():
+        assert ref["name"] == want[name] and ref["key"] == name, (name, ref)
+    assert [e for e in c["env"] if name_of_env_source(e) != "configMap"] == base["env"]
+    assert (
+        env_value(objs, base, "OFFDPO_TRAINER_RUN_NAME")
+        == checks.configmap_data(objs, refs["OFFDPO_TRAINER_RUN_NAME"]["name"])["OFFDPO_TRAINER_RUN_NAME"]
+    )
+
+
+def name_of_env_source(e: dict) -> str:
+    return "configMap" if "configMapKeyRef" in e.get("valueFrom", {}) else "other"
+
+
+def test_the_nccl_rdma_patch_applies_and_validates(tmp_path, combos):
+    """The documented example (components/kubeflow-trainer/nccl-rdma), enabled as deploy/README.md says: still
+    a valid TrainJob, with the NCCL variables and the RDMA and hugepages resources, its hugepages volume merged
+    by name into the runtime's."""
+    from tests.deploy.conftest import _prod_with
+
+    objs = _prod_with(["kubeflow-trainer", "kubeflow-trainer/nccl-rdma"], tmp_path)
+    tj = get(objs, "TrainJob", "offdpo-trainer")
+    assert not crd_schemas.vendored_errors(tj), crd_schemas.vendored_errors(tj)
+    env = {e["name"]: e.get("value") for e in tj["spec"]["trainer"]["env"]}
+    assert {"NCCL_IB_HCA", "NCCL_SOCKET_IFNAME"} <= set(env)
+    assert "OFFDPO_TRAINER_RUN_NAME" in env, "appended, not replaced"
+    res = tj["spec"]["trainer"]["resourcesPerNode"]
+    for key in ("rdma/rdma_shared_device_a", "hugepages-2Mi", "nvidia.com/gpu"):
+        assert res["requests"][key] == res["limits"][key], key
+    (rp,) = tj["spec"]["runtimePatches"]
+    (rjob,) = rp["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    runtime_jobs = {r["name"] for r in trainer_runtime()["spec"]["template"]["spec"]["replicatedJobs"]}
+    assert rjob["name"] in runtime_jobs and "/" in rp["manager"]
+    (c,) = rjob["template"]["spec"]["template"]["spec"]["containers"]
+    assert c["name"] == "node" and "env" not in c, "the webhook refuses env for `node` in runtimePatches"
+    # and not applied by default
+    assert "NCCL_IB_HCA" not in str(get(combos["prod+kubeflow-trainer"], "TrainJob", "offdpo-trainer"))
+
+
+def test_the_validator_refuses_a_bad_trainjob():
+    bad = {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+        "kind": "TrainJob",
+        "metadata": {"name": "t"},
+        "spec": {"runtimeRef": {"name": "r"}, "trainer": {"numNodes": "two", "nodes": 2}},
+    }
+    assert len(crd_schemas.vendored_errors(bad)) == 2, crd_schemas.vendored_errors(bad)
+
+
+# -- GPUs: refscore asks for as many as its layout uses --------------------------------------------------------------
+def test_refscore_gpus_equal_tensor_times_pipeline_parallel(overlays, combos, backfill_prod, rounds_prod):
+    rendered = {**overlays, **combos, "prod+backfill": backfill_prod, "prod+rounds": rounds_prod}
+    seen = 0
+    for name, objs in rendered.items():
+        for w in workloads(objs):
+            for c in containers(w):
+                if checks.service_of(c) != "refscore":
+                    continue
+                what = f"{name}: {w['metadata']['name']}/{c['name']}"
+                if "OFFDPO_REFSCORE_TENSOR_PARALLEL_SIZE" not in container_env(objs, c):  # no engine (the archiver)
+                    assert checks.gpu_limit(c) == 0, what
+                    continue
+                tp = int(env_value(objs, c, "OFFDPO_REFSCORE_TENSOR_PARALLEL_SIZE"))
+                pp = int(env_value(objs, c, "OFFDPO_REFSCORE_PIPELINE_PARALLEL_SIZE"))
+                gpus = checks.gpu_limit(c)
+                if gpus == 0:  # CPU (dev): the transformers engine refuses a split
+                    assert tp * pp == 1, what
+                else:
+                    assert gpus == tp * pp, f"{what}: nvidia.com/gpu {gpus} != TP {tp} x PP {pp}"
+                    assert c["resources"]["requests"]["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"]
+                seen += 1
+    assert seen >= 2 * len(rendered), "every refscore container of every rendering was checked"
