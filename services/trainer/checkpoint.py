@@ -164,26 +164,7 @@ def save_checkpoint(
                 store.put_bytes(f"{prefix}/model/{path.relative_to(Path(tmp) / 'model')}", path.read_bytes())
     opt_tensors, opt_meta = _optimizer_tensors(optimizer_state)
     store.put_bytes(f"{prefix}/optimizer.safetensors", save_tensors(opt_tensors))
-    rng: dict[str, torch.Tensor] = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["torch_cuda"] = torch.cuda.get_rng_state()
-    store.put_bytes(f"{prefix}/rng.safetensors", save_tensors(rng))
-    _write_config(store, prefix, extra)
-    py_state = random.getstate()
-    state = {
-        "step": step,
-        "scheduler": scheduler.state_dict(),
-        "optimizer": opt_meta,
-        "python_random": [py_state[0], list(py_state[1]), py_state[2]],
-        **extra,
-    }
-    store.put_bytes(f"{prefix}/state.json", json.dumps(state, sort_keys=True).encode(), content_type="application/json")
-    store.put_bytes(
-        f"{run_prefix(run_name)}/latest",
-        json.dumps({"step": step, "prefix": prefix}).encode(),
-        content_type="application/json",
-    )
-    log.info("checkpoint step %d written to %s", step, prefix)
+    _write_state(store, run_name, step, prefix, scheduler, extra, {"optimizer": opt_meta})
     return prefix
 
 
@@ -398,7 +379,16 @@ def save_sharded(
         assert extra is not None, "rank 0 writes the data position with every checkpoint"
         until_done(
             f"checkpoint step {step}",
-            lambda: _write_state(store, cfg.run_name, step, prefix, policy.scheduler, extra, optim_sd),
+            lambda: _write_state(
+                store,
+                cfg.run_name,
+                step,
+                prefix,
+                policy.scheduler,
+                extra,
+                # parameters named by their fully qualified names, as torch.distributed.checkpoint keys them
+                {"checkpoint_format": "sharded", "optimizer": {"param_groups": optim_sd["param_groups"]}},
+            ),
             status,
             None,
         )
@@ -412,9 +402,11 @@ def _write_state(
     prefix: str,
     scheduler: LRScheduler,
     extra: dict[str, Any],
-    optim_sd: dict[str, Any],
+    layout: dict[str, Any],
 ) -> None:
-    """rng.safetensors, state.json, then `latest` (rank 0; the shards are already durable)."""
+    """rng.safetensors, config.yaml, state.json (with the layout's own fields: the optimizer's
+    metadata, the checkpoint format), then `latest`: rank 0, once the weights and optimizer state
+    are durable, for both layouts."""
     rng: dict[str, torch.Tensor] = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["torch_cuda"] = torch.cuda.get_rng_state()
@@ -423,11 +415,9 @@ def _write_state(
     py_state = random.getstate()
     state = {
         "step": step,
-        "checkpoint_format": "sharded",
         "scheduler": scheduler.state_dict(),
-        # parameters named by their fully qualified names, as torch.distributed.checkpoint keys them
-        "optimizer": {"param_groups": optim_sd["param_groups"]},
         "python_random": [py_state[0], list(py_state[1]), py_state[2]],
+        **layout,
         **extra,
     }
     store.put_bytes(f"{prefix}/state.json", json.dumps(state, sort_keys=True).encode(), content_type="application/json")
@@ -436,7 +426,7 @@ def _write_state(
         json.dumps({"step": step, "prefix": prefix}).encode(),
         content_type="application/json",
     )
-    log.info("sharded checkpoint step %d written to %s", step, prefix)
+    log.info("checkpoint step %d written to %s", step, prefix)
 
 
 def restore_sharded(store: Store, prefix: str, policy: Policy) -> int:
