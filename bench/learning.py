@@ -531,7 +531,7 @@ def trl_live_reference(
         export_trl(f"s3://{run.store.bucket}/{prefix}", data_dir, s3_config=run.stack.s3)
     dataset = load_trl_dataset(data_dir).remove_columns(["ref_chosen_logps", "ref_rejected_logps"])
     if args.trl_exclude_heldout:
-        from services.trainer.data import is_heldout
+        from services.trainer.examples import is_heldout
 
         dataset = dataset.filter(lambda row: not is_heldout(row["pair_id"], 0.1))
 

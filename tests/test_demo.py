@@ -23,7 +23,7 @@ from offdpo.config import KafkaConfig, S3Config
 from offdpo.kafka import read_topic
 from offdpo.s3 import ObjectStore
 from offdpo.v1.records_pb2 import DeadLetter
-from services.trainer.data import is_heldout
+from services.trainer.examples import is_heldout
 
 REPO = Path(__file__).resolve().parent.parent
 

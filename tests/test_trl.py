@@ -216,7 +216,7 @@ def _our_step0(policy_dir, scored, allowed_ids=()) -> dict:
     from transformers import AutoTokenizer
 
     from services.trainer.config import TrainerConfig
-    from services.trainer.data import examples_from_shard
+    from services.trainer.shards import examples_from_shard
     from services.trainer.train import load_policy, step_metrics, train_step, wrap
 
     store, prefix, fp, pairs, keys = scored

@@ -44,7 +44,6 @@ from torch.optim.lr_scheduler import LRScheduler
 from offdpo import errors
 from offdpo.s3 import safe_key_part
 from services.trainer.config import TrainerConfig
-from services.trainer.data import InfraStatus, until_done
 from services.trainer.distributed import (
     Node,
     full_state_dicts,
@@ -53,6 +52,7 @@ from services.trainer.distributed import (
     optimizer_loader,
     tied_pairs,
 )
+from services.trainer.infra import InfraStatus, until_done
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.trainer.data import Example
+from services.trainer.examples import Example
 
 
 @dataclass(frozen=True)

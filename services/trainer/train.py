@@ -74,8 +74,9 @@ from offdpo.shutdown import StopOnSignals
 from services.trainer import checkpoint as ckpt
 from services.trainer import distributed
 from services.trainer.config import LOSS_TYPES, TrainerConfig
-from services.trainer.data import DataError, InfraStatus, ObjectReader, Source, open_source
+from services.trainer.data import Source, open_source
 from services.trainer.distributed import Node, all_sum, wrap
+from services.trainer.infra import InfraStatus
 from services.trainer.messages import (
     Batch,
     Evaluate,
@@ -91,6 +92,7 @@ from services.trainer.messages import (
 from services.trainer.metrics import MetricsLog
 from services.trainer.packing import matmul_ceiling_gflops, model_flop_shape
 from services.trainer.schedule import lr_schedule
+from services.trainer.shards import DataError, ObjectReader
 from services.trainer.step import eval_metrics, eval_step, step_metrics, train_step
 from services.trainer.trackers import TrackerConfig, check_installed, open_trackers
 

@@ -252,7 +252,7 @@ def test_rescore_from_the_archive_alone_gives_the_same_pairs(stack, scored_a, sc
     assert sorted(e.object_key for e in events) == result.out_keys and all(e.bucket == bucket for e in events)
 
     # Replay: the trainer's replay source over those shards takes exactly the 64 pairs, once each.
-    from services.trainer.data import ReplaySource
+    from services.trainer.replay import ReplaySource
 
     replay = ReplaySource(out, f"scores/{fp_b}/", 1, 0, scorer_b.fingerprint, set(), 512, "refuse")
     taken = []

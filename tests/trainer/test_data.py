@@ -28,8 +28,11 @@ from offdpo.records import (
     text_prompt,
     with_fingerprint_id,
 )
-from services.trainer import data as data_mod
-from services.trainer.data import DataError, Example, ReplaySource, StreamSource, examples_from_shard
+from services.trainer import stream as stream_mod
+from services.trainer.examples import Example
+from services.trainer.replay import ReplaySource
+from services.trainer.shards import DataError, examples_from_shard
+from services.trainer.stream import StreamSource
 from tests.fakes import FakeBroker, FakeConsumer, FakeObjectStore, FakeProducer
 
 SHARDS, DEADLETTERS = "shards", "deadletters"
@@ -366,7 +369,7 @@ def test_stream_skips_events_of_a_listed_other_reference_and_deadletters_an_unli
     s.announce(listed, [row("o", OTHER_FP)], OTHER_FP)  # 2: announced again
     s.announce(unlisted, [row("u", third_fp)], third_fp)  # 3
 
-    with caplog.at_level("INFO", logger="services.trainer.data"):
+    with caplog.at_level("INFO", logger="services.trainer.stream"):
         batch = s.source.next_batch(4)
         assert s.source.next_batch(4) is None  # idle: nothing left
     assert sorted(ids(batch)) == sorted(r.pair.pair_id for r in rows)
@@ -385,7 +388,7 @@ def test_a_broker_outage_is_reported_and_never_taken_for_an_idle_topic(monkeypat
     """kafka-python retries a lost broker inside poll(), which returns nothing, as for a quiet topic:
     the trainer asks for the end offsets to tell them apart, reports the outage to the readiness
     probe's InfraStatus and does not idle-stop on it; once the broker answers, idle time counts again."""
-    monkeypatch.setattr(data_mod, "KAFKA_PROBE_EVERY_S", 0.0)
+    monkeypatch.setattr(stream_mod, "KAFKA_PROBE_EVERY_S", 0.0)
     s = Stream()
     down = {"now": True}
     asked: list[int | None] = []
@@ -403,7 +406,7 @@ def test_a_broker_outage_is_reported_and_never_taken_for_an_idle_topic(monkeypat
     thread.join(timeout=1.0)  # 20x the 0.05 s idle stop: it would have stopped long ago
     assert thread.is_alive(), "a broker outage was taken for an idle topic and the run stopped"
     assert s.source.infra.waiting_since is not None and "end offsets" in s.source.infra.what
-    assert asked and asked[-1] == data_mod.KAFKA_PROBE_TIMEOUT_MS, "the probe must be bounded"
+    assert asked and asked[-1] == stream_mod.KAFKA_PROBE_TIMEOUT_MS, "the probe must be bounded"
     down["now"] = False
     thread.join(timeout=10)
     assert not thread.is_alive() and result == [None], "the broker answers: the quiet topic idles out"
@@ -504,7 +507,7 @@ def test_the_same_topic_keeps_the_checkpoint_watermark():
 
 
 def test_trained_shards_are_exact_and_compact():
-    from services.trainer.data import TrainedShards
+    from services.trainer.stream import TrainedShards
 
     def key(first, last, part=0, fp="fpA", tid="id-x"):
         return shard_key(fp, "pairs", part, first, last, topic_id=tid[3:])
@@ -535,6 +538,6 @@ def test_a_shard_announced_again_after_thousands_of_others_is_not_trained_twice(
     s.source.mark_trained(s.source.next_batch(1))
     for i in range(1, 1500):
         s.source.done_shards.add(shard_key(FP.fingerprint_id, "pairs", 0, i, i))
-    s.source.recent = data_mod._Recent(1)  # the pair-id window long past it too
+    s.source.recent = stream_mod._Recent(1)  # the pair-id window long past it too
     s.announce(early, first)
     assert s.source.next_batch(1) is None

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from offdpo.records import scored_pairs_to_parquet
 from services.trainer.config import LOSS_TYPES, TrainerConfig
-from services.trainer.data import examples_from_shard
 from services.trainer.losses import AnswerLogps, make_batch, preference_loss
+from services.trainer.shards import examples_from_shard
 from services.trainer.train import train_step
 
 from .conftest import scored_pairs, synthetic_tokens

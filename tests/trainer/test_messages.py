@@ -7,8 +7,9 @@ import signal
 import pytest
 
 from offdpo.shutdown import StopOnSignals
-from services.trainer.data import DataError, Example
+from services.trainer.examples import Example
 from services.trainer.messages import Batch, Failure, Plan, Stop, as_setup, as_step
+from services.trainer.shards import DataError
 from services.trainer.train import next_message
 
 PAIR = Example("p", [1], [2], [3], [-1.0], [-1.0], "k")

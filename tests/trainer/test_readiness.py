@@ -17,7 +17,8 @@ from offdpo import errors
 from offdpo.health import READINESS, LoopHealthServer
 from services.trainer import train
 from services.trainer.config import TrainerConfig
-from services.trainer.data import InfraStatus, ReplaySource, until_done
+from services.trainer.infra import InfraStatus, until_done
+from services.trainer.replay import ReplaySource
 from tests.fakes import FakeObjectStore
 
 from .test_data import FP, put_shard, row

@@ -16,13 +16,10 @@ from minio.error import S3Error
 from offdpo import errors
 from offdpo.records import ScoredPair, scored_pairs_to_parquet
 from services.trainer import checkpoint as ckpt
-from services.trainer.data import (
-    EvalSet,
-    ReplaySource,
-    examples_from_shard,
-    is_heldout,
-    is_infrastructure,
-)
+from services.trainer.examples import EvalSet, is_heldout
+from services.trainer.infra import is_infrastructure
+from services.trainer.replay import ReplaySource
+from services.trainer.shards import examples_from_shard
 from tests.fakes import FakeObjectStore
 
 from .test_data import FP, SHARDS, Stream, ids, put_shard, row

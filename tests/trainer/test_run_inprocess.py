@@ -15,7 +15,7 @@ from localdev.process import free_port
 from localdev.testmodel import build_test_model, tree_digest
 from services.trainer import train
 from services.trainer.config import TrainerConfig
-from services.trainer.data import is_heldout
+from services.trainer.examples import is_heldout
 from services.trainer.metrics import EVAL_KEYS
 from tests.fakes import FakeObjectStore
 

@@ -25,8 +25,8 @@ import torch.multiprocessing as mp
 from services.trainer import checkpoint as ckpt
 from services.trainer import distributed
 from services.trainer.config import TrainerConfig
-from services.trainer.data import Example
 from services.trainer.distributed import Node
+from services.trainer.examples import Example
 from services.trainer.messages import Plan
 from services.trainer.step import train_step
 from services.trainer.train import build_policy

@@ -9,7 +9,8 @@ import pytest
 from offdpo.kafka import ensure_topics, make_producer, read_topic
 from offdpo.records import DeadLetter, ShardReady, scored_pairs_to_parquet, shard_key
 from services.trainer.config import TrainerConfig
-from services.trainer.data import DataError, TrainedShards
+from services.trainer.shards import DataError
+from services.trainer.stream import TrainedShards
 from services.trainer.train import run
 
 from .conftest import reference_fingerprint, scored_pairs, synthetic_tokens, upload_shards
