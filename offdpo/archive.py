@@ -30,7 +30,6 @@ import dataclasses
 import io
 import logging
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,11 +37,10 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 from kafka import KafkaConsumer, TopicPartition
-from kafka.structs import OffsetAndMetadata
 
-from offdpo import broker_profile, errors, records, retry
+from offdpo import errors, records
 from offdpo.config import EnvConfig, KafkaConfig, S3Config, env
-from offdpo.kafka import GROUP_CHANGED, CommitRefusals, make_consumer, rewind, topic_id
+from offdpo.consume import DONE, Batch, ConsumeLoop, LoopSettings, Outcome, subscribed
 from offdpo.s3 import ObjectStore, safe_key_part
 
 log = logging.getLogger(__name__)
@@ -233,8 +231,9 @@ def read_archive_keys(store: ObjectStore, keys: list[ArchiveKey]) -> Iterator[tu
 
 # -- the archiver ----------------------------------------------------------------------------------
 class Archiver:
-    """Copies the pairs topic into the archive: poll a batch, write one object per partition (after
-    skipping ranges already written), commit. See the module docstring for the guarantees."""
+    """Copies the pairs topic into the archive on the consume loop (offdpo.consume): a batch of up to
+    batch_records (or batch_wait_s), one object per partition (after skipping ranges already written),
+    then the loop commits. See the module docstring for the guarantees."""
 
     def __init__(
         self,
@@ -248,101 +247,38 @@ class Archiver:
         self.cfg = cfg or ArchiveConfig.from_env()
         self.store = store or ObjectStore(s3)
         self.topics = topics or [kafka.pairs_topic]
-        self.consumer: KafkaConsumer | None = None
-        self.offset_holes = broker_profile.poller(kafka)  # several labelers publish to one partition
         self.objects_written = 0
         self.records_archived = 0
 
     def run(self, stop: threading.Event, until_idle_s: float | None = None) -> None:
         """Archive until `stop` is set (or, with `until_idle_s`, until nothing arrived for that long
-        after the first record: a one-shot catch-up). Outages are retried with backoff."""
+        while partitions were ours: a one-shot catch-up). Outages are retried with backoff."""
         self.store.ensure_bucket()
-        refusals = CommitRefusals()
-        last_record = time.monotonic()
-        try:
-            while not stop.is_set():
-                try:
-                    got = retry.call(
-                        "pairs archiver batch",
-                        lambda: self._step(stop, refusals),
-                        retry_if=lambda exc: isinstance(exc, Exception) and not isinstance(exc, errors.BadInput),
-                        initial_s=0.5,
-                        max_delay_s=30.0,
-                        stop=stop,
-                        logger=log,
-                    )
-                except Exception:  # noqa: BLE001 - `stop` ended the backoff, or the input itself is bad
-                    if stop.is_set():
-                        break
-                    raise
-                if got or not self._assigned():
-                    # The idle clock runs only while partitions are ours: a rerun joins a group whose
-                    # killed member still holds them until its session times out, and polls nothing
-                    # meanwhile; that is not an idle topic.
-                    last_record = time.monotonic()
-                elif until_idle_s is not None and time.monotonic() - last_record > until_idle_s:
-                    log.info("archiver idle for %.0f s: done", until_idle_s)
-                    break
-        finally:
-            self.close()
+        settings = LoopSettings(
+            f"archiving {', '.join(self.topics)}",
+            max_records=self.cfg.batch_records,
+            fill_s=self.cfg.batch_wait_s,
+            idle_exit_s=until_idle_s,
+            initial_s=0.5,
+            max_delay_s=30.0,
+            # S3 and Kafka trouble of every kind is retried; only bad input (a bug here) ends the run.
+            retry_if=lambda exc: isinstance(exc, Exception) and not isinstance(exc, errors.BadInput),
+        )
+        loop = ConsumeLoop(self.kafka, subscribed(self.kafka, self.cfg.group_id, self.topics), self.handle, settings)
+        loop.run(stop)
 
-    def _assigned(self) -> bool:
-        return self.consumer is not None and bool(self.consumer.assignment())
+    def process(self, consumer: KafkaConsumer, recs: list) -> list[Outcome]:
+        """Archive one batch outside the loop (what its handle does); the caller commits."""
+        return self.handle(Batch(recs, consumer))
 
-    def close(self) -> None:
-        consumer, self.consumer = self.consumer, None
-        if consumer is not None:
-            try:
-                consumer.close()
-            except Exception:  # noqa: BLE001
-                log.warning("closing the archiver's consumer failed", exc_info=True)
-
-    def _step(self, stop: threading.Event, refusals: CommitRefusals) -> int:
-        if self.consumer is None:
-            self.consumer = make_consumer(self.kafka, self.cfg.group_id, self.topics)
-        consumer = self.consumer
-        batch = self._collect(consumer, stop)
-        if not batch:
-            return 0
-        try:
-            self.process(consumer, batch)
-            refusals.committed()
-        except GROUP_CHANGED as exc:
-            if refusals.refused(consumer, batch, exc):
-                self.close()
-        except Exception:
-            log.exception("archive batch failed; redoing it from the committed offsets")
-            rewind(consumer, batch)
-            raise
-        return len(batch)
-
-    def _collect(self, consumer: KafkaConsumer, stop: threading.Event) -> list:
-        batch: list = []
-        deadline: float | None = None
-        while not stop.is_set() and len(batch) < self.cfg.batch_records:
-            wait_s = 0.5 if deadline is None else deadline - time.monotonic()
-            if wait_s <= 0:
-                break
-            polled = self.offset_holes.poll(
-                consumer, timeout_ms=int(min(wait_s, 0.5) * 1000), max_records=self.cfg.batch_records - len(batch)
-            )
-            for recs in polled.values():
-                batch.extend(recs)
-            if batch and deadline is None:
-                deadline = time.monotonic() + self.cfg.batch_wait_s
-            if not batch and deadline is None:
-                return []
-        return batch
-
-    def process(self, consumer: KafkaConsumer, batch: list) -> None:
+    def handle(self, batch: Batch) -> list[Outcome]:
         by_tp: dict[TopicPartition, list] = defaultdict(list)
-        for rec in sorted(batch, key=lambda r: (r.topic, r.partition, r.offset)):
+        for rec in sorted(batch.records, key=lambda r: (r.topic, r.partition, r.offset)):
             by_tp[TopicPartition(rec.topic, rec.partition)].append(rec)
-        tids = {t: topic_id(consumer, t) for t in sorted({tp.topic for tp in by_tp})}
-        commits: dict[TopicPartition, int] = {}
+        tids = {t: batch.topic_id(t) for t in sorted({tp.topic for tp in by_tp})}
         for tp, recs in by_tp.items():
             tid = tids[tp.topic]
-            recs = self._skip_existing(consumer, tp, recs, tid, commits)
+            recs = self._skip_existing(batch, tp, recs, tid)
             if not recs:
                 continue
             key = archive_key(tp.topic, tp.partition, recs[0].offset, recs[-1].offset, topic_id=tid)
@@ -358,25 +294,18 @@ class Archiver:
 
                 log.error("failpoint after_write: killing this process (fault-injection test)")
                 os.kill(os.getpid(), signal.SIGKILL)
-            commits[tp] = recs[-1].offset + 1
-        if commits:
-            consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in commits.items()})
+        return [DONE] * len(batch.records)
 
-    def _skip_existing(
-        self, consumer: KafkaConsumer, tp: TopicPartition, recs: list, tid: str | None, commits: dict
-    ) -> list:
-        """Records an earlier attempt already archived (an object starting at the first offset): skipped."""
+    def _skip_existing(self, batch: Batch, tp: TopicPartition, recs: list, tid: str | None) -> list:
+        """Records an earlier attempt already archived (an object starting at the first offset): skipped,
+        and covered for the commit."""
         while recs:
             keys = self.store.list_keys(archive_key_prefix(tp.topic, tp.partition, recs[0].offset, topic_id=tid))
             if not keys:
                 return recs
             last = parse_archive_key(keys[0]).last
             log.info("%s already archived by an earlier attempt; skipping its range", keys[0])
-            commits[tp] = last + 1
-            if last >= recs[-1].offset:
-                if last > recs[-1].offset:
-                    consumer.seek(tp, last + 1)
-                return []
+            batch.cover(tp, last + 1)
             recs = [r for r in recs if r.offset > last]
         return recs
 

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterable
 
 from google.protobuf import timestamp_pb2
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import (
     CommitFailedError,
@@ -129,7 +129,14 @@ def consumer_size_settings() -> dict[str, int]:
     return {"fetch_max_bytes": 2 * BROKER_MAX_MESSAGE_BYTES, "max_partition_fetch_bytes": BROKER_MAX_MESSAGE_BYTES}
 
 
-def make_consumer(cfg: KafkaConfig, group_id: str, topics: Iterable[str] | None = None, **overrides) -> KafkaConsumer:
+def make_consumer(
+    cfg: KafkaConfig,
+    group_id: str,
+    topics: Iterable[str] | None = None,
+    listener: ConsumerRebalanceListener | None = None,
+    **overrides,
+) -> KafkaConsumer:
+    """A consumer of the group, subscribed to `topics` (with the rebalance `listener`, offdpo.consume's)."""
     kwargs = dict(
         cfg.client_kwargs(),
         group_id=group_id,
@@ -144,7 +151,7 @@ def make_consumer(cfg: KafkaConfig, group_id: str, topics: Iterable[str] | None 
     kwargs.update(overrides)
     consumer = KafkaConsumer(**kwargs)
     if topics:
-        consumer.subscribe(list(topics))
+        consumer.subscribe(list(topics), listener=listener)
     return consumer
 
 

@@ -12,20 +12,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from kafka import TopicPartition
-from kafka.structs import OffsetAndMetadata
+from kafka import ConsumerRebalanceListener
 
-from offdpo import broker_profile, retry
 from offdpo.config import KafkaConfig
+from offdpo.consume import DONE, Batch, BatchResult, ConsumeLoop, Hooks, LoopSettings, Outcome, Retry
 from offdpo.errors import OffdpoError
-from offdpo.kafka import (
-    GROUP_CHANGED,
-    CommitRefusals,
-    DeadLetterSink,
-    make_consumer,
-    make_producer,
-    rewind,
-)
+from offdpo.kafka import DeadLetterSink, make_consumer, make_producer
 from offdpo.v1 import records_pb2
 from services.labeler import inputs
 from services.labeler.base import Strategy
@@ -193,127 +185,70 @@ def run_kafka(
     outage_backoff: Mapping[str, float] | None = None,
     report_outage: Callable[[bool], None] = lambda down: None,
 ) -> dict[str, dict[str, int]]:
-    """Consume candidate sets from the candidates topic in a consumer group. Offsets are committed only
-    after the batch's pairs and dead letters are acknowledged. Returns when `stop` is set or, with
-    `idle_exit_s`, after that long without records. `heartbeat` is called every time round the loop.
+    """Consume candidate sets from the candidates topic in a consumer group, on the consume loop
+    (offdpo.consume): offsets are committed only after the batch's pairs and dead letters are
+    acknowledged. Returns when `stop` is set or, with `idle_exit_s`, after that long without records.
+    `heartbeat` is called every time round the loop.
 
     A dependency outage (judge, reward model, refscore Generate, Kafka not acknowledging) is not bad
     data: nothing is dead-lettered for it and the commit stops at the first set it left unlabelled in
-    each partition; the consumer rewinds there and retries with backoff (offdpo.retry, a log line per
-    step; `outage_backoff`: its initial_s / max_delay_s) for as long as it takes, then goes on by itself.
-    Sets of the batch already labelled are not labelled again on the redo. `report_outage(True)` is
-    called on every failed try, `report_outage(False)` once a batch goes through again (consume's
-    readiness, offdpo.health.LoopHealth.outage / resumed).
+    each partition; the loop rewinds there and retries with backoff (`outage_backoff`: its initial_s /
+    max_delay_s) for as long as it takes. Sets of the batch already labelled are not labelled again on
+    the redo. `report_outage(True)` is called on every failed try, `report_outage(False)` once a step
+    goes through again (consume's readiness, offdpo.health.LoopHealth.outage / resumed).
     `consumer_factory` replaces the Kafka consumer (tests pass an in-memory one)."""
     cfg = labeler.cfg
-
-    def new_consumer() -> Any:
-        if consumer_factory is not None:
-            return consumer_factory()
-        return make_consumer(kafka, cfg.group_id, [kafka.candidates_topic], max_poll_records=cfg.batch_size)
-
-    consumer = new_consumer()
-    offset_holes = broker_profile.poller(kafka)  # candidates from several producers
-    stop = stop or threading.Event()
-    last_record = time.monotonic()
-    # Set while an outage left sets unlabelled (the consumer was rewound to them): an empty poll then is
-    # the broker or the dependency still down, not an idle topic, so `idle_exit_s` does not end the run.
-    redo = False
-    refusals = CommitRefusals()
-    # Offsets at or past a partition's commit point that were labelled (or dead-lettered) in an earlier
-    # try of a batch an outage left unfinished: the redo skips them.
-    handled: dict[TopicPartition, set[int]] = defaultdict(set)
     outages = 0
 
-    def step() -> bool:
-        """Poll and label one batch; False when idle long enough to exit. Raises a retryable
-        OffdpoError (Outage, PublishError, ...) after rewinding to the first unlabelled set."""
-        nonlocal consumer, last_record, redo
-        heartbeat()
-        polled = offset_holes.poll(consumer, timeout_ms=500)
-        recs = sorted((r for batch in polled.values() for r in batch), key=lambda r: (r.topic, r.partition, r.offset))
-        if not recs:
-            return redo or not (idle_exit_s is not None and time.monotonic() - last_record > idle_exit_s)
-        last_record = time.monotonic()
-        todo = [r for r in recs if r.offset not in handled[TopicPartition(r.topic, r.partition)]]
+    def new_consumer(listener: ConsumerRebalanceListener) -> Any:
+        if consumer_factory is not None:
+            return consumer_factory()
+        return make_consumer(
+            kafka, cfg.group_id, [kafka.candidates_topic], listener=listener, max_poll_records=cfg.batch_size
+        )
+
+    def handle(batch: Batch) -> list[Outcome]:
         counted = {k: Counter(v) for k, v in labeler.summary.counts.items()}
         try:
             reports: list[SetReport] = labeler.label_candidates(
-                [inputs.candidate_item(rec, cfg.max_input_bytes) for rec in todo], strategy
+                [inputs.candidate_item(rec, cfg.max_input_bytes) for rec in batch.records], strategy
             )
             labeler.confirm()  # raises PublishError: nothing of this batch is marked done or committed
         except OffdpoError as exc:
-            if exc.retryable:
-                rewind(consumer, [r for r in recs if r.offset not in handled[TopicPartition(r.topic, r.partition)]])
-                redo = True
-                # The whole try is redone (a dead letter or the pairs not acknowledged): counted then.
+            if exc.retryable:  # the whole try is redone (a dead letter or the pairs not acknowledged)
                 labeler.summary.counts = defaultdict(Counter, counted)
             raise
-        for rec, rep in zip(todo, reports):
-            if not rep.retry:
-                handled[TopicPartition(rec.topic, rec.partition)].add(rec.offset)
-        # Per partition, commit up to the first set not labelled (all of them when none is left).
-        commit_at: dict[TopicPartition, int] = {}
-        unfinished = []
-        for (topic, partition), group in itertools.groupby(recs, key=lambda r: (r.topic, r.partition)):
-            tp = TopicPartition(topic, partition)
-            part = list(group)
-            first = next((r for r in part if r.offset not in handled[tp]), None)
-            commit_at[tp] = first.offset if first is not None else part[-1].offset + 1
-            if first is not None:
-                unfinished.append(first)
-        try:
-            consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in commit_at.items()})
-            refusals.committed()
-            for tp, off in commit_at.items():
-                handled[tp] = {o for o in handled[tp] if o >= off}
-        except GROUP_CHANGED as exc:
-            # The pairs are published; the redo skips what was handled (and the ledger or pair_id
-            # downstream drops any repeats).
-            if refusals.refused(consumer, recs, exc):
-                consumer.close(autocommit=False)
-                consumer = new_consumer()
-                handled.clear()
-            unfinished = []
+        # Malformed sets were dead-lettered (and acknowledged) by the labeler itself: done here.
+        unlabelled = [rep for rep in reports if rep.retry]
+        if not unlabelled:
+            return [DONE] * len(reports)
+        outage = Retry(Outage(len(unlabelled), unlabelled[0].error))
+        return [outage if rep.retry else DONE for rep in reports]
+
+    def on_outage(down: bool, exc: BaseException | None) -> None:
+        nonlocal outages
+        if down:
+            outages += 1
+            log.warning(
+                "labeler outage #%d (%s): not committing past it; backing off",
+                outages,
+                exc.error_type if isinstance(exc, OffdpoError) else type(exc).__name__,
+            )
+        report_outage(down)
+
+    def on_batch(result: BatchResult) -> None:
         if progress:
             t = labeler.summary.total()
             progress(f"{kafka.candidates_topic}: {t['inputs']} inputs, {t['pairs']} pairs, {t['rejects']} rejects")
-        redo = bool(unfinished)
-        if unfinished:
-            rewind(consumer, unfinished)
-            unlabelled = [rep for rep in reports if rep.retry]
-            raise Outage(len(unlabelled), unlabelled[0].error if unlabelled else "")
-        return True
 
-    def on_outage(exc: BaseException) -> bool:
-        nonlocal outages
-        if isinstance(exc, OffdpoError) and exc.retryable:
-            outages += 1
-            report_outage(True)
-            log.warning("labeler outage #%d (%s): not committing past it; backing off", outages, exc.error_type)
-            return True
-        return False
-
-    backoff = dict(outage_backoff or {})
-    try:
-        while not stop.is_set():
-            try:
-                more = retry.call(
-                    "labelling candidate sets (a dependency is down)",
-                    step,
-                    retry_if=on_outage,
-                    stop=stop,
-                    logger=log,
-                    **backoff,
-                )
-            except OffdpoError as exc:
-                if exc.retryable and stop.is_set():
-                    log.warning("stopping during an outage; the unlabelled sets are redone on restart: %s", exc)
-                    break
-                raise
-            report_outage(False)
-            if not more:
-                break
-    finally:
-        consumer.close(autocommit=False)
+    backoff = {"initial_s": 0.2, "max_delay_s": 10.0, **(outage_backoff or {})}
+    settings = LoopSettings(
+        "labelling candidate sets (a dependency is down)",
+        max_records=cfg.batch_size,
+        idle_exit_s=idle_exit_s,
+        initial_s=backoff["initial_s"],
+        max_delay_s=backoff["max_delay_s"],
+    )
+    loop = ConsumeLoop(kafka, new_consumer, handle, settings, hooks=Hooks(heartbeat, on_outage, on_batch))
+    loop.run(stop or threading.Event())
     return labeler.summary.as_dict()

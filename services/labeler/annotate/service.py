@@ -15,11 +15,15 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from offdpo import broker_profile, records
+from kafka import ConsumerRebalanceListener
+
+from offdpo import records
 from offdpo.config import KafkaConfig
+from offdpo.consume import DONE, Batch, ConsumeLoop, Hooks, LoopSettings, Outcome
 from offdpo.errors import OffdpoError
-from offdpo.kafka import GROUP_CHANGED, make_consumer, now_timestamp
+from offdpo.kafka import make_consumer, now_timestamp
 from offdpo.v1 import labeler_pb2, records_pb2
 from services.labeler import inputs
 from services.labeler.annotate.agreement import cohen_kappa, krippendorff_alpha_nominal
@@ -179,46 +183,38 @@ class Annotation:
 
 
 def consume(annotation: Annotation, kafka: KafkaConfig, group_id: str, stop: threading.Event) -> None:
-    """Fill the queue from the candidates topic until `stop`; commit only what is queued or dead-lettered."""
+    """Fill the queue from the candidates topic until `stop`, on the consume loop (offdpo.consume):
+    commit only what is queued or dead-lettered. Any failure (Kafka, the queue's database, an
+    unacknowledged letter) is retried with a new consumer from the committed offsets (the queue ignores
+    the items it already holds), and shows on /healthz while it lasts; the loop never dies."""
     cfg = annotation.labeler.cfg
-    offset_holes = broker_profile.poller(kafka)  # candidates from several producers
-    consumer = None
-    wait_s = RETRY_MIN_S
-    try:
-        while not stop.is_set():
-            try:
-                if consumer is None:
-                    consumer = make_consumer(kafka, group_id, [kafka.candidates_topic], max_poll_records=cfg.batch_size)
-                polled = offset_holes.poll(consumer, timeout_ms=500)
-                recs = [r for batch in polled.values() for r in batch]
-                if recs:
-                    annotation.ingest(inputs.candidate_item(r, cfg.max_input_bytes) for r in recs)
-                    try:
-                        consumer.commit()
-                    except GROUP_CHANGED as exc:  # redelivered after the rebalance; the queue ignores repeats
-                        log.info("commit refused (%s); the records will be read again and ignored", exc)
-                annotation.health.ok("ingest")
-                wait_s = RETRY_MIN_S
-            except Exception as exc:  # noqa: BLE001 - Kafka, the queue's database, an unacknowledged letter
-                # Nothing of the batch is committed: a new consumer reads it again from the committed
-                # offsets, and the queue ignores the items it already holds.
-                annotation.health.failed("ingest", exc)
-                log.warning("candidates not queued, retrying in %.0f s: %s: %s", wait_s, type(exc).__name__, exc)
-                if consumer is not None:
-                    _close_quietly(consumer)
-                    consumer = None
-                stop.wait(wait_s)
-                wait_s = min(2 * wait_s, RETRY_MAX_S)
-    finally:
-        if consumer is not None:
-            _close_quietly(consumer)
 
+    def new_consumer(listener: ConsumerRebalanceListener) -> Any:
+        return make_consumer(
+            kafka, group_id, [kafka.candidates_topic], listener=listener, max_poll_records=cfg.batch_size
+        )
 
-def _close_quietly(consumer) -> None:
-    try:
-        consumer.close(autocommit=False)
-    except Exception:  # noqa: BLE001 - a consumer of an unreachable broker may fail to close
-        log.debug("closing the Kafka consumer failed", exc_info=True)
+    def handle(batch: Batch) -> list[Outcome]:
+        # Malformed sets are dead-lettered (acknowledged) by ingest itself before it returns.
+        annotation.ingest(inputs.candidate_item(r, cfg.max_input_bytes) for r in batch.records)
+        return [DONE] * len(batch.records)
+
+    def on_outage(down: bool, exc: BaseException | None) -> None:
+        if down and exc is not None:
+            annotation.health.failed("ingest", exc)
+            log.warning("candidates not queued, retrying: %s: %s", type(exc).__name__, exc)
+        elif not down:
+            annotation.health.ok("ingest")
+
+    settings = LoopSettings(
+        "queueing candidate sets",
+        max_records=cfg.batch_size,
+        initial_s=RETRY_MIN_S,
+        max_delay_s=RETRY_MAX_S,
+        retry_if=lambda exc: isinstance(exc, Exception),
+        new_consumer_on_error=True,
+    )
+    ConsumeLoop(kafka, new_consumer, handle, settings, hooks=Hooks(outage=on_outage)).run(stop)
 
 
 def publish_loop(annotation: Annotation, interval_s: float, stop: threading.Event) -> None:
