@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from offdpo.health import NOT_SERVING, LoopHealth
+
 
 class Heartbeat:
     """When a loop last came round. `beat` is one float store, safe to call from any thread."""
@@ -127,3 +129,18 @@ class Watchdog:
                 stalled=True,
             )
         return None
+
+
+class WorkerHealth(LoopHealth):
+    """grpc.health.v1 for `worker` mode, which serves no API and so had no probe: NOT_SERVING while
+    the engines load (`watchdog` unset), whenever the watchdog names a problem (the process is about
+    to exit 1 and be restarted), and once a stop has begun; otherwise SERVING."""
+
+    def __init__(self) -> None:
+        super().__init__("offdpo.v1.RefScore", stale_after_s=0.0)
+        self.watchdog: Watchdog | None = None
+
+    def status(self) -> int:
+        if self.watchdog is None or self.watchdog.problem() is not None:
+            return NOT_SERVING
+        return super().status()

@@ -71,6 +71,10 @@ def _prod_with(component: str | list[str], root, **extra) -> list[dict]:
     return render(root)
 
 
+# In-cluster MinIO as prod runs it: the component and its 4-node distributed patch. backfill_prod and
+# rounds_prod render on it, so that the MinIO setup Job's script is checked with their identities too.
+IN_CLUSTER_MINIO = ["s3-minio", "s3-minio/distributed"]
+
 # The component combinations deploy/README.md names ("Components"), each rendered once per session.
 # (prod + backfill and prod + rounds have fixtures of their own below.)
 COMBOS: dict[str, list[str]] = {
@@ -80,6 +84,13 @@ COMBOS: dict[str, list[str]] = {
     "prod+kueue": ["kueue"],
     "prod+kubeflow-trainer": ["kubeflow-trainer"],
     "prod+platform": ["cert-manager", "keda", "observability", "kueue", "backfill"],
+    # object storage (deploy/README.md, "components/s3-*"): prod's default is an external S3
+    "prod+s3-aws": ["s3-aws"],
+    "prod+platform+s3-aws": ["cert-manager", "keda", "observability", "kueue", "backfill", "s3-aws"],
+    "prod+s3-minio": IN_CLUSTER_MINIO,
+    "prod+s3-seaweedfs": ["s3-seaweedfs"],
+    "prod+cert-manager+s3-minio": [*IN_CLUSTER_MINIO, "cert-manager"],
+    "prod+cert-manager+s3-seaweedfs+backfill": ["s3-seaweedfs", "cert-manager", "backfill"],
 }
 _COMBO_CACHE: dict[str, list[dict]] = {}
 
@@ -103,8 +114,9 @@ def combo(request, tmp_path_factory) -> tuple[str, list[dict]]:
 
 @pytest.fixture(scope="session")
 def backfill_prod(tmp_path_factory) -> list[dict]:
-    """prod with deploy/components/backfill enabled."""
-    return _prod_with("backfill", tmp_path_factory.mktemp("prod-with-backfill"))
+    """prod on in-cluster MinIO with deploy/components/backfill enabled (prod+platform covers backfill on the
+    external S3)."""
+    return _prod_with([*IN_CLUSTER_MINIO, "backfill"], tmp_path_factory.mktemp("prod-with-backfill"))
 
 
 # The checkpoint rounds_prod points refscore at (run, step): services/trainer/checkpoint.py writes it
@@ -115,7 +127,7 @@ ROUNDS_MODEL_DIR = f"s3://offdpo/runs/{ROUNDS_RUN}/checkpoints/step-{ROUNDS_STEP
 
 @pytest.fixture(scope="session")
 def rounds_prod(tmp_path_factory) -> list[dict]:
-    """prod with deploy/components/rounds enabled as its header says, and refscore's ConfigMap pointed at
+    """prod (on in-cluster MinIO) with deploy/components/rounds enabled as its header says, and refscore's ConfigMap pointed at
     a trainer checkpoint in S3 (OFFDPO_REFSCORE_MODEL_DIR / _MODEL_ID)."""
     point_refscore = {
         "name": "offdpo-refscore",
@@ -125,4 +137,6 @@ def rounds_prod(tmp_path_factory) -> list[dict]:
             f"OFFDPO_REFSCORE_MODEL_ID={ROUNDS_RUN}@step-{ROUNDS_STEP:08d}",
         ],
     }
-    return _prod_with("rounds", tmp_path_factory.mktemp("prod-with-rounds"), configMapGenerator=[point_refscore])
+    return _prod_with(
+        [*IN_CLUSTER_MINIO, "rounds"], tmp_path_factory.mktemp("prod-with-rounds"), configMapGenerator=[point_refscore]
+    )

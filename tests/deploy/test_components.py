@@ -142,8 +142,16 @@ def test_the_generator_refuses_a_bad_table(tmp_path, monkeypatch):
 
 
 # -- cert-manager --------------------------------------------------------------------------------------------------
-def test_cert_manager_issues_every_tls_secret_the_workloads_mount(combos):
-    objs = combos["prod+cert-manager"]
+# The server certificates of in-cluster object storage: issued with cert-manager, mounted only where that
+# store's component is enabled.
+IN_CLUSTER_S3_TLS = {"offdpo-minio-tls", "offdpo-seaweedfs-tls"}
+
+
+@pytest.mark.parametrize(
+    "name", ["prod+cert-manager", "prod+cert-manager+s3-minio", "prod+cert-manager+s3-seaweedfs+backfill"]
+)
+def test_cert_manager_issues_every_tls_secret_the_workloads_mount(combos, name):
+    objs = combos[name]
     ns = by_kind(objs, "Namespace")[0]["metadata"]["name"]
     certs = {c["spec"]["secretName"]: c for c in by_kind(objs, "Certificate")}
     issuers = {i["metadata"]["name"]: i for i in by_kind(objs, "Issuer")}
@@ -153,8 +161,12 @@ def test_cert_manager_issues_every_tls_secret_the_workloads_mount(combos):
         for v in pod_spec(w).get("volumes", [])
         if "secret" in v and v["secret"]["secretName"].endswith("-tls")
     }
-    assert mounted == {"offdpo-refscore-tls", "offdpo-labeler-tls", "offdpo-minio-tls"}, mounted
-    assert mounted | {"offdpo-ca", "offdpo-annotate-tls"} == set(certs)
+    store = {
+        "prod+cert-manager+s3-minio": {"offdpo-minio-tls"},
+        "prod+cert-manager+s3-seaweedfs+backfill": {"offdpo-seaweedfs-tls"},
+    }
+    assert mounted == {"offdpo-refscore-tls", "offdpo-labeler-tls"} | store.get(name, set()), mounted
+    assert mounted | {"offdpo-ca", "offdpo-annotate-tls"} | IN_CLUSTER_S3_TLS == set(certs)
     services = {s["metadata"]["name"] for s in by_kind(objs, "Service")}
     for secret, cert in certs.items():
         spec = cert["spec"]
@@ -169,7 +181,7 @@ def test_cert_manager_issues_every_tls_secret_the_workloads_mount(combos):
         assert spec["privateKey"]["rotationPolicy"] == "Always"
         host = spec["dnsNames"][0]
         assert f"{host}.{ns}.svc" in spec["dnsNames"], spec["dnsNames"]
-        if secret != "offdpo-annotate-tls":
+        if secret != "offdpo-annotate-tls" and (secret not in IN_CLUSTER_S3_TLS or secret in mounted):
             assert host in services, f"{secret}: {host} is no Service"
     # the CA's key is in offdpo-ca: every client mounts its ca.crt only
     for w in workloads(objs):

