@@ -12,6 +12,10 @@ offdpo archive [--until-idle S]  archive the pairs topic to S3 as Parquet (repla
 offdpo rounds [--rounds N]       iterative DPO on the local stack: each round's policy the next one's reference
 offdpo plan --model M --gpus N --gpu-mem 80GiB   per-GPU memory of trainer and refscore, and the settings that fit
 offdpo train --config run.yaml   the trainer (python -m services.trainer, same flags); --print-config shows all settings
+offdpo run --model DIR --data prefs.jsonl   your model and a TRL preference file through the whole local pipeline
+offdpo export --checkpoint s3://.../step-N --out DIR   a shareable model folder (bf16, model card) from a checkpoint
+offdpo refscore serve|worker --config refscore.yaml   refscore (python -m services.refscore, same arguments)
+offdpo labeler consume|serve|... --config labeler.yaml   the labeler (python -m services.labeler, same arguments)
 """
 
 from __future__ import annotations
@@ -219,9 +223,26 @@ def main(argv: list[str] | None = None) -> int:
     add_rounds_arguments(p)
     p.set_defaults(fn=_rounds_cmd)
 
+    from cli.run import add_arguments as add_run_arguments
+    from cli.run import main as run_main
+
+    p = sub.add_parser(
+        "run",
+        help="your model folder and a TRL preference file (.jsonl/.parquet) through the whole pipeline locally",
+        description="The local stack, the labeler importing --data, refscore scoring it into S3, the trainer, "
+        "and a report: pairs imported / scored / trained, dead letters with reasons, held-out accuracy, the "
+        "checkpoint, the model folder, TensorBoard log and config.yaml (cli/run.py, localdev/pipeline.py).",
+    )
+    add_run_arguments(p)
+    p.set_defaults(fn=run_main)
+
     from cli.plan import add_parser as add_plan_parser
 
     add_plan_parser(sub)
+
+    from cli.export import add_parser as add_export_parser
+
+    add_export_parser(sub)
 
     p = sub.add_parser(
         "train",
@@ -229,12 +250,22 @@ def main(argv: list[str] | None = None) -> int:
         add_help=False,  # `offdpo train --help` is the trainer's own help
     )
     p.set_defaults(fn=None)
+    for name in ("refscore", "labeler"):
+        sub.add_parser(name, help=f"python -m services.{name} with the same arguments (--config FILE)", add_help=False)
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:  # every flag after it is the trainer's
         from services.trainer.train import main as train_main
 
         return train_main(argv[1:], prog="offdpo train")
+    if argv[:1] == ["refscore"]:  # every argument after it is the service's
+        from services.refscore.__main__ import main as refscore_main
+
+        return refscore_main(argv[1:])
+    if argv[:1] == ["labeler"]:
+        from services.labeler.__main__ import main as labeler_main
+
+        return labeler_main(argv[1:])
     args = parser.parse_args(argv)
     return args.fn(args)
 

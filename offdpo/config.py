@@ -10,10 +10,11 @@ from the Kubernetes manifests and Secrets in deploy/.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from offdpo import errors
 
@@ -262,7 +263,11 @@ def _section_values(
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             maybe = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
-            raise ConfigError(f"{where}: unknown setting {prefix}{key!r}{maybe}; every setting: {listing}")
+            here = f"under `{prefix[:-1]}:`" if prefix else "at the top level"
+            raise ConfigError(
+                f"{where}: unknown setting {prefix}{key!r}{maybe}; valid {here}: {', '.join(fields)}; "
+                f"every setting with its help: {listing}"
+            )
         values[key] = _file_value(value, fields[key].default, f"{where}: {prefix}{key}")
     return values
 
@@ -334,9 +339,15 @@ def resolved_config_yaml(
     settings at the top level, then `kafka:`, `s3:` and any other `sections` (e.g. trackers=...). Secrets
     are left out (a rerun takes them from its environment, as the pods do), so the file can be stored
     next to the checkpoints and printed."""
-    lines = ["# offdpo trainer configuration (reload with --config; secrets come from the environment)"]
-    lines += config_yaml_lines(trainer_cfg)
-    for name, cfg in {"kafka": kafka_cfg, "s3": s3_cfg, **sections}.items():
+    return settings_yaml("trainer", trainer_cfg, {"kafka": kafka_cfg, "s3": s3_cfg, **sections})
+
+
+def settings_yaml(service: str, top: EnvConfig, sections: Mapping[str, EnvConfig]) -> str:
+    """A service's resolved configuration as a YAML file its `--config` reloads: `top`'s settings at the
+    top level, each of `sections` under its name; secrets left out (named in comments)."""
+    lines = [f"# offdpo {service} configuration (reload with --config; secrets come from the environment)"]
+    lines += config_yaml_lines(top)
+    for name, cfg in sections.items():
         lines += ["", f"{name}:"]
         lines += config_yaml_lines(cfg, "  ")
     return "\n".join(lines) + "\n"
@@ -350,3 +361,129 @@ def config_params(trainer_cfg: EnvConfig, **sections: EnvConfig) -> dict[str, An
             if not f.metadata.get("secret"):
                 out[prefix + f.name] = getattr(cfg, f.name)
     return out
+
+
+# -- the command line of a service with a configuration file ------------------------------------------
+# Shared by the trainer, refscore and the labeler: `--config FILE`, `--print-config`, and (for the classes
+# a service chooses) one flag per setting. The file is read before the parser is built, so each flag's
+# help shows the value it would have without it (default < file < environment).
+
+E = TypeVar("E", bound=EnvConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigFile:
+    """The shape of one service's configuration file: `top`'s settings at the top level (flat, as the
+    trainer's), each of `sections`' classes under its name (`kafka:`, `s3:` ...). `listing` says where every
+    setting is listed with its help (named when a file has a key that is none of them)."""
+
+    service: str
+    top: type[EnvConfig]
+    sections: Mapping[str, type[EnvConfig]]
+    listing: str
+
+    @property
+    def classes(self) -> tuple[type[EnvConfig], ...]:
+        return (self.top, *self.sections.values())
+
+    def load(self, path: str | os.PathLike[str] | None) -> dict[type[EnvConfig], dict[str, Any]]:
+        """The file's values by class ({} for no file); ConfigError (one line) for anything wrong in it."""
+        return load_config_file(path, self.top, self.sections, self.listing) if path else {}
+
+    def resolve(
+        self,
+        file_values: Mapping[type[EnvConfig], Mapping[str, Any]],
+        overrides: Mapping[type[EnvConfig], Mapping[str, Any]] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> Settings:
+        """Every class's configuration: defaults < file < environment < `overrides` (flags)."""
+        overrides = overrides or {}
+        return Settings(
+            {cls: cls.from_sources(file_values.get(cls), environ, **overrides.get(cls, {})) for cls in self.classes}
+        )
+
+    def dump(self, settings: Settings) -> str:
+        """`settings` as a file that `--config` reloads (secrets left out)."""
+        return settings_yaml(
+            self.service, settings[self.top], {name: settings[cls] for name, cls in self.sections.items()}
+        )
+
+    def add_arguments(self, p: argparse._ActionsContainer) -> None:
+        """`--config FILE` and `--print-config`."""
+        sections = ", ".join(f"`{name}:`" for name in self.sections)
+        p.add_argument(
+            "--config",
+            metavar="FILE",
+            help=f"YAML file of settings (--print-config writes one): the {self.service}'s own settings at the top "
+            f"level, {sections} sections (examples/*.yaml); environment variables and flags override it",
+        )
+        p.add_argument(
+            "--print-config", action="store_true", help="print the resolved configuration as YAML (a --config file)"
+        )
+
+
+class Settings(dict[type[EnvConfig], EnvConfig]):
+    """A service's resolved configuration, by class: `settings.of(KafkaConfig)` is typed."""
+
+    def of(self, cls: type[E]) -> E:
+        value = self[cls]
+        assert isinstance(value, cls)
+        return value
+
+
+def add_setting_flags(p: argparse._ActionsContainer, cls: type[EnvConfig], base: EnvConfig) -> None:
+    """One flag per field of `cls` (`--field-name`), its default the value from the file and the environment
+    (`base`), shown in the help with the variable's name. A bool gets `--x/--no-x`; a tuple is repeatable
+    and/or comma-separated, as its environment variable."""
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(base, f.name)
+        help_ = f"{f.metadata['help']} [{f.metadata['env']}={'***' if f.metadata['secret'] else repr(default)}]"
+        if isinstance(f.default, bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        elif isinstance(f.default, tuple):
+            p.add_argument(flag, dest=f.name, action="append", default=None, help=help_ + " (repeatable)")
+        else:
+            p.add_argument(flag, dest=f.name, type=type(f.default), default=default, help=help_)
+
+
+def setting_flag_values(ns: argparse.Namespace, cls: type[EnvConfig], base: EnvConfig) -> dict[str, Any]:
+    """Every field of `cls` from the flags `add_setting_flags` added (an unset flag: `base`'s value)."""
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if isinstance(f.default, tuple):  # repeated and/or comma-separated, as the environment variable
+            given = values[f.name]
+            values[f.name] = (
+                tuple(part.strip() for v in given for part in v.split(",") if part.strip())
+                if given
+                else getattr(base, f.name)
+            )
+    return values
+
+
+def parse_settings(
+    argv: Sequence[str] | None,
+    layout: ConfigFile,
+    build_parser: Callable[[Mapping[type[EnvConfig], EnvConfig]], argparse.ArgumentParser],
+    *,
+    flagged: Sequence[type[EnvConfig]] = (),
+    overrides: Callable[[argparse.Namespace], Mapping[type[EnvConfig], Mapping[str, Any]]] | None = None,
+) -> tuple[Settings, argparse.Namespace]:
+    """A service's command line with a configuration file: defaults < `--config FILE` < OFFDPO_* environment
+    variables < flags. `build_parser(bases)` returns the service's parser; it calls `layout.add_arguments`
+    and `add_setting_flags(p, cls, bases[cls])` for each class of `flagged` (`bases`: each one's value from
+    the file and the environment). `overrides(ns)`: values of the service's own hand-written flags, by class.
+    Returns the resolved settings of every class of `layout` and the parsed namespace. A bad setting (file,
+    variable, or a combination a class refuses) raises ConfigError, one line naming it."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    files = layout.load(known.config)
+    bases = {cls: cls.from_sources(files.get(cls)) for cls in flagged}
+    ns = build_parser(bases).parse_args(argv)
+    given: dict[type[EnvConfig], dict[str, Any]] = {
+        cls: setting_flag_values(ns, cls, base) for cls, base in bases.items()
+    }
+    for cls, values in (overrides(ns) if overrides is not None else {}).items():
+        given.setdefault(cls, {}).update(values)
+    return layout.resolve(files, given), ns

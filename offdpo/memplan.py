@@ -10,8 +10,9 @@ SwiGLU MLP, an LM head that may be tied to the embeddings):
   `MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`) the sharded parameters FSDP keeps
   are still float32: the bfloat16 copies exist only while a unit is gathered (see buffers).
   DDP holds all of it on every rank; FSDP full shard holds 1/world of it.
-  LoRA (r): the base is frozen in bfloat16 (2 bytes per parameter, sharded under FSDP) and only the
-  adapters A (r x in) and B (out x r) on q, k, v, o, gate, up and down projections train (16 bytes each).
+  LoRA (r): the base is frozen, in bfloat16 under bf16 precision (2 bytes per parameter) and float32
+  otherwise (4; services/trainer/lora.py frozen_dtype), sharded under FSDP, and only the adapters
+  A (r x in) and B (out x r) on q, k, v, o, gate, up and down projections train (16 bytes each).
 - buffers: what the parallel wrapper adds. DDP: its gradient buckets (a float32 copy of every
   trainable gradient, world > 1) and, in bf16, autocast's cached bfloat16 weight copies. FSDP: the root
   unit (embeddings, final norm, LM head) stays gathered for the step (FSDP2 does not reshard the root
@@ -327,7 +328,7 @@ def estimate_trainer(
     div = world if sharded else 1
     if lora_r:
         trainable = shape.lora_params(lora_r)
-        base_bytes = 2 * p  # frozen base in bfloat16
+        base_bytes = (2 if precision == "bf16" else 4) * p  # frozen base: bfloat16 under bf16, else float32
     else:
         trainable = p
         base_bytes = 0
@@ -342,7 +343,7 @@ def estimate_trainer(
     if not sharded and precision == "bf16" and not lora_r:
         buffers += 2 * p  # autocast's cached bfloat16 copies of the float32 weights, forward to backward
     if sharded:
-        param_b = 2 if (precision == "bf16" or lora_r) else 4
+        param_b = 2 if precision == "bf16" else 4
         root, layer = shape.root_params(), shape.layer_params()
         if lora_r:
             grads_root = grads_layer = 0  # frozen base: nothing to reduce but the (tiny) adapters

@@ -18,7 +18,10 @@ from services.trainer.trackers import TrackerConfig
 from services.trainer.train import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+# examples/refscore.yaml and labeler.yaml are the services' files (tests/refscore, tests/labeler load them);
+# every other example is a trainer run.
+SERVICE_EXAMPLES = {"refscore.yaml", "labeler.yaml"}
+EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.yaml") if p.name not in SERVICE_EXAMPLES)
 
 
 @pytest.fixture(autouse=True)
@@ -64,6 +67,19 @@ def test_the_examples_load_and_say_what_they_are_for():
     assert kafka.security_protocol == "SASL_SSL" and s3.secure and trackers.report_to == ("tensorboard", "mlflow")
     demo, kafka, _, _ = configs(ROOT / "examples" / "demo.yaml")
     assert (demo.mode, demo.beta, demo.lr, kafka.broker_profile) == ("continuous", 0.5, 2e-4, "tansu")
+
+
+@pytest.mark.parametrize("name", sorted(SERVICE_EXAMPLES))
+def test_the_services_examples_load_with_their_own_command_and_not_the_trainers(name):
+    from services.labeler import __main__ as labeler
+    from services.refscore import __main__ as refscore
+
+    path = ROOT / "examples" / name
+    service, key = {"refscore.yaml": (refscore, "model_dir"), "labeler.yaml": (labeler, "rules_file")}[name]
+    settings, _ = service.parse_args(["serve", "--config", str(path)])
+    assert getattr(settings[service.CONFIG_FILE.top], key) == yaml.safe_load(path.read_text())[key]
+    with pytest.raises(ConfigError, match="unknown setting"):
+        load(path)  # a service's file is not a trainer run (and says so)
 
 
 def test_file_values_are_typed_and_sections_map_to_their_classes(tmp_path):

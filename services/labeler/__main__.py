@@ -9,7 +9,10 @@
     python -m services.labeler calibrate [--sample 200]                           # LLM judge vs the humans
     python -m services.labeler config                                              # every variable
 
-Settings come from the environment (`config` lists them); the flags override the most common ones.
+Settings come from a file, `--config labeler.yaml` (examples/labeler.yaml: the labeler's settings at the
+top level, `kafka:`, `judge:`, `server:` and `annotate:` sections), and the environment (`config` lists
+the variables), which overrides the file; the flags override both. `--print-config` prints the resolved
+file.
 `consume` on SIGTERM/SIGINT finishes the batch in hand (publish, acknowledge, commit) and exits 0.
 """
 
@@ -18,46 +21,51 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import sys
 
-from offdpo.config import KafkaConfig, describe
+from offdpo.config import EnvConfig, KafkaConfig, Settings, describe, parse_settings
+from offdpo.errors import ConfigError
 from offdpo.health import LoopHealth, LoopHealthServer
 from offdpo.shutdown import StopOnSignals
-from services.labeler.config import CONFIG_CLASSES, AnnotateConfig, JudgeConfig, LabelerConfig
+from services.labeler.config import CONFIG_CLASSES, CONFIG_FILE, AnnotateConfig, JudgeConfig, LabelerConfig
 from services.labeler.names import CANDIDATE_STRATEGIES, INPUT_KINDS, JUDGE_MODES, PAIR_MODES, InputKind
 from services.labeler.pipeline import Labeler
 from services.labeler.runner import build_labeler, close_labeler, run_file, run_kafka
 from services.labeler.server import serve
+from services.labeler.server_config import LabelerServerConfig
 
 
-def _configs(args: argparse.Namespace) -> tuple[LabelerConfig, KafkaConfig, JudgeConfig]:
-    cfg, kafka, judge = LabelerConfig.from_env(), KafkaConfig.from_env(), JudgeConfig.from_env()
-    over = {
-        k: v
-        for k, v in dict(
-            strategy=getattr(args, "strategy", None),
-            rules_file=args.rules,
-            reward_model=args.reward_model,
-            pair_mode=args.pair_mode,
-            margin=args.margin,
-            state_dir=args.state_dir,
-        ).items()
-        if v is not None
-    }
+def _overrides(args: argparse.Namespace) -> dict[type[EnvConfig], dict[str, object]]:
+    """The flags given, as settings by class: they override the file and the environment."""
+
+    def given(**values: object) -> dict[str, object]:
+        return {k: v for k, v in values.items() if v is not None}
+
+    labeler = given(
+        strategy=getattr(args, "strategy", None),
+        rules_file=args.rules,
+        reward_model=args.reward_model,
+        pair_mode=args.pair_mode,
+        margin=args.margin,
+        state_dir=args.state_dir,
+        grpc_port=args.port if args.cmd == "serve" else None,
+    )
     if args.no_ledger:
-        over["ledger"] = False
-    cfg = dataclasses.replace(cfg, **over)
-    jover = {
-        k: v
-        for k, v in dict(base_url=args.judge_base_url, model=args.judge_model, mode=args.judge_mode).items()
-        if v is not None
+        labeler["ledger"] = False
+    annotate = given(port=args.port, overlap=args.overlap) if args.cmd == "annotate" else {}
+    return {
+        LabelerConfig: labeler,
+        JudgeConfig: given(base_url=args.judge_base_url, model=args.judge_model, mode=args.judge_mode),
+        KafkaConfig: given(bootstrap_servers=args.bootstrap),
+        AnnotateConfig: annotate,
     }
-    if args.bootstrap:
-        kafka = dataclasses.replace(kafka, bootstrap_servers=args.bootstrap)
-    return cfg, kafka, dataclasses.replace(judge, **jover)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
+    """defaults < --config FILE < OFFDPO_* environment variables < flags; ConfigError (one line) if bad."""
+    return parse_settings(argv, CONFIG_FILE, lambda bases: _parser(), overrides=_overrides)
 
 
 def _progress(msg: str) -> None:
@@ -87,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--judge-mode", choices=JUDGE_MODES)
     common.add_argument("--bootstrap", help="Kafka bootstrap servers (OFFDPO_KAFKA_BOOTSTRAP)")
     common.add_argument("-v", "--verbose", action="store_true")
+    CONFIG_FILE.add_arguments(common)
 
     p = sub.add_parser("label", parents=[common], help="label one file and print the summary")
     p.add_argument("file")
@@ -132,11 +141,9 @@ def _consume(labeler: Labeler, cfg: LabelerConfig, kafka: KafkaConfig, idle_exit
     _print_summary(summary, labeler)
 
 
-def _annotate(labeler: Labeler, kafka: KafkaConfig, args: argparse.Namespace) -> None:
+def _annotate(labeler: Labeler, kafka: KafkaConfig, acfg: AnnotateConfig, args: argparse.Namespace) -> None:
     from services.labeler.annotate import AnnotateServer
 
-    over = {k: v for k, v in dict(port=args.port, overlap=args.overlap).items() if v is not None}
-    acfg = dataclasses.replace(AnnotateConfig.from_env(), **over)
     _progress(f"annotation app on http://{acfg.host}:{acfg.port} -> {kafka.pairs_topic} on {kafka.bootstrap_servers}")
     AnnotateServer(acfg, labeler, kafka, from_file=args.file or "").serve()
 
@@ -145,7 +152,6 @@ def _calibrate(cfg: LabelerConfig, judge: JudgeConfig, args: argparse.Namespace)
     """The judge against the annotation app's decided items (its SQLite state); needs no broker."""
     from pathlib import Path
 
-    from offdpo.errors import ConfigError
     from services.labeler.annotate.queue import Queue
     from services.labeler.calibrate import calibrate_queue
     from services.labeler.names import JudgeMode, StrategyName
@@ -167,19 +173,31 @@ def _calibrate(cfg: LabelerConfig, judge: JudgeConfig, args: argparse.Namespace)
     print(json.dumps(report.as_dict(), sort_keys=True))
 
 
-def _serve_security():
-    """`serve`'s TLS credentials and token store (services/labeler/server_config.py), checked before
-    anything connects; a ConfigError names the variable to set."""
+def _serve_security(server_cfg: LabelerServerConfig | None = None):
+    """`serve`'s TLS credentials and token store (services/labeler/server_config.py; default: the
+    environment's), checked before anything connects; a ConfigError names the variable to set."""
     from offdpo.grpc_auth import build
-    from services.labeler.server_config import LabelerServerConfig
 
-    return build(LabelerServerConfig.from_env().security())
+    return build((server_cfg or LabelerServerConfig.from_env()).security())
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.cmd == "config":
+    """The command line (also `offdpo labeler`). A bad setting (file, environment variable, flag) is one
+    line on stderr, `labeler: <what is wrong>`, and exit 2; no traceback."""
+    try:
+        return _main(argv)
+    except ConfigError as exc:
+        print(f"labeler: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
+    if _parser().parse_args(argv).cmd == "config":
         print(describe(*CONFIG_CLASSES, AnnotateConfig))
+        return 0
+    settings, args = parse_args(argv)
+    if args.print_config:
+        print(CONFIG_FILE.dump(settings), end="")
         return 0
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -187,16 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("openai").setLevel(logging.WARNING)  # the judge client logs its own retries
 
-    cfg, kafka, judge = _configs(args)
+    cfg, kafka, judge = settings.of(LabelerConfig), settings.of(KafkaConfig), settings.of(JudgeConfig)
     if args.cmd == "calibrate":
         _calibrate(cfg, judge, args)
         return 0
     security = None
     if args.cmd == "serve":
-        from offdpo.errors import ConfigError
-
         try:
-            security = _serve_security()
+            security = _serve_security(settings.of(LabelerServerConfig))
         except ConfigError as exc:
             logging.getLogger("labeler").error("configuration error: %s", exc)
             return 2
@@ -206,11 +222,11 @@ def main(argv: list[str] | None = None) -> int:
             _progress(f"labelling {args.file} ({args.kind}) -> {kafka.pairs_topic} on {kafka.bootstrap_servers}")
             _print_summary(run_file(labeler, args.file, args.kind, cfg.strategy, progress=_progress), labeler)
         elif args.cmd == "annotate":
-            _annotate(labeler, kafka, args)
+            _annotate(labeler, kafka, settings.of(AnnotateConfig), args)
         elif args.cmd == "consume":
             _consume(labeler, cfg, kafka, args.idle_exit_s)
         else:
-            asyncio.run(serve(labeler, cfg.grpc_host, args.port or cfg.grpc_port, security, cfg.health_port))
+            asyncio.run(serve(labeler, cfg.grpc_host, cfg.grpc_port, security, cfg.health_port))
     except KeyboardInterrupt:
         if args.cmd != "serve":
             raise

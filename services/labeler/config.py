@@ -1,10 +1,11 @@
-"""Labeler settings: every one an environment variable with a default and one line of help."""
+"""Labeler settings: every one an environment variable with a default and one line of help, and a key of
+the `--config` file (CONFIG_FILE)."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from offdpo.config import EnvConfig, KafkaConfig, env
+from offdpo.config import ConfigFile, EnvConfig, KafkaConfig, env
 from offdpo.errors import ConfigError
 from services.labeler.names import (
     CANDIDATE_STRATEGIES,
@@ -184,3 +185,14 @@ class AnnotateConfig(EnvConfig):
             raise ConfigError("OFFDPO_ANNOTATE_OVERLAP must be at least 1")
         if self.lease_s <= 0 or self.undo_s < 0:
             raise ConfigError("OFFDPO_ANNOTATE_LEASE_S must be positive and OFFDPO_ANNOTATE_UNDO_S not negative")
+
+
+# `--config FILE` of every subcommand (issue 32): the labeler's own settings at the top level, as the
+# trainer's file. RulesConfig (which packages a rules file's `callable:` may import) is not in it: it is a
+# security allow-list the rules loader reads from the pod's environment only (services/labeler/rules.py).
+CONFIG_FILE = ConfigFile(
+    service="labeler",
+    top=LabelerConfig,
+    sections={"kafka": KafkaConfig, "judge": JudgeConfig, "server": LabelerServerConfig, "annotate": AnnotateConfig},
+    listing="`python -m services.labeler serve --print-config` (or `offdpo labeler serve --print-config`)",
+)

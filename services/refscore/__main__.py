@@ -12,6 +12,9 @@
 
 Configuration: environment variables (`offdpo config`), e.g.
     OFFDPO_REFSCORE_MODEL_DIR=models/tiny OFFDPO_REFSCORE_ENGINE=vllm python -m services.refscore serve --worker
+or a file, `serve --config refscore.yaml` (examples/refscore.yaml: refscore's settings at the top level,
+`kafka:`, `s3:` and `quota:` sections); environment variables override the file and flags of the same
+names (--model-dir, --engine, ...) override both; `--print-config` prints the resolved file.
 `serve` also serves the models of OFFDPO_REFSCORE_EXTRA_MODEL_DIRS (an engine each; requests pick one by
 fingerprint), and the stream worker (with `serve --worker` or `worker`) scores with all of them: each pair
 names its reference by fingerprint (empty: OFFDPO_REFSCORE_MODEL_DIR's model; one not served: dead letter).
@@ -26,22 +29,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NoReturn
 
-from offdpo.config import ConfigError, KafkaConfig, S3Config
+from offdpo.config import ConfigError, EnvConfig, KafkaConfig, S3Config, Settings, add_setting_flags, parse_settings
+from offdpo.health import LoopHealthServer
 from offdpo.shutdown import StopOnSignals
 from services.refscore import security
-from services.refscore.config import RefscoreConfig, RefscoreQuotaConfig
+from services.refscore.config import CONFIG_FILE, RefscoreConfig, RefscoreQuotaConfig
 from services.refscore.scorer import Scorer
 from services.refscore.server import RefscoreServer
-from services.refscore.watchdog import Heartbeat, Problem, Watchdog
+from services.refscore.watchdog import Heartbeat, Problem, Watchdog, WorkerHealth
 from services.refscore.worker import StreamWorker
 
 log = logging.getLogger("refscore")
@@ -65,8 +70,15 @@ class _AllEngines:
         return max(s.engine_busy_s(now) for s in self.scorers)
 
 
-async def _serve(cfg: RefscoreConfig, with_worker: bool) -> int:
-    server = RefscoreServer(cfg)
+async def _serve(
+    cfg: RefscoreConfig,
+    with_worker: bool,
+    kafka: KafkaConfig | None = None,
+    s3: S3Config | None = None,
+    replicas: int | None = None,
+) -> int:
+    """`kafka`, `s3`, `replicas`: the resolved settings (default: the environment's)."""
+    server = RefscoreServer(cfg, replicas=replicas)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -80,8 +92,8 @@ async def _serve(cfg: RefscoreConfig, with_worker: bool) -> int:
         worker = StreamWorker(
             server.scorer,
             cfg,
-            KafkaConfig.from_env(),
-            S3Config.from_env(),
+            kafka or KafkaConfig.from_env(),
+            s3 or S3Config.from_env(),
             heartbeat=beat,
             extra_scorers=server.scorers[1:],
         )
@@ -159,14 +171,21 @@ def _exit_now(scorers: Scorer | Sequence[Scorer], code: int, engine_grace_s: flo
     os._exit(code)
 
 
-def _worker_only(cfg: RefscoreConfig) -> int:
+def _worker_only(cfg: RefscoreConfig, kafka: KafkaConfig | None = None, s3: S3Config | None = None) -> int:
     # The primary and the extras (OFFDPO_REFSCORE_EXTRA_MODEL_DIRS), loaded one after another (vLLM sizes
     # its memory from what is free when it starts); pairs pick one by fingerprint.
     scorers = [Scorer(c) for c in cfg.model_configs()]
     scorer = scorers[0]
     engines = scorer if len(scorers) == 1 else _AllEngines(scorers)
     beat = Heartbeat()
-    with StopOnSignals("the worker finishes (and commits) its current batch, then stops") as stop:
+    health = WorkerHealth()
+    # Kubelet's gRPC probes (OFFDPO_REFSCORE_HEALTH_PORT): NOT_SERVING until the engines are loaded.
+    probes = (
+        LoopHealthServer(health, cfg.host, cfg.health_port, "OFFDPO_REFSCORE_HEALTH_PORT")
+        if cfg.health_port
+        else contextlib.nullcontext()
+    )
+    with probes, StopOnSignals("the worker finishes (and commits) its current batch, then stops") as stop:
         try:
             for s in scorers:
                 s.load()
@@ -176,6 +195,7 @@ def _worker_only(cfg: RefscoreConfig) -> int:
                     s.shutdown()
             raise
         watchdog = Watchdog(engines, cfg.stall_s, worker_beat=beat)
+        health.watchdog = watchdog
         failed = threading.Event()
 
         def watch() -> None:
@@ -198,9 +218,15 @@ def _worker_only(cfg: RefscoreConfig) -> int:
         threading.Thread(target=watch, name="refscore-watchdog", daemon=True).start()
         try:
             StreamWorker(
-                scorer, cfg, KafkaConfig.from_env(), S3Config.from_env(), heartbeat=beat, extra_scorers=scorers[1:]
+                scorer,
+                cfg,
+                kafka or KafkaConfig.from_env(),
+                s3 or S3Config.from_env(),
+                heartbeat=beat,
+                extra_scorers=scorers[1:],
             ).run(stop.requested)
         finally:
+            health.stopping()
             watchdog.stopping()
             for s in scorers:
                 s.shutdown()
@@ -225,18 +251,56 @@ def _archive_main(argv: list[str]) -> int:
         return 2
 
 
-def _check_model_source(cfg: RefscoreConfig) -> None:
+def _check_model_source(cfg: RefscoreConfig, s3: S3Config | None = None) -> None:
     """An s3:// model URI must be well formed before anything starts (its download happens while the
     engine loads, health NOT_SERVING meanwhile: services/refscore/model_source.py), the extra models'
-    (OFFDPO_REFSCORE_EXTRA_MODEL_DIRS) too, and they must fit together (both modes load them all)."""
+    (OFFDPO_REFSCORE_EXTRA_MODEL_DIRS) too, and they must fit together (both modes load them all).
+    `s3`: the resolved S3 settings; the download reads the environment's (Scorer.load), so a config file's
+    `s3:` section that would change them for a model in S3 is refused rather than ignored."""
     from services.refscore.model_source import is_s3_uri, parse_s3_uri
 
-    for model_cfg in cfg.model_configs():
-        if is_s3_uri(model_cfg.model_dir):
-            parse_s3_uri(model_cfg.model_dir)
+    in_s3 = [c.model_dir for c in cfg.model_configs() if is_s3_uri(c.model_dir)]
+    for uri in in_s3:
+        parse_s3_uri(uri)
+    if in_s3 and s3 is not None and s3 != S3Config.from_env():
+        raise ConfigError(
+            f"{in_s3[0]}: models in S3 are downloaded with the OFFDPO_S3_* environment variables only; set "
+            "them there instead of in the config file's `s3:` section"
+        )
+
+
+def parse_args(argv: Sequence[str]) -> tuple[Settings, argparse.Namespace]:
+    """`serve`/`worker`: defaults < --config FILE < OFFDPO_* environment variables < flags (one per setting).
+    ConfigError (one line naming the setting) for a bad one."""
+
+    def build(bases: Mapping[type[EnvConfig], EnvConfig]) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(
+            prog="python -m services.refscore",
+            description=__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        parser.add_argument("mode", choices=["serve", "worker"])
+        parser.add_argument(
+            "--worker", action="store_true", help="serve: also run the stream worker (--worker-enabled)"
+        )
+        CONFIG_FILE.add_arguments(parser)
+        add_setting_flags(
+            parser.add_argument_group("settings (the file's top level)"), RefscoreConfig, bases[RefscoreConfig]
+        )
+        add_setting_flags(
+            parser.add_argument_group("quotas (the `quota:` section)"), RefscoreQuotaConfig, bases[RefscoreQuotaConfig]
+        )
+        return parser
+
+    def overrides(ns: argparse.Namespace) -> dict[type[EnvConfig], dict[str, Any]]:
+        return {RefscoreConfig: {"worker_enabled": True}} if ns.worker else {}
+
+    return parse_settings(argv, CONFIG_FILE, build, flagged=(RefscoreConfig, RefscoreQuotaConfig), overrides=overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (also `offdpo refscore`). A bad setting (file, environment variable, flag) is one
+    line on stderr, `refscore: <what is wrong>`, and exit 2; no traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "rescore":  # subcommands with options of their own
@@ -245,28 +309,32 @@ def main(argv: list[str] | None = None) -> int:
         return rescore_main(argv[1:])
     if argv and argv[0] == "archive":
         return _archive_main(argv[1:])
-    parser = argparse.ArgumentParser(
-        prog="python -m services.refscore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("mode", choices=["serve", "worker"])
-    parser.add_argument("--worker", action="store_true", help="serve: also run the stream worker")
-    args = parser.parse_args(argv)
     try:
-        cfg = RefscoreConfig.from_env()
+        settings, args = parse_args(argv)
+        cfg = settings.of(RefscoreConfig)
         cfg.engine_settings()  # refuse bad engine knobs now, not after the model has loaded
-        _check_model_source(cfg)
-        if args.mode == "serve":  # TLS, auth file and quota settings, before anything listens or connects
+        _check_model_source(cfg, settings.of(S3Config))
+        if args.print_config:
+            print(CONFIG_FILE.dump(settings), end="")
+            return 0
+        if args.mode == "serve":  # TLS and auth file settings, before anything listens or connects
             security.build(cfg)
-            RefscoreQuotaConfig.from_env()
+    except ConfigError as exc:
+        print(f"refscore: {exc}", file=sys.stderr)
+        return 2
+    kafka, s3 = settings.of(KafkaConfig), settings.of(S3Config)
+    try:
         if cfg.metrics_port:
             from prometheus_client import start_http_server
 
             start_http_server(cfg.metrics_port, addr=cfg.host)
         if args.mode == "serve":
-            return asyncio.run(_serve(cfg, args.worker or cfg.worker_enabled))
-        return _worker_only(cfg)
-    except ConfigError as exc:
+            replicas = settings.of(RefscoreQuotaConfig).replicas
+            return asyncio.run(_serve(cfg, cfg.worker_enabled, kafka, s3, replicas))
+        return _worker_only(cfg, kafka, s3)
+    except ConfigError as exc:  # met while starting (Kafka's client settings, a model's files)
         log.error("configuration error: %s", exc)
+        print(f"refscore: {exc}", file=sys.stderr)
         return 2
 
 

@@ -1,4 +1,5 @@
-"""refscore settings (environment variables; `offdpo config` lists them with their defaults)."""
+"""refscore settings: environment variables (`offdpo config` lists them with their defaults), a `--config`
+file (CONFIG_FILE) and flags of the same names."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import dataclasses
 import math
 from pathlib import Path
 
-from offdpo.config import ConfigError, EnvConfig, KafkaConfig, S3Config, env
+from offdpo.config import ConfigError, ConfigFile, EnvConfig, KafkaConfig, S3Config, env
+
+ENGINES = ("vllm", "transformers")  # services/refscore/engines.py load_engine
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -158,6 +162,13 @@ class RefscoreConfig(EnvConfig):
         " from the first engine call",
     )
 
+    def __post_init__(self) -> None:
+        # Refused at start-up, one line: otherwise the engine's load fails after the port has opened.
+        if self.engine not in ENGINES:
+            raise ConfigError(f"OFFDPO_REFSCORE_ENGINE={self.engine!r}: expected one of {', '.join(ENGINES)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"OFFDPO_REFSCORE_DTYPE={self.dtype!r}: expected one of {', '.join(DTYPES)}")
+
     def engine_settings(self):
         """The engine knobs, validated (a bad value is a ConfigError naming the variable)."""
         from services.refscore.engines import EngineSettings
@@ -307,3 +318,11 @@ class RefscoreQuotaConfig(EnvConfig):
 
 
 CONFIG_CLASSES = (S3Config, KafkaConfig, RefscoreConfig, RefscoreQuotaConfig)
+
+# `serve`/`worker --config FILE` (issue 32): refscore's own settings at the top level, as the trainer's file.
+CONFIG_FILE = ConfigFile(
+    service="refscore",
+    top=RefscoreConfig,
+    sections={"kafka": KafkaConfig, "s3": S3Config, "quota": RefscoreQuotaConfig},
+    listing="`python -m services.refscore serve --print-config` (or `offdpo refscore serve --print-config`)",
+)

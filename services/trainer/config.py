@@ -145,6 +145,25 @@ class TrainerConfig(EnvConfig):
         "FSDP: 'on' (bfloat16 parameters and compute, float32 gradient reduction and master weights), 'off' "
         "(float32), 'auto' (on for CUDA, off on the CPU)",
     )
+    # -- LoRA (issue 28 item 5): adapters through peft (the `lora` extra), in services/trainer/lora.py
+    lora_r: int = env(
+        "OFFDPO_TRAINER_LORA_R",
+        0,
+        "LoRA rank: train only low-rank adapters on --lora-targets, the base weights frozen; checkpoints hold the "
+        "adapters and their AdamW state (0: full fine-tuning; needs peft: pip install 'offdpo[lora]')",
+    )
+    lora_alpha: float = env("OFFDPO_TRAINER_LORA_ALPHA", 16.0, "LoRA: the adapters' update is scaled by alpha / r")
+    lora_dropout: float = env(
+        "OFFDPO_TRAINER_LORA_DROPOUT",
+        0.0,
+        "LoRA: dropout on the adapters' input (0: none; the reference log-probs were computed without dropout)",
+    )
+    lora_targets: tuple = env(
+        "OFFDPO_TRAINER_LORA_TARGETS",
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        "LoRA: comma-separated names of the linear layers that get adapters (default: attention and MLP "
+        "projections of Qwen2/Llama-shaped models)",
+    )
     # -- sharded checkpoints (issue 28)
     checkpoint_format: str = env(
         "OFFDPO_TRAINER_CHECKPOINT_FORMAT",
@@ -162,6 +181,11 @@ class TrainerConfig(EnvConfig):
         "OFFDPO_TRAINER_EXPORT_SHARD_BYTES",
         2 << 30,
         "sharded checkpoints: largest safetensors file of the exported model/ folder (rank 0 holds one at a time)",
+    )
+    save_dtype: str = env(
+        "OFFDPO_TRAINER_SAVE_DTYPE",
+        "bfloat16",
+        "dtype of the exported model/ folder: bfloat16, float32 or float16 (the resumable state stays float32)",
     )
     # -- checkpoints and metrics
     save_every: int = env("OFFDPO_TRAINER_SAVE_EVERY", 100, "checkpoint every N optimizer steps (and at the end)")

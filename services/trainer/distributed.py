@@ -110,14 +110,19 @@ def _fully_shard(
 
     policy = mixed_precision(cfg, device)
     kw: dict[str, Any] = {"mp_policy": policy} if policy is not None else {}
-    for layer in model.get_decoder().layers:
+    for layer in model.get_decoder().layers:  # under LoRA: each layer's adapters in its unit too
         fully_shard(layer, **kw)
     fully_shard(module, **kw)  # turns `module` itself into an FSDP module
 
 
 def wrap(model: PreTrainedModel, cfg: TrainerConfig, world: int, device: torch.device | str) -> torch.nn.Module:
-    """The module that trains: answer log-probs of `model`, replicated (DDP) or sharded (FSDP2)."""
-    module = AnswerLogps(model, chunk_size=cfg.logprob_chunk_size, chunk_bytes=cfg.logprob_chunk_bytes)
+    """The module that trains: answer log-probs of `model`, replicated (DDP) or sharded (FSDP2). Under
+    LoRA `model` is the PeftModel and the module wraps the causal LM inside it (lora.base_model), so
+    parameter names do not depend on the wrapper; FSDP2 then shards each decoder layer's adapters with
+    its frozen weights, and DDP hooks only the adapters (the parameters that require a gradient)."""
+    from services.trainer import lora
+
+    module = AnswerLogps(lora.base_model(model), chunk_size=cfg.logprob_chunk_size, chunk_bytes=cfg.logprob_chunk_bytes)
     if world == 1:
         return module
     if cfg.distributed == "fsdp":
@@ -149,7 +154,7 @@ def build_sharded(
     which holds the whole model on rank 0 (a 70B model is 280 GB in float32; not measured here, it
     is what that API takes) and sends every byte through one rank even when streamed tensor by
     tensor. The cost: the model folder must be readable on every node, as it already is (a volume or
-    a download per pod)."""
+    a download per pod). Under LoRA (--lora-r) the model returned is peft's PeftModel around it (lora.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     conf = AutoConfig.from_pretrained(config_dir)
@@ -159,6 +164,10 @@ def build_sharded(
     tied = tied_pairs(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from services.trainer import lora
+
+    # LoRA: the adapters go in on the meta device, before sharding, so FSDP shards them with their layer.
+    policy = lora.apply(model, cfg)
     module = AnswerLogps(model, chunk_size=cfg.logprob_chunk_size, chunk_bytes=cfg.logprob_chunk_bytes)
     _fully_shard(module, model, cfg, device)
     module.to_empty(device=device)  # this rank's shards only (DTensor local parts), uninitialised
@@ -167,9 +176,10 @@ def build_sharded(
         if model.get_parameter(a) is not model.get_parameter(b):
             raise RuntimeError(f"{a} and {b} are tied in the model's config but came apart under FSDP")
     if weights is not None:
-        load_hf_weights(model, weights)
+        (lora.load_base_weights if lora.is_lora(policy) else load_hf_weights)(model, weights)
+    lora.init_adapters(policy, cfg.seed)  # they had no values on the meta device
     model.train()
-    return model, module
+    return policy, module
 
 
 def tied_pairs(model: torch.nn.Module) -> list[tuple[str, str]]:
@@ -210,8 +220,9 @@ def load_hf_weights(model: PreTrainedModel, folder: str | Path) -> None:
 
 
 def _param_names(module: torch.nn.Module) -> list[str]:
-    """Parameter names in the optimizer's order (it was built from module.parameters())."""
-    return [name for name, _ in module.named_parameters()]
+    """Parameter names in the optimizer's order (it was built from the trainable module.parameters():
+    all of them, or the adapters under LoRA)."""
+    return [name for name, p in module.named_parameters() if p.requires_grad]
 
 
 def full_state_dicts(

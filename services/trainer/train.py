@@ -65,7 +65,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.distributed.tensor import DTensor
 
-from offdpo.config import ConfigError, KafkaConfig, S3Config, load_config_file, resolved_config_yaml
+from offdpo.config import (
+    ConfigError,
+    ConfigFile,
+    KafkaConfig,
+    S3Config,
+    add_setting_flags,
+    parse_settings,
+    resolved_config_yaml,
+)
 from offdpo.errors import BadInput
 from offdpo.health import LoopHealth, LoopHealthServer
 from offdpo.records import ReferenceFingerprint
@@ -103,36 +111,10 @@ log = logging.getLogger("offdpo.trainer")
 
 
 # -- command line ---------------------------------------------------------------------------------
-# A config file's sections besides the trainer's own settings (which sit at its top level).
+# The config file: the trainer's own settings at its top level, then these sections (offdpo.config.ConfigFile).
 CONFIG_SECTIONS = {"kafka": KafkaConfig, "s3": S3Config, "trackers": TrackerConfig}
 SETTINGS_LISTING = "`offdpo train --print-config` (or python -m services.trainer --print-config)"
-
-
-def _add_flags(p: argparse._ActionsContainer, cls: type, base: Any) -> None:
-    """One flag per field of `cls`, its default the value from the file and the environment (`base`)."""
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(base, f.name)
-        help_ = f"{f.metadata['help']} [{f.metadata['env']}={default!r}]"
-        if isinstance(f.default, bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
-        elif isinstance(f.default, tuple):
-            p.add_argument(flag, dest=f.name, action="append", default=None, help=help_ + " (repeatable)")
-        else:
-            p.add_argument(flag, dest=f.name, type=type(f.default), default=default, help=help_)
-
-
-def _flag_values(ns: argparse.Namespace, cls: type, base: Any) -> dict[str, Any]:
-    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)}
-    for f in dataclasses.fields(cls):
-        if isinstance(f.default, tuple):  # repeated and/or comma-separated, as the environment variable
-            given = values[f.name]
-            values[f.name] = (
-                tuple(part.strip() for v in given for part in v.split(",") if part.strip())
-                if given
-                else getattr(base, f.name)
-            )
-    return values
+CONFIG_FILE = ConfigFile(service="trainer", top=TrainerConfig, sections=CONFIG_SECTIONS, listing=SETTINGS_LISTING)
 
 
 def parse_args(
@@ -142,42 +124,36 @@ def parse_args(
     namespace also carries the resolved s3_config, kafka_config and tracker_config (the file's `s3:`,
     `kafka:` and `trackers:` sections under their environment variables and flags). Bad settings raise
     ConfigError (one line naming the setting)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    files = load_config_file(known.config, TrainerConfig, CONFIG_SECTIONS, SETTINGS_LISTING) if known.config else {}
-    base = TrainerConfig.from_sources(files.get(TrainerConfig))
-    tracker_base = TrackerConfig.from_sources(files.get(TrackerConfig))
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--config",
-        metavar="FILE",
-        help="YAML file of settings: the flags' names with underscores at the top level, `kafka:`, `s3:` and "
-        "`trackers:` sections (examples/*.yaml); environment variables and flags override it",
-    )
-    p.add_argument(
-        "--print-config", action="store_true", help="print the resolved configuration as YAML (a --config file)"
-    )
-    _add_flags(p, TrainerConfig, base)
-    _add_flags(p.add_argument_group("experiment trackers (the `trackers:` section)"), TrackerConfig, tracker_base)
-    # Fault injection for the crash/resume tests, off unless given: SIGKILL ourselves right after
-    # this optimizer step, or right after the checkpoint of this step is written and before its
-    # offsets are committed; or answer every shard read with S3's AccessDenied for this many
-    # seconds after the first one (a credential rotation, without touching the real credentials).
-    p.add_argument("--fault-kill-after-step", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--fault-kill-after-checkpoint", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--fault-deny-shard-reads-s", type=float, default=0.0, help=argparse.SUPPRESS)
-    ns = p.parse_args(argv)
-    cfg = TrainerConfig(**_flag_values(ns, TrainerConfig, base))
-    ns.tracker_config = TrackerConfig(**_flag_values(ns, TrackerConfig, tracker_base))
-    ns.kafka_config = KafkaConfig.from_sources(files.get(KafkaConfig))
-    ns.s3_config = S3Config.from_sources(files.get(S3Config))
-    return validate(cfg, require_model=not ns.print_config), ns
+
+    def build(bases: Any) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(
+            prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        CONFIG_FILE.add_arguments(p)
+        add_setting_flags(p, TrainerConfig, bases[TrainerConfig])
+        trackers = p.add_argument_group("experiment trackers (the `trackers:` section)")
+        add_setting_flags(trackers, TrackerConfig, bases[TrackerConfig])
+        # Fault injection for the crash/resume tests, off unless given: SIGKILL ourselves right after
+        # this optimizer step, or right after the checkpoint of this step is written and before its
+        # offsets are committed; or answer every shard read with S3's AccessDenied for this many
+        # seconds after the first one (a credential rotation, without touching the real credentials).
+        p.add_argument("--fault-kill-after-step", type=int, default=0, help=argparse.SUPPRESS)
+        p.add_argument("--fault-kill-after-checkpoint", type=int, default=0, help=argparse.SUPPRESS)
+        p.add_argument("--fault-deny-shard-reads-s", type=float, default=0.0, help=argparse.SUPPRESS)
+        return p
+
+    settings, ns = parse_settings(argv, CONFIG_FILE, build, flagged=(TrainerConfig, TrackerConfig))
+    ns.tracker_config = settings.of(TrackerConfig)
+    ns.kafka_config = settings.of(KafkaConfig)
+    ns.s3_config = settings.of(S3Config)
+    return validate(settings.of(TrainerConfig), require_model=not ns.print_config), ns
 
 
 def validate(cfg: TrainerConfig, *, require_model: bool = True) -> TrainerConfig:
     """Refuse settings that cannot work together; ConfigError lists every problem on one line."""
-    problems = []
+    from services.trainer import lora
+
+    problems = lora.settings_problems(cfg)
     if require_model and not cfg.model:
         problems.append(
             "model is required (`model:` in --config, --model or OFFDPO_TRAINER_MODEL): the initial policy's directory"
@@ -195,6 +171,10 @@ def validate(cfg: TrainerConfig, *, require_model: bool = True) -> TrainerConfig
         ),
         (cfg.precision in ("auto", "bf16", "fp32"), f"--precision {cfg.precision!r}: use auto, bf16 or fp32"),
         (cfg.distributed in ("ddp", "fsdp"), f"--distributed {cfg.distributed!r}: use ddp or fsdp"),
+        (
+            cfg.save_dtype in ("bfloat16", "float32", "float16"),
+            f"--save-dtype {cfg.save_dtype!r}: use bfloat16, float32 or float16",
+        ),
         (
             cfg.fsdp_mixed_precision in ("auto", "on", "off"),
             f"--fsdp-mixed-precision {cfg.fsdp_mixed_precision!r}: use auto, on or off",
@@ -275,7 +255,11 @@ def expected_fingerprint(cfg: TrainerConfig) -> ReferenceFingerprint:
 
 
 def load_policy(path: str | Path, cfg: TrainerConfig, device: torch.device | str) -> PreTrainedModel:
+    """The policy from a Hugging Face folder, ready to train; under LoRA (--lora-r) peft's PeftModel
+    around it, only the adapters trainable (lora.py)."""
     from transformers import AutoModelForCausalLM
+
+    from services.trainer import lora
 
     # Master weights in float32; bf16 only inside autocast (GPU), so optimizer updates do not underflow.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -285,6 +269,7 @@ def load_policy(path: str | Path, cfg: TrainerConfig, device: torch.device | str
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = lora.apply(model, cfg)
     model.train()
     return model
 
@@ -340,23 +325,32 @@ def build_policy(cfg: TrainerConfig, node: Node, store: ckpt.Store, plan: Plan) 
     """The initial policy, or the checkpoint's weights on resume; wrapped, with AdamW and the schedule.
     FSDP: built on the meta device and sharded before any weight is read; each rank then reads only
     its own slices (of the model folder, or, resuming a sharded checkpoint, in ckpt.restore)."""
+    from services.trainer import lora
+
     resume_from = plan.resume_from
-    sharded_resume = (
-        resume_from is not None and ckpt.read_state(store, resume_from).get("checkpoint_format") == "sharded"
-    )
+    state = ckpt.read_state(store, resume_from) if resume_from is not None else None
+    sharded_resume = state is not None and state.get("checkpoint_format") == "sharded"
+    # LoRA: the base weights are --model's at every step (frozen); a checkpoint holds only the adapters
+    # and their AdamW state, which ckpt.restore puts back. Its LoRA settings must be this run's.
+    lora_resume = cfg.lora_r > 0
+    if state is not None:
+        lora.check_resume(state, cfg, str(resume_from))
     with tempfile.TemporaryDirectory() as tmp:
         if distributed.is_sharded(cfg, node.world):
             # A sharded checkpoint fills the shards in restore(); a full one (an older run, one
             # process) has a model/ folder each rank reads its slices of, as of the initial model.
             weights: str | Path | None = cfg.model
-            if resume_from:
-                weights = None if sharded_resume else ckpt.download_model(store, resume_from, Path(tmp))
+            if resume_from and not lora_resume:
+                weights = None if sharded_resume else ckpt.download_weights(store, resume_from, Path(tmp))
             model, module = distributed.build_sharded(cfg.model, cfg, node.device, weights)
         else:
-            folder = ckpt.download_model(store, resume_from, Path(tmp)) if resume_from else cfg.model
+            folder = (
+                ckpt.download_weights(store, resume_from, Path(tmp)) if resume_from and not lora_resume else cfg.model
+            )
             model = load_policy(folder, cfg, node.device)
             module = wrap(model, cfg, node.world, node.device)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    # Only what trains gets AdamW state: every parameter, or the adapters under LoRA.
+    optimizer = torch.optim.AdamW(lora.trainable(module), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     scheduler = lr_schedule(optimizer, cfg.warmup_steps, plan.total_steps, cfg.min_lr_ratio)
     return ckpt.Policy(model, module, optimizer, scheduler)
 

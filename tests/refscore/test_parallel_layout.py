@@ -95,9 +95,37 @@ def test_a_reference_too_big_for_its_gpus_is_refused_naming_bytes_and_settings(t
         )
 
 
-def test_a_dns_target_is_balanced_round_robin():
-    # A headless Service resolves to every pod; pick_first (grpc's default) would send every call to one.
-    from offdpo.refscore_client import channel_options
+def test_a_multi_address_target_is_balanced_round_robin():
+    """A headless Service resolves to every pod; pick_first (grpc's default) would send every call to
+    one. The in-tree client (offdpo-client's channel) spreads calls over every address: two real gRPC
+    servers behind one target both answer (ipv4: lists the addresses, as DNS would)."""
+    from concurrent import futures
 
-    assert ("grpc.lb_policy_name", "round_robin") in channel_options("dns:///refscore-headless.ns.svc:50051", 1 << 20)
-    assert all(k != "grpc.lb_policy_name" for k, _ in channel_options("localhost:50051", 1 << 20))
+    import grpc
+
+    from offdpo.refscore_client import RefscoreClient
+    from offdpo.v1 import refscore_pb2, refscore_pb2_grpc
+
+    class Named(refscore_pb2_grpc.RefScoreServicer):
+        def __init__(self, name: str):
+            self.name = name
+
+        def GetModelInfo(self, request, context):
+            info = refscore_pb2.ModelInfo()
+            info.fingerprint.model_id = self.name
+            return info
+
+    servers, ports = [], []
+    for name in ("a", "b"):
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        refscore_pb2_grpc.add_RefScoreServicer_to_server(Named(name), server)
+        ports.append(server.add_insecure_port("127.0.0.1:0"))
+        server.start()
+        servers.append(server)
+    try:
+        with RefscoreClient("ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports)) as client:
+            seen = {client.model_info(timeout=10).fingerprint.model_id for _ in range(12)}
+        assert seen == {"a", "b"}, f"every call went to {seen}: not round robin"
+    finally:
+        for server in servers:
+            server.stop(None)

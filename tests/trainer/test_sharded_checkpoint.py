@@ -79,7 +79,16 @@ def examples(step: int) -> list[Example]:
 
 
 def config(model: str | Path, run: str, **kw: Any) -> TrainerConfig:
-    base = dict(model=str(model), run_name=run, lr=1e-3, warmup_steps=1, micro_batch_size=2, global_batch_size=4)
+    # save_dtype float32: the exported model/ is compared with the trained weights exactly.
+    base = dict(
+        model=str(model),
+        run_name=run,
+        lr=1e-3,
+        warmup_steps=1,
+        micro_batch_size=2,
+        global_batch_size=4,
+        save_dtype="float32",
+    )
     return TrainerConfig(**{**base, **kw})
 
 

@@ -36,6 +36,8 @@ def _trainer(stack, tiny_model, tmp_path, run_name, prefix, *extra, nproc: int =
         ]
     )
     cmd = launcher + [
+        "--save-dtype",
+        "float32",
         "--model",
         str(tiny_model),
         "--run-name",
@@ -77,6 +79,8 @@ def _jsonl(path):
 
 
 def _final_weights(store, run_name):
+    """The exported model of the run's last checkpoint, in float32 (_trainer's --save-dtype): the
+    comparisons below are of training, not of bfloat16 rounding."""
     prefix = json.loads(store.get_bytes(f"runs/{run_name}/latest"))["prefix"]
     return load(store.get_bytes(f"{prefix}/model/model.safetensors"))
 
