@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 
 import grpc
 import offdpo_client
+from grpc_health.v1 import health_pb2_grpc
 from offdpo_client import NO_RETRY, RefscoreCallError, RetryPolicy, channel_credentials
 
 from offdpo import records
@@ -69,6 +70,7 @@ class RefscoreClient:
         )
         self.channel = self.client.channel
         self.stub = self.client.stub
+        self.health = health_pb2_grpc.HealthStub(self.channel)  # grpc.health.v1 (offdpo's callers probe it)
 
     def wait_serving(self, timeout_s: float = 300.0) -> None:
         self.client.wait_serving(timeout_s)

@@ -194,7 +194,10 @@ def model_card(facts: CardFacts) -> str:
         lines += [f"On the held-out pairs at step {facts.eval_step} (never trained on):", "", "| metric | value |"]
         lines += ["| --- | --- |"] + [f"| {k} | {_fmt(v)} |" for k, v in facts.eval_metrics.items()]
     else:
-        lines.append("No held-out evaluation was run (eval_fraction 0).")
+        lines.append(
+            "No held-out evaluation was recorded up to this step (eval_fraction 0, no pair held out, or no "
+            "evaluation step reached yet)."
+        )
     if facts.train_metrics:
         lines += ["", f"Last training step's metrics (step {facts.step}):", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in facts.train_metrics.items()]
