@@ -193,12 +193,20 @@ def _ours(args, batches, model_path: str, bf16: bool) -> dict:
             tokens += int(sums["tokens"])
             flops += step_flops(shape, sums["computed"], sums["answer_tokens"], sums["attn_pairs"])
             computed, padded = computed + int(sums["computed"]), padded + int(sums["padded"])
+    from services.trainer.packing import uses_varlen
+    from services.trainer.step import layout_of
+
+    layout = layout_of(cfg)
     return {
         "tokens": tokens,
         "seconds": seconds,
         "step_seconds": step_s,
         "useful_flops": flops,
         "padding_waste": 1 - computed / padded,
+        # how packed / shared-prefix rows were attended (services.trainer.packing.Layout.attention)
+        "attention": ("varlen" if uses_varlen(layout, "cpu") else "mask")
+        if layout.pack or layout.share_prefix
+        else None,
     }
 
 
@@ -375,6 +383,10 @@ def headline(by: dict, fraction: dict) -> dict:
         "packing_chat_like": _ratio(
             tps("chat_like", "offline_dpo_packed"), tps("chat_like", "offline_dpo_shared_prefix")
         ),
+        # issue 29's definition: packed vs padded, same pairs; the packed rows attended as the trainer's
+        # default does on this device (Layout.attention "auto": per segment on the CPU, no 4-D mask)
+        "packing_chat_like_vs_padded": _ratio(tps("chat_like", "offline_dpo_packed"), tps("chat_like", "offline_dpo")),
+        "packing_chat_like_attention": by.get("chat_like", {}).get("offline_dpo_packed", {}).get("attention"),
         "fraction_of_ceiling": fraction.get("chat_like", {}).get("offline_dpo_packed"),
         "fraction_of_ceiling_bf16": fraction.get("chat_like", {}).get("offline_dpo_packed_bf16"),
         "ratio_vs_sft": _ratio(tps("chat_like", "offline_dpo_packed"), tps("chat_like", "sft")),
@@ -542,7 +554,7 @@ def main(argv=None) -> int:
                 continue
             entry = {"tokens_per_s": res["tokens_per_s"], "peak_mem_bytes": res["peak_rss_bytes"]}
             entry["step_seconds"] = [round(s, 2) for s in res["step_seconds"]]
-            for k in ("head_peak_bytes", "head_peak_bytes_old", "head_answer_positions"):
+            for k in ("head_peak_bytes", "head_peak_bytes_old", "head_answer_positions", "attention"):
                 if k in res:
                     entry[k] = res[k]
             by.setdefault(w, {})[m] = entry

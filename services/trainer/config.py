@@ -111,15 +111,18 @@ class TrainerConfig(EnvConfig):
     pack_mode: str = env(
         "OFFDPO_TRAINER_PACK_MODE",
         "mask",
-        "'mask' (rows of pairs with a 4-D block mask) or 'segments' (each pair run on its own, causal kernel, "
-        "rejected continues the prompt's cache)",
+        "'mask' (rows of several pairs, one forward; on the CPU each segment's attention is its own causal "
+        "kernel call, services/trainer/attention.py, elsewhere a 4-D block mask) or 'segments' (each pair run "
+        "on its own, causal kernel, rejected continues the prompt's cache)",
     )
     pack_row_tokens: int = env("OFFDPO_TRAINER_PACK_ROW_TOKENS", 4096, "mask mode: tokens per packed row (about)")
-    # The shared-prefix and packed layouts need a 4-D block mask, and on the CPU sdpa's masked kernel
-    # computes every block (2-4x its causal kernel at 2,048 tokens): they pay only where they save many
-    # positions. Measured on the 2-core CPU (bench-qwen-vocab, float32, unloaded): chat-like batches, 43%
-    # of the padded layout saved, packed 1.11x the padded layout's tokens/s; uniform short answers, ~14%
-    # saved (2% padding + the prompt once), packed 0.86x. The default sits between the two.
+    # With a 4-D block mask sdpa's masked kernel computes every block (2-4x its causal kernel at 2,048
+    # tokens), so the shared-prefix and packed layouts paid only where they saved many positions.
+    # Measured on the 2-core CPU (bench-qwen-vocab, float32, unloaded): chat-like batches, 43% of the
+    # padded layout saved, packed 1.11x the padded layout's tokens/s; uniform short answers, ~14% saved,
+    # packed 0.86x. The default sits between the two. Since per-segment attention (issue 29) packed rows
+    # cost no masked attention on the CPU (1.43x padded on chat-like pairs, loaded machine): this
+    # threshold is to be measured again on an idle machine.
     layout_min_saving: float = env(
         "OFFDPO_TRAINER_LAYOUT_MIN_SAVING",
         0.25,

@@ -35,6 +35,9 @@ class Batch:
     attention_pairs: int = 0  # (query, key) pairs attended, causal (the attention's useful work)
     # Per-segment layout: [n, 3] (tokens computed first, of which prompt, tokens continuing the prompt)
     segments: torch.Tensor | None = None
+    # Packed / shared-prefix rows attended per segment (services.trainer.attention), no 4-D mask:
+    # [segments, 5] (row, start, causal tokens, prefix the continuation sees, continuation tokens)
+    segment_layout: torch.Tensor | None = None
 
 
 def make_batch(examples, device: torch.device | str = "cpu", pad_id: int = 0) -> Batch:
@@ -119,11 +122,12 @@ class AnswerLogps(torch.nn.Module):
         num_rows: int,
         position_ids=None,
         segments=None,
+        segment_layout=None,
     ):
         if segments is not None:
             hidden = self._segment_hidden(input_ids, segments)
         else:
-            hidden = self._hidden(input_ids, attention_mask, position_ids)
+            hidden = self._hidden(input_ids, attention_mask, position_ids, segment_layout)
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, hidden_index)
         head = self.model.get_output_embeddings()
         if self.fused_head:
@@ -165,9 +169,19 @@ class AnswerLogps(torch.nn.Module):
             off += n + r
         return torch.cat(out, dim=1)
 
-    def _hidden(self, input_ids, attention_mask, position_ids):
+    def _hidden(self, input_ids, attention_mask, position_ids, segment_layout=None):
+        if segment_layout is not None:  # per-segment attention: no mask is built at all
+            from services.trainer import attention
+
+            attention.enable(self.model)  # once; the model attends as configured wherever no plan is passed
+            seg = attention.plan(segment_layout, input_ids.shape[0], input_ids.shape[1])
+            with attention.no_mask():
+                return self.model.get_decoder()(
+                    input_ids=input_ids, position_ids=position_ids, **{attention.KWARG: seg}
+                ).last_hidden_state
         if attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
-            impl = getattr(self.model.config, "_attn_implementation", "sdpa")
+            impl = getattr(self.model.config, "_attn_implementation", "sdpa") or "eager"
+            impl = impl.removeprefix("offdpo_segments+")  # services.trainer.attention wraps the configured one
             if impl not in ("sdpa", "flex_attention"):  # eager adds the mask to the scores: additive form
                 dtype = self.model.get_input_embeddings().weight.dtype
                 attention_mask = torch.zeros(
@@ -188,6 +202,7 @@ def answer_logps(module, batch: Batch) -> torch.Tensor:
         batch.answer_lengths.shape[0],
         position_ids=batch.position_ids,
         segments=batch.segments,
+        segment_layout=batch.segment_layout,
     )
 
 

@@ -11,8 +11,9 @@ Three layouts build the same `losses.Batch` (the same answer log-probs, loss and
   packed        several segments share a row (about `row_tokens` each, balanced), each
                 with its own positions and a block-diagonal causal mask: no padding inside a row
 
-Any layout other than the plain padded one passes a 4-D boolean mask [rows, 1, T, T] (True: may
-attend) and explicit position_ids; transformers (>= 4.53, 5.x) uses a 4-D mask as given.
+Any layout other than the plain padded one passes explicit position_ids and either its segment layout
+(Layout.attention "varlen", the CPU's default: each segment attended on its own, services.trainer.attention)
+or a 4-D boolean mask [rows, 1, T, T] (True: may attend); transformers (>= 4.53, 5.x) uses a 4-D mask as given.
 The module also counts the useful FLOPs of a batch (for MFU) and plans token-budget micro-batches.
 """
 
@@ -39,6 +40,24 @@ class Layout:
     # 2 pairs, CPU seconds per step, two rounds under load ~30): mask 29.0 / 27.6, shared-prefix rows
     # 30.5 / 30.0, padded 34.3 / 33.5, segments 42.9 / 34.0.
     pack_mode: str = "mask"
+    # How rows of several segments (and shared-prefix rows) are attended. "varlen": no 4-D mask; the
+    # segment layout rides in the model call and each segment runs sdpa's causal kernel on its own keys
+    # (services.trainer.attention), so no block of another segment or of padding is computed. "mask":
+    # the 4-D block mask (kept for parity tests and other devices). "auto": varlen on the CPU (measured
+    # there; see bench/trainer_ab.py --layouts), mask elsewhere.
+    attention: str = "auto"
+
+
+ATTENTIONS = ("auto", "varlen", "mask")
+
+
+def uses_varlen(layout: Layout, device: torch.device | str) -> bool:
+    """Whether `layout`'s rows are attended per segment (services.trainer.attention) on `device`."""
+    if layout.attention not in ATTENTIONS:
+        raise ValueError(f"Layout.attention must be one of {', '.join(ATTENTIONS)}, not {layout.attention!r}")
+    if layout.attention == "auto":
+        return torch.device(device).type == "cpu"
+    return layout.attention == "varlen"
 
 
 def segment_length(e: Any, share_prefix: bool) -> list[int]:
@@ -105,6 +124,7 @@ def make_layout_batch(examples: Sequence[Any], layout: Layout, device: torch.dev
     targets: list[torch.Tensor] = []
     seq_index: list[torch.Tensor] = []
     attn_pairs = 0
+    spans: list[list[int]] = []  # per segment: row, start, causal tokens, prefix, continuation (attention.py)
     for r_i, row in enumerate(rows):
         off = 0
         for s in row:
@@ -130,11 +150,13 @@ def make_layout_batch(examples: Sequence[Any], layout: Layout, device: torch.dev
             if layout.share_prefix:
                 n_c, n_r = roles.count(CHOSEN), roles.count(REJECTED)
                 attn_pairs += (P + n_c) * (P + n_c + 1) // 2 + n_r * P + n_r * (n_r + 1) // 2
+                spans.append([r_i, off, P + n_c, P, n_r])
             else:
                 attn_pairs += n * (n + 1) // 2
+                spans.append([r_i, off, n, n, 0])
             off += n
     plain = not layout.share_prefix and not layout.pack
-    segments = None
+    segments = segment_layout = None
     if per_segment:  # (first part, its prompt, the continuation) per segment: see AnswerLogps.forward
         mask, positions = torch.ones((1, T), dtype=torch.long), None
         segments = torch.tensor(
@@ -144,6 +166,9 @@ def make_layout_batch(examples: Sequence[Any], layout: Layout, device: torch.dev
     elif plain:
         mask = (seg_id >= 0).long()
         positions = None
+    elif uses_varlen(layout, device):  # the layout replaces the mask; positions as for the mask
+        mask, positions = (seg_id >= 0).long(), pos_ids
+        segment_layout = torch.tensor(spans, dtype=torch.long)
     else:
         mask = attention_mask_4d(seg_id, role)
         positions = pos_ids
@@ -164,6 +189,7 @@ def make_layout_batch(examples: Sequence[Any], layout: Layout, device: torch.dev
         padded_tokens=n_rows * T,
         attention_pairs=attn_pairs,
         segments=segments,
+        segment_layout=segment_layout.to(device) if segment_layout is not None else None,
     )
 
 

@@ -123,6 +123,23 @@ def test_the_padded_layout_is_used_where_sharing_and_packing_save_too_little():
     assert layout_for(uneven, default) == configured and layout_for(long_prompt, default) == configured
     always = dataclasses.replace(default, layout_min_saving=0.0)
     assert layout_for(uniform, always) == configured
-    # and the batch make_batch builds is that layout's: no 4-D mask for the padded one
-    assert step_make_batch(uniform, "cpu", 0, default).attention_mask.dim() == 2
-    assert step_make_batch(uneven, "cpu", 0, default).attention_mask.dim() == 4
+    # and the batch make_batch builds is that layout's: no 4-D mask for the padded one, and on the CPU none
+    # for the packed one either (its segment layout instead: services.trainer.attention)
+    padded_batch, packed_batch = (step_make_batch(m, "cpu", 0, default) for m in (uniform, uneven))
+    assert padded_batch.attention_mask.dim() == 2 and padded_batch.segment_layout is None
+    assert packed_batch.attention_mask.dim() == 2 and packed_batch.segment_layout is not None
+    mask_batch = make_layout_batch(uneven, dataclasses.replace(configured, attention="mask"))
+    assert mask_batch.attention_mask.dim() == 4 and mask_batch.segment_layout is None
+
+
+def test_attention_setting_is_checked_and_auto_means_varlen_on_the_cpu():
+    pairs = random_pairs(4, seed=1)
+    assert make_layout_batch(pairs, Layout(True, True)).segment_layout is not None
+    assert make_layout_batch(pairs, Layout(True, True, attention="varlen")).segment_layout is not None
+    assert make_layout_batch(pairs, Layout(False, False, attention="varlen")).segment_layout is None  # plain rows
+    try:
+        make_layout_batch(pairs, Layout(True, True, attention="flash"))
+    except ValueError as e:
+        assert "auto, varlen, mask" in str(e)
+    else:
+        raise AssertionError("an unknown attention setting was accepted")

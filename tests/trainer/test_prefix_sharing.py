@@ -5,12 +5,14 @@ mask lets no rejected token see a chosen one."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from services.trainer import step
 from services.trainer.config import TrainerConfig
 from services.trainer.data import Example
 from services.trainer.losses import AnswerLogps, answer_logps, make_batch
@@ -33,8 +35,12 @@ def random_pairs(n: int, seed: int, vocab: int = 1024) -> list[Example]:
 
 LAYOUTS = {
     "shared": Layout(share_prefix=True, pack=False),
-    "packed-mask": Layout(share_prefix=False, pack=True, row_tokens=120, pack_mode="mask"),
-    "shared+packed-mask": Layout(share_prefix=True, pack=True, row_tokens=150, pack_mode="mask"),
+    "shared-mask": Layout(share_prefix=True, pack=False, attention="mask"),
+    "packed-mask": Layout(share_prefix=False, pack=True, row_tokens=120, pack_mode="mask", attention="mask"),
+    "shared+packed-mask": Layout(share_prefix=True, pack=True, row_tokens=150, pack_mode="mask", attention="mask"),
+    # the CPU's default: rows attended per segment, no 4-D mask (services/trainer/attention.py)
+    "packed-varlen": Layout(share_prefix=False, pack=True, row_tokens=120, attention="varlen"),
+    "shared+packed-varlen": Layout(share_prefix=True, pack=True, row_tokens=150, attention="varlen"),
     "packed-segments": Layout(share_prefix=False, pack=True, pack_mode="segments"),
     "shared+packed-segments": Layout(share_prefix=True, pack=True, pack_mode="segments"),
 }
@@ -67,10 +73,13 @@ def test_layout_logps_equal_padded(base_models, impl, layout):
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_loss_and_gradients_equal_padded(base_models, tiny_model, impl, layout):
+def test_layout_loss_and_gradients_equal_padded(base_models, tiny_model, impl, layout, monkeypatch):
     module = AnswerLogps(base_models[impl])
     pairs = random_pairs(6, seed=11)
     lay = LAYOUTS[layout]
+    # the trainer's config has no attention setting (the CPU's default: varlen): hold it to this layout's
+    configured = step.layout_of
+    monkeypatch.setattr(step, "layout_of", lambda cfg: dataclasses.replace(configured(cfg), attention=lay.attention))
 
     def run(cfg):
         module.zero_grad(set_to_none=True)
@@ -134,7 +143,7 @@ def test_rejected_logps_do_not_depend_on_the_chosen_answer(base_models, layout):
     assert torch.equal(a[5:], b[5:]) or torch.allclose(a[5:], b[5:], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("layout", [k for k, v in LAYOUTS.items() if v.pack_mode == "mask" or not v.pack])
+@pytest.mark.parametrize("layout", [k for k, v in LAYOUTS.items() if v.attention == "mask"])
 def test_no_rejected_token_sees_a_chosen_one(layout):
     pairs = [e for e in random_pairs(16, seed=2) if len(e.chosen) > 1 and len(e.rejected) > 1]
     b = make_layout_batch(pairs, LAYOUTS[layout])
