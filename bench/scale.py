@@ -161,7 +161,7 @@ class DirStore:
 
 
 def examples(step: int, pairs: int, prompt: int, answer: int):
-    from services.trainer.data import Example
+    from services.trainer.examples import Example
 
     def ids(base: int, n: int) -> list[int]:
         return [(base + 37 * j) % 2600 + 100 for j in range(n)]

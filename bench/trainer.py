@@ -87,7 +87,7 @@ def _lengths(workload: str, rng: random.Random, scale: float) -> tuple[int, int,
 
 def workload_batches(workload: str, n_batches: int, pairs: int, vocab: int, scale: float = 1.0, seed: int = 0):
     """Deterministic steps of pairs; ids spread over the whole vocabulary (0-3 left to special tokens)."""
-    from services.trainer.data import Example
+    from services.trainer.examples import Example
 
     rng = random.Random(f"{workload}-{seed}")
     out = []

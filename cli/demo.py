@@ -44,6 +44,7 @@ from localdev.experiment import (
     stack_up_quietly,
     write_candidates,
 )
+from localdev.pipeline import jsonl
 from localdev.process import free_port, stop_process, wait_until
 from localdev.stack import LocalStack
 from offdpo import records
@@ -307,7 +308,7 @@ def _follow_training(trainer: subprocess.Popen, metrics_log: Path, log_path: Pat
             trainer.wait(timeout=20)
         except subprocess.TimeoutExpired:
             pass
-        rows = [m for m in _metrics(metrics_log) if "loss" in m]
+        rows = [m for m in jsonl(metrics_log) if "loss" in m]
         if rows and rows[-1].get("step", 0) > shown:
             m = rows[-1]
             shown = m.get("step", 0)
@@ -315,18 +316,6 @@ def _follow_training(trainer: subprocess.Popen, metrics_log: Path, log_path: Pat
                 f"      step {shown}: loss {m['loss']:.3f}, batch reward accuracy {m.get('rewards/accuracies', 0):.2f}"
             )
     _check_alive(trainer, "the trainer", log_path, expect_zero=True)
-
-
-def _metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass  # a line being written
-    return out
 
 
 def _check_alive(proc: subprocess.Popen, name: str, log_path: Path, expect_zero: bool = False) -> None:
@@ -360,7 +349,7 @@ def _report(store, kafka, run_name, workdir, summaries, labelled, scored, fp) ->
     metrics_log = workdir / "trainer" / run_name / "metrics.jsonl"
     for line in pairs_log.read_text().splitlines():
         trained += json.loads(line)["pair_ids"]
-    rows = _metrics(metrics_log)
+    rows = jsonl(metrics_log)
     metrics = [m for m in rows if "loss" in m]
     evals = [m for m in rows if "eval/rewards/accuracies" in m]
     letters = [records_pb2.DeadLetter.FromString(r.value) for r in read_topic(kafka, kafka.deadletter_topic)]

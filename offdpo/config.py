@@ -57,14 +57,7 @@ class EnvConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any):
-        environ = os.environ if environ is None else environ
-        values = {}
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            name = f.metadata["env"]
-            if name in environ:
-                values[f.name] = _parse(environ[name], f.default, name)
-        values.update(overrides)
-        return cls(**values)
+        return cls.from_sources(None, environ, **overrides)
 
     @classmethod
     def from_sources(

@@ -17,32 +17,13 @@ from offdpo import broker_profile
 from offdpo import kafka as okafka
 from offdpo.config import KafkaConfig
 from offdpo.kafka import DeadLetterSink
-from offdpo.records import (
-    ReferenceFingerprint,
-)
+from offdpo.records import ReferenceFingerprint
 from services.trainer.config import TrainerConfig
-from services.trainer.examples import EvalSet, Example, is_heldout
-from services.trainer.infra import InfraStatus, until_done
+from services.trainer.examples import EvalSet, Example
+from services.trainer.infra import InfraStatus
 from services.trainer.replay import ReplaySource
-from services.trainer.shards import DataError, ObjectReader, examples_from_shard
-from services.trainer.stream import StreamSource, TrainedShards
-
-# What callers import from here: the sources' front door and the names the training loop needs.
-__all__ = [
-    "DataError",
-    "EvalSet",
-    "Example",
-    "InfraStatus",
-    "ObjectReader",
-    "ReplaySource",
-    "Source",
-    "StreamSource",
-    "TrainedShards",
-    "examples_from_shard",
-    "is_heldout",
-    "open_source",
-    "until_done",
-]
+from services.trainer.shards import ObjectReader
+from services.trainer.stream import StreamSource
 
 
 # -- the sources ----------------------------------------------------------------------------------

@@ -252,7 +252,7 @@ def export_adapter(
     README.md), written by PeftModel.save_pretrained, so `PeftModel.from_pretrained(base, folder)`
     and transformers (with peft installed) load it. Every rank calls it under FSDP (the gathers);
     the rank with `is_main` writes and uploads. Returns the adapter tensors (PeftModel keys)."""
-    from services.trainer.data import InfraStatus
+    from services.trainer.infra import InfraStatus
 
     state = adapter_state(model)
     if not is_main:
@@ -393,7 +393,7 @@ def export_merged(
     import os
 
     from services.trainer import checkpoint as ckpt
-    from services.trainer.data import InfraStatus
+    from services.trainer.infra import InfraStatus
 
     status = status or InfraStatus()
     state = merged_state(model)
@@ -423,6 +423,6 @@ def export_merged(
 
 def _put(store: Any, key: str, data: bytes, status: Any) -> None:
     """One upload, retried through an outage as checkpoint uploads are (data.until_done)."""
-    from services.trainer.data import until_done
+    from services.trainer.infra import until_done
 
     until_done(f"upload {key}", lambda: store.put_bytes(key, data), status, None)

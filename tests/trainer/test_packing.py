@@ -8,7 +8,7 @@ import dataclasses
 import torch
 
 from services.trainer.config import TrainerConfig
-from services.trainer.data import Example
+from services.trainer.examples import Example
 from services.trainer.losses import AnswerLogps, make_batch
 from services.trainer.packing import (
     Layout,

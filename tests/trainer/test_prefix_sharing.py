@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from services.trainer import step
 from services.trainer.config import TrainerConfig
-from services.trainer.data import Example
+from services.trainer.examples import Example
 from services.trainer.losses import AnswerLogps, answer_logps, make_batch
 from services.trainer.packing import CHOSEN, REJECTED, Layout, attention_mask_4d, make_layout_batch
 from services.trainer.step import train_step
